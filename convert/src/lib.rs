@@ -1,0 +1,1 @@
+//! Hugging Face safetensors <-> GGUF conversion (filled by the converter issue).

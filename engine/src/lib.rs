@@ -1,0 +1,1 @@
+//! GGUF container, the Llama model, tokenizer, chat templates, sampling.

@@ -1,0 +1,1 @@
+//! Block formats and compute kernels. Knows nothing of files or models.
