@@ -1,1 +1,3 @@
 //! GGUF container, the Llama model, tokenizer, chat templates, sampling.
+
+pub mod gguf;

@@ -1,0 +1,17 @@
+//! The GGUF container: a hardened zero-copy reader, a streaming writer, and the metadata model.
+//!
+//! Layout (little-endian): magic "GGUF", version u32, tensor count u64, metadata count u64,
+//! metadata entries (key string, value type u32, value), tensor infos (name, n_dims u32,
+//! dims u64 innermost first, ggml type u32, data offset u64), padding to `general.alignment`
+//! (default 32), then the tensor data, each tensor at its offset from the data section's start.
+
+mod error;
+mod reader;
+mod value;
+
+pub use error::{GgufError, Result};
+pub use reader::{
+    GgufFile, MetadataEntry, OpenOptions, Source, TensorInfo, DEFAULT_ALIGNMENT, GGUF_MAGIC,
+    MAX_ARRAY_DEPTH, MAX_DIMS, MAX_STRING_LEN, MAX_TENSOR_NAME,
+};
+pub use value::{Array, StrArray, Value, ValueType};
