@@ -1,3 +1,4 @@
 //! GGUF container, the Llama model, tokenizer, chat templates, sampling.
 
 pub mod gguf;
+pub mod tokenizer;

@@ -1,0 +1,177 @@
+//! Token ids must equal llama.cpp's (`llama-tokenize` defaults: BOS per
+//! `add_bos_token`, special tokens parsed) for every fixture string.
+
+use std::path::PathBuf;
+
+use airlock_engine::gguf::GgufFile;
+use airlock_engine::tokenizer::{PreTokenizerKind, TokenStreamDecoder, Tokenizer, VocabSpec};
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("engine/ has a parent")
+        .to_path_buf()
+}
+
+fn load(rel: &str, hint: &str) -> Tokenizer {
+    let path = repo_root().join(rel);
+    assert!(path.exists(), "{} is missing: {hint}", path.display());
+    let f = GgufFile::open(&path).expect("open gguf");
+    let spec = VocabSpec::from_gguf(&f).expect("vocab spec");
+    Tokenizer::from_spec(&spec).expect("tokenizer")
+}
+
+fn smollm2() -> Tokenizer {
+    load(
+        "models/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "run scripts/fetch-models.sh",
+    )
+}
+
+fn llama3() -> Tokenizer {
+    load(
+        "tests/fixtures/llama3/tiny-llama3-q8_0.gguf",
+        "copy it from shared/fixtures/llama3/ (see tests/fixtures/README.md)",
+    )
+}
+
+fn fixture(name: &str) -> serde_json::Value {
+    let path = repo_root().join("tests/fixtures/llamacpp").join(name);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    serde_json::from_str(&text).expect("fixture json")
+}
+
+fn ids_of(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("ids array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+/// Compares every case; reports all mismatches at once.
+fn check_cases(tok: &Tokenizer, cases: &[(String, Vec<u32>)]) {
+    let mut failures = Vec::new();
+    for (text, want) in cases {
+        let got = tok
+            .encode(text, tok.add_bos_default(), true)
+            .expect("encode");
+        if &got != want {
+            failures.push(format!("{text:?}\n  want {want:?}\n  got  {got:?}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases differ from llama.cpp:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+}
+
+fn cases_list(name: &str) -> Vec<(String, Vec<u32>)> {
+    fixture(name)["cases"]
+        .as_array()
+        .expect("cases")
+        .iter()
+        .map(|c| {
+            (
+                c["text"].as_str().expect("text").to_string(),
+                ids_of(&c["ids"]),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn smollm2_matches_llama_tokenize() {
+    let tok = smollm2();
+    assert_eq!(tok.pre_tokenizer(), PreTokenizerKind::Smollm);
+    assert!(!tok.add_bos_default());
+    let cases = cases_list("tokenize-smollm2.json");
+    assert!(cases.len() > 100);
+    check_cases(&tok, &cases);
+}
+
+#[test]
+fn smollm2_examples_match_llama_tokenize() {
+    let tok = smollm2();
+    let cases: Vec<(String, Vec<u32>)> = fixture("tokenize-smollm2-examples.json")
+        .as_object()
+        .expect("object")
+        .values()
+        .map(|c| {
+            (
+                c["string"].as_str().expect("string").to_string(),
+                ids_of(&c["ids"]),
+            )
+        })
+        .collect();
+    assert_eq!(cases.len(), 12);
+    check_cases(&tok, &cases);
+}
+
+#[test]
+fn llama3_matches_llama_tokenize() {
+    let tok = llama3();
+    assert_eq!(tok.pre_tokenizer(), PreTokenizerKind::Llama3);
+    assert!(tok.add_bos_default());
+    assert_eq!(tok.bos(), Some(128000));
+    let cases = cases_list("tokenize-llama3.json");
+    assert!(cases.len() > 100);
+    check_cases(&tok, &cases);
+}
+
+#[test]
+fn special_parsing_on_and_off() {
+    let tok = llama3();
+    let on = tok.encode("a<|eot_id|>b", false, true).unwrap();
+    assert!(on.contains(&128009));
+    let off = tok.encode("a<|eot_id|>b", false, false).unwrap();
+    assert!(off.iter().all(|&id| id < 128000), "{off:?}");
+    assert_eq!(tok.decode(&off, false).unwrap(), "a<|eot_id|>b");
+
+    let tok = smollm2();
+    let on = tok.encode("<|im_end|>", false, true).unwrap();
+    assert_eq!(on, vec![2]);
+    let off = tok.encode("<|im_end|>", false, false).unwrap();
+    assert!(!off.contains(&2) && off.len() > 1, "{off:?}");
+}
+
+#[test]
+fn eog_sets() {
+    let tok = llama3();
+    for id in [128001, 128008, 128009] {
+        assert!(tok.is_eog(id), "{id}");
+    }
+    assert!(!tok.is_eog(128000));
+    assert!(!tok.is_eog(791));
+    let tok = smollm2();
+    assert!(tok.is_eog(0) && tok.is_eog(2));
+    assert!(!tok.is_eog(1));
+    assert_eq!(tok.vocab_size(), 49152);
+}
+
+#[test]
+fn decode_roundtrips_fixture_strings() {
+    for (tok, name) in [
+        (smollm2(), "tokenize-smollm2.json"),
+        (llama3(), "tokenize-llama3.json"),
+    ] {
+        for (text, ids) in cases_list(name) {
+            let skip = usize::from(tok.add_bos_default());
+            let ids = &ids[skip..];
+            // Control tokens rendered as text give the input back.
+            assert_eq!(tok.decode(ids, true).unwrap(), text, "{name}");
+            // Streaming, one token at a time, gives the same text.
+            let mut d = TokenStreamDecoder::new(true);
+            let mut s = String::new();
+            for &id in ids {
+                s.push_str(&d.push(&tok, id).unwrap());
+            }
+            s.push_str(&d.finish());
+            assert_eq!(s, text, "{name} (streamed)");
+        }
+    }
+}
