@@ -2,3 +2,4 @@
 
 pub mod gguf;
 pub mod tokenizer;
+pub mod sampling;
