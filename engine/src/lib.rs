@@ -3,3 +3,4 @@
 pub mod gguf;
 pub mod tokenizer;
 pub mod sampling;
+pub mod chat;

@@ -562,18 +562,44 @@ impl Tokenizer {
         for frag in self.partition(text, parse_special) {
             match frag {
                 Fragment::Special(id) => out.push(id),
-                Fragment::Text(s) => {
-                    if s.is_empty() {
-                        continue;
+                Fragment::Text(s) => self.encode_plain(s, out)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Tokenizes consecutive parts as if concatenated, parsing special tokens only
+    /// in parts flagged `true` (chat framing) and not in the others (message
+    /// content). Plain text running across part boundaries is tokenized as one
+    /// piece, so the result equals tokenizing the concatenation whenever the
+    /// unflagged parts contain no special-token text. No BOS is added.
+    pub fn encode_parts_into(&self, parts: &[(&str, bool)], out: &mut Vec<u32>) -> Result<()> {
+        let mut run = String::new();
+        for &(text, parse_special) in parts {
+            for frag in self.partition(text, parse_special) {
+                match frag {
+                    Fragment::Text(s) => run.push_str(s),
+                    Fragment::Special(id) => {
+                        self.encode_plain(&run, out)?;
+                        run.clear();
+                        out.push(id);
                     }
-                    let enc = self
-                        .hf
-                        .encode_fast(s, false)
-                        .map_err(|e| TokenizerError::Backend(e.to_string()))?;
-                    out.extend_from_slice(enc.get_ids());
                 }
             }
         }
+        self.encode_plain(&run, out)
+    }
+
+    /// BPE over text that contains no special tokens to split off.
+    fn encode_plain(&self, s: &str, out: &mut Vec<u32>) -> Result<()> {
+        if s.is_empty() {
+            return Ok(());
+        }
+        let enc = self
+            .hf
+            .encode_fast(s, false)
+            .map_err(|e| TokenizerError::Backend(e.to_string()))?;
+        out.extend_from_slice(enc.get_ids());
         Ok(())
     }
 

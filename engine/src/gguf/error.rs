@@ -22,7 +22,7 @@ pub enum GgufError {
         needed: u64,
         available: u64,
     },
-    #[error("{what} at offset {offset} is {count}, more than the file can hold (at most {max})")]
+    #[error("{what} at offset {offset} is {count}, more than any file airlock reads can hold (at most {max})")]
     CountTooLarge {
         what: String,
         offset: u64,
@@ -38,7 +38,11 @@ pub enum GgufError {
         reason: String,
     },
     #[error("metadata key {key:?} at offset {offset} has unknown value type {type_id}")]
-    UnknownValueType { key: String, offset: u64, type_id: u32 },
+    UnknownValueType {
+        key: String,
+        offset: u64,
+        type_id: u32,
+    },
     #[error("metadata key {key:?} at offset {offset}: arrays nested deeper than {max_depth}")]
     NestingTooDeep {
         key: String,
@@ -57,15 +61,25 @@ pub enum GgufError {
     #[error("tensor {name:?} (info at offset {offset}) appears twice")]
     DuplicateTensor { name: String, offset: u64 },
     #[error("tensor {name:?} (info at offset {offset}) has unknown ggml type {type_id}")]
-    UnknownTensorType { name: String, offset: u64, type_id: u32 },
+    UnknownTensorType {
+        name: String,
+        offset: u64,
+        type_id: u32,
+    },
     #[error("tensor {name:?} (info at offset {offset}): {reason}")]
     BadTensor {
         name: String,
         offset: u64,
         reason: String,
     },
-    #[error("tensors {first:?} and {second:?} overlap in the data section")]
-    OverlappingTensors { first: String, second: String },
+    #[error("tensors {first:?} and {second:?} (info at offset {offset}) overlap in the data section: {detail}")]
+    OverlappingTensors {
+        first: String,
+        second: String,
+        /// Where `second`'s info record starts.
+        offset: u64,
+        detail: String,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, GgufError>;

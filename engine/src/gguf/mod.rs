@@ -12,6 +12,7 @@ mod value;
 pub use error::{GgufError, Result};
 pub use reader::{
     GgufFile, MetadataEntry, OpenOptions, Source, TensorInfo, DEFAULT_ALIGNMENT, GGUF_MAGIC,
-    MAX_ARRAY_DEPTH, MAX_DIMS, MAX_STRING_LEN, MAX_TENSOR_NAME,
+    MAX_ALIGNMENT, MAX_ARRAY_DEPTH, MAX_DIMS, MAX_KEY_LEN, MAX_PLAUSIBLE_BYTES, MAX_STRING_LEN,
+    MAX_TENSOR_NAME,
 };
 pub use value::{Array, StrArray, Value, ValueType};

@@ -4,8 +4,16 @@
 //! allocation), metadata (keys UTF-8, unique, known value types, bounded nesting), tensor infos
 //! (names, dims, types, overflow-checked sizes), alignment, then tensor ranges (aligned, inside the
 //! file, not overlapping). Tensor data is never copied: `tensor_data` returns a slice of the map.
+//!
+//! Memory: every allocation made while parsing is sized by bytes already shown to be in the file,
+//! and stays within a small multiple of them (see `engine/tests/gguf_corpus.rs` for the bound and
+//! why). Lookups use sorted `u32` index vectors rather than hash maps keyed by cloned strings.
+//!
+//! Truncation versus lies: a count or length that the rest of the file cannot hold is reported as
+//! `Truncated` when it is plausible (a cut download), and as `CountTooLarge` when no file airlock
+//! reads could hold it (over [`MAX_PLAUSIBLE_BYTES`], or over a per-string cap).
 
-use std::collections::HashMap;
+use std::cmp::Ordering;
 use std::fs::File;
 use std::ops::Deref;
 use std::path::Path;
@@ -23,10 +31,22 @@ pub const MAX_DIMS: usize = 4;
 pub const MAX_TENSOR_NAME: usize = 63;
 /// Caps that careful loaders use (ollama: 16 MiB strings); a real file is far below them.
 pub const MAX_STRING_LEN: u64 = 16 << 20;
+/// The GGUF spec limits keys to 65535 bytes.
 pub const MAX_KEY_LEN: u64 = 64 << 10;
+/// Arrays of arrays of arrays are accepted; a fourth level is refused. (llama.cpp itself refuses
+/// any nested array; gguf-py writes them.)
 pub const MAX_ARRAY_DEPTH: usize = 3;
 /// Largest alignment accepted; ggml uses 32, some writers 64 or a page.
 pub const MAX_ALIGNMENT: u64 = 1 << 16;
+/// A count whose items would need more bytes than this (1 PiB) is a lie, not a truncated file.
+pub const MAX_PLAUSIBLE_BYTES: u64 = 1 << 50;
+
+/// Smallest tensor info: name length + 1-byte name + n_dims + one dim + type + offset.
+const MIN_TENSOR_INFO: u64 = 8 + 1 + 4 + 8 + 4 + 8;
+/// Smallest metadata entry: key length + 1-byte key + value type + 1-byte value.
+const MIN_KV: u64 = 8 + 1 + 4 + 1;
+/// Keys and names longer than this are shortened in error messages.
+const SHOWN_NAME_LEN: usize = 80;
 
 /// The bytes of a GGUF file: memory-mapped, or read into memory (`--no-mmap`, tests, fuzzing).
 pub enum Source {
@@ -64,9 +84,13 @@ impl TensorInfo {
         self.dims.first().copied().unwrap_or(1)
     }
 
-    /// Number of rows: product of all dimensions past the first.
+    /// Number of rows: product of all dimensions past the first (saturating; a validated file's
+    /// shapes never overflow).
     pub fn n_rows(&self) -> u64 {
-        self.dims.iter().skip(1).product()
+        self.dims
+            .iter()
+            .skip(1)
+            .fold(1u64, |acc, &d| acc.saturating_mul(d))
     }
 }
 
@@ -84,9 +108,11 @@ pub struct GgufFile {
     /// Absolute file offset of the tensor data section.
     pub data_offset: u64,
     metadata: Vec<MetadataEntry>,
-    key_index: HashMap<String, usize>,
+    /// Indices into `metadata`, sorted by key.
+    key_index: Vec<u32>,
     tensors: Vec<TensorInfo>,
-    tensor_index: HashMap<String, usize>,
+    /// Indices into `tensors`, sorted by name.
+    tensor_index: Vec<u32>,
 }
 
 impl std::fmt::Debug for GgufFile {
@@ -174,7 +200,8 @@ impl GgufFile {
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {
-        self.key_index.get(key).map(|&i| &self.metadata[i].value)
+        let i = lookup(&self.key_index, key, |i| &self.metadata[i].key)?;
+        Some(&self.metadata[i].value)
     }
 
     pub fn get_str(&self, key: &str) -> Option<&str> {
@@ -222,7 +249,8 @@ impl GgufFile {
     }
 
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
-        self.tensor_index.get(name).map(|&i| &self.tensors[i])
+        let i = lookup(&self.tensor_index, name, |i| &self.tensors[i].name)?;
+        Some(&self.tensors[i])
     }
 
     /// The tensor's bytes, straight from the map. Ranges were checked at open, so this cannot be
@@ -238,15 +266,54 @@ impl GgufFile {
     }
 }
 
+/// Binary search of a sorted index vector.
+fn lookup<'a>(index: &[u32], name: &str, key_of: impl Fn(usize) -> &'a String) -> Option<usize> {
+    index
+        .binary_search_by(|&i| key_of(i as usize).as_str().cmp(name))
+        .ok()
+        .map(|pos| index[pos] as usize)
+}
+
+/// Sorts `0..n` by `key_of` (ties by position) and returns it with the first adjacent duplicate:
+/// the later of the two entries, as (earlier, later).
+fn sorted_index<'a>(
+    n: usize,
+    key_of: impl Fn(usize) -> &'a str,
+) -> (Vec<u32>, Option<(usize, usize)>) {
+    // `parse` refuses counts over u32::MAX before any entry is read, so the casts are exact.
+    let mut index: Vec<u32> = (0..n as u32).collect();
+    index.sort_unstable_by(|&a, &b| match key_of(a as usize).cmp(key_of(b as usize)) {
+        Ordering::Equal => a.cmp(&b),
+        o => o,
+    });
+    let dup = index
+        .windows(2)
+        .find(|w| key_of(w[0] as usize) == key_of(w[1] as usize))
+        .map(|w| (w[0] as usize, w[1] as usize));
+    (index, dup)
+}
+
+/// A name or key as it appears in an error message: quoted, escaped, and shortened if long.
+pub(crate) fn shown(s: &str) -> String {
+    if s.len() <= SHOWN_NAME_LEN {
+        return format!("{s:?}");
+    }
+    let mut cut = SHOWN_NAME_LEN;
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{:?}... ({} bytes)", &s[..cut], s.len())
+}
+
 /// Result of parsing, independent of who owns the bytes.
 struct Parsed {
     version: u32,
     alignment: u64,
     data_offset: u64,
     metadata: Vec<MetadataEntry>,
-    key_index: HashMap<String, usize>,
+    key_index: Vec<u32>,
     tensors: Vec<TensorInfo>,
-    tensor_index: HashMap<String, usize>,
+    tensor_index: Vec<u32>,
 }
 
 /// A bounds-checked little-endian reader that knows its position for error messages.
@@ -294,18 +361,31 @@ impl<'a> Cursor<'a> {
         Ok(u64::from_le_bytes(self.array(what)?))
     }
 
-    /// A count that says how many items of at least `min_size` bytes follow: refused at once if
-    /// the rest of the file could not hold them, so no allocation is ever sized by a lie.
-    fn count(&mut self, min_size: u64, what: &dyn Fn() -> String) -> Result<u64> {
+    /// A count of items of at least `min_size` bytes each that must fit in the next `room` bytes
+    /// (at most what is left): refused before anything is sized by it. A count no real file could
+    /// hold is `CountTooLarge`; one this file merely ends too early for is `Truncated`.
+    fn count(&mut self, min_size: u64, reserved: u64, what: &dyn Fn() -> String) -> Result<u64> {
         let offset = self.offset();
         let n = self.u64(what)?;
-        let max = self.remaining() / min_size.max(1);
-        if n > max {
+        let min_size = min_size.max(1);
+        let needed = n
+            .checked_mul(min_size)
+            .filter(|&b| b <= MAX_PLAUSIBLE_BYTES);
+        let Some(needed) = needed else {
             return Err(GgufError::CountTooLarge {
                 what: what(),
                 offset,
                 count: n,
-                max,
+                max: MAX_PLAUSIBLE_BYTES / min_size,
+            });
+        };
+        let room = self.remaining().saturating_sub(reserved);
+        if needed > room {
+            return Err(GgufError::Truncated {
+                what: format!("{} ({n}, of at least {min_size} bytes each)", what()),
+                offset,
+                needed: needed.saturating_add(reserved),
+                available: self.remaining(),
             });
         }
         Ok(n)
@@ -323,9 +403,9 @@ impl<'a> Cursor<'a> {
             });
         }
         let bytes = self.take(len, what)?;
-        std::str::from_utf8(bytes).map_err(|_| GgufError::InvalidUtf8 {
+        std::str::from_utf8(bytes).map_err(|e| GgufError::InvalidUtf8 {
             what: what(),
-            offset,
+            offset: offset + 8 + e.valid_up_to() as u64,
         })
     }
 }
@@ -333,6 +413,14 @@ impl<'a> Cursor<'a> {
 impl Parsed {
     fn parse(buf: &[u8]) -> Result<Parsed> {
         let mut c = Cursor { buf, pos: 0 };
+        if buf.len() < 4 && GGUF_MAGIC.starts_with(buf) {
+            return Err(GgufError::Truncated {
+                what: "magic".into(),
+                offset: 0,
+                needed: 4,
+                available: buf.len() as u64,
+            });
+        }
         let magic = c.array::<4>(&|| "magic".into()).map_err(|_| {
             let mut found = [0u8; 4];
             found[..buf.len().min(4)].copy_from_slice(&buf[..buf.len().min(4)]);
@@ -345,13 +433,23 @@ impl Parsed {
         if version != 2 && version != 3 {
             return Err(GgufError::UnsupportedVersion { version });
         }
-        // Smallest tensor info: name length + 1-byte name + n_dims + one dim + type + offset.
-        let n_tensors = c.count(8 + 1 + 4 + 8 + 4 + 8, &|| "tensor count".into())?;
-        // Smallest metadata entry: key length + 1-byte key + value type + 1-byte value.
-        let n_kv = c.count(8 + 1 + 4 + 1, &|| "metadata entry count".into())?;
+        let n_tensors = c.count(MIN_TENSOR_INFO, 8, &|| "tensor count".into())?;
+        let n_kv = c.count(MIN_KV, n_tensors * MIN_TENSOR_INFO, &|| {
+            "metadata entry count".into()
+        })?;
+        // Both counts are below MAX_PLAUSIBLE_BYTES / 14 < 2^47 and fit in the buffer, so they fit
+        // in usize; u32 indices need them below 2^32, which a file under 56 GiB of headers is.
+        if n_kv > u32::MAX as u64 || n_tensors > u32::MAX as u64 {
+            return Err(GgufError::CountTooLarge {
+                what: "tensor or metadata entry count".into(),
+                offset: 8,
+                count: n_kv.max(n_tensors),
+                max: u32::MAX as u64,
+            });
+        }
 
+        // Sized by n_kv entries of at least MIN_KV bytes each, shown present by `count`.
         let mut metadata = Vec::with_capacity(n_kv as usize);
-        let mut key_index = HashMap::with_capacity(n_kv as usize);
         for i in 0..n_kv {
             let offset = c.offset();
             let key = c.string(MAX_KEY_LEN, &|| format!("key of metadata entry {i}"))?;
@@ -363,29 +461,31 @@ impl Parsed {
                 });
             }
             let type_offset = c.offset();
-            let type_id = c.u32(&|| format!("value type of {key:?}"))?;
+            let type_id = c.u32(&|| format!("value type of {}", shown(key)))?;
             let ty = ValueType::from_id(type_id).ok_or_else(|| GgufError::UnknownValueType {
                 key: key.to_string(),
                 offset: type_offset,
                 type_id,
             })?;
             let value = read_value(&mut c, ty, key, 0)?;
-            if key_index.insert(key.to_string(), metadata.len()).is_some() {
-                return Err(GgufError::DuplicateKey {
-                    key: key.to_string(),
-                    offset,
-                });
-            }
             metadata.push(MetadataEntry {
                 key: key.to_string(),
                 value,
                 offset,
             });
         }
+        let (key_index, dup) = sorted_index(metadata.len(), |i| &metadata[i].key);
+        if let Some((_, later)) = dup {
+            let e = &metadata[later];
+            return Err(GgufError::DuplicateKey {
+                key: e.key.clone(),
+                offset: e.offset,
+            });
+        }
 
-        let alignment = match key_index.get("general.alignment") {
+        let alignment = match lookup(&key_index, "general.alignment", |i| &metadata[i].key) {
             None => DEFAULT_ALIGNMENT,
-            Some(&i) => {
+            Some(i) => {
                 let e: &MetadataEntry = &metadata[i];
                 let Value::U32(a) = e.value else {
                     return Err(GgufError::WrongKeyType {
@@ -400,26 +500,25 @@ impl Parsed {
                     return Err(GgufError::Invalid {
                         what: "general.alignment".into(),
                         offset: e.offset,
-                        reason: format!(
-                            "{a} is not a power of two between 1 and {MAX_ALIGNMENT}"
-                        ),
+                        reason: format!("{a} is not a power of two between 1 and {MAX_ALIGNMENT}"),
                     });
                 }
                 a
             }
         };
 
+        // Sized by n_tensors infos of at least MIN_TENSOR_INFO bytes each, shown present.
         let mut tensors = Vec::with_capacity(n_tensors as usize);
-        let mut tensor_index = HashMap::with_capacity(n_tensors as usize);
         for i in 0..n_tensors {
-            let t = read_tensor_info(&mut c, i)?;
-            if tensor_index.insert(t.name.clone(), tensors.len()).is_some() {
-                return Err(GgufError::DuplicateTensor {
-                    name: t.name,
-                    offset: t.info_offset,
-                });
-            }
-            tensors.push(t);
+            tensors.push(read_tensor_info(&mut c, i)?);
+        }
+        let (tensor_index, dup) = sorted_index(tensors.len(), |i| &tensors[i].name);
+        if let Some((_, later)) = dup {
+            let t = &tensors[later];
+            return Err(GgufError::DuplicateTensor {
+                name: t.name.clone(),
+                offset: t.info_offset,
+            });
         }
 
         let header_end = c.offset();
@@ -437,37 +536,56 @@ impl Parsed {
             });
         }
         for t in &tensors {
+            let bad = |reason: String| GgufError::BadTensor {
+                name: t.name.clone(),
+                offset: t.info_offset,
+                reason,
+            };
             if t.offset % alignment != 0 {
-                return Err(GgufError::BadTensor {
-                    name: t.name.clone(),
-                    offset: t.info_offset,
-                    reason: format!(
-                        "data offset {} is not a multiple of the alignment {alignment}",
-                        t.offset
-                    ),
-                });
+                return Err(bad(format!(
+                    "data offset {} is not a multiple of the alignment {alignment}",
+                    t.offset
+                )));
             }
+            // A range no real file could have is a bad offset; one that merely runs past the end
+            // of this file is what a cut download looks like.
             let end = t.offset.checked_add(t.n_bytes);
-            if end.is_none_or(|e| e > data_len) {
-                return Err(GgufError::BadTensor {
-                    name: t.name.clone(),
-                    offset: t.info_offset,
-                    reason: format!(
-                        "data [{}, +{}) lies outside the data section ({data_len} bytes at file offset {data_offset})",
-                        t.offset, t.n_bytes
-                    ),
+            if end.is_none_or(|e| e > MAX_PLAUSIBLE_BYTES) {
+                return Err(bad(format!(
+                    "data [{}, +{}) is outside any possible data section",
+                    t.offset, t.n_bytes
+                )));
+            }
+            if t.offset + t.n_bytes > data_len {
+                return Err(GgufError::Truncated {
+                    what: format!("data of tensor {}", shown(&t.name)),
+                    offset: data_offset + t.offset,
+                    needed: t.n_bytes,
+                    available: data_len.saturating_sub(t.offset),
                 });
             }
         }
-        let mut order: Vec<usize> = (0..tensors.len()).collect();
-        order.sort_by_key(|&i| (tensors[i].offset, tensors[i].n_bytes));
+        // Ranges sorted by start: if any two overlap, two neighbours do.
+        let mut order: Vec<u32> = (0..tensors.len() as u32).collect();
+        order.sort_unstable_by_key(|&i| (tensors[i as usize].offset, i));
         for w in order.windows(2) {
-            let (a, b) = (&tensors[w[0]], &tensors[w[1]]);
+            let (a, b) = (&tensors[w[0] as usize], &tensors[w[1] as usize]);
             // Ranges are in bounds, so offset + n_bytes does not overflow.
-            if b.offset < a.offset + a.n_bytes && a.n_bytes > 0 && b.n_bytes > 0 {
+            if b.offset < a.offset + a.n_bytes {
+                // Name the one that comes later in the file's info table.
+                let (first, second) = if a.info_offset < b.info_offset {
+                    (a, b)
+                } else {
+                    (b, a)
+                };
                 return Err(GgufError::OverlappingTensors {
-                    first: a.name.clone(),
-                    second: b.name.clone(),
+                    first: first.name.clone(),
+                    second: second.name.clone(),
+                    offset: second.info_offset,
+                    detail: format!(
+                        "[{}, +{}) and [{}, +{}) relative to file offset {data_offset}",
+                        first.offset, first.n_bytes, second.offset, second.n_bytes
+                    ),
                 });
             }
         }
@@ -496,20 +614,25 @@ fn read_tensor_info(c: &mut Cursor, i: u64) -> Result<TensorInfo> {
         return Err(bad(format!("tensor {i} has an empty name")));
     }
     if name.len() > MAX_TENSOR_NAME {
-        return Err(bad(format!(
-            "name is {} bytes, more than ggml's limit of {MAX_TENSOR_NAME}",
-            name.len()
-        )));
+        return Err(GgufError::BadTensor {
+            name: shown(name),
+            offset: info_offset,
+            reason: format!(
+                "name is {} bytes, more than ggml's limit of {MAX_TENSOR_NAME}",
+                name.len()
+            ),
+        });
     }
     let what = || format!("info of tensor {name:?}");
-    let n_dims = c.u32(&what)? as usize;
-    if n_dims == 0 || n_dims > MAX_DIMS {
+    let n_dims = c.u32(&what)?;
+    if n_dims == 0 || n_dims as usize > MAX_DIMS {
         return Err(bad(format!("n_dims is {n_dims}, must be 1..={MAX_DIMS}")));
     }
-    let mut dims = Vec::with_capacity(n_dims);
-    for _ in 0..n_dims {
-        dims.push(c.u64(&what)?);
+    let mut dims_buf = [0u64; MAX_DIMS];
+    for d in dims_buf.iter_mut().take(n_dims as usize) {
+        *d = c.u64(&what)?;
     }
+    let dims = &dims_buf[..n_dims as usize];
     let type_id = c.u32(&what)?;
     let offset = c.u64(&what)?;
     let ty = GgmlType::from_id(type_id).ok_or_else(|| GgufError::UnknownTensorType {
@@ -538,10 +661,11 @@ fn read_tensor_info(c: &mut Cursor, i: u64) -> Result<TensorInfo> {
     }
     let n_bytes = (n_elements / bs)
         .checked_mul(ty.type_size() as u64)
+        .filter(|&n| n <= i64::MAX as u64)
         .ok_or_else(|| bad(format!("byte size of shape {dims:?} overflows")))?;
     Ok(TensorInfo {
         name: name.to_string(),
-        dims,
+        dims: dims.to_vec(),
         ty,
         offset,
         n_elements,
@@ -551,7 +675,7 @@ fn read_tensor_info(c: &mut Cursor, i: u64) -> Result<TensorInfo> {
 }
 
 fn read_value(c: &mut Cursor, ty: ValueType, key: &str, depth: usize) -> Result<Value> {
-    let what = || format!("value of {key:?}");
+    let what = || format!("value of {}", shown(key));
     let offset = c.offset();
     Ok(match ty {
         ValueType::U8 => Value::U8(c.array::<1>(&what)?[0]),
@@ -571,11 +695,11 @@ fn read_value(c: &mut Cursor, ty: ValueType, key: &str, depth: usize) -> Result<
 }
 
 fn read_bool(c: &mut Cursor, key: &str, offset: u64) -> Result<bool> {
-    match c.array::<1>(&|| format!("value of {key:?}"))?[0] {
+    match c.array::<1>(&|| format!("value of {}", shown(key)))?[0] {
         0 => Ok(false),
         1 => Ok(true),
         b => Err(GgufError::Invalid {
-            what: format!("bool value of {key:?}"),
+            what: format!("bool value of {}", shown(key)),
             offset,
             reason: format!("byte {b} is neither 0 nor 1"),
         }),
@@ -591,14 +715,16 @@ fn read_array(c: &mut Cursor, key: &str, depth: usize) -> Result<Array> {
             max_depth: MAX_ARRAY_DEPTH,
         });
     }
-    let what = || format!("array of {key:?}");
+    let what = || format!("array of {}", shown(key));
     let type_id = c.u32(&what)?;
     let ty = ValueType::from_id(type_id).ok_or_else(|| GgufError::UnknownValueType {
         key: key.to_string(),
         offset,
         type_id,
     })?;
-    let n = c.count(ty.min_encoded_size(), &|| format!("element count of {key:?}"))? as usize;
+    let n = c.count(ty.min_encoded_size(), 0, &|| {
+        format!("element count of {}", shown(key))
+    })? as usize;
 
     fn fixed<const N: usize, T>(
         c: &mut Cursor,
@@ -642,12 +768,14 @@ fn read_array(c: &mut Cursor, key: &str, depth: usize) -> Result<Array> {
             let start = c.pos;
             let mut total = 0usize;
             for i in 0..n {
-                total += c.string(MAX_STRING_LEN, &|| format!("string {i} of {key:?}"))?.len();
+                total += c
+                    .string(MAX_STRING_LEN, &|| format!("string {i} of {}", shown(key)))?
+                    .len();
             }
             c.pos = start;
             let mut a = StrArray::with_capacity(n, total);
             for i in 0..n {
-                a.push(c.string(MAX_STRING_LEN, &|| format!("string {i} of {key:?}"))?);
+                a.push(c.string(MAX_STRING_LEN, &|| format!("string {i} of {}", shown(key)))?);
             }
             Array::String(a)
         }
