@@ -8,6 +8,7 @@
 mod error;
 mod reader;
 mod value;
+mod writer;
 
 pub use error::{GgufError, Result};
 pub use reader::{
@@ -16,3 +17,4 @@ pub use reader::{
     MAX_TENSOR_NAME,
 };
 pub use value::{Array, StrArray, Value, ValueType};
+pub use writer::{write_atomic, GgufWriter, TensorSpec, WriteError, GGUF_VERSION};
