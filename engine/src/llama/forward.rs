@@ -1,0 +1,339 @@
+//! The batched forward pass: a whole prompt chunk goes through each matrix at once
+//! (matrix x matrix), and the KV cache keeps what earlier chunks and turns computed.
+//!
+//! Per layer, for n tokens at positions pos..pos+n:
+//!   xn = rmsnorm(x)                      x (n, embd)
+//!   q, k, v = xn Wq, xn Wk, xn Wv        (n, q_dim), (n, kv_dim) x2
+//!   rope(q, k); cache[pos..pos+n] = k, v
+//!   att = softmax(q K^T / sqrt(hd)) V    causal, per head, GQA heads share K/V
+//!   x += att Wo
+//!   x += (silu(xn' Wgate) * xn' Wup) Wdown, xn' = rmsnorm(x)
+//! then logits = rmsnorm(x) Wout for the positions asked for.
+
+use airlock_kernels::ops;
+use half::f16;
+use rayon::prelude::*;
+
+use super::{LlamaModel, ModelError, Weight};
+
+/// How matrices are multiplied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// Activations quantized to 8 bits per block (Q8_0/Q8_1) and integer dot products, as ggml.
+    Fast,
+    /// Weight rows dequantized to f32 and f32 activations: the accuracy reference.
+    Exact,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvType {
+    F16,
+    F32,
+}
+
+impl KvType {
+    pub fn bytes_per_value(self) -> usize {
+        match self {
+            KvType::F16 => 2,
+            KvType::F32 => 4,
+        }
+    }
+}
+
+/// Which positions of a batch need logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    Last,
+    All,
+}
+
+enum KvStore {
+    F16(Vec<f16>),
+    F32(Vec<f32>),
+}
+
+impl KvStore {
+    fn new(ty: KvType, n: usize) -> Self {
+        match ty {
+            KvType::F16 => KvStore::F16(vec![f16::ZERO; n]),
+            KvType::F32 => KvStore::F32(vec![0.0; n]),
+        }
+    }
+
+    fn write(&mut self, at: usize, src: &[f32]) {
+        match self {
+            KvStore::F16(v) => {
+                for (d, &s) in v[at..at + src.len()].iter_mut().zip(src) {
+                    *d = f16::from_f32(s);
+                }
+            }
+            KvStore::F32(v) => v[at..at + src.len()].copy_from_slice(src),
+        }
+    }
+}
+
+/// One conversation's state: its KV cache, position, and the buffers the forward pass reuses.
+pub struct Session {
+    pub n_ctx: usize,
+    pub precision: Precision,
+    pos: usize,
+    kv_type: KvType,
+    /// [layer][pos][kv_dim]
+    k: KvStore,
+    v: KvStore,
+    x: Vec<f32>,
+    xn: Vec<f32>,
+    q: Vec<f32>,
+    kb: Vec<f32>,
+    vb: Vec<f32>,
+    att: Vec<f32>,
+    tmp: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    logits: Vec<f32>,
+    scratch: Vec<u8>,
+}
+
+impl Session {
+    pub fn new(model: &LlamaModel, n_ctx: usize, kv_type: KvType, precision: Precision) -> Self {
+        let n = model.config.n_layers * n_ctx * model.config.kv_dim();
+        Session {
+            n_ctx,
+            precision,
+            pos: 0,
+            kv_type,
+            k: KvStore::new(kv_type, n),
+            v: KvStore::new(kv_type, n),
+            x: Vec::new(),
+            xn: Vec::new(),
+            q: Vec::new(),
+            kb: Vec::new(),
+            vb: Vec::new(),
+            att: Vec::new(),
+            tmp: Vec::new(),
+            gate: Vec::new(),
+            up: Vec::new(),
+            logits: Vec::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Tokens in the cache so far.
+    pub fn pos(&self) -> usize {
+        self.pos
+    }
+
+    pub fn kv_type(&self) -> KvType {
+        self.kv_type
+    }
+
+    /// Forget everything (the cache contents are simply overwritten later).
+    pub fn reset(&mut self) {
+        self.pos = 0;
+    }
+
+    /// Drop cached positions from `pos` on, e.g. to re-use a shared prompt prefix.
+    pub fn truncate(&mut self, pos: usize) {
+        self.pos = self.pos.min(pos);
+    }
+
+    /// Run `tokens` through the model at the current position and append them to the cache.
+    /// Returns the logits of the last token (`Logits::Last`, vocab values) or of every token
+    /// (`Logits::All`, tokens.len() x vocab, row-major).
+    pub fn forward(
+        &mut self,
+        model: &LlamaModel,
+        tokens: &[u32],
+        which: Logits,
+    ) -> Result<&[f32], ModelError> {
+        let c = &model.config;
+        let w = &model.weights;
+        let f = &*model.file;
+        let n = tokens.len();
+        if n == 0 {
+            self.logits.clear();
+            return Ok(&self.logits);
+        }
+        let needed = self.pos + n;
+        if needed > self.n_ctx {
+            return Err(ModelError::ContextFull {
+                needed,
+                n_ctx: self.n_ctx,
+            });
+        }
+        let (e, qd, kvd, ff, hd) = (c.n_embd, c.q_dim(), c.kv_dim(), c.n_ff, c.head_dim);
+        resize(&mut self.x, n * e);
+        resize(&mut self.xn, n * e);
+        resize(&mut self.q, n * qd);
+        resize(&mut self.kb, n * kvd);
+        resize(&mut self.vb, n * kvd);
+        resize(&mut self.att, n * qd);
+        resize(&mut self.tmp, n * e);
+        resize(&mut self.gate, n * ff);
+        resize(&mut self.up, n * ff);
+
+        // Embedding lookup: dequantize one row per token.
+        let emb = w.token_embd.view(f);
+        let rb = w.token_embd.row_bytes();
+        for (t, &id) in tokens.iter().enumerate() {
+            if id as usize >= c.vocab_size {
+                return Err(ModelError::InvalidToken {
+                    id,
+                    vocab_size: c.vocab_size,
+                });
+            }
+            let row = &emb.data[id as usize * rb..(id as usize + 1) * rb];
+            airlock_kernels::dequantize_row(emb.ty, row, &mut self.x[t * e..(t + 1) * e])?;
+        }
+
+        let precision = self.precision;
+        let mm = |wt: &Weight, x: &[f32], y: &mut [f32], scratch: &mut Vec<u8>| {
+            let view = wt.view(f);
+            match precision {
+                Precision::Fast => airlock_kernels::matmul(&view, x, n, y, scratch),
+                Precision::Exact => airlock_kernels::matmul_exact(&view, x, n, y),
+            }
+        };
+
+        let layer_stride = self.n_ctx * kvd;
+        for (li, l) in w.layers.iter().enumerate() {
+            norm_rows(&self.x, &l.attn_norm, c.rms_eps, &mut self.xn, e);
+            mm(&l.wq, &self.xn, &mut self.q, &mut self.scratch)?;
+            mm(&l.wk, &self.xn, &mut self.kb, &mut self.scratch)?;
+            mm(&l.wv, &self.xn, &mut self.vb, &mut self.scratch)?;
+            for t in 0..n {
+                let p = self.pos + t;
+                for h in self.q[t * qd..(t + 1) * qd].chunks_exact_mut(hd) {
+                    ops::rope_pairs(&mut h[..c.rope_dim], p, &model.rope_inv_freq);
+                }
+                for h in self.kb[t * kvd..(t + 1) * kvd].chunks_exact_mut(hd) {
+                    ops::rope_pairs(&mut h[..c.rope_dim], p, &model.rope_inv_freq);
+                }
+                let at = li * layer_stride + p * kvd;
+                self.k.write(at, &self.kb[t * kvd..(t + 1) * kvd]);
+                self.v.write(at, &self.vb[t * kvd..(t + 1) * kvd]);
+            }
+            let layer = li * layer_stride..(li + 1) * layer_stride;
+            attention(
+                c.n_head,
+                c.n_head_kv,
+                hd,
+                self.pos,
+                &self.q,
+                &self.k,
+                &self.v,
+                layer,
+                &mut self.att,
+            );
+            mm(&l.wo, &self.att, &mut self.tmp, &mut self.scratch)?;
+            ops::add_assign(&mut self.x, &self.tmp);
+
+            norm_rows(&self.x, &l.ffn_norm, c.rms_eps, &mut self.xn, e);
+            mm(&l.w_gate, &self.xn, &mut self.gate, &mut self.scratch)?;
+            mm(&l.w_up, &self.xn, &mut self.up, &mut self.scratch)?;
+            ops::swiglu(&mut self.gate, &self.up);
+            mm(&l.w_down, &self.gate, &mut self.tmp, &mut self.scratch)?;
+            ops::add_assign(&mut self.x, &self.tmp);
+        }
+        self.pos += n;
+
+        // Only the rows whose logits are wanted go through the (large) output matrix.
+        let (rows, first) = match which {
+            Logits::All => (n, 0),
+            Logits::Last => (1, n - 1),
+        };
+        let x = &self.x[first * e..];
+        norm_rows(x, &w.output_norm, c.rms_eps, &mut self.xn[..rows * e], e);
+        resize(&mut self.logits, rows * c.vocab_size);
+        let view = w.output.view(f);
+        match precision {
+            Precision::Fast => airlock_kernels::matmul(
+                &view,
+                &self.xn[..rows * e],
+                rows,
+                &mut self.logits,
+                &mut self.scratch,
+            )?,
+            Precision::Exact => {
+                airlock_kernels::matmul_exact(&view, &self.xn[..rows * e], rows, &mut self.logits)?
+            }
+        }
+        Ok(&self.logits)
+    }
+}
+
+fn resize(v: &mut Vec<f32>, n: usize) {
+    v.clear();
+    v.resize(n, 0.0);
+}
+
+fn norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32], e: usize) {
+    for (xr, or) in x.chunks_exact(e).zip(out.chunks_exact_mut(e)) {
+        ops::rms_norm(xr, w, eps, or);
+    }
+}
+
+/// Causal attention for a batch of n tokens whose first position is `pos0`, one task per
+/// (token, head), with an online softmax so no score row is stored.
+#[allow(clippy::too_many_arguments)]
+fn attention(
+    n_head: usize,
+    n_head_kv: usize,
+    hd: usize,
+    pos0: usize,
+    q: &[f32],
+    k: &KvStore,
+    v: &KvStore,
+    layer: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    let kvd = n_head_kv * hd;
+    let group = n_head / n_head_kv;
+    let scale = 1.0 / (hd as f32).sqrt();
+    out.par_chunks_mut(hd).enumerate().for_each(|(i, o)| {
+        let (t, h) = (i / n_head, i % n_head);
+        let qh = &q[i * hd..(i + 1) * hd];
+        let kvh = (h / group) * hd;
+        let n_keys = pos0 + t + 1;
+        let mut acc = [0.0f32; super::MAX_HEAD_DIM];
+        let acc = &mut acc[..hd];
+        let (mut m, mut l) = (f32::NEG_INFINITY, 0.0f32);
+        for j in 0..n_keys {
+            let at = layer.start + j * kvd + kvh;
+            let s = match k {
+                KvStore::F16(kc) => dot_f16(qh, &kc[at..at + hd]),
+                KvStore::F32(kc) => dot_f32(qh, &kc[at..at + hd]),
+            } * scale;
+            // Online softmax: rescale what was accumulated when a larger score appears.
+            let m_new = m.max(s);
+            let corr = (m - m_new).exp();
+            let p = (s - m_new).exp();
+            l = l * corr + p;
+            match v {
+                KvStore::F16(vc) => {
+                    for (a, &vv) in acc.iter_mut().zip(&vc[at..at + hd]) {
+                        *a = *a * corr + p * vv.to_f32();
+                    }
+                }
+                KvStore::F32(vc) => {
+                    for (a, &vv) in acc.iter_mut().zip(&vc[at..at + hd]) {
+                        *a = *a * corr + p * vv;
+                    }
+                }
+            }
+            m = m_new;
+        }
+        let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
+        for (o, a) in o.iter_mut().zip(acc.iter()) {
+            *o = a * inv;
+        }
+    });
+}
+
+fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y.to_f32()).sum()
+}

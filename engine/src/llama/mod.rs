@@ -1,0 +1,75 @@
+//! The Llama architecture as GGUF describes it (`general.architecture = llama`).
+//!
+//! - [`config`]: hyperparameters from `llama.*` metadata, cross-checked.
+//! - [`weights`]: every matrix as a view into the GGUF map.
+//! - [`forward`]: the batched forward pass over a [`Session`]'s KV cache (fast or exact).
+//! - [`reference`]: a slow, plain, one-token-at-a-time forward pass that the fast one is tested
+//!   against.
+
+mod config;
+mod forward;
+pub mod reference;
+mod weights;
+
+use std::sync::Arc;
+
+pub use config::{LlamaConfig, MAX_HEAD_DIM};
+pub use forward::{KvType, Logits, Precision, Session};
+pub use weights::{LayerWeights, LlamaWeights, Weight};
+
+use crate::gguf::GgufFile;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("unsupported architecture {0:?}: airlock runs llama-architecture models")]
+    UnsupportedArchitecture(String),
+    #[error("metadata key {0} is missing")]
+    MissingKey(String),
+    #[error("metadata key {key}: {reason}")]
+    BadKey { key: String, reason: String },
+    #[error("tensor {0} is missing")]
+    MissingTensor(String),
+    #[error("tensor {tensor}: {reason}")]
+    BadTensor { tensor: String, reason: String },
+    #[error("tensor {tensor} has type {ty}, which airlock cannot compute yet (type not supported yet)")]
+    UnsupportedTensorType { tensor: String, ty: &'static str },
+    #[error("context is full: {needed} tokens needed, the context holds {n_ctx} (raise -c/--ctx-size)")]
+    ContextFull { needed: usize, n_ctx: usize },
+    #[error("token id {id} is outside the vocabulary of {vocab_size}")]
+    InvalidToken { id: u32, vocab_size: usize },
+    #[error("compute error: {0}")]
+    Kernel(#[from] airlock_kernels::KernelError),
+}
+
+/// A loaded model: the mapped file plus the validated layout of its weights.
+pub struct LlamaModel {
+    pub file: Arc<GgufFile>,
+    pub config: LlamaConfig,
+    pub weights: LlamaWeights,
+    /// RoPE inverse frequencies, rope_freqs factors applied.
+    pub rope_inv_freq: Vec<f32>,
+}
+
+impl LlamaModel {
+    pub fn load(file: Arc<GgufFile>) -> Result<Self, ModelError> {
+        let config = LlamaConfig::from_gguf(&file)?;
+        let weights = LlamaWeights::from_gguf(&file, &config)?;
+        let rope_inv_freq = airlock_kernels::ops::rope_inv_freqs(
+            config.rope_base,
+            config.rope_dim,
+            weights.rope_freqs.as_deref(),
+        );
+        Ok(LlamaModel {
+            file,
+            config,
+            weights,
+            rope_inv_freq,
+        })
+    }
+
+    /// Bytes a KV cache of `n_ctx` positions takes.
+    pub fn kv_cache_bytes(&self, n_ctx: usize, kv: KvType) -> u64 {
+        let c = &self.config;
+        2 * c.n_layers as u64 * n_ctx as u64 * c.kv_dim() as u64 * kv.bytes_per_value() as u64
+    }
+}

@@ -1,0 +1,181 @@
+//! Where the weights live: every matrix is a (type, shape, byte range) into the GGUF map, checked
+//! once against the config. Nothing is dequantized or copied at load except the 1-D norm vectors
+//! (a few KB), which are decoded to f32 once.
+
+use airlock_kernels::{GgmlType, WeightView};
+
+use crate::gguf::{GgufFile, TensorInfo};
+
+use super::{LlamaConfig, ModelError};
+
+/// A 2-D weight matrix in the file: `rows` outputs of `cols` inputs each (ggml ne = [cols, rows]).
+#[derive(Clone, Debug)]
+pub struct Weight {
+    pub name: String,
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    start: usize,
+    len: usize,
+}
+
+impl Weight {
+    pub fn view<'a>(&self, file: &'a GgufFile) -> WeightView<'a> {
+        let data = file.bytes().get(self.start..self.start + self.len).unwrap_or(&[]);
+        WeightView {
+            ty: self.ty,
+            data,
+            rows: self.rows,
+            cols: self.cols,
+        }
+    }
+
+    /// Bytes of one row.
+    pub fn row_bytes(&self) -> usize {
+        self.len / self.rows.max(1)
+    }
+
+    pub fn n_bytes(&self) -> usize {
+        self.len
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct LayerWeights {
+    pub attn_norm: Vec<f32>,
+    pub wq: Weight,
+    pub wk: Weight,
+    pub wv: Weight,
+    pub wo: Weight,
+    pub ffn_norm: Vec<f32>,
+    pub w_gate: Weight,
+    pub w_up: Weight,
+    pub w_down: Weight,
+}
+
+#[derive(Clone, Debug)]
+pub struct LlamaWeights {
+    pub token_embd: Weight,
+    pub layers: Vec<LayerWeights>,
+    pub output_norm: Vec<f32>,
+    /// `output.weight`, or the tied `token_embd.weight` when the file has none.
+    pub output: Weight,
+    pub output_tied: bool,
+    /// Llama 3.1 rope scaling: one divisor per rotated pair (`rope_freqs.weight`).
+    pub rope_freqs: Option<Vec<f32>>,
+}
+
+impl LlamaWeights {
+    pub fn from_gguf(f: &GgufFile, c: &LlamaConfig) -> Result<Self, ModelError> {
+        let matrix = |name: &str, rows: usize, cols: usize| -> Result<Weight, ModelError> {
+            let t = f
+                .tensor(name)
+                .ok_or_else(|| ModelError::MissingTensor(name.into()))?;
+            expect_shape(t, &[cols as u64, rows as u64])?;
+            if !t.ty.can_compute() {
+                return Err(ModelError::UnsupportedTensorType {
+                    tensor: name.into(),
+                    ty: t.ty.name(),
+                });
+            }
+            Ok(Weight {
+                name: name.into(),
+                ty: t.ty,
+                rows,
+                cols,
+                start: (f.data_offset + t.offset) as usize,
+                len: t.n_bytes as usize,
+            })
+        };
+        let vector = |name: &str, n: usize| -> Result<Vec<f32>, ModelError> {
+            let t = f
+                .tensor(name)
+                .ok_or_else(|| ModelError::MissingTensor(name.into()))?;
+            expect_shape(t, &[n as u64])?;
+            decode_f32_vector(f, t)
+        };
+
+        let (e, q, kv, ff) = (c.n_embd, c.q_dim(), c.kv_dim(), c.n_ff);
+        let token_embd = matrix("token_embd.weight", c.vocab_size, e)?;
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for i in 0..c.n_layers {
+            let n = |s: &str| format!("blk.{i}.{s}.weight");
+            layers.push(LayerWeights {
+                attn_norm: vector(&n("attn_norm"), e)?,
+                wq: matrix(&n("attn_q"), q, e)?,
+                wk: matrix(&n("attn_k"), kv, e)?,
+                wv: matrix(&n("attn_v"), kv, e)?,
+                wo: matrix(&n("attn_output"), e, q)?,
+                ffn_norm: vector(&n("ffn_norm"), e)?,
+                w_gate: matrix(&n("ffn_gate"), ff, e)?,
+                w_up: matrix(&n("ffn_up"), ff, e)?,
+                w_down: matrix(&n("ffn_down"), e, ff)?,
+            });
+        }
+        let output_norm = vector("output_norm.weight", e)?;
+        let (output, output_tied) = match f.tensor("output.weight") {
+            Some(_) => (matrix("output.weight", c.vocab_size, e)?, false),
+            None => (token_embd.clone(), true),
+        };
+        let rope_freqs = match f.tensor("rope_freqs.weight") {
+            None => None,
+            Some(_) => {
+                let v = vector("rope_freqs.weight", c.rope_dim / 2)?;
+                if let Some(bad) = v.iter().find(|x| !(x.is_finite() && **x > 0.0)) {
+                    return Err(ModelError::BadTensor {
+                        tensor: "rope_freqs.weight".into(),
+                        reason: format!("factor {bad} is not positive and finite"),
+                    });
+                }
+                Some(v)
+            }
+        };
+        Ok(LlamaWeights {
+            token_embd,
+            layers,
+            output_norm,
+            output,
+            output_tied,
+            rope_freqs,
+        })
+    }
+
+    /// Bytes of weights read to produce one token (every matrix once, the embedding row aside).
+    pub fn bytes_per_token(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]
+                    .iter()
+                    .map(|w| w.n_bytes())
+                    .sum::<usize>()
+            })
+            .sum();
+        layers + self.output.n_bytes()
+    }
+}
+
+fn expect_shape(t: &TensorInfo, want: &[u64]) -> Result<(), ModelError> {
+    if t.dims != want {
+        return Err(ModelError::BadTensor {
+            tensor: t.name.clone(),
+            reason: format!(
+                "shape {:?} disagrees with the hyperparameters, which imply {want:?}",
+                t.dims
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn decode_f32_vector(f: &GgufFile, t: &TensorInfo) -> Result<Vec<f32>, ModelError> {
+    let mut out = vec![0.0f32; t.n_elements as usize];
+    airlock_kernels::dequantize_row(t.ty, f.tensor_data(t), &mut out).map_err(|e| {
+        ModelError::BadTensor {
+            tensor: t.name.clone(),
+            reason: e.to_string(),
+        }
+    })?;
+    Ok(out)
+}

@@ -1,0 +1,122 @@
+//! Elementwise and per-row operations of a Llama block: RMSNorm, RoPE, SwiGLU, softmax.
+
+/// `out = x / sqrt(mean(x^2) + eps) * w`, one row. The sum of squares is accumulated in f64 so the
+/// norm of a long row does not depend on summation order.
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let ss: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
+    let scale = (1.0 / (ss / x.len().max(1) as f64 + eps as f64).sqrt()) as f32;
+    for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
+        *o = v * scale * g;
+    }
+}
+
+/// Inverse frequencies of RoPE for the rotated pairs: `base^(-2i/dim) / factor_i`, where the
+/// factors are Llama 3.1's `rope_freqs` (1 when absent). Computed in f64 once per model.
+pub fn rope_inv_freqs(base: f32, rope_dim: usize, factors: Option<&[f32]>) -> Vec<f32> {
+    (0..rope_dim / 2)
+        .map(|i| {
+            let f = (base as f64).powf(-2.0 * i as f64 / rope_dim as f64);
+            let factor = factors.and_then(|v| v.get(i)).copied().unwrap_or(1.0) as f64;
+            (f / factor) as f32
+        })
+        .collect()
+}
+
+/// Rotate adjacent pairs (x[2i], x[2i+1]) of one head by `pos * inv_freq[i]`: llama.cpp's
+/// layout for the llama architecture (its converter permuted the Q/K rows so this is
+/// equivalent to HF's rotate-half). Dimensions past `2 * inv_freq.len()` are left alone.
+pub fn rope_pairs(head: &mut [f32], pos: usize, inv_freq: &[f32]) {
+    for (pair, &f) in head.chunks_exact_mut(2).zip(inv_freq) {
+        let angle = pos as f64 * f as f64;
+        let (sin, cos) = angle.sin_cos();
+        let (sin, cos) = (sin as f32, cos as f32);
+        let (a, b) = (pair[0], pair[1]);
+        pair[0] = a * cos - b * sin;
+        pair[1] = a * sin + b * cos;
+    }
+}
+
+/// SwiGLU: `gate = silu(gate) * up`, in place.
+pub fn swiglu(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
+/// `x += y`.
+pub fn add_assign(x: &mut [f32], y: &[f32]) {
+    for (a, &b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// Numerically stable softmax in place.
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f32;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    if sum > 0.0 {
+        for v in x.iter_mut() {
+            *v /= sum;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rms_norm_unit_weights_gives_unit_rms() {
+        let x = [3.0f32, -4.0, 0.0, 5.0];
+        let mut out = [0.0; 4];
+        rms_norm(&x, &[1.0; 4], 0.0, &mut out);
+        // mean of squares = 50/4 = 12.5
+        let s = 1.0 / 12.5f32.sqrt();
+        for (o, v) in out.iter().zip(x) {
+            assert!((o - v * s).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn rope_rotates_pairs_by_position_times_frequency() {
+        let inv = rope_inv_freqs(10000.0, 4, None);
+        assert_eq!(inv[0], 1.0);
+        assert!((inv[1] - 0.01).abs() < 1e-9);
+        let mut h = [1.0f32, 0.0, 1.0, 0.0];
+        rope_pairs(&mut h, 3, &inv);
+        assert!((h[0] - 3f32.cos()).abs() < 1e-6 && (h[1] - 3f32.sin()).abs() < 1e-6);
+        assert!((h[2] - 0.03f32.cos()).abs() < 1e-6 && (h[3] - 0.03f32.sin()).abs() < 1e-6);
+        // Position 0 is the identity.
+        let mut z = [0.5f32, -0.25, 2.0, 1.0];
+        rope_pairs(&mut z, 0, &inv);
+        assert_eq!(z, [0.5, -0.25, 2.0, 1.0]);
+    }
+
+    #[test]
+    fn rope_factors_divide_frequencies() {
+        let inv = rope_inv_freqs(10000.0, 4, Some(&[2.0, 8.0]));
+        assert_eq!(inv[0], 0.5);
+        assert!((inv[1] - 0.01 / 8.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn swiglu_matches_definition() {
+        let mut g = [0.0f32, 1.0, -2.0];
+        swiglu(&mut g, &[2.0, 3.0, 4.0]);
+        let silu = |v: f32| v / (1.0 + (-v).exp());
+        assert_eq!(g[0], 0.0);
+        assert!((g[1] - silu(1.0) * 3.0).abs() < 1e-6);
+        assert!((g[2] - silu(-2.0) * 4.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn softmax_is_stable_and_normalised() {
+        let mut x = [1000.0f32, 1000.0, f32::NEG_INFINITY];
+        softmax(&mut x);
+        assert_eq!(x, [0.5, 0.5, 0.0]);
+    }
+}
