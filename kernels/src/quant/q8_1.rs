@@ -14,6 +14,8 @@ pub struct BlockQ8_1 {
     /// f16 scale, little-endian.
     pub d: [u8; 2],
     /// f16 of `sum(qs) as f32 * d` (f32 d, before d is rounded to f16).
+    /// Infinite when |d * sum(q)| passes 65504 (a block of 32 same-sign
+    /// values above ~2047), exactly as in ggml.
     pub s: [u8; 2],
     pub qs: [i8; QK8_1],
 }

@@ -472,7 +472,12 @@ proptest! {
         prop_assert_eq!(b1[0].d, b[0].d);
         let sum: i32 = b1[0].qs.iter().map(|&q| q as i32).sum();
         let s = sum as f32 * d;
-        prop_assert!((b1[0].s() - s).abs() <= f16_err(s));
+        if s.abs() < 65520.0 {
+            prop_assert!((b1[0].s() - s).abs() <= f16_err(s));
+        } else {
+            // d fits in f16 but d * sum(q) need not: ggml stores infinity.
+            prop_assert!(b1[0].s().is_infinite());
+        }
     }
 
     /// Q4_0: |d| = amax/8 and q - 8 = floor(x/d + 1/2) clamped to 7, so the

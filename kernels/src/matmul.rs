@@ -1,0 +1,343 @@
+//! Weight matrix x activations for the engine.
+//!
+//! Shapes: W is `rows x cols`, row-major, each row `ty.row_bytes(cols)` bytes
+//! of ggml blocks; x is `n_tokens x cols` f32; y is `n_tokens x rows` f32.
+//! y[t][r] = sum_k W[r][k] * x[t][k].
+//!
+//! Work is split over output rows in chunks of several rows (one rayon task
+//! per chunk, not per row). With several tokens each task writes a private
+//! `[token][row-in-chunk]` buffer, and the buffers are copied into y at the
+//! end, so no task needs a strided view of y.
+
+use bytemuck::{cast_slice, Pod};
+use rayon::prelude::*;
+
+use crate::dot;
+use crate::quant::float::{Bf16Bytes, F16Bytes, F32Bytes};
+use crate::quant::{self, BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1};
+use crate::{GgmlType, KernelError};
+
+/// A row-major weight matrix stored in ggml blocks, borrowed in place.
+#[derive(Clone, Copy, Debug)]
+pub struct WeightView<'a> {
+    pub ty: GgmlType,
+    /// `rows * ty.row_bytes(cols)` bytes, any alignment.
+    pub data: &'a [u8],
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl WeightView<'_> {
+    /// Bytes per row, after checking `data` has exactly `rows` of them.
+    fn checked_row_bytes(&self) -> Result<usize, KernelError> {
+        let row_bytes =
+            self.ty
+                .row_bytes(self.cols as u64)
+                .ok_or(KernelError::NotBlockMultiple {
+                    ty: self.ty,
+                    n: self.cols as u64,
+                })?;
+        let row_bytes =
+            usize::try_from(row_bytes).map_err(|_| KernelError::Overflow { what: "weight row" })?;
+        let total = row_bytes
+            .checked_mul(self.rows)
+            .ok_or(KernelError::Overflow { what: "weights" })?;
+        check_len("weight data", total, self.data.len())?;
+        Ok(row_bytes)
+    }
+}
+
+fn check_len(what: &'static str, expected: usize, actual: usize) -> Result<(), KernelError> {
+    if expected == actual {
+        Ok(())
+    } else {
+        Err(KernelError::LengthMismatch {
+            what,
+            expected,
+            actual,
+        })
+    }
+}
+
+/// Validates every shape; returns bytes per weight row.
+fn check_shapes(
+    w: &WeightView,
+    x: &[f32],
+    n_tokens: usize,
+    y: &[f32],
+) -> Result<usize, KernelError> {
+    let row_bytes = w.checked_row_bytes()?;
+    let nx = n_tokens.checked_mul(w.cols).ok_or(KernelError::Overflow {
+        what: "activations",
+    })?;
+    check_len("activations", nx, x.len())?;
+    let ny = n_tokens
+        .checked_mul(w.rows)
+        .ok_or(KernelError::Overflow { what: "output" })?;
+    check_len("output", ny, y.len())?;
+    Ok(row_bytes)
+}
+
+/// Rows per task: about four tasks per thread for load balance, but at least
+/// ~16K multiply-adds per task so scheduling cost stays small.
+fn chunk_rows(rows: usize, cols: usize) -> usize {
+    let by_threads = rows.div_ceil(rayon::current_num_threads() * 4);
+    let by_work = (1 << 14) / cols.max(1);
+    by_threads.max(by_work).clamp(1, rows.max(1))
+}
+
+/// Tokens per tile in the fast path: each weight row is reused for this many
+/// tokens while it is hot in L1, and a tile's activations (8 x cols) stay in
+/// L2 while the chunk's rows stream past.
+const TOKEN_TILE: usize = 8;
+
+/// Runs `chunk_fn(first_row, buf)` for each chunk of rows in parallel, where
+/// `buf` is `n_tokens x chunk_len` ([token][row in chunk]), then places the
+/// results in y.
+fn for_row_chunks(
+    rows: usize,
+    n_tokens: usize,
+    chunk: usize,
+    y: &mut [f32],
+    chunk_fn: impl Fn(usize, &mut [f32]) + Sync,
+) {
+    if n_tokens == 1 {
+        // [token][row] with one token is already y's layout.
+        y.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(c, buf)| chunk_fn(c * chunk, buf));
+        return;
+    }
+    let mut tmp = vec![0.0f32; rows * n_tokens];
+    tmp.par_chunks_mut(chunk * n_tokens)
+        .enumerate()
+        .for_each(|(c, buf)| chunk_fn(c * chunk, buf));
+    let tmp = &tmp;
+    y.par_chunks_mut(rows).enumerate().for_each(|(t, yt)| {
+        for (c, dst) in yt.chunks_mut(chunk).enumerate() {
+            let nr = dst.len();
+            let start = c * chunk * n_tokens + t * nr;
+            dst.copy_from_slice(&tmp[start..start + nr]);
+        }
+    });
+}
+
+/// The fast-path kernel for one weight type: `w` holds `rows * k` weight
+/// units, `act` holds `n_tokens * k` activation units, `dot` takes one row
+/// of each.
+#[allow(clippy::too_many_arguments)]
+fn gemm<W: Pod + Sync, A: Copy + Sync>(
+    w: &[W],
+    act: &[A],
+    k: usize,
+    rows: usize,
+    n_tokens: usize,
+    chunk: usize,
+    y: &mut [f32],
+    dot: impl Fn(&[W], &[A]) -> f32 + Sync,
+) {
+    for_row_chunks(rows, n_tokens, chunk, y, |r0, buf| {
+        let nr = buf.len() / n_tokens;
+        for t0 in (0..n_tokens).step_by(TOKEN_TILE) {
+            let t1 = (t0 + TOKEN_TILE).min(n_tokens);
+            for i in 0..nr {
+                let wrow = &w[(r0 + i) * k..][..k];
+                for t in t0..t1 {
+                    buf[t * nr + i] = dot(wrow, &act[t * k..][..k]);
+                }
+            }
+        }
+    });
+}
+
+/// Fast path: activations are first converted to `w.ty.vec_dot_type()` (Q8_0
+/// for Q4_0/Q8_0, Q8_1 for Q4_1, f16/bf16 for F16/BF16 weights) exactly as
+/// ggml does, into `scratch`, then each output is one [`crate::dot`] call on
+/// the weight bytes in place. Supports the types with
+/// [`GgmlType::can_compute`].
+pub fn matmul(
+    w: &WeightView,
+    x: &[f32],
+    n_tokens: usize,
+    y: &mut [f32],
+    scratch: &mut Vec<u8>,
+) -> Result<(), KernelError> {
+    matmul_chunked(w, x, n_tokens, y, scratch, chunk_rows(w.rows, w.cols))
+}
+
+fn matmul_chunked(
+    w: &WeightView,
+    x: &[f32],
+    n_tokens: usize,
+    y: &mut [f32],
+    scratch: &mut Vec<u8>,
+    chunk: usize,
+) -> Result<(), KernelError> {
+    if !w.ty.can_compute() {
+        return Err(KernelError::Unsupported {
+            ty: w.ty,
+            op: "matmul",
+        });
+    }
+    check_shapes(w, x, n_tokens, y)?;
+    let (rows, cols) = (w.rows, w.cols);
+    if rows == 0 || n_tokens == 0 {
+        return Ok(());
+    }
+    if cols == 0 {
+        y.fill(0.0);
+        return Ok(());
+    }
+
+    let vt = w.ty.vec_dot_type();
+    if vt != GgmlType::F32 {
+        quantize_activations(vt, x, cols, scratch)?;
+    }
+    let act: &[u8] = scratch;
+    let bs = w.ty.block_size();
+    let k = cols / bs;
+    match w.ty {
+        GgmlType::Q4_0 => gemm::<BlockQ4_0, BlockQ8_0>(
+            cast_slice(w.data),
+            cast_slice(act),
+            k,
+            rows,
+            n_tokens,
+            chunk,
+            y,
+            dot::vec_dot_q4_0_q8_0,
+        ),
+        GgmlType::Q4_1 => gemm::<BlockQ4_1, BlockQ8_1>(
+            cast_slice(w.data),
+            cast_slice(act),
+            k,
+            rows,
+            n_tokens,
+            chunk,
+            y,
+            dot::vec_dot_q4_1_q8_1,
+        ),
+        GgmlType::Q8_0 => gemm::<BlockQ8_0, BlockQ8_0>(
+            cast_slice(w.data),
+            cast_slice(act),
+            k,
+            rows,
+            n_tokens,
+            chunk,
+            y,
+            dot::vec_dot_q8_0_q8_0,
+        ),
+        GgmlType::F16 => gemm::<F16Bytes, F16Bytes>(
+            cast_slice(w.data),
+            cast_slice(act),
+            k,
+            rows,
+            n_tokens,
+            chunk,
+            y,
+            dot::vec_dot_f16,
+        ),
+        GgmlType::BF16 => gemm::<Bf16Bytes, Bf16Bytes>(
+            cast_slice(w.data),
+            cast_slice(act),
+            k,
+            rows,
+            n_tokens,
+            chunk,
+            y,
+            dot::vec_dot_bf16,
+        ),
+        GgmlType::F32 => gemm::<F32Bytes, f32>(
+            cast_slice(w.data),
+            x,
+            k,
+            rows,
+            n_tokens,
+            chunk,
+            y,
+            dot::vec_dot_f32_le,
+        ),
+        _ => unreachable!("can_compute checked above"),
+    }
+    Ok(())
+}
+
+/// Converts each token's activations to `vt` into `scratch`
+/// (`n_tokens * vt.row_bytes(cols)` bytes).
+fn quantize_activations(
+    vt: GgmlType,
+    x: &[f32],
+    cols: usize,
+    scratch: &mut Vec<u8>,
+) -> Result<(), KernelError> {
+    let row = vt
+        .row_bytes(cols as u64)
+        .ok_or(KernelError::NotBlockMultiple {
+            ty: vt,
+            n: cols as u64,
+        })? as usize;
+    let n_tokens = x.len() / cols;
+    scratch.clear();
+    scratch.resize(row * n_tokens, 0);
+    if n_tokens < 4 {
+        for (dst, src) in scratch.chunks_exact_mut(row).zip(x.chunks_exact(cols)) {
+            quant::quantize_row(vt, src, dst)?;
+        }
+    } else {
+        scratch
+            .par_chunks_exact_mut(row)
+            .zip(x.par_chunks_exact(cols))
+            .try_for_each(|(dst, src)| quant::quantize_row(vt, src, dst))?;
+    }
+    Ok(())
+}
+
+/// Exact path: each weight row is dequantized to f32 (one row at a time, in
+/// a buffer per task) and dotted with the f32 activations using f64 products
+/// and an f64 accumulator, rounded to f32 once at the end. The reference for
+/// accuracy checks against float32 frameworks. Supports every type
+/// [`crate::dequantize_row`] does (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q8_1).
+pub fn matmul_exact(
+    w: &WeightView,
+    x: &[f32],
+    n_tokens: usize,
+    y: &mut [f32],
+) -> Result<(), KernelError> {
+    matmul_exact_chunked(w, x, n_tokens, y, chunk_rows(w.rows, w.cols))
+}
+
+fn matmul_exact_chunked(
+    w: &WeightView,
+    x: &[f32],
+    n_tokens: usize,
+    y: &mut [f32],
+    chunk: usize,
+) -> Result<(), KernelError> {
+    if !quant::has_row_codec(w.ty) {
+        return Err(KernelError::Unsupported {
+            ty: w.ty,
+            op: "matmul_exact",
+        });
+    }
+    let row_bytes = check_shapes(w, x, n_tokens, y)?;
+    let (rows, cols) = (w.rows, w.cols);
+    if rows == 0 || n_tokens == 0 {
+        return Ok(());
+    }
+    for_row_chunks(rows, n_tokens, chunk, y, |r0, buf| {
+        let nr = buf.len() / n_tokens;
+        let mut wrow = vec![0.0f32; cols];
+        for i in 0..nr {
+            let src = &w.data[(r0 + i) * row_bytes..][..row_bytes];
+            quant::dequantize_row(w.ty, src, &mut wrow).expect("shape checked above");
+            for t in 0..n_tokens {
+                let xt = &x[t * cols..][..cols];
+                buf[t * nr + i] = dot::vec_dot_f32_f64acc(&wrow, xt) as f32;
+            }
+        }
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;
