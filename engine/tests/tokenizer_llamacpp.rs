@@ -175,3 +175,20 @@ fn decode_roundtrips_fixture_strings() {
         }
     }
 }
+
+#[test]
+fn tokenizer_json_override_matches_llama_tokenize() {
+    // The HF tokenizer.json of SmolLM2 (digit split restored) with the GGUF's
+    // special ids must tokenize exactly as llama.cpp does from the GGUF.
+    let path = repo_root().join("tests/fixtures/smollm2/hf/tokenizer.json");
+    let f = GgufFile::open(repo_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+        .expect("run scripts/fetch-models.sh");
+    let spec = VocabSpec::from_gguf(&f).unwrap();
+    let tok = Tokenizer::from_tokenizer_json(&path, &spec).unwrap();
+    assert_eq!(tok.vocab_size(), 49152);
+    check_cases(&tok, &cases_list("tokenize-smollm2.json"));
+    let off = tok.encode("<|im_end|>", false, false).unwrap();
+    assert!(!off.contains(&2), "{off:?}");
+    assert_eq!(tok.decode(&off, false).unwrap(), "<|im_end|>");
+    assert!(tok.is_eog(2));
+}
