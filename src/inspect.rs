@@ -1,19 +1,533 @@
-//! `airlock inspect`: a careful gguf-dump (filled by the GGUF work).
+//! `airlock inspect`: a careful gguf-dump. Validates the whole file (the same checks every
+//! airlock command makes before trusting a file), then prints the header, the metadata (long
+//! strings and arrays summarised), the tensor table, totals and a verdict.
+//!
+//! `--json` prints one JSON document instead, for scripts. Schema (`schema_version` 1; fields are
+//! only ever added within a version):
+//!
+//! ```text
+//! {
+//!   "schema_version": 1,
+//!   "file": "<path as given>",
+//!   "file_size": <bytes>,
+//!   "valid": true | false,
+//!   "error": null | { "kind": "<GgufError variant>", "message": "<one line: what and where>" },
+//!   // the rest only when valid:
+//!   "header": { "version", "tensor_count", "kv_count", "alignment", "data_offset" },
+//!   "metadata": [ { "key", "type": "<value type>", "offset",
+//!                   // scalars and strings:
+//!                   "value": <number | bool | string (full) | null for a non-finite float>,
+//!                   // arrays:
+//!                   "element_type", "length", "head": [<first up to 16 elements, each as
+//!                   "value" above; nested arrays as { "element_type", "length", "head" }>] } ],
+//!   "tensors": [ { "name", "type", "type_id", "shape": [<ne0 (row length) first>],
+//!                  "n_elements", "n_bytes", "offset" (relative to the data section),
+//!                  "file_offset" (absolute), "computable": bool } ],
+//!   "totals": { "parameters", "tensor_bytes", "bits_per_weight",
+//!               "file_type": null | { "id", "name": "<llama.cpp LLAMA_FTYPE_* suffix> | null" },
+//!               "types": [ { "type", "tensors", "n_elements", "n_bytes" } ] },
+//!   "unsupported_types": [ "<ggml type airlock cannot compute yet>" ],
+//!   "warnings": [ "<llama.cpp compatibility notes>" ]
+//! }
+//! ```
+//!
+//! Exit status: 0 for a valid file, 1 for an invalid or unreadable one (the error on stderr, and
+//! in `--json` mode also in the document on stdout when the file could be read).
 
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
+
+use airlock_engine::gguf::{Array, GgufError, GgufFile, TensorInfo, Value};
+use anyhow::Context;
+use serde_json::{json, Value as Json};
+
+pub const SCHEMA_VERSION: u32 = 1;
+/// Array elements shown in text (and in `head` in JSON).
+const TEXT_HEAD: usize = 5;
+const JSON_HEAD: usize = 16;
+/// Strings longer than this are cut in the text output (their length is shown).
+const TEXT_STRING: usize = 60;
 
 #[derive(clap::Args)]
 pub struct InspectArgs {
     /// GGUF file to inspect
     pub file: PathBuf,
-    /// Print a stable JSON document instead of text
+    /// Print a stable JSON document instead of text (schema in `airlock inspect --help` docs:
+    /// src/inspect.rs)
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
-    let f = airlock_engine::gguf::GgufFile::open(&args.file)?;
-    println!("{f:?}");
+    let path = &args.file;
+    let file_size = std::fs::metadata(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?
+        .len();
+    let f = match GgufFile::open(path) {
+        Ok(f) => f,
+        Err(GgufError::Io { path, source }) => {
+            return Err(
+                anyhow::Error::new(source).context(format!("{}: cannot read", path.display()))
+            )
+        }
+        Err(e) => {
+            eprintln!("error: {}: invalid GGUF file: {e}", path.display());
+            if args.json {
+                let doc = json!({
+                    "schema_version": SCHEMA_VERSION,
+                    "file": path.display().to_string(),
+                    "file_size": file_size,
+                    "valid": false,
+                    "error": { "kind": error_kind(&e), "message": e.to_string() },
+                });
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            }
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let report = Report::new(&f);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report.json(path, &f))?);
+    } else {
+        print!("{}", report.text(path, &f));
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+fn error_kind(e: &GgufError) -> &'static str {
+    match e {
+        GgufError::Io { .. } => "Io",
+        GgufError::BadMagic { .. } => "BadMagic",
+        GgufError::UnsupportedVersion { .. } => "UnsupportedVersion",
+        GgufError::Truncated { .. } => "Truncated",
+        GgufError::CountTooLarge { .. } => "CountTooLarge",
+        GgufError::InvalidUtf8 { .. } => "InvalidUtf8",
+        GgufError::Invalid { .. } => "Invalid",
+        GgufError::UnknownValueType { .. } => "UnknownValueType",
+        GgufError::NestingTooDeep { .. } => "NestingTooDeep",
+        GgufError::DuplicateKey { .. } => "DuplicateKey",
+        GgufError::WrongKeyType { .. } => "WrongKeyType",
+        GgufError::DuplicateTensor { .. } => "DuplicateTensor",
+        GgufError::UnknownTensorType { .. } => "UnknownTensorType",
+        GgufError::BadTensor { .. } => "BadTensor",
+        GgufError::OverlappingTensors { .. } => "OverlappingTensors",
+    }
+}
+
+/// llama.cpp's `llama_ftype` (llama.h), the value of `general.file_type`.
+pub fn file_type_name(id: u32) -> Option<&'static str> {
+    Some(match id {
+        0 => "ALL_F32",
+        1 => "MOSTLY_F16",
+        2 => "MOSTLY_Q4_0",
+        3 => "MOSTLY_Q4_1",
+        4 => "MOSTLY_Q4_1_SOME_F16",
+        7 => "MOSTLY_Q8_0",
+        8 => "MOSTLY_Q5_0",
+        9 => "MOSTLY_Q5_1",
+        10 => "MOSTLY_Q2_K",
+        11 => "MOSTLY_Q3_K_S",
+        12 => "MOSTLY_Q3_K_M",
+        13 => "MOSTLY_Q3_K_L",
+        14 => "MOSTLY_Q4_K_S",
+        15 => "MOSTLY_Q4_K_M",
+        16 => "MOSTLY_Q5_K_S",
+        17 => "MOSTLY_Q5_K_M",
+        18 => "MOSTLY_Q6_K",
+        19 => "MOSTLY_IQ2_XXS",
+        20 => "MOSTLY_IQ2_XS",
+        21 => "MOSTLY_Q2_K_S",
+        22 => "MOSTLY_IQ3_XS",
+        23 => "MOSTLY_IQ3_XXS",
+        24 => "MOSTLY_IQ1_S",
+        25 => "MOSTLY_IQ4_NL",
+        26 => "MOSTLY_IQ3_S",
+        27 => "MOSTLY_IQ3_M",
+        28 => "MOSTLY_IQ2_S",
+        29 => "MOSTLY_IQ2_M",
+        30 => "MOSTLY_IQ4_XS",
+        31 => "MOSTLY_IQ1_M",
+        32 => "MOSTLY_BF16",
+        36 => "MOSTLY_TQ1_0",
+        37 => "MOSTLY_TQ2_0",
+        38 => "MOSTLY_MXFP4_MOE",
+        39 => "MOSTLY_NVFP4",
+        40 => "MOSTLY_Q1_0",
+        1024 => "GUESSED",
+        _ => return None,
+    })
+}
+
+/// Per-type tallies, totals and compatibility notes computed once for both outputs.
+struct Report {
+    parameters: u64,
+    tensor_bytes: u64,
+    /// Type name -> (tensors, elements, bytes), sorted by name.
+    types: BTreeMap<&'static str, (usize, u64, u64)>,
+    unsupported: Vec<&'static str>,
+    file_type: Option<u32>,
+    warnings: Vec<String>,
+}
+
+impl Report {
+    fn new(f: &GgufFile) -> Self {
+        let mut types = BTreeMap::new();
+        let (mut parameters, mut tensor_bytes) = (0u64, 0u64);
+        for t in f.tensors() {
+            let e = types.entry(t.ty.name()).or_insert((0usize, 0u64, 0u64));
+            e.0 += 1;
+            e.1 += t.n_elements;
+            e.2 += t.n_bytes;
+            parameters += t.n_elements;
+            tensor_bytes += t.n_bytes;
+        }
+        let mut unsupported: Vec<&'static str> = f
+            .tensors()
+            .iter()
+            .filter(|t| !t.ty.can_compute())
+            .map(|t| t.ty.name())
+            .collect();
+        unsupported.sort_unstable();
+        unsupported.dedup();
+        let mut warnings = Vec::new();
+        let mut expect = 0u64;
+        for t in f.tensors() {
+            if t.offset != expect {
+                warnings.push(format!(
+                    "tensor {:?} is at data offset {}, not {expect}: llama.cpp requires tensors packed in info order and will refuse this file",
+                    t.name, t.offset
+                ));
+                break;
+            }
+            expect += t.n_bytes.div_ceil(f.alignment) * f.alignment;
+        }
+        if let Some(e) = f
+            .metadata()
+            .iter()
+            .find(|e| matches!(e.value, Value::Array(Array::Array(_))))
+        {
+            warnings.push(format!(
+                "metadata key {:?} holds nested arrays, which llama.cpp cannot read",
+                e.key
+            ));
+        }
+        Report {
+            parameters,
+            tensor_bytes,
+            types,
+            unsupported,
+            file_type: f.get_u32("general.file_type"),
+            warnings,
+        }
+    }
+
+    fn bits_per_weight(&self) -> f64 {
+        if self.parameters == 0 {
+            0.0
+        } else {
+            self.tensor_bytes as f64 * 8.0 / self.parameters as f64
+        }
+    }
+
+    fn text(&self, path: &std::path::Path, f: &GgufFile) -> String {
+        let mut o = String::new();
+        let _ = writeln!(o, "{}", path.display());
+        let _ = writeln!(o, "GGUF version {}", f.version);
+        let _ = writeln!(
+            o,
+            "  file size:     {} bytes ({})",
+            f.file_size(),
+            human(f.file_size())
+        );
+        let _ = writeln!(o, "  tensor count:  {}", f.tensors().len());
+        let _ = writeln!(o, "  kv count:      {}", f.metadata().len());
+        let _ = writeln!(o, "  alignment:     {}", f.alignment);
+        let _ = writeln!(o, "  data offset:   {}", f.data_offset);
+
+        let _ = writeln!(o, "\nmetadata ({} entries):", f.metadata().len());
+        let kw = f
+            .metadata()
+            .iter()
+            .map(|e| e.key.len())
+            .max()
+            .unwrap_or(0)
+            .min(48);
+        for e in f.metadata() {
+            let (ty, val) = text_value(&e.value);
+            let _ = writeln!(o, "  {:kw$}  {:16}  {val}", e.key, ty);
+        }
+
+        let _ = writeln!(o, "\ntensors ({}):", f.tensors().len());
+        let nw = f
+            .tensors()
+            .iter()
+            .map(|t| t.name.len())
+            .max()
+            .unwrap_or(4)
+            .max(4);
+        let iw = f.tensors().len().to_string().len().max(1);
+        let _ = writeln!(
+            o,
+            "  {:>iw$}  {:nw$}  {:8}  {:20}  {:>12}  {:>12}",
+            "#", "name", "type", "shape", "bytes", "file offset"
+        );
+        for (i, t) in f.tensors().iter().enumerate() {
+            let _ = writeln!(
+                o,
+                "  {i:>iw$}  {:nw$}  {:8}  {:20}  {:>12}  {:>12}",
+                t.name,
+                t.ty.name(),
+                shape(t),
+                t.n_bytes,
+                f.data_offset + t.offset
+            );
+        }
+
+        let _ = writeln!(o, "\ntotals:");
+        let _ = writeln!(
+            o,
+            "  parameters:      {} ({})",
+            self.parameters,
+            human_count(self.parameters)
+        );
+        let _ = writeln!(
+            o,
+            "  tensor bytes:    {} ({})",
+            self.tensor_bytes,
+            human(self.tensor_bytes)
+        );
+        let _ = writeln!(o, "  bits per weight: {:.2}", self.bits_per_weight());
+        let ft = match self.file_type {
+            None => "not given".to_string(),
+            Some(id) => format!("{} ({id})", file_type_name(id).unwrap_or("unknown")),
+        };
+        let _ = writeln!(o, "  file type:       {ft}");
+        for (name, (n, elems, bytes)) in &self.types {
+            let _ = writeln!(
+                o,
+                "  {name:8} {n:>5} tensors  {elems:>14} elements  {bytes:>14} bytes"
+            );
+        }
+
+        let _ = writeln!(o, "\nverdict: valid");
+        if self.unsupported.is_empty() {
+            let _ = writeln!(o, "  airlock can compute every tensor type in this file");
+        } else {
+            let _ = writeln!(
+                o,
+                "  tensor types airlock cannot compute yet: {} (running this file will say \"type not supported yet\")",
+                self.unsupported.join(", ")
+            );
+        }
+        for w in &self.warnings {
+            let _ = writeln!(o, "  warning: {w}");
+        }
+        o
+    }
+
+    fn json(&self, path: &std::path::Path, f: &GgufFile) -> Json {
+        let metadata: Vec<Json> = f
+            .metadata()
+            .iter()
+            .map(|e| {
+                let mut m = json!({
+                    "key": e.key,
+                    "type": e.value.value_type().name(),
+                    "offset": e.offset,
+                });
+                match &e.value {
+                    Value::Array(a) => {
+                        let s = json_array(a);
+                        for k in ["element_type", "length", "head"] {
+                            m[k] = s[k].clone();
+                        }
+                    }
+                    v => m["value"] = json_scalar(v),
+                }
+                m
+            })
+            .collect();
+        let tensors: Vec<Json> = f
+            .tensors()
+            .iter()
+            .map(|t| {
+                json!({
+                    "name": t.name,
+                    "type": t.ty.name(),
+                    "type_id": t.ty.id(),
+                    "shape": t.dims,
+                    "n_elements": t.n_elements,
+                    "n_bytes": t.n_bytes,
+                    "offset": t.offset,
+                    "file_offset": f.data_offset + t.offset,
+                    "computable": t.ty.can_compute(),
+                })
+            })
+            .collect();
+        let types: Vec<Json> = self
+            .types
+            .iter()
+            .map(|(name, (n, elems, bytes))| {
+                json!({ "type": name, "tensors": n, "n_elements": elems, "n_bytes": bytes })
+            })
+            .collect();
+        json!({
+            "schema_version": SCHEMA_VERSION,
+            "file": path.display().to_string(),
+            "file_size": f.file_size(),
+            "valid": true,
+            "error": null,
+            "header": {
+                "version": f.version,
+                "tensor_count": f.tensors().len(),
+                "kv_count": f.metadata().len(),
+                "alignment": f.alignment,
+                "data_offset": f.data_offset,
+            },
+            "metadata": metadata,
+            "tensors": tensors,
+            "totals": {
+                "parameters": self.parameters,
+                "tensor_bytes": self.tensor_bytes,
+                "bits_per_weight": self.bits_per_weight(),
+                "file_type": self.file_type.map(|id| json!({ "id": id, "name": file_type_name(id) })),
+                "types": types,
+            },
+            "unsupported_types": self.unsupported,
+            "warnings": self.warnings,
+        })
+    }
+}
+
+/// ggml order, innermost first, as gguf-dump prints it.
+fn shape(t: &TensorInfo) -> String {
+    t.dims
+        .iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join(" x ")
+}
+
+fn human(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= (1u64 << 30) as f64 {
+        format!("{:.2} GiB", b / (1u64 << 30) as f64)
+    } else if b >= (1u64 << 20) as f64 {
+        format!("{:.1} MiB", b / (1u64 << 20) as f64)
+    } else if b >= 1024.0 {
+        format!("{:.1} KiB", b / 1024.0)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
+fn human_count(n: u64) -> String {
+    let x = n as f64;
+    if x >= 1e9 {
+        format!("{:.2} B", x / 1e9)
+    } else if x >= 1e6 {
+        format!("{:.1} M", x / 1e6)
+    } else if x >= 1e3 {
+        format!("{:.1} K", x / 1e3)
+    } else {
+        n.to_string()
+    }
+}
+
+/// A string quoted and escaped, cut to `TEXT_STRING` characters with its length when longer.
+fn text_str(s: &str) -> String {
+    let n = s.chars().count();
+    if n <= TEXT_STRING {
+        format!("{s:?}")
+    } else {
+        let head: String = s.chars().take(TEXT_STRING).collect();
+        format!("{head:?}... ({} bytes, {n} chars)", s.len())
+    }
+}
+
+/// (type column, value column) for the text listing.
+fn text_value(v: &Value) -> (String, String) {
+    match v {
+        Value::String(s) => ("string".into(), text_str(s)),
+        Value::Array(a) => (
+            format!("[{}; {}]", a.element_type().name(), a.len()),
+            text_array(a),
+        ),
+        v => (v.value_type().name().into(), text_scalar(v)),
+    }
+}
+
+fn text_scalar(v: &Value) -> String {
+    match v {
+        Value::U8(x) => x.to_string(),
+        Value::I8(x) => x.to_string(),
+        Value::U16(x) => x.to_string(),
+        Value::I16(x) => x.to_string(),
+        Value::U32(x) => x.to_string(),
+        Value::I32(x) => x.to_string(),
+        Value::U64(x) => x.to_string(),
+        Value::I64(x) => x.to_string(),
+        Value::F32(x) => format!("{x:?}"),
+        Value::F64(x) => format!("{x:?}"),
+        Value::Bool(x) => x.to_string(),
+        Value::String(s) => text_str(s),
+        Value::Array(a) => text_array(a),
+    }
+}
+
+fn text_array(a: &Array) -> String {
+    let items: Vec<String> = match a {
+        Array::String(s) => s.iter().take(TEXT_HEAD).map(text_str).collect(),
+        Array::Array(v) => v
+            .iter()
+            .take(TEXT_HEAD)
+            .map(|x| {
+                format!(
+                    "[{}; {}] {}",
+                    x.element_type().name(),
+                    x.len(),
+                    text_array(x)
+                )
+            })
+            .collect(),
+        _ => (0..a.len().min(TEXT_HEAD))
+            .filter_map(|i| a.get(i))
+            .map(|v| text_scalar(&v))
+            .collect(),
+    };
+    let more = if a.len() > TEXT_HEAD { ", ..." } else { "" };
+    format!("[{}{more}]", items.join(", "))
+}
+
+fn json_scalar(v: &Value) -> Json {
+    match v {
+        Value::U8(x) => json!(x),
+        Value::I8(x) => json!(x),
+        Value::U16(x) => json!(x),
+        Value::I16(x) => json!(x),
+        Value::U32(x) => json!(x),
+        Value::I32(x) => json!(x),
+        Value::U64(x) => json!(x),
+        Value::I64(x) => json!(x),
+        // serde_json maps non-finite floats to null.
+        Value::F32(x) => json!(x),
+        Value::F64(x) => json!(x),
+        Value::Bool(x) => json!(x),
+        Value::String(s) => json!(s),
+        Value::Array(a) => json_array(a),
+    }
+}
+
+fn json_array(a: &Array) -> Json {
+    let head: Vec<Json> = match a {
+        Array::String(s) => s.iter().take(JSON_HEAD).map(|x| json!(x)).collect(),
+        Array::Array(v) => v.iter().take(JSON_HEAD).map(json_array).collect(),
+        _ => (0..a.len().min(JSON_HEAD))
+            .filter_map(|i| a.get(i))
+            .map(|v| json_scalar(&v))
+            .collect(),
+    };
+    json!({ "element_type": a.element_type().name(), "length": a.len(), "head": head })
 }
