@@ -2,7 +2,11 @@
 
 use clap::{Parser, Subcommand};
 
+mod chat;
 mod inspect;
+mod load;
+mod run;
+mod tokenize;
 
 #[derive(Parser)]
 #[command(
@@ -20,6 +24,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Generate text from a prompt (streams to stdout, timings to stderr)
+    Run(run::RunArgs),
+    /// Chat interactively; history stays in the KV cache
+    Chat(chat::ChatArgs),
+    /// Show the token ids of a text, as llama-tokenize does
+    Tokenize(tokenize::TokenizeArgs),
     /// Show a GGUF file's header, metadata and tensor table, and validate it
     Inspect(inspect::InspectArgs),
 }
@@ -27,6 +37,9 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Chat(args) => chat::run(args),
+        Command::Tokenize(args) => tokenize::run(args),
         Command::Inspect(args) => inspect::run(args),
     };
     match result {

@@ -1,7 +1,17 @@
 //! GGUF container, the Llama model, tokenizer, chat templates, sampling.
+//!
+//! - [`gguf`]: the hardened zero-copy container reader and the streaming writer.
+//! - [`llama`]: hyperparameters, weights as views into the map, the forward pass.
+//! - [`tokenizer`]: byte-level BPE built from GGUF metadata, ids equal to llama.cpp's.
+//! - [`chat`]: sandboxed chat templates that keep user text apart from control tokens.
+//! - [`sampling`]: llama.cpp's sampler chain and flag semantics.
+//! - [`generate`]: the prompt-then-sample loop with stop conditions.
+//! - [`memory`]: the memory a run will need, checked before loading.
 
+pub mod chat;
+pub mod generate;
 pub mod gguf;
 pub mod llama;
-pub mod tokenizer;
+pub mod memory;
 pub mod sampling;
-pub mod chat;
+pub mod tokenizer;

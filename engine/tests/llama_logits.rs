@@ -119,7 +119,11 @@ fn exact_path_matches_hf_float32_logits_on_every_position() {
         );
         assert_eq!(a.top1_same, a.positions, "{name}: top-1 differs somewhere");
         // The fixture README: an exact f32-activation path should match to about 1e-3.
-        assert!(a.max_abs_diff < 1e-3, "{name}: max |diff| {}", a.max_abs_diff);
+        assert!(
+            a.max_abs_diff < 1e-3,
+            "{name}: max |diff| {}",
+            a.max_abs_diff
+        );
     }
 }
 
@@ -144,7 +148,11 @@ fn fast_path_agreement_with_hf() {
             "fast {name}: top-1 same {}/{}, mean |diff| {:.3}, max |diff| {:.3}",
             a.top1_same, a.positions, a.mean_abs_diff, a.max_abs_diff
         );
-        assert!(a.mean_abs_diff < 0.5, "{name}: mean |diff| {}", a.mean_abs_diff);
+        assert!(
+            a.mean_abs_diff < 0.5,
+            "{name}: mean |diff| {}",
+            a.mean_abs_diff
+        );
         positions += a.positions;
         same += a.top1_same;
     }
@@ -197,18 +205,35 @@ fn prompt_in_chunks_and_token_by_token_equal_one_batch() {
         let mut chunked = Session::new(&model, 128, KvType::F16, precision);
         let mut last = Vec::new();
         for chunk in ids.chunks(7) {
-            last = chunked.forward(&model, chunk, Logits::Last).unwrap().to_vec();
+            last = chunked
+                .forward(&model, chunk, Logits::Last)
+                .unwrap()
+                .to_vec();
         }
         let mut single = Session::new(&model, 128, KvType::F16, precision);
         let mut last1 = Vec::new();
         for &id in &ids {
-            last1 = single.forward(&model, &[id], Logits::Last).unwrap().to_vec();
+            last1 = single
+                .forward(&model, &[id], Logits::Last)
+                .unwrap()
+                .to_vec();
         }
-        let d1 = whole.iter().zip(&last).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
-        let d2 = whole.iter().zip(&last1).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        let d1 = whole
+            .iter()
+            .zip(&last)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        let d2 = whole
+            .iter()
+            .zip(&last1)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
         // Per-token activation quantization does not depend on the batch, so only summation
         // order differs.
-        assert!(d1 < 1e-3 && d2 < 1e-3, "{precision:?}: chunked {d1}, single {d2}");
+        assert!(
+            d1 < 1e-3 && d2 < 1e-3,
+            "{precision:?}: chunked {d1}, single {d2}"
+        );
         assert_eq!(one.pos(), ids.len());
     }
 }

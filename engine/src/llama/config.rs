@@ -34,7 +34,9 @@ impl LlamaConfig {
         }
         let int = |key: &str| -> Result<usize, ModelError> {
             let full = format!("llama.{key}");
-            let v = f.get(&full).ok_or_else(|| ModelError::MissingKey(full.clone()))?;
+            let v = f
+                .get(&full)
+                .ok_or_else(|| ModelError::MissingKey(full.clone()))?;
             v.as_u64()
                 .and_then(|v| usize::try_from(v).ok())
                 .filter(|&v| v > 0 && v <= (1 << 31))
@@ -54,7 +56,9 @@ impl LlamaConfig {
         let n_ctx_train = int("context_length")?;
         let rms_eps = f
             .get_f32("llama.attention.layer_norm_rms_epsilon")
-            .ok_or_else(|| ModelError::MissingKey("llama.attention.layer_norm_rms_epsilon".into()))?;
+            .ok_or_else(|| {
+                ModelError::MissingKey("llama.attention.layer_norm_rms_epsilon".into())
+            })?;
         let rope_base = f.get_f32("llama.rope.freq_base").unwrap_or(10000.0);
 
         let bad = |key: &str, reason: String| ModelError::BadKey {

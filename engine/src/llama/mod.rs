@@ -31,9 +31,13 @@ pub enum ModelError {
     MissingTensor(String),
     #[error("tensor {tensor}: {reason}")]
     BadTensor { tensor: String, reason: String },
-    #[error("tensor {tensor} has type {ty}, which airlock cannot compute yet (type not supported yet)")]
+    #[error(
+        "tensor {tensor} has type {ty}, which airlock cannot compute yet (type not supported yet)"
+    )]
     UnsupportedTensorType { tensor: String, ty: &'static str },
-    #[error("context is full: {needed} tokens needed, the context holds {n_ctx} (raise -c/--ctx-size)")]
+    #[error(
+        "context is full: {needed} tokens needed, the context holds {n_ctx} (raise -c/--ctx-size)"
+    )]
     ContextFull { needed: usize, n_ctx: usize },
     #[error("token id {id} is outside the vocabulary of {vocab_size}")]
     InvalidToken { id: u32, vocab_size: usize },

@@ -121,7 +121,10 @@ pub fn forward_token(
                 .iter()
                 .map(|kj| {
                     let kh = &kj[kvh * hd..(kvh + 1) * hd];
-                    qh.iter().zip(kh).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>()
+                    qh.iter()
+                        .zip(kh)
+                        .map(|(a, b)| *a as f64 * *b as f64)
+                        .sum::<f64>()
                         / (hd as f64).sqrt()
                 })
                 .collect();

@@ -21,7 +21,10 @@ pub struct Weight {
 
 impl Weight {
     pub fn view<'a>(&self, file: &'a GgufFile) -> WeightView<'a> {
-        let data = file.bytes().get(self.start..self.start + self.len).unwrap_or(&[]);
+        let data = file
+            .bytes()
+            .get(self.start..self.start + self.len)
+            .unwrap_or(&[]);
         WeightView {
             ty: self.ty,
             data,

@@ -1,0 +1,50 @@
+//! What running a model will cost in memory, checked before loading so a laptop gets an error
+//! instead of a swap storm.
+
+use crate::llama::{KvType, LlamaModel};
+
+#[derive(Clone, Copy, Debug)]
+pub struct MemoryEstimate {
+    /// Tensor bytes in the file (mapped, paged in as used).
+    pub weights: u64,
+    pub kv_cache: u64,
+    /// Activation buffers of one batch, and the logits.
+    pub buffers: u64,
+}
+
+impl MemoryEstimate {
+    pub fn for_model(model: &LlamaModel, n_ctx: usize, kv: KvType, batch: usize) -> Self {
+        let c = &model.config;
+        let weights = model.file.tensors().iter().map(|t| t.n_bytes).sum::<u64>();
+        let per_token = 4 * (4 * c.n_embd + 2 * c.q_dim() + 2 * c.kv_dim() + 2 * c.n_ff) as u64;
+        let buffers = per_token * batch as u64 + 4 * c.vocab_size as u64 * batch as u64;
+        MemoryEstimate {
+            weights,
+            kv_cache: model.kv_cache_bytes(n_ctx, kv),
+            buffers,
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.weights + self.kv_cache + self.buffers
+    }
+}
+
+/// MemAvailable from /proc/meminfo, in bytes; None where it cannot be read.
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kb.checked_mul(1024)
+}
+
+/// Bytes in human units (GiB/MiB/KiB), for messages.
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [(&str, u64); 3] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+    for (name, size) in UNITS {
+        if b >= size {
+            return format!("{:.2} {name}", b as f64 / size as f64);
+        }
+    }
+    format!("{b} B")
+}
