@@ -1,0 +1,475 @@
+//! `airlock run`, `chat` and `tokenize` as a user runs them: the built binary, real files.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use airlock_engine::gguf::{GgufFile, GgufWriter, TensorSpec, Value};
+use airlock_kernels::GgmlType;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn smollm2() -> PathBuf {
+    let p = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/fetch-models.sh",
+        p.display()
+    );
+    p
+}
+
+fn tiny_llama3() -> PathBuf {
+    root().join("tests/fixtures/llama3/tiny-llama3-q8_0.gguf")
+}
+
+fn airlock(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn fixture(rel: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(root().join("tests/fixtures").join(rel)).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Copy of the tiny Llama 3 file with its metadata and tensors passed through `edit`.
+fn rewrite_tiny(
+    dir: &Path,
+    name: &str,
+    edit: impl Fn(&mut Vec<(String, Value)>, &mut Vec<(TensorSpec, Vec<u8>)>),
+) -> PathBuf {
+    let f = GgufFile::open(tiny_llama3()).unwrap();
+    let mut meta: Vec<(String, Value)> = f
+        .metadata()
+        .iter()
+        .map(|e| (e.key.clone(), e.value.clone()))
+        .collect();
+    let mut tensors: Vec<(TensorSpec, Vec<u8>)> = f
+        .tensors()
+        .iter()
+        .map(|t| {
+            let spec = TensorSpec {
+                name: t.name.clone(),
+                dims: t.dims.clone(),
+                ty: t.ty,
+            };
+            (spec, f.tensor_data(t).to_vec())
+        })
+        .collect();
+    edit(&mut meta, &mut tensors);
+    let path = dir.join(name);
+    let out = std::fs::File::create(&path).unwrap();
+    let specs: Vec<TensorSpec> = tensors.iter().map(|(s, _)| s.clone()).collect();
+    let mut w = GgufWriter::new(std::io::BufWriter::new(out), &meta, &specs).unwrap();
+    for (_, data) in &tensors {
+        w.write_tensor_data(data).unwrap();
+    }
+    w.finish().unwrap().flush().unwrap();
+    path
+}
+
+#[test]
+fn greedy_run_continues_the_prompt_like_the_reference() {
+    // HF transformers' greedy continuation of this prompt starts " Paris." (fixture visible-1).
+    let fx = fixture("smollm2/hf-logits/visible-1.json");
+    let model = smollm2();
+    let o = airlock(&[
+        "run",
+        "-m",
+        model.to_str().unwrap(),
+        "-p",
+        "The capital of France is",
+        "-n",
+        "4",
+        "--temp",
+        "0",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    let want: String = fx["greedy"]["text"]
+        .as_str()
+        .unwrap()
+        .chars()
+        .take(7)
+        .collect();
+    assert!(
+        text.starts_with(&want),
+        "got {text:?}, reference starts {want:?}"
+    );
+    let err = stderr(&o);
+    assert!(
+        err.contains("prompt: 5 tokens") && err.contains("generated: 4 tokens"),
+        "{err}"
+    );
+}
+
+#[test]
+fn exact_run_matches_the_reference_greedy_text() {
+    // The exact path follows HF float32's greedy choice token for token on this prompt.
+    let fx = fixture("smollm2/hf-logits/visible-3.json");
+    let model = smollm2();
+    let prompt = fx["prompt"].as_str().unwrap();
+    let n = fx["greedy"]["ids"].as_array().unwrap().len().to_string();
+    let o = airlock(&[
+        "run",
+        "-m",
+        model.to_str().unwrap(),
+        "-p",
+        prompt,
+        "-n",
+        &n,
+        "--temp",
+        "0",
+        "--exact",
+        "--kv-type",
+        "f32",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o).trim_end_matches('\n'),
+        fx["greedy"]["text"].as_str().unwrap()
+    );
+}
+
+#[test]
+fn chat_run_answers_and_stops_at_end_of_turn() {
+    let model = smollm2();
+    let o = airlock(&[
+        "run",
+        "-m",
+        model.to_str().unwrap(),
+        "--chat",
+        "-p",
+        "What is phishing? Answer in one sentence.",
+        "-n",
+        "200",
+        "--temp",
+        "0",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.to_lowercase().contains("phishing"), "{text}");
+    // The reply ends at <|im_end|> well before 200 tokens and the control token is not printed.
+    assert!(!text.contains("<|im_end|>"), "{text}");
+    assert!(
+        !stderr(&o).contains("generated: 200 tokens"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn stop_string_ends_generation_and_is_not_printed() {
+    let model = smollm2();
+    let o = airlock(&[
+        "run",
+        "-m",
+        model.to_str().unwrap(),
+        "-p",
+        "The capital of France is",
+        "-n",
+        "32",
+        "--temp",
+        "0",
+        "--stop",
+        ".",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert_eq!(text.trim_end(), " Paris", "{text:?}");
+}
+
+#[test]
+fn seeded_sampling_is_reproducible() {
+    let model = smollm2();
+    let args = [
+        "run",
+        "-m",
+        model.to_str().unwrap(),
+        "-p",
+        "Once upon a time",
+        "-n",
+        "12",
+        "--seed",
+        "42",
+        "--temp",
+        "1.0",
+    ];
+    let a = airlock(&args);
+    let b = airlock(&args);
+    assert!(a.status.success(), "{}", stderr(&a));
+    assert_eq!(stdout(&a), stdout(&b));
+}
+
+#[test]
+fn prompt_from_file_and_stdin() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("prompt.txt");
+    std::fs::write(&p, "The capital of France is").unwrap();
+    let model = smollm2();
+    let o = airlock(&[
+        "run",
+        "-m",
+        model.to_str().unwrap(),
+        "-f",
+        p.to_str().unwrap(),
+        "-n",
+        "2",
+        "--temp",
+        "0",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).starts_with(" Paris"), "{}", stdout(&o));
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args([
+            "run",
+            "-m",
+            model.to_str().unwrap(),
+            "-n",
+            "2",
+            "--temp",
+            "0",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"The capital of France is")
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).starts_with(" Paris"), "{}", stdout(&o));
+}
+
+#[test]
+fn chat_repl_keeps_history_and_exits_cleanly() {
+    let model = smollm2();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args([
+            "chat",
+            "-m",
+            model.to_str().unwrap(),
+            "--temp",
+            "0",
+            "-n",
+            "24",
+            "-v",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Hi, my name is Ada.\nWhat is my name?\n/reset\nHello\n/exit\n")
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    // Per-turn stats: the second turn processes only its own new tokens, far fewer than the
+    // whole conversation so far, and the context in use keeps growing.
+    let turns: Vec<(usize, usize)> = err
+        .lines()
+        .filter_map(|l| {
+            let l = l.strip_prefix('[')?;
+            let new: usize = l.split_whitespace().next()?.parse().ok()?;
+            let used: usize = l
+                .split(", ")
+                .last()?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()?;
+            Some((new, used))
+        })
+        .collect();
+    assert_eq!(turns.len(), 3, "{err}");
+    assert!(
+        turns[1].0 < turns[0].1,
+        "second turn re-processed history: {turns:?}"
+    );
+    assert!(turns[1].1 > turns[0].1, "{turns:?}");
+    // After /reset the context starts over.
+    assert!(turns[2].1 < turns[1].1, "{turns:?}");
+    assert!(err.contains("(conversation reset)"), "{err}");
+}
+
+#[test]
+fn tokenize_ids_equal_llama_tokenize() {
+    let fx = fixture("llamacpp/tokenize-smollm2-examples.json");
+    let model = smollm2();
+    let cases = fx
+        .as_object()
+        .map(|o| o.values().cloned().collect::<Vec<_>>())
+        .unwrap_or_else(|| fx.as_array().unwrap().clone());
+    let mut checked = 0;
+    for case in cases.iter().take(4) {
+        let (Some(text), Some(ids)) = (case["string"].as_str(), case["ids"].as_array()) else {
+            continue;
+        };
+        let o = airlock(&["tokenize", "-m", model.to_str().unwrap(), "--ids", text]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let want: Vec<String> = ids.iter().map(|v| v.to_string()).collect();
+        assert_eq!(
+            stdout(&o).trim(),
+            format!("[{}]", want.join(", ")),
+            "{text:?}"
+        );
+        checked += 1;
+    }
+    assert!(checked > 0, "fixture format not understood");
+}
+
+#[test]
+fn errors_are_one_clear_line_and_nonzero() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |args: &[&str], needle: &str| {
+        let o = airlock(args);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        let err = stderr(&o);
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "{args:?}: not one line: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    };
+    check(
+        &["run", "-m", "/nonexistent/model.gguf", "-p", "hi"],
+        "No such file",
+    );
+
+    let not_gguf = dir.path().join("notes.txt");
+    std::fs::write(&not_gguf, "just some text, long enough to have a header").unwrap();
+    check(
+        &["run", "-m", not_gguf.to_str().unwrap(), "-p", "hi"],
+        "not a GGUF file",
+    );
+
+    let gpt2 = rewrite_tiny(dir.path(), "gpt2.gguf", |meta, _| {
+        for (k, v) in meta.iter_mut() {
+            if k == "general.architecture" {
+                *v = Value::String("gpt2".into());
+            }
+        }
+    });
+    check(
+        &["run", "-m", gpt2.to_str().unwrap(), "-p", "hi"],
+        "unsupported architecture \"gpt2\"",
+    );
+
+    // IQ4_NL has 32-value blocks of 18 bytes: the file is valid, airlock cannot compute it yet.
+    let iq = rewrite_tiny(dir.path(), "iq4.gguf", |_, tensors| {
+        for (spec, data) in tensors.iter_mut() {
+            if spec.name == "blk.0.ffn_down.weight" {
+                spec.ty = GgmlType::IQ4_NL;
+                let blocks = (spec.dims[0] * spec.dims[1] / 32) as usize;
+                *data = vec![0u8; blocks * 18];
+            }
+        }
+    });
+    check(
+        &["run", "-m", iq.to_str().unwrap(), "-p", "hi"],
+        "type not supported yet",
+    );
+    check(
+        &["run", "-m", iq.to_str().unwrap(), "-p", "hi"],
+        "blk.0.ffn_down.weight",
+    );
+
+    let long_prompt = "word ".repeat(64);
+    check(
+        &[
+            "run",
+            "-m",
+            tiny_llama3().to_str().unwrap(),
+            "-c",
+            "16",
+            "-p",
+            &long_prompt,
+        ],
+        "does not fit the context",
+    );
+    check(
+        &[
+            "run",
+            "-m",
+            tiny_llama3().to_str().unwrap(),
+            "-t",
+            "0",
+            "-p",
+            "hi",
+        ],
+        "threads",
+    );
+}
+
+#[test]
+fn memory_estimate_refuses_what_does_not_fit_unless_forced() {
+    let dir = tempfile::tempdir().unwrap();
+    // A context of 2^30 tokens needs 2 (K,V) x 2 layers x 2^30 x 32 x 2 bytes = 256 GiB of KV
+    // cache: more than any machine running this test has available.
+    let huge = rewrite_tiny(dir.path(), "huge-ctx.gguf", |meta, _| {
+        for (k, v) in meta.iter_mut() {
+            if k == "llama.context_length" {
+                *v = Value::U32(1 << 30);
+            }
+        }
+    });
+    let o = airlock(&[
+        "run",
+        "-m",
+        huge.to_str().unwrap(),
+        "-c",
+        "1073741824",
+        "-p",
+        "hi",
+        "-n",
+        "1",
+    ]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("256.00 GiB") && err.contains("--force"),
+        "{err}"
+    );
+
+    let o = airlock(&[
+        "run",
+        "-m",
+        tiny_llama3().to_str().unwrap(),
+        "-v",
+        "-c",
+        "64",
+        "-p",
+        "hi",
+        "-n",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("KV cache 16.00 KiB"), "{}", stderr(&o));
+}
