@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use airlock_engine::gguf::{GgufFile, OpenOptions};
+use airlock_engine::gguf::{GgufError, GgufFile, OpenOptions};
 use airlock_engine::llama::{KvType, LlamaModel, Precision, Session};
 use airlock_engine::memory::{available_memory, human_bytes, MemoryEstimate};
 use airlock_engine::sampling::SamplerConfig;
@@ -162,17 +162,21 @@ pub fn init_threads(threads: Option<usize>) -> Result<usize> {
     Ok(rayon::current_num_threads())
 }
 
+/// Open and validate a GGUF file; the error names the file once.
+pub fn open_gguf(path: &std::path::Path, no_mmap: bool) -> Result<GgufFile> {
+    match GgufFile::open_with(path, &OpenOptions { no_mmap }) {
+        Ok(f) => Ok(f),
+        // The I/O error already carries the path.
+        Err(GgufError::Io { path, source }) => bail!("cannot open {}: {source}", path.display()),
+        Err(e) => Err(e).with_context(|| format!("cannot load {}", path.display())),
+    }
+}
+
 pub fn load(args: &ModelArgs) -> Result<Loaded> {
     let threads = init_threads(args.threads)?;
     let t0 = Instant::now();
     let path = &args.model;
-    let file = GgufFile::open_with(
-        path,
-        &OpenOptions {
-            no_mmap: args.no_mmap,
-        },
-    )
-    .with_context(|| format!("cannot load {}", path.display()))?;
+    let file = open_gguf(path, args.no_mmap)?;
     let model = LlamaModel::load(Arc::new(file))
         .with_context(|| format!("cannot run {}", path.display()))?;
     if args.ctx_size == 0 {

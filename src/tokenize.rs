@@ -2,7 +2,6 @@
 
 use std::process::ExitCode;
 
-use airlock_engine::gguf::{GgufFile, OpenOptions};
 use airlock_engine::tokenizer::{Tokenizer, VocabSpec};
 use anyhow::Result;
 
@@ -28,7 +27,7 @@ pub struct TokenizeArgs {
 }
 
 pub fn run(args: TokenizeArgs) -> Result<ExitCode> {
-    let f = GgufFile::open_with(&args.model, &OpenOptions { no_mmap: false })?;
+    let f = crate::load::open_gguf(&args.model, false)?;
     let spec = VocabSpec::from_gguf(&f)?;
     let tok = match &args.tokenizer {
         Some(json) => Tokenizer::from_tokenizer_json(json, &spec)?,
