@@ -18,6 +18,9 @@ pub enum KernelError {
     },
     /// A shape whose byte or element count does not fit in usize.
     Overflow { what: &'static str },
+    /// The instruction-set path asked for (`AIRLOCK_SIMD`) is unknown or
+    /// not supported by this CPU; the message says which and what is.
+    Simd(String),
 }
 
 impl fmt::Display for KernelError {
@@ -38,6 +41,7 @@ impl fmt::Display for KernelError {
                 actual,
             } => write!(f, "{what}: expected length {expected}, got {actual}"),
             KernelError::Overflow { what } => write!(f, "{what}: size overflows"),
+            KernelError::Simd(msg) => f.write_str(msg),
         }
     }
 }

@@ -13,9 +13,11 @@ mod error;
 pub mod matmul;
 pub mod ops;
 pub mod quant;
+pub mod simd;
 pub mod types;
 
 pub use error::KernelError;
 pub use matmul::{matmul, matmul_exact, WeightView};
 pub use quant::{dequantize_row, quantize_row};
+pub use simd::{simd_path, SimdPath};
 pub use types::GgmlType;

@@ -9,10 +9,10 @@
 //! `[token][row-in-chunk]` buffer, and the buffers are copied into y at the
 //! end, so no task needs a strided view of y.
 
-use bytemuck::{cast_slice, Pod};
+use bytemuck::{cast_slice, cast_slice_mut, Pod};
 use rayon::prelude::*;
 
-use crate::dot;
+use crate::dot::{self, kernels, GemmFn, Kernels, Tiles};
 use crate::quant::float::{Bf16Bytes, F16Bytes, F32Bytes};
 use crate::quant::{self, BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1};
 use crate::{GgmlType, KernelError};
@@ -79,39 +79,38 @@ fn check_shapes(
 }
 
 /// Rows per task: about four tasks per thread for load balance, but at least
-/// ~16K multiply-adds per task so scheduling cost stays small.
+/// ~16K multiply-adds per task so scheduling cost stays small; a multiple of
+/// 4 (the kernels' row tile) when there are more rows than that.
 fn chunk_rows(rows: usize, cols: usize) -> usize {
     let by_threads = rows.div_ceil(rayon::current_num_threads() * 4);
     let by_work = (1 << 14) / cols.max(1);
-    by_threads.max(by_work).clamp(1, rows.max(1))
+    (by_threads.max(by_work).div_ceil(4) * 4).clamp(1, rows.max(1))
 }
-
-/// Tokens per tile in the fast path: each weight row is reused for this many
-/// tokens while it is hot in L1, and a tile's activations (8 x cols) stay in
-/// L2 while the chunk's rows stream past.
-const TOKEN_TILE: usize = 8;
 
 /// Runs `chunk_fn(first_row, buf)` for each chunk of rows in parallel, where
 /// `buf` is `n_tokens x chunk_len` ([token][row in chunk]), then places the
-/// results in y.
+/// results in y. Returns the sum of what the chunks return.
 fn for_row_chunks(
     rows: usize,
     n_tokens: usize,
     chunk: usize,
     y: &mut [f32],
-    chunk_fn: impl Fn(usize, &mut [f32]) + Sync,
-) {
+    chunk_fn: impl Fn(usize, &mut [f32]) -> Tiles + Sync,
+) -> Tiles {
     if n_tokens == 1 {
         // [token][row] with one token is already y's layout.
-        y.par_chunks_mut(chunk)
+        return y
+            .par_chunks_mut(chunk)
             .enumerate()
-            .for_each(|(c, buf)| chunk_fn(c * chunk, buf));
-        return;
+            .map(|(c, buf)| chunk_fn(c * chunk, buf))
+            .sum();
     }
     let mut tmp = vec![0.0f32; rows * n_tokens];
-    tmp.par_chunks_mut(chunk * n_tokens)
+    let tiles = tmp
+        .par_chunks_mut(chunk * n_tokens)
         .enumerate()
-        .for_each(|(c, buf)| chunk_fn(c * chunk, buf));
+        .map(|(c, buf)| chunk_fn(c * chunk, buf))
+        .sum();
     let tmp = &tmp;
     y.par_chunks_mut(rows).enumerate().for_each(|(t, yt)| {
         for (c, dst) in yt.chunks_mut(chunk).enumerate() {
@@ -120,11 +119,12 @@ fn for_row_chunks(
             dst.copy_from_slice(&tmp[start..start + nr]);
         }
     });
+    tiles
 }
 
-/// The fast-path kernel for one weight type: `w` holds `rows * k` weight
-/// units, `act` holds `n_tokens * k` activation units, `dot` takes one row
-/// of each.
+/// The fast path for one weight type: `w` holds `rows * k` weight units,
+/// `act` holds `n_tokens * k` activation units; each chunk of rows runs the
+/// path's tiled GEMM over all tokens (with one token, its matvec).
 #[allow(clippy::too_many_arguments)]
 fn gemm<W: Pod + Sync, A: Copy + Sync>(
     w: &[W],
@@ -134,20 +134,12 @@ fn gemm<W: Pod + Sync, A: Copy + Sync>(
     n_tokens: usize,
     chunk: usize,
     y: &mut [f32],
-    dot: impl Fn(&[W], &[A]) -> f32 + Sync,
-) {
+    kernel: GemmFn<W, A>,
+) -> Tiles {
     for_row_chunks(rows, n_tokens, chunk, y, |r0, buf| {
         let nr = buf.len() / n_tokens;
-        for t0 in (0..n_tokens).step_by(TOKEN_TILE) {
-            let t1 = (t0 + TOKEN_TILE).min(n_tokens);
-            for i in 0..nr {
-                let wrow = &w[(r0 + i) * k..][..k];
-                for t in t0..t1 {
-                    buf[t * nr + i] = dot(wrow, &act[t * k..][..k]);
-                }
-            }
-        }
-    });
+        kernel(&w[r0 * k..(r0 + nr) * k], act, k, buf)
+    })
 }
 
 /// Fast path: activations are first converted to `w.ty.vec_dot_type()` (Q8_0
@@ -162,9 +154,24 @@ pub fn matmul(
     y: &mut [f32],
     scratch: &mut Vec<u8>,
 ) -> Result<(), KernelError> {
-    matmul_chunked(w, x, n_tokens, y, scratch, chunk_rows(w.rows, w.cols))
+    matmul_with(kernels()?, w, x, n_tokens, y, scratch)
 }
 
+/// [`matmul`] on a given path's kernels (from [`crate::dot::kernels_for`])
+/// instead of the process-wide one.
+pub fn matmul_with(
+    ks: &Kernels,
+    w: &WeightView,
+    x: &[f32],
+    n_tokens: usize,
+    y: &mut [f32],
+    scratch: &mut Vec<u8>,
+) -> Result<(), KernelError> {
+    let chunk = chunk_rows(w.rows, w.cols);
+    matmul_chunked_with(ks, w, x, n_tokens, y, scratch, chunk).map(|_| ())
+}
+
+#[cfg(test)]
 fn matmul_chunked(
     w: &WeightView,
     x: &[f32],
@@ -172,7 +179,21 @@ fn matmul_chunked(
     y: &mut [f32],
     scratch: &mut Vec<u8>,
     chunk: usize,
-) -> Result<(), KernelError> {
+) -> Result<Tiles, KernelError> {
+    matmul_chunked_with(kernels()?, w, x, n_tokens, y, scratch, chunk)
+}
+
+/// Returns how many micro-kernel tiles ran (the test hook that shows a
+/// batch takes the tiled path).
+fn matmul_chunked_with(
+    ks: &Kernels,
+    w: &WeightView,
+    x: &[f32],
+    n_tokens: usize,
+    y: &mut [f32],
+    scratch: &mut Vec<u8>,
+    chunk: usize,
+) -> Result<Tiles, KernelError> {
     if !w.ty.can_compute() {
         return Err(KernelError::Unsupported {
             ty: w.ty,
@@ -182,21 +203,21 @@ fn matmul_chunked(
     check_shapes(w, x, n_tokens, y)?;
     let (rows, cols) = (w.rows, w.cols);
     if rows == 0 || n_tokens == 0 {
-        return Ok(());
+        return Ok(Tiles::default());
     }
     if cols == 0 {
         y.fill(0.0);
-        return Ok(());
+        return Ok(Tiles::default());
     }
 
     let vt = w.ty.vec_dot_type();
     if vt != GgmlType::F32 {
-        quantize_activations(vt, x, cols, scratch)?;
+        quantize_activations(ks, vt, x, cols, scratch)?;
     }
     let act: &[u8] = scratch;
     let bs = w.ty.block_size();
     let k = cols / bs;
-    match w.ty {
+    let tiles = match w.ty {
         GgmlType::Q4_0 => gemm::<BlockQ4_0, BlockQ8_0>(
             cast_slice(w.data),
             cast_slice(act),
@@ -205,7 +226,7 @@ fn matmul_chunked(
             n_tokens,
             chunk,
             y,
-            dot::vec_dot_q4_0_q8_0,
+            ks.q4_0,
         ),
         GgmlType::Q4_1 => gemm::<BlockQ4_1, BlockQ8_1>(
             cast_slice(w.data),
@@ -215,7 +236,7 @@ fn matmul_chunked(
             n_tokens,
             chunk,
             y,
-            dot::vec_dot_q4_1_q8_1,
+            ks.q4_1,
         ),
         GgmlType::Q8_0 => gemm::<BlockQ8_0, BlockQ8_0>(
             cast_slice(w.data),
@@ -225,7 +246,7 @@ fn matmul_chunked(
             n_tokens,
             chunk,
             y,
-            dot::vec_dot_q8_0_q8_0,
+            ks.q8_0,
         ),
         GgmlType::F16 => gemm::<F16Bytes, F16Bytes>(
             cast_slice(w.data),
@@ -235,7 +256,7 @@ fn matmul_chunked(
             n_tokens,
             chunk,
             y,
-            dot::vec_dot_f16,
+            ks.f16,
         ),
         GgmlType::BF16 => gemm::<Bf16Bytes, Bf16Bytes>(
             cast_slice(w.data),
@@ -245,7 +266,7 @@ fn matmul_chunked(
             n_tokens,
             chunk,
             y,
-            dot::vec_dot_bf16,
+            ks.bf16,
         ),
         GgmlType::F32 => gemm::<F32Bytes, f32>(
             cast_slice(w.data),
@@ -255,16 +276,17 @@ fn matmul_chunked(
             n_tokens,
             chunk,
             y,
-            dot::vec_dot_f32_le,
+            ks.f32_le,
         ),
         _ => unreachable!("can_compute checked above"),
-    }
-    Ok(())
+    };
+    Ok(tiles)
 }
 
 /// Converts each token's activations to `vt` into `scratch`
 /// (`n_tokens * vt.row_bytes(cols)` bytes).
 fn quantize_activations(
+    ks: &Kernels,
     vt: GgmlType,
     x: &[f32],
     cols: usize,
@@ -279,15 +301,27 @@ fn quantize_activations(
     let n_tokens = x.len() / cols;
     scratch.clear();
     scratch.resize(row * n_tokens, 0);
+    // Q8 through the path's quantizer (same bytes as the reference one).
+    let one = |src: &[f32], dst: &mut [u8]| match vt {
+        GgmlType::Q8_0 => {
+            (ks.quantize_q8_0)(src, cast_slice_mut(dst));
+            Ok(())
+        }
+        GgmlType::Q8_1 => {
+            (ks.quantize_q8_1)(src, cast_slice_mut(dst));
+            Ok(())
+        }
+        _ => quant::quantize_row(vt, src, dst),
+    };
     if n_tokens < 4 {
         for (dst, src) in scratch.chunks_exact_mut(row).zip(x.chunks_exact(cols)) {
-            quant::quantize_row(vt, src, dst)?;
+            one(src, dst)?;
         }
     } else {
         scratch
             .par_chunks_exact_mut(row)
             .zip(x.par_chunks_exact(cols))
-            .try_for_each(|(dst, src)| quant::quantize_row(vt, src, dst))?;
+            .try_for_each(|(dst, src)| one(src, dst))?;
     }
     Ok(())
 }
@@ -335,6 +369,7 @@ fn matmul_exact_chunked(
                 buf[t * nr + i] = dot::vec_dot_f32_f64acc(&wrow, xt) as f32;
             }
         }
+        Tiles::default()
     });
     Ok(())
 }

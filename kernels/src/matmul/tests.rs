@@ -425,3 +425,38 @@ fn f16_weights_see_f16_activations() {
     matmul_exact(&view, &x, 1, &mut y).unwrap();
     assert_eq!(y[0], x[0]);
 }
+
+/// A batch through matmul itself (chunking included) on sizes that are not
+/// tile multiples runs full tiles on every SIMD path, and gives the same
+/// bits as one-token matvecs.
+#[test]
+fn batches_take_the_tiled_path_through_matmul() {
+    use crate::dot::kernels_for;
+    use crate::simd::SimdPath;
+    for ty in [
+        GgmlType::Q4_0,
+        GgmlType::Q8_0,
+        GgmlType::Q4_1,
+        GgmlType::F16,
+    ] {
+        let c = Case::new(ty, 65, 96, 9, 21);
+        for p in SimdPath::available() {
+            let ks = kernels_for(p).unwrap();
+            let mut y = vec![f32::NAN; 9 * 65];
+            let tiles =
+                matmul_chunked_with(ks, &c.view(), &c.x, 9, &mut y, &mut Vec::new(), 17).unwrap();
+            if p == SimdPath::Scalar {
+                assert_eq!(tiles, Tiles::default());
+            } else {
+                // Chunks of 17 rows: 4 full row tiles x 2 token tiles each.
+                assert!(tiles.full >= 4 * 2 * 3, "{p} {ty}: {tiles:?}");
+            }
+            for t in 0..9 {
+                let mut yt = vec![0f32; 65];
+                let xt = &c.x[t * 96..][..96];
+                matmul_with(ks, &c.view(), xt, 1, &mut yt, &mut Vec::new()).unwrap();
+                assert_eq!(yt, y[t * 65..][..65], "{p} {ty} token {t}");
+            }
+        }
+    }
+}

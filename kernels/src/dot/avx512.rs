@@ -1,0 +1,260 @@
+//! 512-bit x86 kernels, one macro instantiated for AVX-512F/BW (here:
+//! `vpmaddubsw` + `vpmaddwd` on zmm, the sign trick by masked negation) and
+//! AVX-512 VNNI (`avx512vnni.rs`: `vpdpbusd`). Each zmm holds two weight
+//! rows (one per 256-bit half) against one token broadcast to both halves,
+//! so a half computes exactly what a 256-bit lane set of `avx2.rs` does and
+//! the results are bit-identical to the AVX2 path. An odd last row runs with
+//! itself as the partner and only its half is stored.
+//!
+//! Float kernels and the activation quantizers come from the AVX2 module
+//! (this path's CPUs have AVX2, FMA and F16C; detection checks).
+
+macro_rules! simd512_kernels {
+    (features = $feat:literal, path = $path:expr, vnni = $vnni:literal) => {
+        use std::arch::x86_64::*;
+
+        use super::avx2::{f16s, hsum8};
+        use crate::dot::{for_tiles, gemm_shape, Kernels, Tiles};
+        use crate::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1};
+
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn dot_us(x: __m512i, y: __m512i) -> __m512i {
+            if $vnni {
+                _mm512_dpbusd_epi32(_mm512_setzero_si512(), x, y)
+            } else {
+                _mm512_madd_epi16(_mm512_maddubs_epi16(x, y), _mm512_set1_epi16(1))
+            }
+        }
+
+        /// Two blocks' nibbles in element order: row a in the low half,
+        /// row b in the high half.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn nibbles2(a: *const u8, b: *const u8) -> __m512i {
+            let t = _mm256_set_m128i(
+                _mm_loadu_si128(b as *const __m128i),
+                _mm_loadu_si128(a as *const __m128i),
+            );
+            let m4 = _mm256_set1_epi8(0x0F);
+            let lo = _mm256_and_si256(t, m4);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(t, 4), m4);
+            // 128-bit lanes [lo_a, lo_b, hi_a, hi_b] -> [lo_a, hi_a, lo_b, hi_b]
+            let x = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+            _mm512_shuffle_i64x2::<0b11_01_10_00>(x, x)
+        }
+
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn bytes2(a: *const i8, b: *const i8) -> __m512i {
+            let lo = _mm256_loadu_si256(a as *const __m256i);
+            let hi = _mm256_loadu_si256(b as *const __m256i);
+            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+        }
+
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn bcast(a: *const i8) -> __m512i {
+            _mm512_broadcast_i64x4(_mm256_loadu_si256(a as *const __m256i))
+        }
+
+        /// [a x 8 | b x 8]
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn pair_ps(a: f32, b: f32) -> __m512 {
+            let lo = _mm512_castps256_ps512(_mm256_set1_ps(a));
+            let hi = _mm256_castps_pd(_mm256_set1_ps(b));
+            _mm512_castpd_ps(_mm512_insertf64x4::<1>(_mm512_castps_pd(lo), hi))
+        }
+
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn halves(v: __m512) -> (f32, f32) {
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+            (hsum8(_mm512_castps512_ps256(v)), hsum8(hi))
+        }
+
+        /// Index of the partner row of pair p among R rows.
+        #[inline(always)]
+        fn partner(p: usize, r: usize) -> usize {
+            if 2 * p + 1 < r {
+                2 * p + 1
+            } else {
+                2 * p
+            }
+        }
+
+        /// R rows (1 or even) x C tokens, `out[j * ld + i]`.
+        #[target_feature(enable = $feat)]
+        unsafe fn tile_q4_0<const R: usize, const C: usize>(
+            w: *const BlockQ4_0,
+            a: *const BlockQ8_0,
+            k: usize,
+            out: *mut f32,
+            ld: usize,
+        ) {
+            let np = R.div_ceil(2);
+            let mut acc = [[_mm512_setzero_ps(); C]; R];
+            for b in 0..k {
+                let mut y = [_mm512_setzero_si512(); C];
+                let mut corr = [_mm512_setzero_si512(); C];
+                let mut dy = [0f32; C];
+                for j in 0..C {
+                    let blk = &*a.add(j * k + b);
+                    y[j] = bcast(blk.qs.as_ptr());
+                    dy[j] = f16s(blk.d);
+                    corr[j] = dot_us(_mm512_set1_epi8(8), y[j]);
+                }
+                for p in 0..np {
+                    let b0 = &*w.add(2 * p * k + b);
+                    let b1 = &*w.add(partner(p, R) * k + b);
+                    let q = nibbles2(b0.qs.as_ptr(), b1.qs.as_ptr());
+                    let dx = pair_ps(f16s(b0.d), f16s(b1.d));
+                    for j in 0..C {
+                        let s = _mm512_sub_epi32(dot_us(q, y[j]), corr[j]);
+                        let d = _mm512_mul_ps(dx, _mm512_set1_ps(dy[j]));
+                        acc[p][j] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(s), acc[p][j]);
+                    }
+                }
+            }
+            store(&acc, np, R, out, ld, |_, _| (0.0, 0.0));
+        }
+
+        #[target_feature(enable = $feat)]
+        unsafe fn tile_q8_0<const R: usize, const C: usize>(
+            w: *const BlockQ8_0,
+            a: *const BlockQ8_0,
+            k: usize,
+            out: *mut f32,
+            ld: usize,
+        ) {
+            let np = R.div_ceil(2);
+            let mut acc = [[_mm512_setzero_ps(); C]; R];
+            for b in 0..k {
+                let mut y = [_mm512_setzero_si512(); C];
+                let mut corr = [_mm512_setzero_si512(); C];
+                let mut dy = [0f32; C];
+                for j in 0..C {
+                    let blk = &*a.add(j * k + b);
+                    y[j] = bcast(blk.qs.as_ptr());
+                    dy[j] = f16s(blk.d);
+                    if $vnni {
+                        corr[j] = dot_us(_mm512_set1_epi8(-128), y[j]);
+                    }
+                }
+                for p in 0..np {
+                    let b0 = &*w.add(2 * p * k + b);
+                    let b1 = &*w.add(partner(p, R) * k + b);
+                    let x = bytes2(b0.qs.as_ptr(), b1.qs.as_ptr());
+                    let dx = pair_ps(f16s(b0.d), f16s(b1.d));
+                    // VNNI: (x + 128) as u8; else |x| and negate y where x < 0.
+                    let xu = if $vnni {
+                        _mm512_xor_si512(x, _mm512_set1_epi8(-128))
+                    } else {
+                        _mm512_abs_epi8(x)
+                    };
+                    let neg = _mm512_movepi8_mask(x);
+                    for j in 0..C {
+                        let s = if $vnni {
+                            _mm512_sub_epi32(dot_us(xu, y[j]), corr[j])
+                        } else {
+                            let sy = _mm512_mask_sub_epi8(y[j], neg, _mm512_setzero_si512(), y[j]);
+                            dot_us(xu, sy)
+                        };
+                        let d = _mm512_mul_ps(dx, _mm512_set1_ps(dy[j]));
+                        acc[p][j] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(s), acc[p][j]);
+                    }
+                }
+            }
+            store(&acc, np, R, out, ld, |_, _| (0.0, 0.0));
+        }
+
+        #[target_feature(enable = $feat)]
+        unsafe fn tile_q4_1<const R: usize, const C: usize>(
+            w: *const BlockQ4_1,
+            a: *const BlockQ8_1,
+            k: usize,
+            out: *mut f32,
+            ld: usize,
+        ) {
+            let np = R.div_ceil(2);
+            let mut acc = [[_mm512_setzero_ps(); C]; R];
+            let mut summs = [[(0f32, 0f32); C]; R];
+            for b in 0..k {
+                let mut y = [_mm512_setzero_si512(); C];
+                let mut dy = [0f32; C];
+                let mut sy = [0f32; C];
+                for j in 0..C {
+                    let blk = &*a.add(j * k + b);
+                    y[j] = bcast(blk.qs.as_ptr());
+                    dy[j] = f16s(blk.d);
+                    sy[j] = f16s(blk.s);
+                }
+                for p in 0..np {
+                    let b0 = &*w.add(2 * p * k + b);
+                    let b1 = &*w.add(partner(p, R) * k + b);
+                    let q = nibbles2(b0.qs.as_ptr(), b1.qs.as_ptr());
+                    let dx = pair_ps(f16s(b0.d), f16s(b1.d));
+                    let (m0, m1) = (f16s(b0.m), f16s(b1.m));
+                    for j in 0..C {
+                        let s = dot_us(q, y[j]);
+                        let d = _mm512_mul_ps(dx, _mm512_set1_ps(dy[j]));
+                        acc[p][j] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(s), acc[p][j]);
+                        summs[p][j].0 += m0 * sy[j];
+                        summs[p][j].1 += m1 * sy[j];
+                    }
+                }
+            }
+            store(&acc, np, R, out, ld, |p, j| summs[p][j]);
+        }
+
+        /// Writes pair p's halves (plus `extra(p, j)`) to rows 2p and 2p+1
+        /// (the second only when it exists).
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn store<const C: usize>(
+            acc: &[[__m512; C]],
+            np: usize,
+            r: usize,
+            out: *mut f32,
+            ld: usize,
+            extra: impl Fn(usize, usize) -> (f32, f32),
+        ) {
+            for p in 0..np {
+                for j in 0..C {
+                    let (lo, hi) = halves(acc[p][j]);
+                    let (e0, e1) = extra(p, j);
+                    *out.add(j * ld + 2 * p) = lo + e0;
+                    if 2 * p + 1 < r {
+                        *out.add(j * ld + 2 * p + 1) = hi + e1;
+                    }
+                }
+            }
+        }
+
+        quant_gemm!(gemm_q4_0, tile_q4_0, BlockQ4_0, BlockQ8_0, 4 x 4);
+        quant_gemm!(gemm_q8_0, tile_q8_0, BlockQ8_0, BlockQ8_0, 4 x 4);
+        quant_gemm!(gemm_q4_1, tile_q4_1, BlockQ4_1, BlockQ8_1, 4 x 4);
+
+        pub(in crate::dot) static KERNELS: Kernels = Kernels {
+            path: $path,
+            q4_0: gemm_q4_0,
+            q4_1: gemm_q4_1,
+            q8_0: gemm_q8_0,
+            f16: super::avx2::gemm_f16,
+            bf16: super::avx2::gemm_bf16,
+            f32_le: super::avx2::gemm_f32_le,
+            f16_f32: super::avx2::gemm_f16_f32,
+            bf16_f32: super::avx2::gemm_bf16_f32,
+            f32: super::avx2::gemm_f32,
+            quantize_q8_0: super::avx2::quantize_q8_0,
+            quantize_q8_1: super::avx2::quantize_q8_1,
+        };
+    };
+}
+
+simd512_kernels!(
+    features = "avx512f,avx512bw,avx2,fma,f16c",
+    path = crate::simd::SimdPath::Avx512,
+    vnni = false
+);
