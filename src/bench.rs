@@ -1,0 +1,348 @@
+//! `airlock bench`: prompt-processing and generation speed, measured like llama-bench (random
+//! tokens, an empty KV cache per repetition, one warm-up run), printed as its table or as JSON
+//! with its field names so scripts written for llama-bench read it unchanged.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use airlock_engine::generate::eval_prompt;
+use airlock_engine::llama::Logits;
+use airlock_engine::sampling::Rng;
+use airlock_kernels::GgmlType;
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+
+use crate::load::{load, KvTypeArg, ModelArgs};
+use crate::synthetic;
+
+#[derive(clap::Args)]
+#[command(after_help = "Examples:\n  \
+    airlock bench -m models/SmolLM2-135M-Instruct.Q4_1.gguf -p 512 -n 128 -t 2\n  \
+    airlock bench --synthetic llama-3.1-8b --type q4_0 -p 64 -n 16 --save /tmp/llama-8b-q4_0.gguf\n\n\
+    --synthetic writes a GGUF with the real shape and Llama 3 vocabulary but random weights, to size \
+    hardware for Foundation-sec-8b before the real file arrives; llama.cpp's llama-bench can run \
+    the same file.")]
+pub struct BenchArgs {
+    /// GGUF model file (or use --synthetic)
+    #[arg(
+        short = 'm',
+        long = "model",
+        value_name = "FILE",
+        required_unless_present = "synthetic"
+    )]
+    pub model: Option<PathBuf>,
+    /// Benchmark a random-weight model of this shape: llama-3.1-8b, llama-3.2-1b, smollm2-135m
+    #[arg(long, value_name = "SHAPE", conflicts_with = "model")]
+    pub synthetic: Option<String>,
+    /// Weight type of the synthetic model
+    #[arg(long = "type", default_value = "q4_0", value_name = "TYPE")]
+    pub ty: String,
+    /// Keep the synthetic model at this path (default: a temporary file, removed afterwards)
+    #[arg(long, value_name = "PATH")]
+    pub save: Option<PathBuf>,
+    /// GGUF whose Llama 3 vocabulary the synthetic model carries
+    #[arg(
+        long,
+        value_name = "FILE",
+        default_value = "tests/fixtures/llama3/tiny-llama3-q8_0.gguf"
+    )]
+    pub vocab: PathBuf,
+    /// Prompt lengths to test (comma-separated; 0 = skip)
+    #[arg(
+        short = 'p',
+        long = "n-prompt",
+        value_delimiter = ',',
+        default_value = "512"
+    )]
+    pub n_prompt: Vec<usize>,
+    /// Generation lengths to test (comma-separated; 0 = skip)
+    #[arg(
+        short = 'n',
+        long = "n-gen",
+        value_delimiter = ',',
+        default_value = "128"
+    )]
+    pub n_gen: Vec<usize>,
+    /// Thread counts to test (comma-separated; default: physical cores)
+    #[arg(short = 't', long = "threads", value_delimiter = ',')]
+    pub threads: Vec<usize>,
+    /// Repetitions of each test
+    #[arg(short = 'r', long = "repetitions", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub repetitions: u32,
+    /// Prompt tokens per batch
+    #[arg(short = 'b', long = "batch-size", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub batch_size: u32,
+    /// Print a JSON array of rows (llama-bench's field names) instead of a table
+    #[arg(long)]
+    pub json: bool,
+}
+
+struct Row {
+    n_prompt: usize,
+    n_gen: usize,
+    threads: usize,
+    samples_ns: Vec<u64>,
+}
+
+impl Row {
+    fn test_name(&self) -> String {
+        match (self.n_prompt, self.n_gen) {
+            (p, 0) => format!("pp{p}"),
+            (0, g) => format!("tg{g}"),
+            (p, g) => format!("pp{p}+tg{g}"),
+        }
+    }
+
+    fn samples_ts(&self) -> Vec<f64> {
+        let n = (self.n_prompt + self.n_gen) as f64;
+        self.samples_ns
+            .iter()
+            .map(|&ns| n * 1e9 / ns.max(1) as f64)
+            .collect()
+    }
+}
+
+fn mean_std(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    if v.len() < 2 {
+        return (mean, 0.0);
+    }
+    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, var.sqrt())
+}
+
+fn parse_type(s: &str) -> Result<GgmlType> {
+    Ok(match s.to_ascii_lowercase().as_str() {
+        "q4_0" => GgmlType::Q4_0,
+        "q4_1" => GgmlType::Q4_1,
+        "q8_0" => GgmlType::Q8_0,
+        "f16" => GgmlType::F16,
+        "bf16" => GgmlType::BF16,
+        "f32" => GgmlType::F32,
+        _ => bail!("--type {s:?}: choose q4_0, q4_1, q8_0, f16, bf16 or f32"),
+    })
+}
+
+/// llama.cpp's name for a file type (general.file_type).
+fn ftype_name(id: Option<u32>) -> &'static str {
+    match id {
+        Some(0) => "all F32",
+        Some(1) => "F16",
+        Some(2) => "Q4_0",
+        Some(3) => "Q4_1",
+        Some(7) => "Q8_0",
+        Some(32) => "BF16",
+        _ => "?",
+    }
+}
+
+fn size_label(params: u64) -> String {
+    if params >= 1_000_000_000 {
+        format!("{:.0}B", params as f64 / 1e9)
+    } else {
+        format!("{:.0}M", params as f64 / 1e6)
+    }
+}
+
+/// Remove a temporary synthetic model however the benchmark ends.
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+pub fn run(args: BenchArgs) -> Result<ExitCode> {
+    let simd = airlock_kernels::simd::simd_path().context("AIRLOCK_SIMD")?;
+    let mut _cleanup = RemoveOnDrop(None);
+    let model_path = match (&args.model, &args.synthetic) {
+        (Some(m), _) => m.clone(),
+        (None, Some(name)) => {
+            let shape = synthetic::shape(name)?;
+            let ty = parse_type(&args.ty)?;
+            let path = match &args.save {
+                Some(p) => p.clone(),
+                None => {
+                    let p = std::env::temp_dir().join(format!(
+                        "airlock-synthetic-{}-{}-{}.gguf",
+                        shape.name,
+                        args.ty,
+                        std::process::id()
+                    ));
+                    _cleanup.0 = Some(p.clone());
+                    p
+                }
+            };
+            eprintln!(
+                "writing {} ({} random weights) ...",
+                path.display(),
+                args.ty
+            );
+            let t0 = Instant::now();
+            synthetic::write_synthetic(&shape, ty, &args.vocab, &path)?;
+            eprintln!("written in {:.1} s", t0.elapsed().as_secs_f64());
+            path
+        }
+        (None, None) => bail!("give -m MODEL or --synthetic SHAPE"),
+    };
+
+    let threads = if args.threads.is_empty() {
+        vec![crate::load::physical_cores()]
+    } else {
+        args.threads.clone()
+    };
+    if threads.contains(&0) {
+        bail!("-t/--threads must be at least 1");
+    }
+    let max_ctx = args.n_prompt.iter().max().copied().unwrap_or(0)
+        + args.n_gen.iter().max().copied().unwrap_or(0);
+    let model_args = ModelArgs {
+        model: model_path.clone(),
+        ctx_size: max_ctx.max(1),
+        threads: None,
+        batch_size: args.batch_size,
+        kv_type: KvTypeArg::F16,
+        exact: false,
+        mlock: false,
+        no_mmap: false,
+        force: false,
+        tokenizer: None,
+        verbose: false,
+    };
+    let loaded = load(&model_args)?;
+    if loaded.n_ctx < max_ctx {
+        bail!(
+            "the model's context ({}) is shorter than the longest test ({max_ctx} tokens)",
+            loaded.n_ctx
+        );
+    }
+    let model = &loaded.model;
+    let file = &model.file;
+    let params: u64 = file.tensors().iter().map(|t| t.n_elements).sum();
+    let size: u64 = file.tensors().iter().map(|t| t.n_bytes).sum();
+    let model_type = format!(
+        "llama {} {}",
+        size_label(params),
+        ftype_name(file.get_u32("general.file_type"))
+    );
+    let vocab = model.config.vocab_size as u64;
+
+    let mut tests = vec![];
+    for &p in &args.n_prompt {
+        if p > 0 {
+            tests.push((p, 0));
+        }
+    }
+    for &g in &args.n_gen {
+        if g > 0 {
+            tests.push((0, g));
+        }
+    }
+    let mut rows = vec![];
+    let mut rng = Rng::new(1234);
+    for &t in &threads {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build()
+            .context("cannot start the thread pool")?;
+        for &(n_prompt, n_gen) in &tests {
+            let mut session = loaded.session();
+            let mut samples = vec![];
+            // One warm-up run (pages in the weights, warms caches), then the timed ones.
+            for rep in 0..=args.repetitions {
+                session.reset();
+                let tokens: Vec<u32> = (0..n_prompt.max(1))
+                    .map(|_| (rng.next_u64() % vocab) as u32)
+                    .collect();
+                let t0 = Instant::now();
+                pool.install(|| -> Result<()> {
+                    if n_prompt > 0 {
+                        eval_prompt(model, &mut session, &tokens, args.batch_size as usize)?;
+                    }
+                    let mut tok = tokens[0];
+                    for _ in 0..n_gen {
+                        let logits = session.forward(model, &[tok], Logits::Last)?;
+                        tok = argmax(logits);
+                    }
+                    Ok(())
+                })?;
+                if rep > 0 {
+                    samples.push(t0.elapsed().as_nanos() as u64);
+                }
+            }
+            rows.push(Row {
+                n_prompt,
+                n_gen,
+                threads: t,
+                samples_ns: samples,
+            });
+        }
+    }
+    drop(loaded);
+
+    let filename = model_path.display().to_string();
+    if args.json {
+        let out: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                let ts = r.samples_ts();
+                let (avg_ts, stddev_ts) = mean_std(&ts);
+                let ns: Vec<f64> = r.samples_ns.iter().map(|&x| x as f64).collect();
+                let (avg_ns, stddev_ns) = mean_std(&ns);
+                json!({
+                    "build_commit": env!("CARGO_PKG_VERSION"),
+                    "backends": "CPU",
+                    "simd": simd.name(),
+                    "model_filename": filename,
+                    "model_type": model_type,
+                    "model_size": size,
+                    "model_n_params": params,
+                    "n_batch": args.batch_size,
+                    "n_threads": r.threads,
+                    "type_k": "f16",
+                    "type_v": "f16",
+                    "n_prompt": r.n_prompt,
+                    "n_gen": r.n_gen,
+                    "avg_ns": avg_ns as u64,
+                    "stddev_ns": stddev_ns as u64,
+                    "avg_ts": avg_ts,
+                    "stddev_ts": stddev_ts,
+                    "samples_ns": r.samples_ns,
+                    "samples_ts": ts,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("| model | size | params | backend | threads | test | t/s |");
+        println!("| --- | ---: | ---: | --- | ---: | ---: | ---: |");
+        for r in &rows {
+            let (avg, std) = mean_std(&r.samples_ts());
+            println!(
+                "| {model_type} | {:.2} GiB | {:.2} {} | CPU ({}) | {} | {} | {avg:.2} ± {std:.2} |",
+                size as f64 / (1u64 << 30) as f64,
+                if params >= 1_000_000_000 { params as f64 / 1e9 } else { params as f64 / 1e6 },
+                if params >= 1_000_000_000 { "B" } else { "M" },
+                simd.name(),
+                r.threads,
+                r.test_name(),
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}

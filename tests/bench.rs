@@ -1,0 +1,112 @@
+//! `airlock bench`: llama-bench-compatible JSON, and synthetic models of real shapes.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use airlock_engine::gguf::GgufFile;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn synthetic_model_has_the_real_shape_and_bench_json_has_llama_bench_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let saved = dir.path().join("smol.gguf");
+    let vocab = root().join("tests/fixtures/llama3/tiny-llama3-q8_0.gguf");
+    let o = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args([
+            "bench",
+            "--synthetic",
+            "smollm2-135m",
+            "--type",
+            "q4_0",
+            "-p",
+            "8",
+            "-n",
+            "4",
+            "-r",
+            "2",
+            "-t",
+            "1,2",
+            "--json",
+        ])
+        .arg("--save")
+        .arg(&saved)
+        .arg("--vocab")
+        .arg(&vocab)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let rows: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let rows = rows.as_array().unwrap();
+    // (pp8, tg4) x (1, 2 threads)
+    assert_eq!(rows.len(), 4);
+    for r in rows {
+        for key in [
+            "model_filename",
+            "model_type",
+            "n_threads",
+            "n_prompt",
+            "n_gen",
+            "avg_ts",
+            "stddev_ts",
+            "samples_ts",
+            "simd",
+        ] {
+            assert!(r.get(key).is_some(), "missing {key} in {r}");
+        }
+        assert_eq!(r["samples_ts"].as_array().unwrap().len(), 2);
+        assert!(r["avg_ts"].as_f64().unwrap() > 0.0);
+        assert!(r["model_type"].as_str().unwrap().ends_with("Q4_0"), "{r}");
+    }
+    assert_eq!(
+        (rows[0]["n_prompt"].as_u64(), rows[0]["n_gen"].as_u64()),
+        (Some(8), Some(0))
+    );
+    assert_eq!(
+        (rows[1]["n_prompt"].as_u64(), rows[1]["n_gen"].as_u64()),
+        (Some(0), Some(4))
+    );
+    assert_eq!(rows[2]["n_threads"].as_u64(), Some(2));
+
+    // The saved file is SmolLM2's layout with the Llama 3 vocabulary: 30 blocks of 9 tensors,
+    // the embedding (tied, so Q8_0 like the converter's policy) and the output norm.
+    let f = GgufFile::open(&saved).unwrap();
+    assert_eq!(f.tensors().len(), 30 * 9 + 2);
+    assert_eq!(
+        f.tensor("blk.0.ffn_gate.weight").unwrap().dims,
+        vec![576, 1536]
+    );
+    assert_eq!(
+        f.tensor("blk.0.attn_k.weight").unwrap().dims,
+        vec![576, 192]
+    );
+    assert_eq!(f.tensor("token_embd.weight").unwrap().ty.name(), "Q8_0");
+    assert_eq!(
+        f.tensor("blk.29.ffn_down.weight").unwrap().ty.name(),
+        "Q4_0"
+    );
+    assert_eq!(f.get_str("tokenizer.ggml.pre"), Some("llama-bpe"));
+    assert_eq!(
+        f.get_str_array("tokenizer.ggml.tokens").unwrap().len(),
+        128256
+    );
+}
+
+#[test]
+fn synthetic_8b_metadata_matches_llama_3_1_8b() {
+    // Only the header is checked here (writing 4.7 GB belongs to benchmarks, not tests): the
+    // shape table must say what Llama-3.1-8B's config.json says.
+    let o = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(["bench", "--synthetic", "llama-9b", "-p", "1", "-n", "0"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("llama-3.1-8b") && err.contains("llama-3.2-1b"),
+        "{err}"
+    );
+}
