@@ -1,0 +1,349 @@
+//! `airlock convert`: a Hugging Face Llama checkpoint directory to one GGUF file, laid out as
+//! llama.cpp's `convert_hf_to_gguf.py` lays out a `LlamaForCausalLM`.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use airlock_engine::gguf::{write_atomic, Value, WriteError};
+use airlock_kernels::GgmlType;
+use serde_json::{Map, Value as Json};
+
+use crate::checkpoint::{rope_type_of, HfConfig, Weights};
+use crate::error::{ConvertError, Result};
+use crate::policy::{Policy, Role};
+use crate::rope::Llama3Rope;
+use crate::stream::{write_gguf, Progress, RowMap, Source, TensorJob};
+use crate::vocab::HfVocab;
+
+/// Prefix of the keys that record the checkpoint's `rope_scaling` object for `export`.
+pub const ROPE_SCALING_PREFIX: &str = "airlock.rope_scaling.";
+
+#[derive(Clone, Debug)]
+pub struct ConvertOptions {
+    pub input: PathBuf,
+    pub output: PathBuf,
+    pub policy: Policy,
+    /// `--pre NAME`: skip pre-tokenizer detection.
+    pub pre: Option<String>,
+    /// Show the progress bar (the CLI passes "stderr is a terminal").
+    pub progress: bool,
+}
+
+/// What a finished conversion did.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    pub tensors: usize,
+    pub in_bytes: u64,
+    pub out_bytes: u64,
+    pub seconds: f64,
+    /// Tensor name -> type, in file order.
+    pub types: Vec<(String, GgmlType)>,
+    pub notes: Vec<String>,
+}
+
+impl Report {
+    pub fn summary(&self, out: &Path) -> String {
+        let gb = |b: u64| b as f64 / 1e9;
+        format!(
+            "wrote {} ({} tensors, {:.2} GB) from {:.2} GB of input in {:.1} s ({:.2} GB/s of input)",
+            out.display(),
+            self.tensors,
+            gb(self.out_bytes),
+            gb(self.in_bytes),
+            self.seconds,
+            gb(self.in_bytes) / self.seconds.max(1e-9)
+        )
+    }
+}
+
+impl From<WriteError> for ConvertError {
+    fn from(e: WriteError) -> Self {
+        match e {
+            WriteError::Path { path, source } => ConvertError::Write { path, source },
+            WriteError::Io(source) => ConvertError::Write {
+                path: PathBuf::new(),
+                source,
+            },
+            other => ConvertError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// Checks the output path before any work: a file path in an existing directory.
+pub(crate) fn check_output_file(out: &Path) -> Result<()> {
+    if out.is_dir() {
+        return Err(ConvertError::Output {
+            path: out.into(),
+            msg: "is a directory; give a file name".into(),
+        });
+    }
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !parent.is_dir() {
+        return Err(ConvertError::Output {
+            path: out.into(),
+            msg: format!("directory {} does not exist", parent.display()),
+        });
+    }
+    Ok(())
+}
+
+/// HF tensor names of layer `i`, their GGUF names, HF shapes and Q/K permutation.
+fn layer_tensors(c: &HfConfig, i: usize) -> Vec<(String, String, Vec<u64>, RowMap)> {
+    let (h, f) = (c.hidden as u64, c.ffn as u64);
+    let q = (c.n_head * c.head_dim) as u64;
+    let kv = (c.n_head_kv * c.head_dim) as u64;
+    let hf = |s: &str| format!("model.layers.{i}.{s}.weight");
+    let gg = |s: &str| format!("blk.{i}.{s}.weight");
+    let id = RowMap::Identity;
+    // Same order as llama.cpp's files (the HF names sorted).
+    vec![
+        (hf("input_layernorm"), gg("attn_norm"), vec![h], id),
+        (hf("mlp.down_proj"), gg("ffn_down"), vec![h, f], id),
+        (hf("mlp.gate_proj"), gg("ffn_gate"), vec![f, h], id),
+        (hf("mlp.up_proj"), gg("ffn_up"), vec![f, h], id),
+        (hf("post_attention_layernorm"), gg("ffn_norm"), vec![h], id),
+        (
+            hf("self_attn.k_proj"),
+            gg("attn_k"),
+            vec![kv, h],
+            RowMap::Permute {
+                n_head: c.n_head_kv,
+            },
+        ),
+        (hf("self_attn.o_proj"), gg("attn_output"), vec![h, q], id),
+        (
+            hf("self_attn.q_proj"),
+            gg("attn_q"),
+            vec![q, h],
+            RowMap::Permute { n_head: c.n_head },
+        ),
+        (hf("self_attn.v_proj"), gg("attn_v"), vec![kv, h], id),
+    ]
+}
+
+/// The tensors to write, checked against config.json; refuses tensors it does not know.
+fn plan<'w>(
+    c: &HfConfig,
+    w: &'w Weights,
+    policy: &Policy,
+    rope_freqs: Option<Vec<f32>>,
+) -> Result<Vec<TensorJob<'w>>> {
+    let mut jobs = Vec::new();
+    let mut used = BTreeSet::new();
+    if let Some(f) = rope_freqs {
+        jobs.push(TensorJob {
+            name: "rope_freqs.weight".into(),
+            dims: vec![f.len() as u64],
+            out: GgmlType::F32,
+            src: Source::Values(f),
+            rows: RowMap::Identity,
+        });
+    }
+    let (h, v) = (c.hidden as u64, c.vocab_size as u64);
+    let mut add = |hf: &str, gguf: &str, shape: Vec<u64>, rows: RowMap, role: Role| -> Result<()> {
+        let t = w.get(hf, &shape)?;
+        let dims: Vec<u64> = shape.iter().rev().copied().collect();
+        let job = TensorJob {
+            name: gguf.to_string(),
+            out: policy.choose(&dims, role),
+            dims,
+            src: Source::Bytes {
+                ty: t.ty,
+                data: t.data,
+            },
+            rows,
+        };
+        job.validate()
+            .map_err(|m| ConvertError::tensor(t.file, hf, m))?;
+        used.insert(hf.to_string());
+        jobs.push(job);
+        Ok(())
+    };
+    let embd_role = if c.tied {
+        Role::OutputHead
+    } else {
+        Role::Other
+    };
+    add(
+        "model.embed_tokens.weight",
+        "token_embd.weight",
+        vec![v, h],
+        RowMap::Identity,
+        embd_role,
+    )?;
+    for i in 0..c.n_layers {
+        for (hf, gguf, shape, rows) in layer_tensors(c, i) {
+            add(&hf, &gguf, shape, rows, Role::Other)?;
+        }
+    }
+    add(
+        "model.norm.weight",
+        "output_norm.weight",
+        vec![h],
+        RowMap::Identity,
+        Role::Other,
+    )?;
+    if !c.tied {
+        add(
+            "lm_head.weight",
+            "output.weight",
+            vec![v, h],
+            RowMap::Identity,
+            Role::OutputHead,
+        )?;
+    }
+    for name in w.index.keys() {
+        if used.contains(name) || name.ends_with("rotary_emb.inv_freq") {
+            continue;
+        }
+        if c.tied && name == "lm_head.weight" {
+            continue;
+        }
+        let file = w.file_of(name).unwrap_or(Path::new("?"));
+        return Err(ConvertError::tensor(
+            file,
+            name,
+            format!(
+                "unexpected tensor: not part of a LlamaForCausalLM with {} layers as config.json describes",
+                c.n_layers
+            ),
+        ));
+    }
+    Ok(jobs)
+}
+
+/// GGUF metadata for the checkpoint, in llama.cpp's order.
+fn metadata(c: &HfConfig, vocab: &HfVocab, policy: &Policy, name: &str) -> Vec<(String, Value)> {
+    let mut m: Vec<(String, Value)> = Vec::new();
+    let mut put = |k: &str, v: Value| m.push((k.to_string(), v));
+    let u = |x: usize| Value::U32(x as u32);
+    put("general.architecture", Value::String("llama".into()));
+    put("general.type", Value::String("model".into()));
+    put("general.name", Value::String(name.into()));
+    put("llama.block_count", u(c.n_layers));
+    put("llama.context_length", u(c.context_length));
+    put("llama.embedding_length", u(c.hidden));
+    put("llama.feed_forward_length", u(c.ffn));
+    put("llama.attention.head_count", u(c.n_head));
+    put("llama.attention.head_count_kv", u(c.n_head_kv));
+    put("llama.rope.freq_base", Value::F32(c.rope_theta as f32));
+    put(
+        "llama.attention.layer_norm_rms_epsilon",
+        Value::F32(c.rms_eps as f32),
+    );
+    if let Some(hd) = c.head_dim_explicit {
+        put("llama.attention.key_length", u(hd));
+        put("llama.attention.value_length", u(hd));
+    }
+    if let Some(rs) = &c.rope_scaling {
+        if rope_type_of(rs) == Some("linear") {
+            if let Some(f) = rs.get("factor").and_then(Json::as_f64) {
+                put("llama.rope.scaling.type", Value::String("linear".into()));
+                put("llama.rope.scaling.factor", Value::F32(f as f32));
+            }
+        }
+    }
+    put("general.file_type", Value::U32(policy.ty.file_type()));
+    put("llama.vocab_size", u(c.vocab_size));
+    put("llama.rope.dimension_count", u(c.head_dim));
+    m.extend(vocab.metadata());
+    if let Some(rs) = &c.rope_scaling {
+        m.extend(rope_scaling_keys(rs));
+    }
+    m.push(("general.quantization_version".into(), Value::U32(2)));
+    m
+}
+
+/// `airlock.rope_scaling.<field>` for each scalar field of the checkpoint's rope_scaling.
+fn rope_scaling_keys(rs: &Map<String, Json>) -> Vec<(String, Value)> {
+    rs.iter()
+        .filter_map(|(k, v)| {
+            let v = match v {
+                Json::String(s) => Value::String(s.clone()),
+                Json::Bool(b) => Value::Bool(*b),
+                Json::Number(n) if n.is_u64() => Value::U64(n.as_u64()?),
+                Json::Number(n) if n.is_i64() => Value::I64(n.as_i64()?),
+                Json::Number(n) => Value::F64(n.as_f64()?),
+                _ => return None,
+            };
+            Some((format!("{ROPE_SCALING_PREFIX}{k}"), v))
+        })
+        .collect()
+}
+
+/// The model's name: config.json's `_name_or_path` (last path part), else the directory name.
+fn model_name(c: &HfConfig, dir: &Path) -> String {
+    c.raw
+        .get("_name_or_path")
+        .and_then(Json::as_str)
+        .map(|s| s.trim_end_matches('/').rsplit('/').next().unwrap_or(s))
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .or_else(|| {
+            std::fs::canonicalize(dir)
+                .ok()
+                .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+        })
+        .unwrap_or_else(|| "model".into())
+}
+
+/// Runs a conversion. On any error nothing is left at `opts.output`.
+pub fn convert(opts: &ConvertOptions) -> Result<Report> {
+    let start = Instant::now();
+    let dir = &opts.input;
+    if !dir.is_dir() {
+        return Err(ConvertError::MissingFile {
+            path: dir.clone(),
+            what: "checkpoint directory".into(),
+        });
+    }
+    check_output_file(&opts.output)?;
+    let config_path = dir.join("config.json");
+    if !config_path.is_file() {
+        return Err(ConvertError::MissingFile {
+            path: config_path,
+            what: "model configuration".into(),
+        });
+    }
+    let c = HfConfig::load(&config_path)?;
+    let vocab = HfVocab::load(dir, &c, opts.pre.as_deref())?;
+    let weights = Weights::open(dir)?;
+    let mut notes = Vec::new();
+    let rope_freqs = match &c.rope_scaling {
+        Some(rs) if rope_type_of(rs).map(str::to_ascii_lowercase).as_deref() == Some("llama3") => {
+            let p = Llama3Rope::from_json(rs, None);
+            Some(p.factors(c.rope_theta, c.head_dim))
+        }
+        _ => None,
+    };
+    if let Some(rs) = &c.rope_scaling {
+        notes.push(format!(
+            "rope_scaling {} recorded under {ROPE_SCALING_PREFIX}*",
+            Json::Object(rs.clone())
+        ));
+    }
+    let jobs = plan(&c, &weights, &opts.policy, rope_freqs)?;
+    let meta = metadata(&c, &vocab, &opts.policy, &model_name(&c, dir));
+    drop(vocab);
+    let in_bytes: u64 = jobs.iter().map(TensorJob::in_bytes).sum();
+    let progress = Progress::new(in_bytes, opts.progress);
+    let out_path = opts.output.clone();
+    write_atomic(&opts.output, |out| {
+        write_gguf(out, &out_path, &meta, &jobs, &progress)
+    })?;
+    progress.finish();
+    Ok(Report {
+        tensors: jobs.len(),
+        in_bytes,
+        out_bytes: std::fs::metadata(&opts.output)
+            .map(|m| m.len())
+            .unwrap_or(0),
+        seconds: start.elapsed().as_secs_f64(),
+        types: jobs.iter().map(|j| (j.name.clone(), j.out)).collect(),
+        notes,
+    })
+}

@@ -1,0 +1,79 @@
+//! One error type for the whole crate. Every message names the file (and the tensor or key when
+//! there is one), so a user can tell what to fix without a backtrace.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = ConvertError> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    /// A required input file is absent.
+    #[error("{path}: missing ({what})")]
+    MissingFile { path: PathBuf, what: String },
+    /// Reading an input failed.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A JSON input (config.json, tokenizer.json, ...) is malformed or disagrees with itself.
+    #[error("{path}: {msg}")]
+    BadJson { path: PathBuf, msg: String },
+    /// The checkpoint is not a model airlock can convert.
+    #[error("{path}: unsupported architecture: {msg}")]
+    Unsupported { path: PathBuf, msg: String },
+    /// A safetensors file is malformed or hostile.
+    #[error("{path}: bad safetensors file: {msg}")]
+    BadSafetensors { path: PathBuf, msg: String },
+    /// A tensor is missing, has the wrong shape or an unsupported dtype.
+    #[error("{path}: tensor {tensor:?}: {msg}")]
+    Tensor {
+        path: PathBuf,
+        tensor: String,
+        msg: String,
+    },
+    /// A GGUF input could not be read or is not something this command handles.
+    #[error("{path}: {msg}")]
+    BadGguf { path: PathBuf, msg: String },
+    /// Bad command-line choices (types, names).
+    #[error("{0}")]
+    Usage(String),
+    /// Writing the output failed (disk full, file size limit, permissions...).
+    #[error("writing {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The output would overwrite something it must not.
+    #[error("{path}: {msg}")]
+    Output { path: PathBuf, msg: String },
+    /// Ctrl-C (or another cancellation) stopped the work; nothing was left at the output path.
+    #[error("interrupted; nothing was written to {0}")]
+    Interrupted(PathBuf),
+    /// An internal invariant broke (a bug, reported instead of panicking).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ConvertError {
+    pub(crate) fn json(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        ConvertError::BadJson {
+            path: path.into(),
+            msg: msg.into(),
+        }
+    }
+
+    pub(crate) fn tensor(
+        path: impl Into<PathBuf>,
+        tensor: impl Into<String>,
+        msg: impl Into<String>,
+    ) -> Self {
+        ConvertError::Tensor {
+            path: path.into(),
+            tensor: tensor.into(),
+            msg: msg.into(),
+        }
+    }
+}
