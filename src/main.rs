@@ -1,12 +1,14 @@
 //! airlock: run quantized Llama-family models on plain CPUs, offline.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
+mod bench;
 mod chat;
 mod convert_cmd;
 mod inspect;
 mod load;
 mod run;
+mod synthetic;
 mod tokenize;
 
 #[derive(Parser)]
@@ -15,8 +17,11 @@ mod tokenize;
     version,
     about = "Run quantized Llama-family GGUF models on plain CPUs, offline",
     long_about = "airlock runs quantized Llama-family language models (GGUF files, as llama.cpp \
-                  makes them) on CPUs with no network.\n\nStart with `scripts/fetch-models.sh`, \
-                  then `airlock inspect models/SmolLM2-135M-Instruct.Q4_1.gguf`."
+                  makes them) on CPUs with no network.\n\nQuickstart:\n  \
+                  scripts/fetch-models.sh\n  \
+                  airlock run -m models/SmolLM2-135M-Instruct.Q4_1.gguf --chat -p \"What is phishing?\"\n  \
+                  airlock chat -m models/SmolLM2-135M-Instruct.Q4_1.gguf\n  \
+                  airlock inspect models/SmolLM2-135M-Instruct.Q4_1.gguf"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -39,10 +44,24 @@ enum Command {
     Quantize(convert_cmd::QuantizeArgs),
     /// Write a GGUF model back out as a Hugging Face checkpoint directory
     Export(convert_cmd::ExportArgs),
+    /// Measure prompt and generation speed, like llama-bench
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    // The version line names the kernel path this CPU (or AIRLOCK_SIMD) selects.
+    let simd = match airlock_kernels::simd::simd_path() {
+        Ok(p) => format!("kernels: {}", p.name()),
+        Err(e) => format!("kernels: {e}"),
+    };
+    let version = format!("{} ({simd})", env!("CARGO_PKG_VERSION"));
+    // Leaked once: clap keeps &'static strings and this lives for the whole process.
+    let version: &'static str = Box::leak(version.into_boxed_str());
+    let matches = Cli::command().version(version).get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Chat(args) => chat::run(args),
@@ -51,6 +70,7 @@ fn main() -> std::process::ExitCode {
         Command::Convert(args) => convert_cmd::run_convert(args),
         Command::Quantize(args) => convert_cmd::run_quantize(args),
         Command::Export(args) => convert_cmd::run_export(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(code) => code,
