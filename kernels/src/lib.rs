@@ -8,6 +8,7 @@
 //!   holds the reference twins that any SIMD version is tested against.
 //! - [`matmul`]: weight-matrix x activations, parallel over output rows.
 
+pub mod attention;
 pub mod dot;
 mod error;
 pub mod matmul;

@@ -5,7 +5,7 @@ use crate::gguf::GgufFile;
 use super::ModelError;
 
 /// Largest head size the attention kernel keeps on the stack; Llama models use 64 or 128.
-pub const MAX_HEAD_DIM: usize = 256;
+pub use airlock_kernels::attention::MAX_HEAD_DIM;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct LlamaConfig {

@@ -10,9 +10,9 @@
 //!   x += (silu(xn' Wgate) * xn' Wup) Wdown, xn' = rmsnorm(x)
 //! then logits = rmsnorm(x) Wout for the positions asked for.
 
+use airlock_kernels::attention::{attention, AttentionShape, KvRows};
 use airlock_kernels::ops;
 use half::f16;
-use rayon::prelude::*;
 
 use super::{LlamaModel, ModelError, Weight};
 
@@ -57,6 +57,13 @@ impl KvStore {
         match ty {
             KvType::F16 => KvStore::F16(vec![f16::ZERO; n]),
             KvType::F32 => KvStore::F32(vec![0.0; n]),
+        }
+    }
+
+    fn rows(&self, r: std::ops::Range<usize>) -> KvRows<'_> {
+        match self {
+            KvStore::F16(v) => KvRows::F16(&v[r]),
+            KvStore::F32(v) => KvRows::F32(&v[r]),
         }
     }
 
@@ -214,15 +221,17 @@ impl Session {
                 self.v.write(at, &self.vb[t * kvd..(t + 1) * kvd]);
             }
             let layer = li * layer_stride..(li + 1) * layer_stride;
+            let shape = AttentionShape {
+                n_head: c.n_head,
+                n_head_kv: c.n_head_kv,
+                head_dim: hd,
+                pos0: self.pos,
+            };
             attention(
-                c.n_head,
-                c.n_head_kv,
-                hd,
-                self.pos,
+                shape,
                 &self.q,
-                &self.k,
-                &self.v,
-                layer,
+                self.k.rows(layer.clone()),
+                self.v.rows(layer),
                 &mut self.att,
             );
             mm(&l.wo, &self.att, &mut self.tmp, &mut self.scratch)?;
@@ -271,69 +280,4 @@ fn norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32], e: usize) {
     for (xr, or) in x.chunks_exact(e).zip(out.chunks_exact_mut(e)) {
         ops::rms_norm(xr, w, eps, or);
     }
-}
-
-/// Causal attention for a batch of n tokens whose first position is `pos0`, one task per
-/// (token, head), with an online softmax so no score row is stored.
-#[allow(clippy::too_many_arguments)]
-fn attention(
-    n_head: usize,
-    n_head_kv: usize,
-    hd: usize,
-    pos0: usize,
-    q: &[f32],
-    k: &KvStore,
-    v: &KvStore,
-    layer: std::ops::Range<usize>,
-    out: &mut [f32],
-) {
-    let kvd = n_head_kv * hd;
-    let group = n_head / n_head_kv;
-    let scale = 1.0 / (hd as f32).sqrt();
-    out.par_chunks_mut(hd).enumerate().for_each(|(i, o)| {
-        let (t, h) = (i / n_head, i % n_head);
-        let qh = &q[i * hd..(i + 1) * hd];
-        let kvh = (h / group) * hd;
-        let n_keys = pos0 + t + 1;
-        let mut acc = [0.0f32; super::MAX_HEAD_DIM];
-        let acc = &mut acc[..hd];
-        let (mut m, mut l) = (f32::NEG_INFINITY, 0.0f32);
-        for j in 0..n_keys {
-            let at = layer.start + j * kvd + kvh;
-            let s = match k {
-                KvStore::F16(kc) => dot_f16(qh, &kc[at..at + hd]),
-                KvStore::F32(kc) => dot_f32(qh, &kc[at..at + hd]),
-            } * scale;
-            // Online softmax: rescale what was accumulated when a larger score appears.
-            let m_new = m.max(s);
-            let corr = (m - m_new).exp();
-            let p = (s - m_new).exp();
-            l = l * corr + p;
-            match v {
-                KvStore::F16(vc) => {
-                    for (a, &vv) in acc.iter_mut().zip(&vc[at..at + hd]) {
-                        *a = *a * corr + p * vv.to_f32();
-                    }
-                }
-                KvStore::F32(vc) => {
-                    for (a, &vv) in acc.iter_mut().zip(&vc[at..at + hd]) {
-                        *a = *a * corr + p * vv;
-                    }
-                }
-            }
-            m = m_new;
-        }
-        let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
-        for (o, a) in o.iter_mut().zip(acc.iter()) {
-            *o = a * inv;
-        }
-    });
-}
-
-fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
-
-fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y.to_f32()).sum()
 }
