@@ -217,12 +217,21 @@ fn plan<'w>(
 }
 
 /// GGUF metadata for the checkpoint, in llama.cpp's order.
-fn metadata(c: &HfConfig, vocab: &HfVocab, policy: &Policy, name: &str) -> Vec<(String, Value)> {
+fn metadata(
+    c: &HfConfig,
+    vocab: &HfVocab,
+    policy: &Policy,
+    name: &str,
+    sampling: Vec<(String, Value)>,
+) -> Vec<(String, Value)> {
     let mut m: Vec<(String, Value)> = Vec::new();
     let mut put = |k: &str, v: Value| m.push((k.to_string(), v));
     let u = |x: usize| Value::U32(x as u32);
     put("general.architecture", Value::String("llama".into()));
     put("general.type", Value::String("model".into()));
+    for (k, v) in sampling {
+        put(&k, v);
+    }
     put("general.name", Value::String(name.into()));
     put("llama.block_count", u(c.n_layers));
     put("llama.context_length", u(c.context_length));
@@ -256,6 +265,37 @@ fn metadata(c: &HfConfig, vocab: &HfVocab, policy: &Policy, name: &str) -> Vec<(
     }
     m.push(("general.quantization_version".into(), Value::U32(2)));
     m
+}
+
+/// `general.sampling.*` from generation_config.json, as gguf-py's `Metadata` reads them.
+fn sampling_keys(dir: &Path) -> Result<Vec<(String, Value)>> {
+    let path = dir.join("generation_config.json");
+    if !path.is_file() {
+        return Ok(Vec::new());
+    }
+    let g = crate::checkpoint::read_json(&path)?;
+    let mut out = Vec::new();
+    let ints = [("top_k", "top_k")];
+    let floats = [
+        ("top_p", "top_p"),
+        ("min_p", "min_p"),
+        ("temperature", "temp"),
+    ];
+    for (hf, key) in ints {
+        if let Some(v) = g
+            .get(hf)
+            .and_then(Json::as_i64)
+            .and_then(|v| i32::try_from(v).ok())
+        {
+            out.push((format!("general.sampling.{key}"), Value::I32(v)));
+        }
+    }
+    for (hf, key) in floats {
+        if let Some(v) = g.get(hf).and_then(Json::as_f64) {
+            out.push((format!("general.sampling.{key}"), Value::F32(v as f32)));
+        }
+    }
+    Ok(out)
 }
 
 /// `airlock.rope_scaling.<field>` for each scalar field of the checkpoint's rope_scaling.
@@ -327,7 +367,13 @@ pub fn convert(opts: &ConvertOptions) -> Result<Report> {
         ));
     }
     let jobs = plan(&c, &weights, &opts.policy, rope_freqs)?;
-    let meta = metadata(&c, &vocab, &opts.policy, &model_name(&c, dir));
+    let meta = metadata(
+        &c,
+        &vocab,
+        &opts.policy,
+        &model_name(&c, dir),
+        sampling_keys(dir)?,
+    );
     drop(vocab);
     let in_bytes: u64 = jobs.iter().map(TensorJob::in_bytes).sum();
     let progress = Progress::new(in_bytes, opts.progress);

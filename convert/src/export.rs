@@ -330,6 +330,23 @@ pub fn export(opts: &ExportOptions) -> Result<Report> {
             gen.insert(format!("{typ}_token_id"), json!(id));
         }
     }
+    for (key, hf) in [
+        ("general.sampling.top_k", "top_k"),
+        ("general.sampling.top_p", "top_p"),
+        ("general.sampling.min_p", "min_p"),
+        ("general.sampling.temp", "temperature"),
+    ] {
+        match f.get(key) {
+            Some(Value::I32(v)) => {
+                gen.insert(hf.into(), json!(v));
+            }
+            Some(Value::F32(v)) => {
+                gen.insert(hf.into(), json!(*v as f64));
+            }
+            _ => continue,
+        }
+        gen.insert("do_sample".into(), json!(true));
+    }
     let mut stm = Map::new();
     for (typ, key) in SPECIAL_TYPES {
         if let Some(text) = special(key).and_then(|id| vocab.tokens.get(id as usize)) {
@@ -590,6 +607,9 @@ fn tokenizer_config_json(
     }
     if let Some(b) = f.get_bool("tokenizer.ggml.add_eos_token") {
         m.insert("add_eos_token".into(), json!(b));
+    }
+    if let Some(b) = f.get_bool("tokenizer.ggml.add_sep_token") {
+        m.insert("add_sep_token".into(), json!(b));
     }
     for (typ, key) in SPECIAL_TYPES {
         if let Some(text) = special(key).and_then(|id| v.tokens.get(id as usize)) {

@@ -76,6 +76,7 @@ pub struct HfVocab {
     pub special_ids: Vec<(&'static str, u32)>,
     pub add_bos: Option<bool>,
     pub add_eos: Option<bool>,
+    pub add_sep: Option<bool>,
     pub add_space_prefix: Option<bool>,
     pub chat_template: Option<String>,
     /// Named templates (`tokenizer.chat_template.NAME`).
@@ -316,18 +317,30 @@ impl HfVocab {
         }
         special_ids.sort_by_key(|(k, _)| SPECIAL_KEYS.iter().position(|(_, kk)| kk == k));
 
+        let tc_text = |typ: &str| -> Option<String> {
+            match tc.as_ref()?.get(format!("{typ}_token"))? {
+                Json::String(s) => Some(s.clone()),
+                Json::Object(o) => o.get("content")?.as_str().map(str::to_string),
+                _ => None,
+            }
+        };
+        let (mut add_bos, mut add_eos, mut add_sep) = template_flags(
+            &tj,
+            tc.is_some(),
+            tc_text("bos"),
+            tc_text("eos"),
+            tc_text("sep"),
+            tc_text("cls"),
+        );
+        // tokenizer_config.json's own flags win, as in gguf-py.
         let flag = |key: &str| tc.as_ref().and_then(|t| t.get(key)).and_then(Json::as_bool);
-        let mut add_bos = flag("add_bos_token");
-        let add_eos = flag("add_eos_token");
-        if add_bos.is_none() {
-            // As gguf-py does when tokenizer_config.json is silent: a post-processor that puts
-            // the BOS token first means add_bos.
-            let bos = special_ids
-                .iter()
-                .find(|(k, _)| *k == "tokenizer.ggml.bos_token_id")
-                .map(|&(_, id)| id);
-            if let (Some(bos), Some(first)) = (bos, first_template_special(&tj)) {
-                add_bos = Some(id_of(&first) == Some(bos));
+        for (slot, key) in [
+            (&mut add_bos, "add_bos_token"),
+            (&mut add_eos, "add_eos_token"),
+            (&mut add_sep, "add_sep_token"),
+        ] {
+            if let Some(b) = flag(key) {
+                *slot = Some(b);
             }
         }
         let add_space_prefix = byte_level_prefix_space(&tj);
@@ -373,6 +386,7 @@ impl HfVocab {
             special_ids,
             add_bos,
             add_eos,
+            add_sep,
             add_space_prefix,
             chat_template,
             named_templates,
@@ -385,12 +399,6 @@ impl HfVocab {
         let mut put = |k: &str, v: Value| m.push((k.to_string(), v));
         if let Some(b) = self.add_space_prefix {
             put("tokenizer.ggml.add_space_prefix", Value::Bool(b));
-        }
-        if let Some(b) = self.add_bos {
-            put("tokenizer.ggml.add_bos_token", Value::Bool(b));
-        }
-        if let Some(b) = self.add_eos {
-            put("tokenizer.ggml.add_eos_token", Value::Bool(b));
         }
         put("tokenizer.ggml.model", Value::String("gpt2".into()));
         put("tokenizer.ggml.pre", Value::String(self.pre.clone()));
@@ -413,6 +421,15 @@ impl HfVocab {
         for &(k, id) in &self.special_ids {
             put(k, Value::U32(id));
         }
+        for (k, b) in [
+            ("tokenizer.ggml.add_bos_token", self.add_bos),
+            ("tokenizer.ggml.add_eos_token", self.add_eos),
+            ("tokenizer.ggml.add_sep_token", self.add_sep),
+        ] {
+            if let Some(b) = b {
+                put(k, Value::Bool(b));
+            }
+        }
         if let Some(t) = &self.chat_template {
             put("tokenizer.chat_template", Value::String(t.clone()));
         }
@@ -426,18 +443,81 @@ impl HfVocab {
     }
 }
 
-/// The first special token of the post-processor's single-sequence template, if any.
-fn first_template_special(tj: &Json) -> Option<String> {
-    let pp = tj.get("post_processor")?;
-    let procs: Vec<&Json> = match pp.get("type").and_then(Json::as_str) {
-        Some("Sequence") => pp.get("processors")?.as_array()?.iter().collect(),
-        _ => vec![pp],
+/// add_bos / add_eos / add_sep as gguf-py's `SpecialVocab` reads them off a `TemplateProcessing`
+/// post-processor: a leading BOS (or CLS) in the single template means add_bos, a trailing EOS
+/// means add_eos, and an EOS/SEP between A and B in the pair template means add_sep.
+fn template_flags(
+    tj: &Json,
+    have_config: bool,
+    bos: Option<String>,
+    eos: Option<String>,
+    sep: Option<String>,
+    cls: Option<String>,
+) -> (Option<bool>, Option<bool>, Option<bool>) {
+    let (mut add_bos, mut add_eos, mut add_sep) = (None, None, None);
+    let Some(pp) = tj.get("post_processor") else {
+        return (None, None, None);
     };
-    let tp = procs
-        .into_iter()
-        .find(|p| p.get("type").and_then(Json::as_str) == Some("TemplateProcessing"))?;
-    let first = tp.get("single")?.as_array()?.first()?;
-    Some(first.get("SpecialToken")?.get("id")?.as_str()?.to_string())
+    let procs: Vec<&Json> = match pp.get("processors").and_then(Json::as_array) {
+        Some(list) => list.iter().collect(),
+        None => vec![pp],
+    };
+    let special = |v: &Json| -> Option<String> {
+        Some(v.get("SpecialToken")?.get("id")?.as_str()?.to_string())
+    };
+    let sequence =
+        |v: &Json| -> Option<String> { Some(v.get("Sequence")?.get("id")?.as_str()?.to_string()) };
+    for p in procs {
+        if p.get("type").and_then(Json::as_str) != Some("TemplateProcessing") {
+            continue;
+        }
+        let empty = Vec::new();
+        let single = p.get("single").and_then(Json::as_array).unwrap_or(&empty);
+        let pair = p.get("pair").and_then(Json::as_array).unwrap_or(&empty);
+        let (mut first, mut last) = (None, None);
+        let (mut bos, mut eos) = (bos.clone(), eos.clone());
+        if single.len() > 1 {
+            first = special(&single[0]);
+            if let Some(f) = &first {
+                if !have_config {
+                    bos = Some(f.clone());
+                }
+                add_bos = Some(Some(f) == bos.as_ref() || Some(f) == cls.as_ref());
+            }
+            last = single.last().and_then(special);
+            if let Some(l) = &last {
+                if !have_config {
+                    eos = Some(l.clone());
+                }
+                add_eos = Some(Some(l) == eos.as_ref());
+            }
+        }
+        if !pair.is_empty() {
+            let start = usize::from(first.is_some() && special(&pair[0]) == first);
+            let stop = if last.is_some() && pair.last().and_then(special) == last {
+                pair.len() - 1
+            } else {
+                pair.len()
+            };
+            if start < stop {
+                let inner = &pair[start..stop];
+                let (a, b) = (sequence(&inner[0]), sequence(&inner[inner.len() - 1]));
+                if a.as_deref() == Some("A") && b.as_deref() == Some("B") && inner.len() > 2 {
+                    let middle = &inner[1..inner.len() - 1];
+                    let is_sep = |v: &Json| {
+                        special(v)
+                            .is_some_and(|t| Some(&t) == sep.as_ref() || Some(&t) == eos.as_ref())
+                    };
+                    let mut flag = is_sep(&middle[0]) && last.is_none();
+                    if middle.len() == 2 && is_sep(&middle[1]) {
+                        flag = true;
+                    }
+                    add_sep = Some(flag);
+                }
+            }
+        }
+    }
+    (add_bos, add_eos, add_sep)
 }
 
 /// `add_prefix_space` of the byte-level pre-tokenizer (as `tokenizer.ggml.add_space_prefix`).

@@ -1,0 +1,927 @@
+//! `airlock convert` / `quantize` / `export` on small random-weight checkpoints written here with
+//! the `safetensors` crate (a few layers, sharded or not, tied or untied embeddings, Llama 3.1 rope
+//! scaling, bf16/f16/f32 inputs), and on every kind of bad input: each error names the file (and
+//! tensor) and leaves nothing at OUT.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Arc, OnceLock};
+
+use airlock_convert::rope::Llama3Rope;
+use airlock_engine::gguf::{GgufFile, Value};
+use airlock_engine::llama::{KvType, LlamaModel, Logits, Precision, Session};
+use airlock_kernels::quant::float::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
+use airlock_kernels::{quantize_row, GgmlType};
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn airlock(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(args)
+        .output()
+        .expect("run airlock")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[derive(Clone)]
+struct Spec {
+    layers: usize,
+    hidden: usize,
+    heads: usize,
+    kv_heads: usize,
+    ffn: usize,
+    tied: bool,
+    dtype: Dtype,
+    shards: usize,
+    llama3_rope: bool,
+    /// Directory with tokenizer.json (+ tokenizer_config.json).
+    tokenizer: PathBuf,
+    vocab: usize,
+}
+
+/// The tensors (HF name -> (shape, values as stored, widened to f32)).
+type Tensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
+fn smollm_tokenizer() -> PathBuf {
+    root().join("tests/fixtures/smollm2/hf")
+}
+
+fn spec() -> Spec {
+    Spec {
+        layers: 2,
+        hidden: 64,
+        heads: 4,
+        kv_heads: 2,
+        ffn: 96,
+        tied: true,
+        dtype: Dtype::F32,
+        shards: 1,
+        llama3_rope: false,
+        tokenizer: smollm_tokenizer(),
+        vocab: 49152,
+    }
+}
+
+/// A Llama 3 tokenizer directory: exported from the llama.cpp-made tiny Llama 3 fixture.
+fn llama3_tokenizer() -> &'static Path {
+    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &DIR.get_or_init(|| {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("hf");
+        let o = airlock(&[
+            "export",
+            s(&root().join("tests/fixtures/llama3/tiny-llama3-q8_0.gguf")),
+            "-o",
+            s(&out),
+            "--dtype",
+            "f32",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        (d, out)
+    })
+    .1
+}
+
+fn values(seed: u64, n: usize, norm: bool, dtype: Dtype) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let u = (x >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
+            let v = if norm { 0.9 + 0.2 * u } else { (u - 0.5) * 0.2 };
+            match dtype {
+                Dtype::BF16 => bf16_to_f32(f32_to_bf16(v)),
+                Dtype::F16 => f16_to_f32(f32_to_f16(v)),
+                _ => v,
+            }
+        })
+        .collect()
+}
+
+fn encode(v: &[f32], dtype: Dtype) -> Vec<u8> {
+    match dtype {
+        Dtype::BF16 => v
+            .iter()
+            .flat_map(|&x| f32_to_bf16(x).to_le_bytes())
+            .collect(),
+        Dtype::F16 => v
+            .iter()
+            .flat_map(|&x| f32_to_f16(x).to_le_bytes())
+            .collect(),
+        _ => v.iter().flat_map(|&x| x.to_le_bytes()).collect(),
+    }
+}
+
+fn write_checkpoint(dir: &Path, sp: &Spec) -> Tensors {
+    std::fs::create_dir_all(dir).unwrap();
+    let hd = sp.hidden / sp.heads;
+    let (h, f, v) = (sp.hidden, sp.ffn, sp.vocab);
+    let (q, kv) = (sp.heads * hd, sp.kv_heads * hd);
+    let mut shapes: Vec<(String, Vec<usize>)> =
+        vec![("model.embed_tokens.weight".into(), vec![v, h])];
+    for l in 0..sp.layers {
+        let p = |n: &str| format!("model.layers.{l}.{n}.weight");
+        shapes.extend([
+            (p("input_layernorm"), vec![h]),
+            (p("self_attn.q_proj"), vec![q, h]),
+            (p("self_attn.k_proj"), vec![kv, h]),
+            (p("self_attn.v_proj"), vec![kv, h]),
+            (p("self_attn.o_proj"), vec![h, q]),
+            (p("post_attention_layernorm"), vec![h]),
+            (p("mlp.gate_proj"), vec![f, h]),
+            (p("mlp.up_proj"), vec![f, h]),
+            (p("mlp.down_proj"), vec![h, f]),
+        ]);
+    }
+    shapes.push(("model.norm.weight".into(), vec![h]));
+    if !sp.tied {
+        shapes.push(("lm_head.weight".into(), vec![v, h]));
+    }
+    let mut tensors = Tensors::new();
+    for (i, (name, shape)) in shapes.iter().enumerate() {
+        let n = shape.iter().product();
+        tensors.insert(
+            name.clone(),
+            (
+                shape.clone(),
+                values(i as u64 + 1, n, shape.len() == 1, sp.dtype),
+            ),
+        );
+    }
+    let bytes: BTreeMap<&String, Vec<u8>> = tensors
+        .iter()
+        .map(|(k, (_, v))| (k, encode(v, sp.dtype)))
+        .collect();
+    let names: Vec<&String> = tensors.keys().collect();
+    let per = names.len().div_ceil(sp.shards);
+    let mut weight_map = serde_json::Map::new();
+    for (k, chunk) in names.chunks(per).enumerate() {
+        let file = if sp.shards == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", k + 1, sp.shards)
+        };
+        let views: Vec<(String, TensorView)> = chunk
+            .iter()
+            .map(|&n| {
+                let view = TensorView::new(sp.dtype, tensors[n].0.clone(), &bytes[n]).unwrap();
+                (n.clone(), view)
+            })
+            .collect();
+        safetensors::serialize_to_file(views, &None::<HashMap<String, String>>, &dir.join(&file))
+            .unwrap();
+        for &n in chunk {
+            weight_map.insert(n.clone(), serde_json::json!(file));
+        }
+    }
+    if sp.shards > 1 {
+        let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+        std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    }
+    let mut config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "_name_or_path": "org/synthetic-llama",
+        "hidden_size": h, "intermediate_size": f, "num_hidden_layers": sp.layers,
+        "num_attention_heads": sp.heads, "num_key_value_heads": sp.kv_heads,
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+        "tie_word_embeddings": sp.tied, "vocab_size": v, "hidden_act": "silu",
+        "bos_token_id": 1, "eos_token_id": 2,
+    });
+    if sp.llama3_rope {
+        config["rope_scaling"] = serde_json::json!({
+            "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192, "rope_type": "llama3"
+        });
+    }
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    for name in ["tokenizer.json", "tokenizer_config.json"] {
+        let src = sp.tokenizer.join(name);
+        if src.is_file() {
+            std::fs::copy(&src, dir.join(name)).unwrap();
+        }
+    }
+    tensors
+}
+
+/// GGUF name, HF name, Q/K heads to permute with.
+fn gguf_names(sp: &Spec) -> Vec<(String, String, Option<usize>)> {
+    let mut v = vec![(
+        "token_embd.weight".to_string(),
+        "model.embed_tokens.weight".to_string(),
+        None,
+    )];
+    for l in 0..sp.layers {
+        for (g, hf, heads) in [
+            ("attn_norm", "input_layernorm", None),
+            ("attn_q", "self_attn.q_proj", Some(sp.heads)),
+            ("attn_k", "self_attn.k_proj", Some(sp.kv_heads)),
+            ("attn_v", "self_attn.v_proj", None),
+            ("attn_output", "self_attn.o_proj", None),
+            ("ffn_norm", "post_attention_layernorm", None),
+            ("ffn_gate", "mlp.gate_proj", None),
+            ("ffn_up", "mlp.up_proj", None),
+            ("ffn_down", "mlp.down_proj", None),
+        ] {
+            v.push((
+                format!("blk.{l}.{g}.weight"),
+                format!("model.layers.{l}.{hf}.weight"),
+                heads,
+            ));
+        }
+    }
+    v.push((
+        "output_norm.weight".into(),
+        "model.norm.weight".into(),
+        None,
+    ));
+    if !sp.tied {
+        v.push(("output.weight".into(), "lm_head.weight".into(), None));
+    }
+    v
+}
+
+/// llama.cpp's permute: reshape (n_head, 2, rows/n_head/2, cols), swap axes 1 and 2.
+fn permute(v: &[f32], rows: usize, cols: usize, n_head: usize) -> Vec<f32> {
+    let hd = rows / n_head;
+    let mut out = Vec::with_capacity(v.len());
+    for h in 0..n_head {
+        for i in 0..hd / 2 {
+            for j in 0..2 {
+                let src = h * hd + j * (hd / 2) + i;
+                out.extend_from_slice(&v[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+fn expected_type(name: &str, dims: &[u64], ty: &str, tied: bool) -> GgmlType {
+    if dims.len() == 1 {
+        return GgmlType::F32;
+    }
+    let head = name == "output.weight" || (tied && name == "token_embd.weight");
+    let t = match (ty, head) {
+        ("q4_0" | "q4_1", true) => GgmlType::Q8_0,
+        ("q4_0", false) => GgmlType::Q4_0,
+        ("q4_1", false) => GgmlType::Q4_1,
+        ("q8_0", _) => GgmlType::Q8_0,
+        ("f16", _) => GgmlType::F16,
+        ("bf16", _) => GgmlType::BF16,
+        _ => GgmlType::F32,
+    };
+    if dims[0] % t.block_size() as u64 != 0 {
+        return if ty == "f32" {
+            GgmlType::F32
+        } else {
+            GgmlType::F16
+        };
+    }
+    t
+}
+
+/// Converts `dir` to each type and checks every tensor's type, shape and exact bytes, the
+/// metadata, and that the model runs.
+fn check_conversions(dir: &Path, sp: &Spec, tensors: &Tensors, types: &[&str]) {
+    let out_dir = tempfile::tempdir().unwrap();
+    for &ty in types {
+        let out = out_dir.path().join(format!("m.{ty}.gguf"));
+        let o = airlock(&["convert", s(dir), "-o", s(&out), "--type", ty]);
+        assert!(o.status.success(), "{ty}: {}", stderr(&o));
+        let f = GgufFile::open(&out).unwrap();
+        let names = gguf_names(sp);
+        let extra = usize::from(sp.llama3_rope);
+        assert_eq!(f.tensors().len(), names.len() + extra, "{ty}");
+        for (g, hf, heads) in &names {
+            let t = f.tensor(g).unwrap_or_else(|| panic!("{ty}: no {g}"));
+            let (shape, vals) = &tensors[hf];
+            let dims: Vec<u64> = shape.iter().rev().map(|&d| d as u64).collect();
+            assert_eq!(t.dims, dims, "{ty} {g}");
+            let want_ty = expected_type(g, &dims, ty, sp.tied);
+            assert_eq!(t.ty, want_ty, "{ty} {g}");
+            let rows_in_order = match heads {
+                Some(n) => permute(vals, shape[0], shape[1], *n),
+                None => vals.clone(),
+            };
+            let mut want = vec![0u8; t.n_bytes as usize];
+            quantize_row(want_ty, &rows_in_order, &mut want).unwrap();
+            assert!(f.tensor_data(t) == &want[..], "{ty} {g}: bytes differ");
+        }
+        assert_eq!(f.tensor("output.weight").is_none(), sp.tied);
+        if sp.llama3_rope {
+            let rf = f.tensor("rope_freqs.weight").expect("rope_freqs.weight");
+            assert_eq!(rf.ty, GgmlType::F32);
+            let hd = sp.hidden / sp.heads;
+            let want = Llama3Rope::from_json(&serde_json::Map::new(), None).factors(500000.0, hd);
+            let got: Vec<f32> = f
+                .tensor_data(rf)
+                .chunks(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            assert_eq!(got, want);
+            assert_eq!(f.get_str("airlock.rope_scaling.rope_type"), Some("llama3"));
+            assert_eq!(f.get("airlock.rope_scaling.factor"), Some(&Value::F64(8.0)));
+        } else {
+            assert!(f.tensor("rope_freqs.weight").is_none());
+        }
+        let ft = match ty {
+            "f32" => 0,
+            "f16" => 1,
+            "q4_0" => 2,
+            "q4_1" => 3,
+            "q8_0" => 7,
+            _ => 32,
+        };
+        assert_eq!(f.get_u32("general.file_type"), Some(ft));
+        assert_eq!(f.get_u32("general.quantization_version"), Some(2));
+        assert_eq!(f.get_str("general.name"), Some("synthetic-llama"));
+        assert_eq!(f.get_u32("llama.block_count"), Some(sp.layers as u32));
+        assert_eq!(f.get_u32("llama.vocab_size"), Some(sp.vocab as u32));
+        assert_eq!(f.get_str("tokenizer.ggml.model"), Some("gpt2"));
+        // It runs.
+        let model = LlamaModel::load(Arc::new(f)).unwrap();
+        let mut sess = Session::new(&model, 8, KvType::F32, Precision::Exact);
+        let l = sess.forward(&model, &[1, 2, 3, 4], Logits::Last).unwrap();
+        assert!(l.iter().all(|x| x.is_finite()));
+    }
+}
+
+#[test]
+fn single_file_f32_tied_every_type() {
+    let d = tempfile::tempdir().unwrap();
+    let sp = spec();
+    let t = write_checkpoint(d.path(), &sp);
+    check_conversions(
+        d.path(),
+        &sp,
+        &t,
+        &["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"],
+    );
+}
+
+#[test]
+fn sharded_bf16_untied_llama3_rope() {
+    let d = tempfile::tempdir().unwrap();
+    let sp = Spec {
+        tied: false,
+        dtype: Dtype::BF16,
+        shards: 3,
+        llama3_rope: true,
+        tokenizer: llama3_tokenizer().to_path_buf(),
+        vocab: 128256,
+        ..spec()
+    };
+    let t = write_checkpoint(d.path(), &sp);
+    assert!(d.path().join("model-00003-of-00003.safetensors").is_file());
+    check_conversions(d.path(), &sp, &t, &["bf16", "q4_0", "q8_0"]);
+    let out = d.path().join("x.gguf");
+    assert!(
+        airlock(&["convert", s(d.path()), "-o", s(&out), "--type", "q8_0"])
+            .status
+            .success()
+    );
+    let f = GgufFile::open(&out).unwrap();
+    assert_eq!(f.get_str("tokenizer.ggml.pre"), Some("llama-bpe"));
+    assert_eq!(f.get_bool("tokenizer.ggml.add_bos_token"), Some(true));
+    assert_eq!(f.get_u32("tokenizer.ggml.bos_token_id"), Some(128000));
+}
+
+#[test]
+fn f16_input_with_row_lengths_off_the_block_size() {
+    let d = tempfile::tempdir().unwrap();
+    // ffn 80: ffn_down rows are 80 long, not a multiple of 32 -> F16 (F32 with --type f32).
+    let sp = Spec {
+        dtype: Dtype::F16,
+        ffn: 80,
+        tied: false,
+        ..spec()
+    };
+    let t = write_checkpoint(d.path(), &sp);
+    check_conversions(d.path(), &sp, &t, &["q4_1", "f32"]);
+}
+
+#[test]
+fn output_type_and_pure_flags() {
+    let d = tempfile::tempdir().unwrap();
+    let sp = Spec {
+        tied: false,
+        ..spec()
+    };
+    write_checkpoint(d.path(), &sp);
+    let out = d.path().join("o.gguf");
+    let ty_of = |args: &[&str], name: &str| {
+        let _ = std::fs::remove_file(&out);
+        let mut a = vec!["convert", s(d.path()), "-o", s(&out)];
+        a.extend_from_slice(args);
+        let o = airlock(&a);
+        assert!(o.status.success(), "{}", stderr(&o));
+        GgufFile::open(&out).unwrap().tensor(name).unwrap().ty
+    };
+    assert_eq!(ty_of(&["--type", "q4_0"], "output.weight"), GgmlType::Q8_0);
+    assert_eq!(
+        ty_of(&["--type", "q4_0"], "token_embd.weight"),
+        GgmlType::Q4_0
+    );
+    assert_eq!(
+        ty_of(&["--type", "q4_0", "--pure"], "output.weight"),
+        GgmlType::Q4_0
+    );
+    assert_eq!(
+        ty_of(&["--type", "q4_1", "--output-type", "f16"], "output.weight"),
+        GgmlType::F16
+    );
+    assert_eq!(
+        ty_of(&["--type", "q8_0", "--pre", "gpt2"], "output.weight"),
+        GgmlType::Q8_0
+    );
+}
+
+#[test]
+fn quantize_and_export_round_trip_synthetic() {
+    let d = tempfile::tempdir().unwrap();
+    let sp = Spec {
+        tied: false,
+        llama3_rope: true,
+        tokenizer: llama3_tokenizer().to_path_buf(),
+        vocab: 128256,
+        ..spec()
+    };
+    write_checkpoint(&d.path().join("ckpt"), &sp);
+    let f32 = d.path().join("m.f32.gguf");
+    let q8 = d.path().join("m.q8_0.gguf");
+    let q8b = d.path().join("m.q8_0-from-f32.gguf");
+    assert!(airlock(&[
+        "convert",
+        s(&d.path().join("ckpt")),
+        "-o",
+        s(&f32),
+        "--type",
+        "f32"
+    ])
+    .status
+    .success());
+    assert!(airlock(&[
+        "convert",
+        s(&d.path().join("ckpt")),
+        "-o",
+        s(&q8),
+        "--type",
+        "q8_0"
+    ])
+    .status
+    .success());
+    // quantize f32 -> q8_0 gives the same file as converting straight to q8_0, except file order
+    // of nothing: same metadata (file_type updated), same tensors.
+    let o = airlock(&["quantize", s(&f32), "-o", s(&q8b), "--type", "q8_0"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&q8).unwrap(), std::fs::read(&q8b).unwrap());
+    // Requantizing needs the flag.
+    let q4 = d.path().join("m.q4_0.gguf");
+    let o = airlock(&["quantize", s(&q8), "-o", s(&q4), "--type", "q4_0"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--allow-requantize"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("blk.0.attn_q.weight") || stderr(&o).contains("token_embd.weight"));
+    assert!(!q4.exists());
+    let o = airlock(&[
+        "quantize",
+        s(&q8),
+        "-o",
+        s(&q4),
+        "--type",
+        "q4_0",
+        "--allow-requantize",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // export -> convert f32 gives back the same f32 file (metadata and tensors).
+    let hf = d.path().join("hf");
+    let o = airlock(&[
+        "export",
+        s(&f32),
+        "-o",
+        s(&hf),
+        "--dtype",
+        "f32",
+        "--max-shard-size",
+        "5MB",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(hf.join("model.safetensors.index.json").is_file());
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["rope_scaling"]["rope_type"], "llama3");
+    let back = d.path().join("back.gguf");
+    let o = airlock(&["convert", s(&hf), "-o", s(&back), "--type", "f32"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&f32).unwrap(), std::fs::read(&back).unwrap());
+}
+
+#[test]
+fn llama_cpp_file_exports_with_inferred_rope_scaling_and_converts_back() {
+    let fixture = root().join("tests/fixtures/llama3/tiny-llama3-q8_0.gguf");
+    let d = tempfile::tempdir().unwrap();
+    let hf = d.path().join("hf");
+    let o = airlock(&["export", s(&fixture), "-o", s(&hf), "--dtype", "f32"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("rope_scaling inferred from rope_freqs.weight"),
+        "{}",
+        stderr(&o)
+    );
+    let out = d.path().join("back.gguf");
+    let o = airlock(&["convert", s(&hf), "-o", s(&out), "--type", "f32"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let a = GgufFile::open(&fixture).unwrap();
+    let b = GgufFile::open(&out).unwrap();
+    // rope_freqs.weight exactly as llama.cpp's converter computed it.
+    let rf = |f: &GgufFile| {
+        f.tensor_data(f.tensor("rope_freqs.weight").unwrap())
+            .to_vec()
+    };
+    assert_eq!(rf(&a), rf(&b));
+    for t in a.tensors() {
+        let tb = b.tensor(&t.name).unwrap();
+        let mut x = vec![0f32; t.n_elements as usize];
+        let mut y = x.clone();
+        airlock_kernels::dequantize_row(t.ty, a.tensor_data(t), &mut x).unwrap();
+        airlock_kernels::dequantize_row(tb.ty, b.tensor_data(tb), &mut y).unwrap();
+        assert!(x == y, "{}", t.name);
+    }
+    for e in a.metadata() {
+        if e.key.starts_with("llama.")
+            || e.key.starts_with("tokenizer.")
+            || e.key.starts_with("general.sampling.")
+        {
+            assert_eq!(b.get(&e.key), Some(&e.value), "{}", e.key);
+        }
+    }
+}
+
+// ---- bad inputs: one clear error naming the file (and tensor), nothing at OUT ----
+
+/// A good small checkpoint to break.
+fn good(dir: &Path) -> Tensors {
+    write_checkpoint(
+        dir,
+        &Spec {
+            tied: false,
+            shards: 2,
+            ..spec()
+        },
+    )
+}
+
+fn shard(dir: &Path, k: usize) -> PathBuf {
+    dir.join(format!("model-{k:05}-of-00002.safetensors"))
+}
+
+/// Runs convert, expects failure with every `needles` in stderr and nothing left in `out`'s dir.
+fn fails(dir: &Path, needles: &[&str]) {
+    let outdir = tempfile::tempdir().unwrap();
+    let out = outdir.path().join("out.gguf");
+    let o = airlock(&["convert", s(dir), "-o", s(&out), "--type", "q8_0"]);
+    let err = stderr(&o);
+    assert!(!o.status.success(), "should fail: {err}");
+    for n in needles {
+        assert!(err.contains(n), "expected {n:?} in: {err}");
+    }
+    assert!(!out.exists(), "OUT exists after: {err}");
+    let left: Vec<_> = std::fs::read_dir(outdir.path()).unwrap().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// Rewrites a safetensors file's header with `edit` applied to its JSON.
+fn edit_header(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut h: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    edit(&mut h);
+    let mut text = h.to_string().into_bytes();
+    while text.len() % 8 != 0 {
+        text.push(b' ');
+    }
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(path, out).unwrap();
+}
+
+fn first_tensor_in(path: &Path) -> String {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let h: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    h.as_object()
+        .unwrap()
+        .keys()
+        .find(|k| *k != "__metadata__")
+        .unwrap()
+        .clone()
+}
+
+#[test]
+fn missing_files() {
+    let d = tempfile::tempdir().unwrap();
+    good(d.path());
+    std::fs::remove_file(d.path().join("config.json")).unwrap();
+    fails(d.path(), &["config.json", "missing"]);
+
+    let d = tempfile::tempdir().unwrap();
+    good(d.path());
+    std::fs::remove_file(d.path().join("tokenizer.json")).unwrap();
+    fails(d.path(), &["tokenizer.json", "missing"]);
+
+    let d = tempfile::tempdir().unwrap();
+    good(d.path());
+    std::fs::remove_file(d.path().join("model.safetensors.index.json")).unwrap();
+    fails(d.path(), &["model.safetensors", "missing"]);
+
+    let d = tempfile::tempdir().unwrap();
+    good(d.path());
+    std::fs::remove_file(shard(d.path(), 2)).unwrap();
+    fails(d.path(), &["model-00002-of-00002.safetensors", "missing"]);
+
+    fails(&d.path().join("nonexistent"), &["nonexistent", "missing"]);
+}
+
+#[test]
+fn unsupported_architecture() {
+    let d = tempfile::tempdir().unwrap();
+    good(d.path());
+    let p = d.path().join("config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    c["architectures"] = serde_json::json!(["Qwen2ForCausalLM"]);
+    std::fs::write(&p, c.to_string()).unwrap();
+    fails(
+        d.path(),
+        &[
+            "config.json",
+            "unsupported architecture",
+            "Qwen2ForCausalLM",
+        ],
+    );
+}
+
+#[test]
+fn missing_tensor_and_wrong_shape() {
+    let d = tempfile::tempdir().unwrap();
+    good(d.path());
+    let p = d.path().join("config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    c["num_hidden_layers"] = serde_json::json!(3);
+    std::fs::write(&p, c.to_string()).unwrap();
+    fails(d.path(), &["model.layers.2.", "missing"]);
+
+    let d = tempfile::tempdir().unwrap();
+    good(d.path());
+    let p = d.path().join("config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    c["intermediate_size"] = serde_json::json!(128);
+    std::fs::write(&p, c.to_string()).unwrap();
+    fails(
+        d.path(),
+        &[
+            "mlp.",
+            "shape",
+            "disagrees with config.json",
+            ".safetensors",
+        ],
+    );
+
+    // A tensor config.json does not account for.
+    let d = tempfile::tempdir().unwrap();
+    good(d.path());
+    let p = d.path().join("config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    c["num_hidden_layers"] = serde_json::json!(1);
+    std::fs::write(&p, c.to_string()).unwrap();
+    fails(d.path(), &["model.layers.1.", "unexpected tensor"]);
+}
+
+#[test]
+fn unknown_and_unsupported_dtypes() {
+    let d = tempfile::tempdir().unwrap();
+    good(d.path());
+    let path = shard(d.path(), 1);
+    let name = first_tensor_in(&path);
+    edit_header(&path, |h| h[&name]["dtype"] = serde_json::json!("Q9"));
+    fails(
+        d.path(),
+        &[
+            &name,
+            "unknown dtype \"Q9\"",
+            "model-00001-of-00002.safetensors",
+        ],
+    );
+
+    // A dtype safetensors knows but airlock does not convert (F32 bytes relabelled as I32).
+    let d = tempfile::tempdir().unwrap();
+    good(d.path());
+    let path = shard(d.path(), 1);
+    let name = first_tensor_in(&path);
+    edit_header(&path, |h| h[&name]["dtype"] = serde_json::json!("I32"));
+    fails(d.path(), &[&name, "dtype I32 is not supported"]);
+}
+
+#[test]
+fn hostile_safetensors_headers() {
+    // Header length larger than the file.
+    let d = tempfile::tempdir().unwrap();
+    good(d.path());
+    let path = shard(d.path(), 1);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[..8].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    fails(
+        d.path(),
+        &[
+            "model-00001-of-00002.safetensors",
+            "header length",
+            "larger than the file",
+        ],
+    );
+
+    // Non-UTF-8 header.
+    let d = tempfile::tempdir().unwrap();
+    good(d.path());
+    let path = shard(d.path(), 1);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[10] = 0xFF;
+    std::fs::write(&path, &bytes).unwrap();
+    fails(d.path(), &["model-00001-of-00002.safetensors", "not UTF-8"]);
+
+    // Offsets past the end of the data.
+    let d = tempfile::tempdir().unwrap();
+    good(d.path());
+    let path = shard(d.path(), 1);
+    let name = first_tensor_in(&path);
+    edit_header(&path, |h| {
+        h[&name]["data_offsets"] = serde_json::json!([0u64, 1u64 << 40])
+    });
+    fails(d.path(), &[&name, "out of range"]);
+
+    // Overlapping offsets: two tensors claim the same bytes.
+    let d = tempfile::tempdir().unwrap();
+    good(d.path());
+    let path = shard(d.path(), 1);
+    let bytes = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let h: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    // Two 1-D norm tensors of the same size: point the second at the first's bytes.
+    let norms: Vec<(String, serde_json::Value)> = h
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.contains("layernorm"))
+        .map(|(k, v)| (k.clone(), v["data_offsets"].clone()))
+        .collect();
+    assert!(norms.len() >= 2);
+    let (victim, offs) = (norms[1].0.clone(), norms[0].1.clone());
+    edit_header(&path, |h| h[&victim]["data_offsets"] = offs);
+    fails(d.path(), &["model-00001-of-00002.safetensors", "overlap"]);
+
+    // Garbage instead of JSON.
+    let d = tempfile::tempdir().unwrap();
+    good(d.path());
+    let path = shard(d.path(), 2);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[8] = b'[';
+    std::fs::write(&path, &bytes).unwrap();
+    fails(
+        d.path(),
+        &["model-00002-of-00002.safetensors", "bad safetensors file"],
+    );
+
+    // An index pointing outside the checkpoint directory.
+    let d = tempfile::tempdir().unwrap();
+    good(d.path());
+    let p = d.path().join("model.safetensors.index.json");
+    let text = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace("model-00002-of-00002.safetensors", "../../etc/passwd");
+    std::fs::write(&p, text).unwrap();
+    fails(
+        d.path(),
+        &["model.safetensors.index.json", "not a file name"],
+    );
+}
+
+#[test]
+fn disk_full_leaves_nothing() {
+    // RLIMIT_FSIZE in a child shell with SIGXFSZ ignored: writes past 200 KiB fail with EFBIG.
+    let d = tempfile::tempdir().unwrap();
+    good(d.path());
+    let outdir = tempfile::tempdir().unwrap();
+    let out = outdir.path().join("out.gguf");
+    let script = format!(
+        "trap '' XFSZ; ulimit -f 200; exec '{}' convert '{}' -o '{}' --type f32",
+        env!("CARGO_BIN_EXE_airlock"),
+        s(d.path()),
+        s(&out)
+    );
+    let o = Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("writing") && err.contains("out.gguf"), "{err}");
+    assert!(
+        err.contains("File too large") || err.contains("too large"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    assert_eq!(std::fs::read_dir(outdir.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn ctrl_c_leaves_nothing() {
+    // A bigger checkpoint so the conversion is still running when SIGINT arrives.
+    let d = tempfile::tempdir().unwrap();
+    write_checkpoint(
+        d.path(),
+        &Spec {
+            layers: 4,
+            hidden: 256,
+            heads: 8,
+            kv_heads: 4,
+            ffn: 1024,
+            tied: false,
+            ..spec()
+        },
+    );
+    let outdir = tempfile::tempdir().unwrap();
+    let out = outdir.path().join("out.gguf");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(["convert", s(d.path()), "-o", s(&out), "--type", "q4_0"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the temporary file to appear, then interrupt.
+    let start = std::time::Instant::now();
+    while std::fs::read_dir(outdir.path()).unwrap().count() == 0 && start.elapsed().as_secs() < 20 {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let o = child.wait_with_output().unwrap();
+    let err = stderr(&o);
+    if o.status.success() {
+        // Finished before the signal landed: the output must then be complete.
+        GgufFile::open(&out).unwrap();
+        return;
+    }
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted"), "{err}");
+    assert!(!out.exists());
+    assert_eq!(std::fs::read_dir(outdir.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn export_refuses_a_non_empty_directory_and_bad_gguf() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("keep.txt"), "x").unwrap();
+    let o = airlock(&[
+        "export",
+        s(&root().join("tests/fixtures/llama3/tiny-llama3-q8_0.gguf")),
+        "-o",
+        s(d.path()),
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("not an empty directory"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
+
+    let bad = d.path().join("bad.gguf");
+    std::fs::write(&bad, b"GGUF\x03\x00\x00\x00garbage").unwrap();
+    let out = d.path().join("out");
+    let o = airlock(&["export", s(&bad), "-o", s(&out)]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("bad.gguf"), "{}", stderr(&o));
+    assert!(!out.exists());
+    let o = airlock(&["quantize", s(&bad), "-o", s(&out), "--type", "q8_0"]);
+    assert!(!o.status.success());
+    assert!(!out.exists());
+}
