@@ -14,3 +14,11 @@ echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== cargo test"
 cargo test --workspace --quiet
+echo "== GGUF compatibility: llama.cpp's reader (PyPI gguf) on airlock's output (tests/compat)"
+# Python is required, not optional: a missing python3 fails the run.
+command -v python3 >/dev/null || { echo "error: python3 is required for tests/compat" >&2; exit 1; }
+venv="${AIRLOCK_COMPAT_VENV:-target/compat-venv}"
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check "gguf==0.19.0" numpy pytest
+# target/debug/airlock is the binary `cargo test` just built for the integration tests.
+AIRLOCK_BIN="$PWD/target/debug/airlock" "$venv/bin/python" -m pytest -q tests/compat
