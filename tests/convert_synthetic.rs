@@ -283,7 +283,7 @@ fn expected_type(name: &str, dims: &[u64], ty: &str, tied: bool) -> GgmlType {
         ("bf16", _) => GgmlType::BF16,
         _ => GgmlType::F32,
     };
-    if dims[0] % t.block_size() as u64 != 0 {
+    if !dims[0].is_multiple_of(t.block_size() as u64) {
         return if ty == "f32" {
             GgmlType::F32
         } else {
@@ -609,7 +609,7 @@ fn edit_header(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     let mut h: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
     edit(&mut h);
     let mut text = h.to_string().into_bytes();
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(b' ');
     }
     let mut out = (text.len() as u64).to_le_bytes().to_vec();
@@ -868,7 +868,7 @@ fn ctrl_c_leaves_nothing() {
     );
     let outdir = tempfile::tempdir().unwrap();
     let out = outdir.path().join("out.gguf");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_airlock"))
+    let child = Command::new(env!("CARGO_BIN_EXE_airlock"))
         .args(["convert", s(d.path()), "-o", s(&out), "--type", "q4_0"])
         .stderr(std::process::Stdio::piped())
         .spawn()
