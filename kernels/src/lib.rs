@@ -4,10 +4,17 @@
 //! - [`types`]: the one table of ggml type traits (ids, block sizes, names).
 //! - [`quant`]: one file per block format, bit-compatible with ggml's
 //!   `quantize_row_*_ref` / `dequantize_row_*`, plus byte-level entry points.
-//! - [`dot`]: vector dot products behind dispatch functions; [`dot::scalar`]
-//!   holds the reference twins that any SIMD version is tested against.
-//! - [`matmul`]: weight-matrix x activations, parallel over output rows.
+//! - [`simd`]: which instruction set the kernels use ([`simd_path`]), chosen
+//!   once per process from CPU detection or `AIRLOCK_SIMD`.
+//! - [`dot`]: dot products and tiled GEMM micro-kernels, one table
+//!   ([`dot::Kernels`]) per path; [`dot::scalar`] holds the reference twins
+//!   that every SIMD version is tested against.
+//! - [`matmul`]: weight-matrix x activations, parallel over chunks of rows,
+//!   each chunk one tiled GEMM over all tokens.
 
+// Written against MSRV 1.85; the crate is 1.89 now (AVX-512 intrinsics), which
+// turns on this lint. Left to the module's owner.
+#[allow(clippy::manual_is_multiple_of)]
 pub mod attention;
 pub mod dot;
 mod error;

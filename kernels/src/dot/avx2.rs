@@ -36,9 +36,9 @@ macro_rules! quant_gemm {
                     let (w, a) = (wp.add(r0 * k), ap.add(t0 * k));
                     let o = op.add(t0 * rows + r0);
                     match (mr, nr) {
-                        (4, 4) => $tile::<4, 4>(w, a, k, o, rows),
-                        (4, 1) => $tile::<4, 1>(w, a, k, o, rows),
-                        (1, 4) => $tile::<1, 4>(w, a, k, o, rows),
+                        ($mr, $nr) => $tile::<$mr, $nr>(w, a, k, o, rows),
+                        ($mr, 1) => $tile::<$mr, 1>(w, a, k, o, rows),
+                        (1, $nr) => $tile::<1, $nr>(w, a, k, o, rows),
                         _ => $tile::<1, 1>(w, a, k, o, rows),
                     }
                 }
@@ -66,9 +66,9 @@ macro_rules! float_gemm {
                     let (w, a) = (wp.add(r0 * k * WS), ap.add(t0 * k * AS));
                     let o = op.add(t0 * rows + r0);
                     match (mr, nr) {
-                        (4, 2) => tile_f::<{ $wk }, { $ak }, 4, 2>(w, a, k, o, rows),
-                        (4, 1) => tile_f::<{ $wk }, { $ak }, 4, 1>(w, a, k, o, rows),
-                        (1, 2) => tile_f::<{ $wk }, { $ak }, 1, 2>(w, a, k, o, rows),
+                        ($mr, $nr) => tile_f::<{ $wk }, { $ak }, $mr, $nr>(w, a, k, o, rows),
+                        ($mr, 1) => tile_f::<{ $wk }, { $ak }, $mr, 1>(w, a, k, o, rows),
+                        (1, $nr) => tile_f::<{ $wk }, { $ak }, 1, $nr>(w, a, k, o, rows),
                         _ => tile_f::<{ $wk }, { $ak }, 1, 1>(w, a, k, o, rows),
                     }
                 }
@@ -257,9 +257,9 @@ macro_rules! simd256_kernels {
         }
 
 
-        quant_gemm!(gemm_q4_0, tile_q4_0, BlockQ4_0, BlockQ8_0, 4 x 4);
-        quant_gemm!(gemm_q8_0, tile_q8_0, BlockQ8_0, BlockQ8_0, 4 x 4);
-        quant_gemm!(gemm_q4_1, tile_q4_1, BlockQ4_1, BlockQ8_1, 4 x 4);
+        quant_gemm!(gemm_q4_0, tile_q4_0, BlockQ4_0, BlockQ8_0, 4 x 2);
+        quant_gemm!(gemm_q8_0, tile_q8_0, BlockQ8_0, BlockQ8_0, 4 x 2);
+        quant_gemm!(gemm_q4_1, tile_q4_1, BlockQ4_1, BlockQ8_1, 4 x 2);
 
         // Float element kinds for the float tiles.
         const F16: u8 = 0;
@@ -433,6 +433,7 @@ macro_rules! simd256_kernels {
 
         pub(in crate::dot) static KERNELS: Kernels = Kernels {
             path: $path,
+            tile: (4, 2),
             q4_0: gemm_q4_0,
             q4_1: gemm_q4_1,
             q8_0: gemm_q8_0,

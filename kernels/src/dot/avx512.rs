@@ -9,6 +9,25 @@
 //! Float kernels and the activation quantizers come from the AVX2 module
 //! (this path's CPUs have AVX2, FMA and F16C; detection checks).
 
+/// Writes pair p's halves (plus `extra(p, j)`) to rows 2p and 2p+1 of a
+/// tile (the second only when the tile has it). A macro so the
+/// accumulators never leave registers.
+macro_rules! store_pairs {
+    ($acc:ident, $np:expr, $r:expr, $c:expr, $out:expr, $ld:expr, $extra:expr) => {
+        let extra = $extra;
+        for p in 0..$np {
+            for j in 0..$c {
+                let (lo, hi) = halves($acc[p][j]);
+                let (e0, e1) = extra(p, j);
+                *$out.add(j * $ld + 2 * p) = lo + e0;
+                if 2 * p + 1 < $r {
+                    *$out.add(j * $ld + 2 * p + 1) = hi + e1;
+                }
+            }
+        }
+    };
+}
+
 macro_rules! simd512_kernels {
     (features = $feat:literal, path = $path:expr, vnni = $vnni:literal) => {
         use std::arch::x86_64::*;
@@ -62,9 +81,9 @@ macro_rules! simd512_kernels {
         #[inline]
         #[target_feature(enable = $feat)]
         unsafe fn pair_ps(a: f32, b: f32) -> __m512 {
-            let lo = _mm512_castps256_ps512(_mm256_set1_ps(a));
-            let hi = _mm256_castps_pd(_mm256_set1_ps(b));
-            _mm512_castpd_ps(_mm512_insertf64x4::<1>(_mm512_castps_pd(lo), hi))
+            let v = _mm512_castps128_ps512(_mm_unpacklo_ps(_mm_set_ss(a), _mm_set_ss(b)));
+            let idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+            _mm512_permutexvar_ps(idx, v)
         }
 
         #[inline]
@@ -117,7 +136,7 @@ macro_rules! simd512_kernels {
                     }
                 }
             }
-            store(&acc, np, R, out, ld, |_, _| (0.0, 0.0));
+            store_pairs!(acc, np, R, C, out, ld, |_p: usize, _j: usize| (0.0f32, 0.0f32));
         }
 
         #[target_feature(enable = $feat)]
@@ -166,7 +185,7 @@ macro_rules! simd512_kernels {
                     }
                 }
             }
-            store(&acc, np, R, out, ld, |_, _| (0.0, 0.0));
+            store_pairs!(acc, np, R, C, out, ld, |_p: usize, _j: usize| (0.0f32, 0.0f32));
         }
 
         #[target_feature(enable = $feat)]
@@ -205,39 +224,16 @@ macro_rules! simd512_kernels {
                     }
                 }
             }
-            store(&acc, np, R, out, ld, |p, j| summs[p][j]);
+            store_pairs!(acc, np, R, C, out, ld, |p: usize, j: usize| summs[p][j]);
         }
 
-        /// Writes pair p's halves (plus `extra(p, j)`) to rows 2p and 2p+1
-        /// (the second only when it exists).
-        #[inline]
-        #[target_feature(enable = $feat)]
-        unsafe fn store<const C: usize>(
-            acc: &[[__m512; C]],
-            np: usize,
-            r: usize,
-            out: *mut f32,
-            ld: usize,
-            extra: impl Fn(usize, usize) -> (f32, f32),
-        ) {
-            for p in 0..np {
-                for j in 0..C {
-                    let (lo, hi) = halves(acc[p][j]);
-                    let (e0, e1) = extra(p, j);
-                    *out.add(j * ld + 2 * p) = lo + e0;
-                    if 2 * p + 1 < r {
-                        *out.add(j * ld + 2 * p + 1) = hi + e1;
-                    }
-                }
-            }
-        }
-
-        quant_gemm!(gemm_q4_0, tile_q4_0, BlockQ4_0, BlockQ8_0, 4 x 4);
-        quant_gemm!(gemm_q8_0, tile_q8_0, BlockQ8_0, BlockQ8_0, 4 x 4);
-        quant_gemm!(gemm_q4_1, tile_q4_1, BlockQ4_1, BlockQ8_1, 4 x 4);
+        quant_gemm!(gemm_q4_0, tile_q4_0, BlockQ4_0, BlockQ8_0, 8 x 4);
+        quant_gemm!(gemm_q8_0, tile_q8_0, BlockQ8_0, BlockQ8_0, 8 x 4);
+        quant_gemm!(gemm_q4_1, tile_q4_1, BlockQ4_1, BlockQ8_1, 8 x 4);
 
         pub(in crate::dot) static KERNELS: Kernels = Kernels {
             path: $path,
+            tile: (8, 4),
             q4_0: gemm_q4_0,
             q4_1: gemm_q4_1,
             q8_0: gemm_q8_0,

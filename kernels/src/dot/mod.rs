@@ -78,6 +78,8 @@ pub type GemmFn<W, A> = fn(&[W], &[A], usize, &mut [f32]) -> Tiles;
 #[non_exhaustive]
 pub struct Kernels {
     pub path: SimdPath,
+    /// Rows x tokens of the quantized GEMM's full tile ((1, 1) for scalar).
+    pub tile: (usize, usize),
     pub q4_0: GemmFn<BlockQ4_0, BlockQ8_0>,
     pub q4_1: GemmFn<BlockQ4_1, BlockQ8_1>,
     pub q8_0: GemmFn<BlockQ8_0, BlockQ8_0>,
@@ -216,6 +218,7 @@ scalar_gemm!(s_f32, f32, f32, scalar::vec_dot_f32);
 
 static SCALAR: Kernels = Kernels {
     path: SimdPath::Scalar,
+    tile: (1, 1),
     q4_0: s_q4_0,
     q4_1: s_q4_1,
     q8_0: s_q8_0,

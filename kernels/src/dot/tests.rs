@@ -389,18 +389,27 @@ fn tile_walk_covers_every_output_once() {
     }
 }
 
-/// A batch on sizes that are not tile multiples runs full 4x4 tiles plus
-/// edges on every SIMD path (17 rows x 9 tokens: 4 x 2 full tiles, then 1
-/// row x 2 token tiles and 1 token x (4 row tiles + 1 row)).
+/// A batch on sizes that are not tile multiples runs full tiles plus edge
+/// tiles on every SIMD path: for 17 rows x 9 tokens and an mr x nr tile,
+/// (17/mr)(9/nr) full ones, then single rows x nr tokens, single tokens x
+/// (mr rows, then single rows).
 #[test]
 fn batches_take_the_tiled_path() {
     let c = QCase::new(17, 9, 5, 3);
     for &(name, ks) in &simd_tables() {
+        let (mr, nr) = ks.tile;
+        assert!(mr > 1 && nr > 1, "{name}");
+        let want = Tiles {
+            full: (17 / mr) * (9 / nr),
+            edge: (17 % mr) * (9 / nr) + (9 % nr) * (17 / mr + 17 % mr),
+        };
         let mut o = vec![0f32; 17 * 9];
         let t = (ks.q4_0)(&c.q4_0, &c.a8_0, 5, &mut o);
-        assert_eq!(t, Tiles { full: 8, edge: 7 }, "{name}");
+        assert_eq!(t, want, "{name}");
         let t = (ks.q4_1)(&c.q4_1, &c.a8_1, 5, &mut o);
-        assert_eq!(t, Tiles { full: 8, edge: 7 }, "{name}");
+        assert_eq!(t, want, "{name}");
+        let t = (ks.q8_0)(&c.q8_0, &c.a8_0, 5, &mut o);
+        assert_eq!(t, want, "{name}");
     }
     assert_eq!(
         (SCALAR.q4_0)(&c.q4_0, &c.a8_0, 5, &mut vec![0f32; 17 * 9]),
