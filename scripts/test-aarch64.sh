@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Run the kernels crate's tests on aarch64 under qemu-user: cross-compiled with Debian's rustc
+# (which ships an aarch64 standard library), linked with the aarch64 GNU toolchain. This is how
+# the scalar twins and (when present) the NEON paths are tested on an x86 machine.
+#
+# Needs (Debian): dpkg --add-architecture arm64; apt-get install rustc-web libstd-rust-web-dev:arm64
+#                 gcc-aarch64-linux-gnu qemu-user libc6:arm64
+# scripts/install-test-deps.sh installs them (root); .ci/run calls it.
+# Traps seen here: adding -L /usr/aarch64-linux-gnu to the runner mixes the cross loader with
+# libc6:arm64 and hangs at the first thread; doctests fail because rustdoc comes from the other
+# toolchain, hence --lib --tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+for tool in /usr/bin/rustc aarch64-linux-gnu-gcc qemu-aarch64; do
+  command -v "$tool" >/dev/null || {
+    echo "error: $tool is missing; run scripts/install-test-deps.sh (Debian, root)" >&2
+    exit 1
+  }
+done
+
+export RUSTC=/usr/bin/rustc
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER=qemu-aarch64
+# A separate target dir: the two compilers must not share build artefacts.
+export CARGO_TARGET_DIR=target/aarch64
+cargo test -p airlock-kernels --lib --tests --target aarch64-unknown-linux-gnu "$@"
