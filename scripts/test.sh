@@ -14,6 +14,8 @@ echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== cargo test"
 cargo test --workspace --quiet
+echo "== kernels on aarch64 under qemu-user (scalar twins; NEON where implemented)"
+scripts/test-aarch64.sh --quiet
 echo "== GGUF compatibility: llama.cpp's reader (PyPI gguf) on airlock's output (tests/compat)"
 # Python is required, not optional: a missing python3 fails the run.
 command -v python3 >/dev/null || { echo "error: python3 is required for tests/compat" >&2; exit 1; }
