@@ -22,18 +22,33 @@ pub fn rope_inv_freqs(base: f32, rope_dim: usize, factors: Option<&[f32]>) -> Ve
         .collect()
 }
 
-/// Rotate adjacent pairs (x[2i], x[2i+1]) of one head by `pos * inv_freq[i]`: llama.cpp's
-/// layout for the llama architecture (its converter permuted the Q/K rows so this is
-/// equivalent to HF's rotate-half). Dimensions past `2 * inv_freq.len()` are left alone.
-pub fn rope_pairs(head: &mut [f32], pos: usize, inv_freq: &[f32]) {
-    for (pair, &f) in head.chunks_exact_mut(2).zip(inv_freq) {
-        let angle = pos as f64 * f as f64;
-        let (sin, cos) = angle.sin_cos();
-        let (sin, cos) = (sin as f32, cos as f32);
-        let (a, b) = (pair[0], pair[1]);
-        pair[0] = a * cos - b * sin;
-        pair[1] = a * sin + b * cos;
+/// cos and sin of `pos * inv_freq[i]` for every rotated pair, computed in f64 once per position
+/// and shared by all heads.
+pub fn rope_angles(pos: usize, inv_freq: &[f32], cos: &mut [f32], sin: &mut [f32]) {
+    for ((c, s), &f) in cos.iter_mut().zip(sin.iter_mut()).zip(inv_freq) {
+        let (sn, cs) = (pos as f64 * f as f64).sin_cos();
+        *c = cs as f32;
+        *s = sn as f32;
     }
+}
+
+/// Rotate adjacent pairs (x[2i], x[2i+1]) of one head by the angles of [`rope_angles`]:
+/// llama.cpp's layout for the llama architecture (its converter permuted the Q/K rows so this
+/// is equivalent to HF's rotate-half). Dimensions past `2 * cos.len()` are left alone.
+pub fn rope_rotate(head: &mut [f32], cos: &[f32], sin: &[f32]) {
+    for ((pair, &c), &s) in head.chunks_exact_mut(2).zip(cos).zip(sin) {
+        let (a, b) = (pair[0], pair[1]);
+        pair[0] = a * c - b * s;
+        pair[1] = a * s + b * c;
+    }
+}
+
+/// [`rope_angles`] then [`rope_rotate`] for one head at `pos`.
+pub fn rope_pairs(head: &mut [f32], pos: usize, inv_freq: &[f32]) {
+    let n = inv_freq.len();
+    let (mut cos, mut sin) = (vec![0.0; n], vec![0.0; n]);
+    rope_angles(pos, inv_freq, &mut cos, &mut sin);
+    rope_rotate(head, &cos, &sin);
 }
 
 /// SwiGLU: `gate = silu(gate) * up`, in place.

@@ -98,6 +98,8 @@ pub struct Session {
     gate: Vec<f32>,
     up: Vec<f32>,
     logits: Vec<f32>,
+    rope_cos: Vec<f32>,
+    rope_sin: Vec<f32>,
     scratch: Vec<u8>,
 }
 
@@ -121,6 +123,8 @@ impl Session {
             gate: Vec::new(),
             up: Vec::new(),
             logits: Vec::new(),
+            rope_cos: Vec::new(),
+            rope_sin: Vec::new(),
             scratch: Vec::new(),
         }
     }
@@ -202,6 +206,19 @@ impl Session {
             }
         };
 
+        // RoPE angles depend only on the position: once per token, shared by heads and layers.
+        let half = model.rope_inv_freq.len();
+        resize(&mut self.rope_cos, n * half);
+        resize(&mut self.rope_sin, n * half);
+        for t in 0..n {
+            ops::rope_angles(
+                self.pos + t,
+                &model.rope_inv_freq,
+                &mut self.rope_cos[t * half..(t + 1) * half],
+                &mut self.rope_sin[t * half..(t + 1) * half],
+            );
+        }
+
         let layer_stride = self.n_ctx * kvd;
         for (li, l) in w.layers.iter().enumerate() {
             norm_rows(&self.x, &l.attn_norm, c.rms_eps, &mut self.xn, e);
@@ -210,11 +227,15 @@ impl Session {
             mm(&l.wv, &self.xn, &mut self.vb, &mut self.scratch)?;
             for t in 0..n {
                 let p = self.pos + t;
+                let (cos, sin) = (
+                    &self.rope_cos[t * half..][..half],
+                    &self.rope_sin[t * half..][..half],
+                );
                 for h in self.q[t * qd..(t + 1) * qd].chunks_exact_mut(hd) {
-                    ops::rope_pairs(&mut h[..c.rope_dim], p, &model.rope_inv_freq);
+                    ops::rope_rotate(h, cos, sin);
                 }
                 for h in self.kb[t * kvd..(t + 1) * kvd].chunks_exact_mut(hd) {
-                    ops::rope_pairs(&mut h[..c.rope_dim], p, &model.rope_inv_freq);
+                    ops::rope_rotate(h, cos, sin);
                 }
                 let at = li * layer_stride + p * kvd;
                 self.k.write(at, &self.kb[t * kvd..(t + 1) * kvd]);
