@@ -925,3 +925,35 @@ fn export_refuses_a_non_empty_directory_and_bad_gguf() {
     assert!(!o.status.success());
     assert!(!out.exists());
 }
+
+#[test]
+fn default_bf16_export_converts_and_runs() {
+    let fixture = root().join("tests/fixtures/llama3/tiny-llama3-q8_0.gguf");
+    let d = tempfile::tempdir().unwrap();
+    let hf = d.path().join("hf");
+    let o = airlock(&["export", s(&fixture), "-o", s(&hf)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["torch_dtype"], "bfloat16");
+    assert_eq!(config["rope_scaling"]["factor"], 8.0);
+    let st = std::fs::read(hf.join("model.safetensors")).unwrap();
+    let parsed = safetensors::SafeTensors::deserialize(&st).unwrap();
+    let q = parsed
+        .tensor("model.layers.0.self_attn.q_proj.weight")
+        .unwrap();
+    assert_eq!(q.dtype(), Dtype::BF16);
+    assert_eq!(q.shape(), &[64, 64]);
+    assert!(parsed.tensor("lm_head.weight").is_err(), "tied: no lm_head");
+    let out = d.path().join("back.q4_0.gguf");
+    let o = airlock(&["convert", s(&hf), "-o", s(&out), "--type", "q4_0"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let f = GgufFile::open(&out).unwrap();
+    // Tied embedding = output head: Q8_0 under the q4 policy.
+    assert_eq!(f.tensor("token_embd.weight").unwrap().ty, GgmlType::Q8_0);
+    assert_eq!(f.tensor("blk.1.ffn_up.weight").unwrap().ty, GgmlType::Q4_0);
+    let model = LlamaModel::load(Arc::new(f)).unwrap();
+    let mut sess = Session::new(&model, 4, KvType::F32, Precision::Exact);
+    let l = sess.forward(&model, &[128000, 9906], Logits::Last).unwrap();
+    assert!(l.iter().all(|x| x.is_finite()));
+}
