@@ -22,6 +22,8 @@ done
 export RUSTC=/usr/bin/rustc
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER=qemu-aarch64
+# Tests that re-run their own binary in a child process start it through the same emulator.
+export AIRLOCK_TEST_RUNNER=qemu-aarch64
 # A separate target dir: the two compilers must not share build artefacts.
 export CARGO_TARGET_DIR=target/aarch64
 cargo test -p airlock-kernels --lib --tests --target aarch64-unknown-linux-gnu "$@"

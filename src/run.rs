@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use airlock_engine::chat::{tokenize_chat, ChatMessage, ChatTemplate};
-use airlock_engine::generate::{generate, GenerateParams, StopReason};
+use airlock_engine::generate::{generate, GenerateError, GenerateParams, StopReason};
 use airlock_engine::sampling::Sampler;
 use anyhow::{bail, Context, Result};
 
@@ -119,7 +119,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    let outcome = generate(
+    let outcome = match generate(
         &loaded.model,
         &mut session,
         tok,
@@ -130,7 +130,14 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             out.write_all(s.as_bytes())?;
             out.flush()
         },
-    )?;
+    ) {
+        Ok(o) => o,
+        // The reader went away (`airlock run ... | head`): stop quietly, as Unix tools do.
+        Err(GenerateError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            return Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => return Err(e.into()),
+    };
     writeln!(out)?;
     drop(out);
     eprintln!(

@@ -21,7 +21,7 @@ pub enum GenerateError {
         free: usize,
         n_ctx: usize,
     },
-    #[error("writing output: {0}")]
+    #[error("writing output")]
     Output(#[from] std::io::Error),
 }
 

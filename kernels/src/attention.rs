@@ -64,7 +64,7 @@ pub struct AttentionShape {
 /// pos0 + n_tokens rows of n_head_kv x head_dim.
 pub fn attention(s: AttentionShape, q: &[f32], k: KvRows, v: KvRows, out: &mut [f32]) {
     let hd = s.head_dim;
-    assert!(hd <= MAX_HEAD_DIM && s.n_head % s.n_head_kv == 0);
+    assert!(hd <= MAX_HEAD_DIM && s.n_head.is_multiple_of(s.n_head_kv));
     let kvd = s.n_head_kv * hd;
     let group = s.n_head / s.n_head_kv;
     let scale = 1.0 / (hd as f32).sqrt();

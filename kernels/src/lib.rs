@@ -14,7 +14,6 @@
 
 // Written against MSRV 1.85; the crate is 1.89 now (AVX-512 intrinsics), which
 // turns on this lint. Left to the module's owner.
-#[allow(clippy::manual_is_multiple_of)]
 pub mod attention;
 pub mod dot;
 mod error;

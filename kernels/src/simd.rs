@@ -228,7 +228,18 @@ mod tests {
             ("scalar", "scalar"),
             (SimdPath::best().name(), SimdPath::best().name()),
         ] {
-            let out = std::process::Command::new(std::env::current_exe().unwrap())
+            // Under an emulator (scripts/test-aarch64.sh sets AIRLOCK_TEST_RUNNER=qemu-aarch64)
+            // the child must be started through it too.
+            let exe = std::env::current_exe().unwrap();
+            let mut cmd = match std::env::var_os("AIRLOCK_TEST_RUNNER") {
+                Some(runner) => {
+                    let mut c = std::process::Command::new(runner);
+                    c.arg(&exe);
+                    c
+                }
+                None => std::process::Command::new(&exe),
+            };
+            let out = cmd
                 .args(["--exact", "simd::tests::env_child", "--nocapture"])
                 .env(SIMD_ENV, val)
                 .env("AIRLOCK_SIMD_TEST_EXPECT", expect)

@@ -41,7 +41,7 @@ pub enum ModelError {
     ContextFull { needed: usize, n_ctx: usize },
     #[error("token id {id} is outside the vocabulary of {vocab_size}")]
     InvalidToken { id: u32, vocab_size: usize },
-    #[error("compute error: {0}")]
+    #[error(transparent)]
     Kernel(#[from] airlock_kernels::KernelError),
 }
 
