@@ -36,31 +36,52 @@ macro_rules! simd512_kernels {
         use crate::dot::{for_tiles, gemm_shape, Kernels, Tiles};
         use crate::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1};
 
+        /// `acc + ` 16 lanes of sum(x*y) over 4-byte groups, x unsigned, y
+        /// signed, |pair sums| < 2^15 (true for every use here). Exact in
+        /// i32, so folding a correction into `acc` gives the same integers
+        /// as subtracting it afterwards.
         #[inline]
         #[target_feature(enable = $feat)]
-        unsafe fn dot_us(x: __m512i, y: __m512i) -> __m512i {
+        unsafe fn dot_us_acc(acc: __m512i, x: __m512i, y: __m512i) -> __m512i {
             if $vnni {
-                _mm512_dpbusd_epi32(_mm512_setzero_si512(), x, y)
+                _mm512_dpbusd_epi32(acc, x, y)
             } else {
-                _mm512_madd_epi16(_mm512_maddubs_epi16(x, y), _mm512_set1_epi16(1))
+                let p = _mm512_madd_epi16(_mm512_maddubs_epi16(x, y), _mm512_set1_epi16(1));
+                _mm512_add_epi32(acc, p)
             }
         }
 
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn dot_us(x: __m512i, y: __m512i) -> __m512i {
+            dot_us_acc(_mm512_setzero_si512(), x, y)
+        }
+
         /// Two blocks' nibbles in element order: row a in the low half,
-        /// row b in the high half.
+        /// row b in the high half. Both 16-byte groups are broadcast to
+        /// [a, a, b, b] (two loads, one masked), then one variable shift
+        /// moves the high nibbles down in 128-bit lanes 1 and 3 and one
+        /// AND keeps the low nibble of every byte.
         #[inline]
         #[target_feature(enable = $feat)]
         unsafe fn nibbles2(a: *const u8, b: *const u8) -> __m512i {
-            let t = _mm256_set_m128i(
-                _mm_loadu_si128(b as *const __m128i),
-                _mm_loadu_si128(a as *const __m128i),
-            );
-            let m4 = _mm256_set1_epi8(0x0F);
-            let lo = _mm256_and_si256(t, m4);
-            let hi = _mm256_and_si256(_mm256_srli_epi16(t, 4), m4);
-            // 128-bit lanes [lo_a, lo_b, hi_a, hi_b] -> [lo_a, hi_a, lo_b, hi_b]
-            let x = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
-            _mm512_shuffle_i64x2::<0b11_01_10_00>(x, x)
+            let ta = _mm512_broadcast_i32x4(_mm_loadu_si128(a as *const __m128i));
+            let t = _mm512_mask_broadcast_i32x4(ta, 0xFF00, _mm_loadu_si128(b as *const __m128i));
+            let sh = _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0);
+            _mm512_and_si512(_mm512_srlv_epi64(t, sh), _mm512_set1_epi8(0x0F))
+        }
+
+        /// [h(a) x 8 | h(b) x 8] for the little-endian f16s at a and b: both
+        /// words joined in a general register, one 2-wide F16C conversion
+        /// (exact, as `f16s`) and one permute.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn pair_h(a: *const u8, b: *const u8) -> __m512 {
+            let ha = (a as *const u16).read_unaligned() as u32;
+            let hb = (b as *const u16).read_unaligned() as u32;
+            let v = _mm_cvtph_ps(_mm_cvtsi32_si128((ha | hb << 16) as i32));
+            let idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+            _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(v))
         }
 
         #[inline]
@@ -75,15 +96,6 @@ macro_rules! simd512_kernels {
         #[target_feature(enable = $feat)]
         unsafe fn bcast(a: *const i8) -> __m512i {
             _mm512_broadcast_i64x4(_mm256_loadu_si256(a as *const __m256i))
-        }
-
-        /// [a x 8 | b x 8]
-        #[inline]
-        #[target_feature(enable = $feat)]
-        unsafe fn pair_ps(a: f32, b: f32) -> __m512 {
-            let v = _mm512_castps128_ps512(_mm_unpacklo_ps(_mm_set_ss(a), _mm_set_ss(b)));
-            let idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-            _mm512_permutexvar_ps(idx, v)
         }
 
         #[inline]
@@ -104,6 +116,12 @@ macro_rules! simd512_kernels {
         }
 
         /// R rows (1 or even) x C tokens, `out[j * ld + i]`.
+        ///
+        /// Per block and token the activation side is done once (load,
+        /// `-8 * sum(y)` per lane, scale); per row pair and block it is two
+        /// 16-byte loads, a shift and an AND for the nibbles, one 2-wide
+        /// `vcvtph2ps` and a permute for both rows' scales, and the
+        /// correction rides in the dot's accumulator input.
         #[target_feature(enable = $feat)]
         unsafe fn tile_q4_0<const R: usize, const C: usize>(
             w: *const BlockQ4_0,
@@ -116,22 +134,24 @@ macro_rules! simd512_kernels {
             let mut acc = [[_mm512_setzero_ps(); C]; R];
             for b in 0..k {
                 let mut y = [_mm512_setzero_si512(); C];
-                let mut corr = [_mm512_setzero_si512(); C];
-                let mut dy = [0f32; C];
+                let mut ncorr = [_mm512_setzero_si512(); C];
+                let mut dy = [_mm512_setzero_ps(); C];
                 for j in 0..C {
                     let blk = &*a.add(j * k + b);
                     y[j] = bcast(blk.qs.as_ptr());
-                    dy[j] = f16s(blk.d);
-                    corr[j] = dot_us(_mm512_set1_epi8(8), y[j]);
+                    dy[j] = _mm512_set1_ps(f16s(blk.d));
+                    // -8 * sum(y) per lane, added to sum(q*y).
+                    let corr = dot_us(_mm512_set1_epi8(8), y[j]);
+                    ncorr[j] = _mm512_sub_epi32(_mm512_setzero_si512(), corr);
                 }
                 for p in 0..np {
                     let b0 = &*w.add(2 * p * k + b);
                     let b1 = &*w.add(partner(p, R) * k + b);
                     let q = nibbles2(b0.qs.as_ptr(), b1.qs.as_ptr());
-                    let dx = pair_ps(f16s(b0.d), f16s(b1.d));
+                    let dx = pair_h(b0.d.as_ptr(), b1.d.as_ptr());
                     for j in 0..C {
-                        let s = _mm512_sub_epi32(dot_us(q, y[j]), corr[j]);
-                        let d = _mm512_mul_ps(dx, _mm512_set1_ps(dy[j]));
+                        let s = dot_us_acc(ncorr[j], q, y[j]);
+                        let d = _mm512_mul_ps(dx, dy[j]);
                         acc[p][j] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(s), acc[p][j]);
                     }
                 }
@@ -151,21 +171,22 @@ macro_rules! simd512_kernels {
             let mut acc = [[_mm512_setzero_ps(); C]; R];
             for b in 0..k {
                 let mut y = [_mm512_setzero_si512(); C];
-                let mut corr = [_mm512_setzero_si512(); C];
-                let mut dy = [0f32; C];
+                let mut ncorr = [_mm512_setzero_si512(); C];
+                let mut dy = [_mm512_setzero_ps(); C];
                 for j in 0..C {
                     let blk = &*a.add(j * k + b);
                     y[j] = bcast(blk.qs.as_ptr());
-                    dy[j] = f16s(blk.d);
+                    dy[j] = _mm512_set1_ps(f16s(blk.d));
                     if $vnni {
-                        corr[j] = dot_us(_mm512_set1_epi8(-128), y[j]);
+                        let corr = dot_us(_mm512_set1_epi8(-128), y[j]);
+                        ncorr[j] = _mm512_sub_epi32(_mm512_setzero_si512(), corr);
                     }
                 }
                 for p in 0..np {
                     let b0 = &*w.add(2 * p * k + b);
                     let b1 = &*w.add(partner(p, R) * k + b);
                     let x = bytes2(b0.qs.as_ptr(), b1.qs.as_ptr());
-                    let dx = pair_ps(f16s(b0.d), f16s(b1.d));
+                    let dx = pair_h(b0.d.as_ptr(), b1.d.as_ptr());
                     // VNNI: (x + 128) as u8; else |x| and negate y where x < 0.
                     let xu = if $vnni {
                         _mm512_xor_si512(x, _mm512_set1_epi8(-128))
@@ -175,12 +196,12 @@ macro_rules! simd512_kernels {
                     let neg = _mm512_movepi8_mask(x);
                     for j in 0..C {
                         let s = if $vnni {
-                            _mm512_sub_epi32(dot_us(xu, y[j]), corr[j])
+                            dot_us_acc(ncorr[j], xu, y[j])
                         } else {
                             let sy = _mm512_mask_sub_epi8(y[j], neg, _mm512_setzero_si512(), y[j]);
                             dot_us(xu, sy)
                         };
-                        let d = _mm512_mul_ps(dx, _mm512_set1_ps(dy[j]));
+                        let d = _mm512_mul_ps(dx, dy[j]);
                         acc[p][j] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(s), acc[p][j]);
                     }
                 }
@@ -188,6 +209,10 @@ macro_rules! simd512_kernels {
             store_pairs!(acc, np, R, C, out, ld, |_p: usize, _j: usize| (0.0f32, 0.0f32));
         }
 
+        /// As Q4_0, without the correction; `d` and `m` of both rows come
+        /// from one 4-wide conversion (`[d_a, m_a, d_b, m_b]`), and `m * s`
+        /// is summed per row in lanes 1 and 3 of one xmm (the same f32
+        /// products and sums, in the same order, as a scalar running sum).
         #[target_feature(enable = $feat)]
         unsafe fn tile_q4_1<const R: usize, const C: usize>(
             w: *const BlockQ4_1,
@@ -198,33 +223,40 @@ macro_rules! simd512_kernels {
         ) {
             let np = R.div_ceil(2);
             let mut acc = [[_mm512_setzero_ps(); C]; R];
-            let mut summs = [[(0f32, 0f32); C]; R];
+            let mut msum = [[_mm_setzero_ps(); C]; R];
+            let didx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
             for b in 0..k {
                 let mut y = [_mm512_setzero_si512(); C];
-                let mut dy = [0f32; C];
-                let mut sy = [0f32; C];
+                let mut dy = [_mm512_setzero_ps(); C];
+                let mut sy = [_mm_setzero_ps(); C];
                 for j in 0..C {
                     let blk = &*a.add(j * k + b);
                     y[j] = bcast(blk.qs.as_ptr());
-                    dy[j] = f16s(blk.d);
-                    sy[j] = f16s(blk.s);
+                    dy[j] = _mm512_set1_ps(f16s(blk.d));
+                    sy[j] = _mm_set1_ps(f16s(blk.s));
                 }
                 for p in 0..np {
                     let b0 = &*w.add(2 * p * k + b);
                     let b1 = &*w.add(partner(p, R) * k + b);
                     let q = nibbles2(b0.qs.as_ptr(), b1.qs.as_ptr());
-                    let dx = pair_ps(f16s(b0.d), f16s(b1.d));
-                    let (m0, m1) = (f16s(b0.m), f16s(b1.m));
+                    // [d_a, m_a, d_b, m_b] as f32.
+                    let va = (b0.d.as_ptr() as *const u32).read_unaligned() as u64;
+                    let vb = (b1.d.as_ptr() as *const u32).read_unaligned() as u64;
+                    let dm = _mm_cvtph_ps(_mm_cvtsi64_si128((va | vb << 32) as i64));
+                    let dx = _mm512_permutexvar_ps(didx, _mm512_castps128_ps512(dm));
                     for j in 0..C {
                         let s = dot_us(q, y[j]);
-                        let d = _mm512_mul_ps(dx, _mm512_set1_ps(dy[j]));
+                        let d = _mm512_mul_ps(dx, dy[j]);
                         acc[p][j] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(s), acc[p][j]);
-                        summs[p][j].0 += m0 * sy[j];
-                        summs[p][j].1 += m1 * sy[j];
+                        msum[p][j] = _mm_add_ps(msum[p][j], _mm_mul_ps(dm, sy[j]));
                     }
                 }
             }
-            store_pairs!(acc, np, R, C, out, ld, |p: usize, j: usize| summs[p][j]);
+            store_pairs!(acc, np, R, C, out, ld, |p: usize, j: usize| {
+                let mut m = [0f32; 4];
+                _mm_storeu_ps(m.as_mut_ptr(), msum[p][j]);
+                (m[1], m[3])
+            });
         }
 
         quant_gemm!(gemm_q4_0, tile_q4_0, BlockQ4_0, BlockQ8_0, 8 x 4);
