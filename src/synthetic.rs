@@ -6,6 +6,7 @@
 use std::io::Write;
 use std::path::Path;
 
+use airlock_convert::rope::Llama3Rope;
 use airlock_engine::gguf::{write_atomic, GgufFile, GgufWriter, TensorSpec, Value};
 use airlock_engine::sampling::Rng;
 use airlock_kernels::GgmlType;
@@ -98,26 +99,16 @@ fn file_type(ty: GgmlType) -> u32 {
     }
 }
 
-/// Llama 3 rope scaling as llama.cpp's converter computes rope_freqs.weight (one divisor per
-/// rotated pair); low_freq_factor 1, high_freq_factor 4, original context 8192.
+/// Llama 3 rope scaling as the converter writes it (llama.cpp's defaults: low_freq_factor 1,
+/// high_freq_factor 4, original context 8192).
 fn llama3_rope_factors(base: f32, dim: usize, factor: f32) -> Vec<f32> {
-    let (lf, hf, orig) = (1.0f64, 4.0f64, 8192.0f64);
-    let factor = factor as f64;
-    (0..dim / 2)
-        .map(|i| {
-            let freq = (base as f64).powf(-((2 * i) as f64) / dim as f64);
-            let wavelen = 2.0 * std::f64::consts::PI / freq;
-            let f = if wavelen < orig / hf {
-                1.0
-            } else if wavelen > orig / lf {
-                factor
-            } else {
-                let s = (orig / wavelen - lf) / (hf - lf);
-                1.0 / ((1.0 - s) / factor + s)
-            };
-            f as f32
-        })
-        .collect()
+    Llama3Rope {
+        factor: factor as f64,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 8192.0,
+    }
+    .factors(base as f64, dim)
 }
 
 /// Random bytes forming valid blocks of `ty` with weights of roughly unit-scale/100 magnitude.
