@@ -8,9 +8,6 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use crate::dot::{vec_dot_f16_f32, vec_dot_f32};
-use crate::quant::float::F16Bytes;
-
 /// Keys per block of the online softmax.
 const BLOCK: usize = 32;
 /// Largest head size supported (Llama models use 64 or 128).
@@ -24,13 +21,11 @@ pub enum KvRows<'a> {
 }
 
 impl KvRows<'_> {
-    fn dot(&self, at: usize, q: &[f32]) -> f32 {
+    /// Copy one row as f32 into `dst`.
+    fn to_f32(self, at: usize, dst: &mut [f32]) {
         match self {
-            KvRows::F16(k) => {
-                let row: &[F16Bytes] = bytemuck::cast_slice(&k[at..at + q.len()]);
-                vec_dot_f16_f32(row, q)
-            }
-            KvRows::F32(k) => vec_dot_f32(&k[at..at + q.len()], q),
+            KvRows::F16(v) => v[at..at + dst.len()].convert_to_f32_slice(dst),
+            KvRows::F32(v) => dst.copy_from_slice(&v[at..at + dst.len()]),
         }
     }
 
@@ -65,6 +60,9 @@ pub struct AttentionShape {
 pub fn attention(s: AttentionShape, q: &[f32], k: KvRows, v: KvRows, out: &mut [f32]) {
     let hd = s.head_dim;
     assert!(hd <= MAX_HEAD_DIM && s.n_head.is_multiple_of(s.n_head_kv));
+    if out.len() > s.n_head * hd {
+        return attention_batch(s, q, k, v, out);
+    }
     let kvd = s.n_head_kv * hd;
     let group = s.n_head / s.n_head_kv;
     let scale = 1.0 / (hd as f32).sqrt();
@@ -84,7 +82,10 @@ pub fn attention(s: AttentionShape, q: &[f32], k: KvRows, v: KvRows, out: &mut [
             let sc = &mut scores[..end - start];
             let mut block_max = f32::NEG_INFINITY;
             for (j, sj) in sc.iter_mut().enumerate() {
-                *sj = k.dot((start + j) * kvd + kv_off, qh) * scale;
+                // Same arithmetic as the batch path (f32 row, 8-lane dot), so a prompt gives the
+                // same numbers whether it is fed whole or token by token.
+                k.to_f32((start + j) * kvd + kv_off, tmp);
+                *sj = dot8(qh, tmp) * scale;
                 block_max = block_max.max(*sj);
             }
             let m_new = m.max(block_max);
@@ -111,6 +112,112 @@ pub fn attention(s: AttentionShape, q: &[f32], k: KvRows, v: KvRows, out: &mut [
             *o = a * inv;
         }
     });
+}
+
+/// Query state (running max, running sum, accumulator) that one batch task keeps on the stack.
+const BATCH_STATE: usize = 8192;
+
+/// Prompt processing: one task per chunk of query tokens, walking each KV head's keys in blocks
+/// that are converted to f32 once and then used by every query of the chunk that shares that KV
+/// head (all its tokens times the GQA group), instead of once per (token, head).
+fn attention_batch(s: AttentionShape, q: &[f32], k: KvRows, v: KvRows, out: &mut [f32]) {
+    let hd = s.head_dim;
+    let kvd = s.n_head_kv * hd;
+    let group = s.n_head / s.n_head_kv;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let chunk_tokens = (BATCH_STATE / (group * hd)).clamp(1, 32);
+    let row = s.n_head * hd;
+    out.par_chunks_mut(chunk_tokens * row)
+        .enumerate()
+        .for_each(|(c, out_chunk)| {
+            let t0 = c * chunk_tokens;
+            let n_t = out_chunk.len() / row;
+            let n_q = n_t * group;
+            let mut acc_buf = [0.0f32; BATCH_STATE];
+            let mut m_buf = [f32::NEG_INFINITY; BATCH_STATE / 2];
+            let mut l_buf = [0.0f32; BATCH_STATE / 2];
+            let mut kb = [0.0f32; BLOCK * MAX_HEAD_DIM];
+            let mut vb = [0.0f32; BLOCK * MAX_HEAD_DIM];
+            let mut sc = [0.0f32; BLOCK];
+            for h_kv in 0..s.n_head_kv {
+                let acc = &mut acc_buf[..n_q * hd];
+                acc.fill(0.0);
+                let (m, l) = (&mut m_buf[..n_q], &mut l_buf[..n_q]);
+                m.fill(f32::NEG_INFINITY);
+                l.fill(0.0);
+                // The last token of the chunk sees the most keys.
+                let n_keys = s.pos0 + t0 + n_t;
+                for start in (0..n_keys).step_by(BLOCK) {
+                    let nb = (n_keys - start).min(BLOCK);
+                    for j in 0..nb {
+                        let at = (start + j) * kvd + h_kv * hd;
+                        k.to_f32(at, &mut kb[j * hd..(j + 1) * hd]);
+                        v.to_f32(at, &mut vb[j * hd..(j + 1) * hd]);
+                    }
+                    for qi in 0..n_q {
+                        let (t, g) = (qi / group, qi % group);
+                        // Causal: token t0 + t sees keys 0..=pos0 + t0 + t.
+                        let visible = (s.pos0 + t0 + t + 1).saturating_sub(start).min(nb);
+                        if visible == 0 {
+                            continue;
+                        }
+                        let h = h_kv * group + g;
+                        let qh = &q[((t0 + t) * s.n_head + h) * hd..][..hd];
+                        let mut block_max = f32::NEG_INFINITY;
+                        for (j, sj) in sc[..visible].iter_mut().enumerate() {
+                            *sj = dot8(qh, &kb[j * hd..(j + 1) * hd]) * scale;
+                            block_max = block_max.max(*sj);
+                        }
+                        let m_new = m[qi].max(block_max);
+                        if m_new == f32::NEG_INFINITY {
+                            continue;
+                        }
+                        let a = &mut acc[qi * hd..(qi + 1) * hd];
+                        let corr = (m[qi] - m_new).exp();
+                        if corr != 1.0 {
+                            l[qi] *= corr;
+                            for x in a.iter_mut() {
+                                *x *= corr;
+                            }
+                        }
+                        for (j, &sj) in sc[..visible].iter().enumerate() {
+                            let p = (sj - m_new).exp();
+                            l[qi] += p;
+                            for (x, &vv) in a.iter_mut().zip(&vb[j * hd..(j + 1) * hd]) {
+                                *x += p * vv;
+                            }
+                        }
+                        m[qi] = m_new;
+                    }
+                }
+                for qi in 0..n_q {
+                    let (t, g) = (qi / group, qi % group);
+                    let h = h_kv * group + g;
+                    let inv = if l[qi] > 0.0 { 1.0 / l[qi] } else { 0.0 };
+                    let o = &mut out_chunk[t * row + h * hd..][..hd];
+                    for (o, &x) in o.iter_mut().zip(&acc[qi * hd..(qi + 1) * hd]) {
+                        *o = x * inv;
+                    }
+                }
+            }
+        });
+}
+
+/// f32 dot product with 8 independent partial sums, so it vectorises.
+fn dot8(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for (x, y) in ar.iter().zip(br) {
+        sum += x * y;
+    }
+    sum
 }
 
 #[cfg(test)]
@@ -164,7 +271,14 @@ mod tests {
     #[test]
     fn blocked_online_softmax_equals_two_pass_definition() {
         // Sizes cross the key-block boundary (32) and are not multiples of it; GQA 6/2.
-        for (n, pos0, hd) in [(1, 0, 8), (1, 70, 16), (5, 29, 64), (3, 100, 32)] {
+        for (n, pos0, hd) in [
+            (1, 0, 8),
+            (1, 70, 16),
+            (5, 29, 64),
+            (3, 100, 32),
+            (40, 10, 64),
+            (70, 0, 16),
+        ] {
             let s = AttentionShape {
                 n_head: 6,
                 n_head_kv: 2,
