@@ -5,7 +5,7 @@ use std::io::{BufRead, Write};
 use std::process::ExitCode;
 
 use airlock_engine::chat::{segments_to_string, tokenize_chat, ChatMessage, ChatTemplate};
-use airlock_engine::generate::{generate, GenerateParams, StopReason};
+use airlock_engine::generate::{GenerateParams, StopReason};
 use airlock_engine::sampling::Sampler;
 use anyhow::{Context, Result};
 
@@ -102,29 +102,19 @@ pub fn run(args: ChatArgs) -> Result<ExitCode> {
         };
         let add_bos = session.pos() == 0 && tok.add_bos_default();
         let ids = tokenize_chat(tok, &segments, add_bos)?;
-        let outcome = match generate(
-            &loaded.model,
-            &mut session,
-            tok,
-            &mut sampler,
-            &ids,
-            &params,
-            &mut |s: &str| {
-                stdout.write_all(s.as_bytes())?;
-                stdout.flush()
-            },
-        ) {
-            Ok(o) => o,
-            Err(e) => {
-                // A full context ends this conversation, not the program.
-                eprintln!("\nerror: {e}\n(conversation reset)");
-                messages = start.clone();
-                in_cache.clear();
-                session.reset();
-                sampler.reset();
-                continue;
-            }
-        };
+        let outcome =
+            match loaded.generate_to(&mut session, &mut sampler, &ids, &params, &mut stdout) {
+                Ok(o) => o,
+                Err(e) => {
+                    // A full context ends this conversation, not the program.
+                    eprintln!("\nerror: {e}\n(conversation reset)");
+                    messages = start.clone();
+                    in_cache.clear();
+                    session.reset();
+                    sampler.reset();
+                    continue;
+                }
+            };
         writeln!(stdout)?;
         in_cache.push_str(&segments_to_string(&segments));
         in_cache.push_str(&outcome.text);

@@ -253,3 +253,30 @@ pub fn load(args: &ModelArgs) -> Result<Loaded> {
         args: args.clone(),
     })
 }
+
+impl Loaded {
+    /// Run `generate` on `session`, streaming text to `out` (flushed per piece, so it appears as
+    /// tokens come).
+    pub fn generate_to(
+        &self,
+        session: &mut Session,
+        sampler: &mut airlock_engine::sampling::Sampler,
+        ids: &[u32],
+        params: &airlock_engine::generate::GenerateParams,
+        out: &mut impl std::io::Write,
+    ) -> Result<airlock_engine::generate::GenerateOutcome, airlock_engine::generate::GenerateError>
+    {
+        airlock_engine::generate::generate(
+            &self.model,
+            session,
+            &self.tokenizer,
+            sampler,
+            ids,
+            params,
+            &mut |s: &str| {
+                out.write_all(s.as_bytes())?;
+                out.flush()
+            },
+        )
+    }
+}

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use airlock_engine::chat::{tokenize_chat, ChatMessage, ChatTemplate};
-use airlock_engine::generate::{generate, GenerateError, GenerateParams, StopReason};
+use airlock_engine::generate::{GenerateError, GenerateParams, StopReason};
 use airlock_engine::sampling::Sampler;
 use anyhow::{bail, Context, Result};
 
@@ -119,18 +119,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    let outcome = match generate(
-        &loaded.model,
-        &mut session,
-        tok,
-        &mut sampler,
-        &ids,
-        &params,
-        &mut |s: &str| {
-            out.write_all(s.as_bytes())?;
-            out.flush()
-        },
-    ) {
+    let outcome = match loaded.generate_to(&mut session, &mut sampler, &ids, &params, &mut out) {
         Ok(o) => o,
         // The reader went away (`airlock run ... | head`): stop quietly, as Unix tools do.
         Err(GenerateError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
