@@ -199,8 +199,8 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     if threads.contains(&0) {
         bail!("-t/--threads must be at least 1");
     }
-    let max_ctx = args.n_prompt.iter().max().copied().unwrap_or(0)
-        + args.n_gen.iter().max().copied().unwrap_or(0);
+    let max_ctx = (args.n_prompt.iter().max().copied().unwrap_or(0))
+        .saturating_add(args.n_gen.iter().max().copied().unwrap_or(0));
     let model_args = ModelArgs {
         model: model_path.clone(),
         ctx_size: max_ctx.max(1),
