@@ -42,6 +42,30 @@ pub struct Report {
     pub notes: Vec<String>,
 }
 
+/// Write `jobs` to `output` atomically (temp file, fsync, rename) with a progress bar, and
+/// report what was done. Shared by `convert` and `quantize`.
+pub(crate) fn write_report(
+    output: &Path,
+    meta: &[(String, Value)],
+    jobs: &[TensorJob],
+    show_progress: bool,
+    start: Instant,
+    notes: Vec<String>,
+) -> Result<Report> {
+    let in_bytes: u64 = jobs.iter().map(TensorJob::in_bytes).sum();
+    let progress = Progress::new(in_bytes, show_progress);
+    write_atomic(output, |out| write_gguf(out, output, meta, jobs, &progress))?;
+    progress.finish();
+    Ok(Report {
+        tensors: jobs.len(),
+        in_bytes,
+        out_bytes: std::fs::metadata(output).map(|m| m.len()).unwrap_or(0),
+        seconds: start.elapsed().as_secs_f64(),
+        types: jobs.iter().map(|j| (j.name.clone(), j.out)).collect(),
+        notes,
+    })
+}
+
 impl Report {
     pub fn summary(&self, out: &Path) -> String {
         let gb = |b: u64| b as f64 / 1e9;
@@ -375,21 +399,5 @@ pub fn convert(opts: &ConvertOptions) -> Result<Report> {
         sampling_keys(dir)?,
     );
     drop(vocab);
-    let in_bytes: u64 = jobs.iter().map(TensorJob::in_bytes).sum();
-    let progress = Progress::new(in_bytes, opts.progress);
-    let out_path = opts.output.clone();
-    write_atomic(&opts.output, |out| {
-        write_gguf(out, &out_path, &meta, &jobs, &progress)
-    })?;
-    progress.finish();
-    Ok(Report {
-        tensors: jobs.len(),
-        in_bytes,
-        out_bytes: std::fs::metadata(&opts.output)
-            .map(|m| m.len())
-            .unwrap_or(0),
-        seconds: start.elapsed().as_secs_f64(),
-        types: jobs.iter().map(|j| (j.name.clone(), j.out)).collect(),
-        notes,
-    })
+    write_report(&opts.output, &meta, &jobs, opts.progress, start, notes)
 }

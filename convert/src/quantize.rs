@@ -5,13 +5,13 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use airlock_engine::gguf::{write_atomic, GgufFile, Value};
+use airlock_engine::gguf::{GgufFile, Value};
 use airlock_kernels::quant::has_row_codec;
 
-use crate::convert::{check_output_file, Report};
+use crate::convert::{check_output_file, write_report, Report};
 use crate::error::{ConvertError, Result};
 use crate::policy::{Policy, Role};
-use crate::stream::{write_gguf, Progress, RowMap, Source, TensorJob};
+use crate::stream::{RowMap, Source, TensorJob};
 
 #[derive(Clone, Debug)]
 pub struct QuantizeOptions {
@@ -97,21 +97,5 @@ pub fn quantize(opts: &QuantizeOptions) -> Result<Report> {
     if !seen_qv {
         meta.push(("general.quantization_version".into(), Value::U32(2)));
     }
-    let in_bytes: u64 = jobs.iter().map(TensorJob::in_bytes).sum();
-    let progress = Progress::new(in_bytes, opts.progress);
-    let out_path = opts.output.clone();
-    write_atomic(&opts.output, |out| {
-        write_gguf(out, &out_path, &meta, &jobs, &progress)
-    })?;
-    progress.finish();
-    Ok(Report {
-        tensors: jobs.len(),
-        in_bytes,
-        out_bytes: std::fs::metadata(&opts.output)
-            .map(|m| m.len())
-            .unwrap_or(0),
-        seconds: start.elapsed().as_secs_f64(),
-        types: jobs.iter().map(|j| (j.name.clone(), j.out)).collect(),
-        notes: Vec::new(),
-    })
+    write_report(&opts.output, &meta, &jobs, opts.progress, start, Vec::new())
 }
