@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Run the kernels crate's tests on aarch64 under qemu-user: cross-compiled with Debian's rustc
 # (which ships an aarch64 standard library), linked with the aarch64 GNU toolchain. This is how
-# the scalar twins and (when present) the NEON paths are tested on an x86 machine.
+# the scalar twins and the NEON paths are tested on an x86 machine. qemu's default CPU has
+# FEAT_DotProd, so both `neon` and `neon-dotprod` run; QEMU_CPU=cortex-a72 emulates a CPU
+# without it (then only `neon`).
 #
 # Needs (Debian): dpkg --add-architecture arm64; apt-get install rustc-web libstd-rust-web-dev:arm64
 #                 gcc-aarch64-linux-gnu qemu-user libc6:arm64

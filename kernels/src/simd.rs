@@ -27,9 +27,10 @@ pub enum SimdPath {
     Avx512,
     /// x86-64 AVX-512 VNNI: `vpdpbusd` on 512 bits (plus AVX-512F/BW/VL).
     Avx512Vnni,
-    /// aarch64 NEON (not implemented yet: never available).
+    /// aarch64 NEON (baseline there): `smull` + `sadalp` for the byte dot
+    /// products.
     Neon,
-    /// aarch64 NEON with the dot-product extension (not implemented yet).
+    /// aarch64 NEON with the dot-product extension (FEAT_DotProd): `sdot`.
     NeonDotprod,
 }
 
@@ -80,6 +81,13 @@ impl SimdPath {
             #[cfg(target_arch = "x86_64")]
             SimdPath::Avx512Vnni => {
                 x86::avx512() && std::arch::is_x86_feature_detected!("avx512vnni")
+            }
+            #[cfg(all(target_arch = "aarch64", target_endian = "little"))]
+            SimdPath::Neon => std::arch::is_aarch64_feature_detected!("neon"),
+            #[cfg(all(target_arch = "aarch64", target_endian = "little"))]
+            SimdPath::NeonDotprod => {
+                std::arch::is_aarch64_feature_detected!("neon")
+                    && std::arch::is_aarch64_feature_detected!("dotprod")
             }
             _ => false,
         }
@@ -185,8 +193,22 @@ mod tests {
                 }
             }
         }
-        // NEON is never available on x86, nor in this build on aarch64.
-        assert!(SimdPath::resolve(Some("neon")).is_err());
+        // NEON is never available on x86; it is baseline on aarch64, where
+        // the x86 paths never are.
+        #[cfg(target_arch = "x86_64")]
+        {
+            assert!(SimdPath::resolve(Some("neon")).is_err());
+            assert!(SimdPath::resolve(Some("neon-dotprod")).is_err());
+        }
+        #[cfg(target_arch = "aarch64")]
+        {
+            assert_eq!(SimdPath::resolve(Some("neon")), Ok(SimdPath::Neon));
+            assert!(SimdPath::resolve(Some("avx2")).is_err());
+            assert!(matches!(
+                SimdPath::best(),
+                SimdPath::Neon | SimdPath::NeonDotprod
+            ));
+        }
         assert!(SimdPath::available().contains(&SimdPath::best()));
     }
 

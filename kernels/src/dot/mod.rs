@@ -7,6 +7,8 @@
 //!   (`vpmaddubsw`+`vpmaddwd`, or `vpdpbusd`).
 //! - `avx512` / `avx512vnni`: 512-bit x86 kernels from one macro; each zmm
 //!   holds two (row, token) pairs, 256 bits each.
+//! - `neon` (`neon::plain` / `neon::dotprod`): aarch64 kernels from one
+//!   macro (`smull`+`sadalp`, or `sdot`), 4 x 2 tiles.
 //!
 //! Every x86 path computes each output the same way: per block an exact
 //! i32 sum in 8 lanes (lane l = sum of products of elements 4l..4l+3), one
@@ -17,8 +19,15 @@
 //! output). A decode dot and any tile of a GEMM give the same bits for the
 //! same (row, token), whatever the tile shape.
 //!
+//! The aarch64 paths reduce each block's integer lanes to one exact i32 sum
+//! per (row, token) and then do [`scalar`]'s f32 operations in its order
+//! (no FMA), so their quantized GEMMs give scalar's bits exactly, whatever
+//! the tile shape. Their float GEMMs use the x86 order above (8 fma lanes,
+//! the same horizontal sum, then the tail).
+//!
 //! Q8 activations must be in [-127, 127] (what every ggml quantizer
-//! produces); the AVX2/AVX-512BW sign trick is exact only there.
+//! produces); the AVX2/AVX-512BW sign trick is exact only there (the NEON
+//! integer sums are exact for every byte).
 
 pub mod scalar;
 
@@ -32,6 +41,8 @@ mod avxvnni;
 mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod avx512vnni;
+#[cfg(all(target_arch = "aarch64", target_endian = "little"))]
+mod neon;
 
 #[cfg(test)]
 mod tests;
@@ -110,6 +121,10 @@ pub fn kernels_for(path: SimdPath) -> Result<&'static Kernels, KernelError> {
         SimdPath::Avx512 => &avx512::KERNELS,
         #[cfg(target_arch = "x86_64")]
         SimdPath::Avx512Vnni => &avx512vnni::KERNELS,
+        #[cfg(all(target_arch = "aarch64", target_endian = "little"))]
+        SimdPath::Neon => &neon::plain::KERNELS,
+        #[cfg(all(target_arch = "aarch64", target_endian = "little"))]
+        SimdPath::NeonDotprod => &neon::dotprod::KERNELS,
         _ => &SCALAR,
     })
 }

@@ -35,15 +35,19 @@ impl Rng {
 /// The table of every SIMD path this CPU has (plus the test-only EVEX
 /// instantiation of the AVX-VNNI code where it can run).
 fn simd_tables() -> Vec<(&'static str, &'static Kernels)> {
-    let mut v: Vec<(&'static str, &'static Kernels)> = SimdPath::available()
+    let v: Vec<(&'static str, &'static Kernels)> = SimdPath::available()
         .into_iter()
         .filter(|&p| p != SimdPath::Scalar)
         .map(|p| (p.name(), kernels_for(p).unwrap()))
         .collect();
     #[cfg(target_arch = "x86_64")]
-    if avxvnni::evex::available() {
-        v.push(("avxvnni(evex)", &avxvnni::evex::KERNELS));
-    }
+    let v = {
+        let mut v = v;
+        if avxvnni::evex::available() {
+            v.push(("avxvnni(evex)", &avxvnni::evex::KERNELS));
+        }
+        v
+    };
     v
 }
 
@@ -54,7 +58,55 @@ fn simd_paths_exist_here() {
         "paths: {:?}",
         simd_tables().iter().map(|t| t.0).collect::<Vec<_>>()
     );
+    #[cfg(target_arch = "x86_64")]
     assert!(kernels_for(SimdPath::Neon).is_err());
+    #[cfg(target_arch = "aarch64")]
+    {
+        // NEON is baseline on aarch64; the x86 paths never exist there.
+        assert_eq!(kernels_for(SimdPath::Neon).unwrap().path, SimdPath::Neon);
+        assert!(kernels_for(SimdPath::Avx2).is_err());
+        // qemu-aarch64's default CPU ("max") has FEAT_DotProd, so under
+        // scripts/test-aarch64.sh both NEON paths run every test here
+        // (QEMU_CPU=cortex-a72 emulates one without it).
+        let emulated = std::env::var("AIRLOCK_TEST_RUNNER").is_ok_and(|r| r.contains("qemu"));
+        if emulated && std::env::var_os("QEMU_CPU").is_none() {
+            let names: Vec<_> = simd_tables().iter().map(|t| t.0).collect();
+            assert_eq!(names, ["neon", "neon-dotprod"]);
+            assert_eq!(
+                kernels_for(SimdPath::NeonDotprod).unwrap().path,
+                SimdPath::NeonDotprod
+            );
+        }
+    }
+}
+
+/// On aarch64 the quantized GEMMs do scalar's f32 operations in scalar's
+/// order on exact integer sums, so they give scalar's bits exactly, for
+/// every tile shape (4 x 2, 4 x 1, 1 x 2, 1 x 1 all occur here).
+#[cfg(target_arch = "aarch64")]
+#[test]
+fn neon_quantized_gemms_give_scalar_bits() {
+    let mut seed = 500;
+    let mut ran = 0;
+    for rows in [1, 4, 7, 33] {
+        for n in [1, 2, 3, 8] {
+            for k in [1, 3, 16] {
+                seed += 1;
+                let c = QCase::new(rows, n, k, seed);
+                let want = c.run(&SCALAR);
+                for &(name, ks) in &simd_tables() {
+                    let got = c.run(ks);
+                    for ty in 0..3 {
+                        let a: Vec<u32> = want[ty].iter().map(|v| v.to_bits()).collect();
+                        let b: Vec<u32> = got[ty].iter().map(|v| v.to_bits()).collect();
+                        assert_eq!(a, b, "{name} type {ty} rows {rows} n {n} k {k}");
+                    }
+                    ran += 1;
+                }
+            }
+        }
+    }
+    assert!(ran > 0);
 }
 
 struct QCase {
@@ -173,7 +225,9 @@ fn quantized_gemms_match_scalar_on_odd_shapes() {
                             );
                         }
                     }
-                    // The x86 paths share lane semantics: identical bits.
+                    // The paths of one architecture share lane semantics
+                    // (x86: 8 fma lanes; aarch64: scalar's order), so
+                    // they give identical bits.
                     match &first {
                         None => first = Some(got),
                         Some(f) => {
