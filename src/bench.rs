@@ -76,6 +76,9 @@ pub struct BenchArgs {
     /// Print a JSON array of rows (llama-bench's field names) instead of a table
     #[arg(long)]
     pub json: bool,
+    /// Read the weights in the file's layout instead of repacking Q4_0/Q8_0 at load
+    #[arg(long = "no-repack")]
+    pub no_repack: bool,
 }
 
 struct Row {
@@ -210,6 +213,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         exact: false,
         mlock: false,
         no_mmap: false,
+        no_repack: args.no_repack,
         force: false,
         tokenizer: None,
         verbose: false,
@@ -283,6 +287,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
             });
         }
     }
+    let repacked = loaded.model.weights.packed_bytes() > 0;
     drop(loaded);
 
     let filename = model_path.display().to_string();
@@ -298,6 +303,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
                     "build_commit": env!("CARGO_PKG_VERSION"),
                     "backends": "CPU",
                     "simd": simd.name(),
+                    "repack": repacked,
                     "model_filename": filename,
                     "model_type": model_type,
                     "model_size": size,
@@ -324,11 +330,12 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         for r in &rows {
             let (avg, std) = mean_std(&r.samples_ts());
             println!(
-                "| {model_type} | {:.2} GiB | {:.2} {} | CPU ({}) | {} | {} | {avg:.2} ± {std:.2} |",
+                "| {model_type} | {:.2} GiB | {:.2} {} | CPU ({}{}) | {} | {} | {avg:.2} ± {std:.2} |",
                 size as f64 / (1u64 << 30) as f64,
                 if params >= 1_000_000_000 { params as f64 / 1e9 } else { params as f64 / 1e6 },
                 if params >= 1_000_000_000 { "B" } else { "M" },
                 simd.name(),
+                if repacked { ", repacked" } else { "" },
                 r.threads,
                 r.test_name(),
             );

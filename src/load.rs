@@ -38,6 +38,11 @@ pub struct ModelArgs {
     /// Read the model into memory instead of memory-mapping it
     #[arg(long = "no-mmap")]
     pub no_mmap: bool,
+    /// Keep every weight in the file's layout (pure mmap). By default, on CPUs with AVX-512
+    /// VNNI, Q4_0/Q8_0 matrices are copied at load into the interleaved layout the fast
+    /// kernels read (anonymous memory, about the size of those tensors)
+    #[arg(long = "no-repack")]
+    pub no_repack: bool,
     /// Run even when the estimated memory exceeds what is available
     #[arg(long)]
     pub force: bool,
@@ -177,7 +182,7 @@ pub fn load(args: &ModelArgs) -> Result<Loaded> {
     let t0 = Instant::now();
     let path = &args.model;
     let file = open_gguf(path, args.no_mmap)?;
-    let model = LlamaModel::load(Arc::new(file))
+    let mut model = LlamaModel::load(Arc::new(file))
         .with_context(|| format!("cannot run {}", path.display()))?;
     if args.ctx_size == 0 {
         bail!("-c/--ctx-size must be at least 1");
@@ -187,7 +192,9 @@ pub fn load(args: &ModelArgs) -> Result<Loaded> {
         KvTypeArg::F16 => KvType::F16,
         KvTypeArg::F32 => KvType::F32,
     };
-    let est = MemoryEstimate::for_model(&model, n_ctx, kv, args.batch_size as usize);
+    // The exact path reads the map only, so packed copies would be dead weight.
+    let repack = !args.no_repack && !args.exact;
+    let est = MemoryEstimate::for_model(&model, n_ctx, kv, args.batch_size as usize, repack);
     let avail = available_memory();
     if args.verbose {
         eprintln!(
@@ -200,12 +207,14 @@ pub fn load(args: &ModelArgs) -> Result<Loaded> {
             model.config.vocab_size
         );
         eprintln!(
-            "memory: weights {} + KV cache {} ({} x {:?}) + buffers {} = {}; available {}",
+            "memory: weights {} + KV cache {} ({} x {:?}) + buffers {} + repacked copies {} = {}; \
+             available {}",
             human_bytes(est.weights),
             human_bytes(est.kv_cache),
             n_ctx,
             kv,
             human_bytes(est.buffers),
+            human_bytes(est.repacked_extra),
             human_bytes(est.total()),
             avail.map_or("unknown".into(), human_bytes)
         );
@@ -228,6 +237,19 @@ pub fn load(args: &ModelArgs) -> Result<Loaded> {
             .file
             .mlock()
             .context("--mlock failed (raise `ulimit -l` or run without --mlock)")?;
+    }
+    if repack {
+        let t = Instant::now();
+        let bytes = model
+            .repack()
+            .with_context(|| format!("cannot repack {}", path.display()))?;
+        if args.verbose && bytes > 0 {
+            eprintln!(
+                "repack: {} of Q4_0/Q8_0 weights into the packed layout in {:.2} s (--no-repack to keep pure mmap)",
+                human_bytes(bytes),
+                t.elapsed().as_secs_f64()
+            );
+        }
     }
     let spec = VocabSpec::from_gguf(&model.file)
         .with_context(|| format!("cannot read the vocabulary of {}", path.display()))?;

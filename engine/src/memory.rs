@@ -10,10 +10,20 @@ pub struct MemoryEstimate {
     pub kv_cache: u64,
     /// Activation buffers of one batch, and the logits.
     pub buffers: u64,
+    /// Packed copies of weights the map must still serve (a tied output head); see
+    /// [`LlamaModel::repack_extra_bytes`]. 0 without repacking.
+    pub repacked_extra: u64,
 }
 
 impl MemoryEstimate {
-    pub fn for_model(model: &LlamaModel, n_ctx: usize, kv: KvType, batch: usize) -> Self {
+    /// `repack`: whether the weights will be repacked ([`LlamaModel::repack`]).
+    pub fn for_model(
+        model: &LlamaModel,
+        n_ctx: usize,
+        kv: KvType,
+        batch: usize,
+        repack: bool,
+    ) -> Self {
         let c = &model.config;
         let weights = model.file.tensors().iter().map(|t| t.n_bytes).sum::<u64>();
         let per_token = 4 * (4 * c.n_embd + 2 * c.q_dim() + 2 * c.kv_dim() + 2 * c.n_ff) as u64;
@@ -22,11 +32,16 @@ impl MemoryEstimate {
             weights,
             kv_cache: model.kv_cache_bytes(n_ctx, kv),
             buffers,
+            repacked_extra: if repack {
+                model.repack_extra_bytes()
+            } else {
+                0
+            },
         }
     }
 
     pub fn total(&self) -> u64 {
-        self.weights + self.kv_cache + self.buffers
+        self.weights + self.kv_cache + self.buffers + self.repacked_extra
     }
 }
 

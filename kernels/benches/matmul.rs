@@ -10,7 +10,11 @@
 
 use airlock_kernels::dot::kernels_for;
 use airlock_kernels::matmul::matmul_with;
-use airlock_kernels::{matmul, quantize_row, simd_path, GgmlType, SimdPath, WeightView};
+use airlock_kernels::packed::packed_kernels;
+use airlock_kernels::{
+    matmul, matmul_packed, quantize_row, simd_path, GgmlType, PackedScratch, PackedWeights,
+    SimdPath, WeightView,
+};
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 fn values(n: usize, seed: u64) -> Vec<f32> {
@@ -157,5 +161,51 @@ fn tiled_vs_loop(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, matvec, paths, gemm512, tiled_vs_loop);
+/// The same matrix read from the file layout and from the packed layout
+/// (decode at two shapes, and a 512-token prompt), side by side.
+fn packed(c: &mut Criterion) {
+    let Some(pk) = packed_kernels() else {
+        eprintln!("packed: no packed kernels on path {}", simd_path().unwrap());
+        return;
+    };
+    let mut g = c.benchmark_group("packed");
+    g.sample_size(10);
+    let cases = [
+        ("576x1536", 576, 1536, 1),
+        ("4096x14336", 4096, 14336, 1),
+        ("576x1536", 576, 1536, 512),
+    ];
+    for (name, rows, cols, n) in cases {
+        for ty in [GgmlType::Q4_0, GgmlType::Q8_0] {
+            let data = weights(ty, rows, cols);
+            let w = WeightView {
+                ty,
+                data: &data,
+                rows,
+                cols,
+            };
+            let p = PackedWeights::pack(&w, pk).unwrap();
+            let x = values(n * cols, 17);
+            let mut y = vec![0f32; n * rows];
+            if n == 1 {
+                g.throughput(Throughput::Bytes(data.len() as u64));
+            } else {
+                g.throughput(Throughput::Elements((2 * rows * cols * n) as u64));
+            }
+            let mut scratch = Vec::new();
+            let id = BenchmarkId::new(format!("{}/file", ty.name()), format!("{name}/n{n}"));
+            g.bench_function(id, |b| {
+                b.iter(|| matmul(&w, black_box(&x), n, &mut y, &mut scratch).unwrap())
+            });
+            let mut ps = PackedScratch::default();
+            let id = BenchmarkId::new(format!("{}/packed", ty.name()), format!("{name}/n{n}"));
+            g.bench_function(id, |b| {
+                b.iter(|| matmul_packed(&p, black_box(&x), n, &mut y, &mut ps).unwrap())
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, matvec, paths, gemm512, tiled_vs_loop, packed);
 criterion_main!(benches);

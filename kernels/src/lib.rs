@@ -11,6 +11,8 @@
 //!   that every SIMD version is tested against.
 //! - [`matmul`]: weight-matrix x activations, parallel over chunks of rows,
 //!   each chunk one tiled GEMM over all tokens.
+//! - [`packed`]: Q4_0/Q4_1/Q8_0 matrices repacked at load into 16-row
+//!   groups, and their matmul (AVX-512 VNNI, with a scalar twin).
 
 // Written against MSRV 1.85; the crate is 1.89 now (AVX-512 intrinsics), which
 // turns on this lint. Left to the module's owner.
@@ -19,12 +21,14 @@ pub mod dot;
 mod error;
 pub mod matmul;
 pub mod ops;
+pub mod packed;
 pub mod quant;
 pub mod simd;
 pub mod types;
 
 pub use error::KernelError;
 pub use matmul::{matmul, matmul_exact, WeightView};
+pub use packed::{matmul_packed, PackedScratch, PackedWeights};
 pub use quant::{dequantize_row, quantize_row};
 pub use simd::{simd_path, SimdPath};
 pub use types::GgmlType;

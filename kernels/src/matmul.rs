@@ -29,7 +29,7 @@ pub struct WeightView<'a> {
 
 impl WeightView<'_> {
     /// Bytes per row, after checking `data` has exactly `rows` of them.
-    fn checked_row_bytes(&self) -> Result<usize, KernelError> {
+    pub(crate) fn checked_row_bytes(&self) -> Result<usize, KernelError> {
         let row_bytes =
             self.ty
                 .row_bytes(self.cols as u64)
@@ -90,7 +90,7 @@ fn chunk_rows(rows: usize, cols: usize) -> usize {
 /// Runs `chunk_fn(first_row, buf)` for each chunk of rows in parallel, where
 /// `buf` is `n_tokens x chunk_len` ([token][row in chunk]), then places the
 /// results in y. Returns the sum of what the chunks return.
-fn for_row_chunks(
+pub(crate) fn for_row_chunks(
     rows: usize,
     n_tokens: usize,
     chunk: usize,

@@ -100,7 +100,35 @@ pub struct Session {
     logits: Vec<f32>,
     rope_cos: Vec<f32>,
     rope_sin: Vec<f32>,
-    scratch: Vec<u8>,
+    scratch: MatmulScratch,
+}
+
+/// Quantized activations of one matmul, for the file-layout or the packed kernels.
+#[derive(Default)]
+struct MatmulScratch {
+    bytes: Vec<u8>,
+    packed: airlock_kernels::PackedScratch,
+}
+
+/// y = W x on the session's precision: the packed copy when there is one (fast path only).
+fn matmul(
+    precision: Precision,
+    f: &crate::gguf::GgufFile,
+    wt: &Weight,
+    x: &[f32],
+    n: usize,
+    y: &mut [f32],
+    scratch: &mut MatmulScratch,
+) -> Result<(), airlock_kernels::KernelError> {
+    match (precision, &wt.packed) {
+        (Precision::Fast, Some(p)) => {
+            airlock_kernels::matmul_packed(p, x, n, y, &mut scratch.packed)
+        }
+        (Precision::Fast, None) => {
+            airlock_kernels::matmul(&wt.view(f), x, n, y, &mut scratch.bytes)
+        }
+        (Precision::Exact, _) => airlock_kernels::matmul_exact(&wt.view(f), x, n, y),
+    }
 }
 
 impl Session {
@@ -125,7 +153,7 @@ impl Session {
             logits: Vec::new(),
             rope_cos: Vec::new(),
             rope_sin: Vec::new(),
-            scratch: Vec::new(),
+            scratch: MatmulScratch::default(),
         }
     }
 
@@ -198,12 +226,8 @@ impl Session {
         }
 
         let precision = self.precision;
-        let mm = |wt: &Weight, x: &[f32], y: &mut [f32], scratch: &mut Vec<u8>| {
-            let view = wt.view(f);
-            match precision {
-                Precision::Fast => airlock_kernels::matmul(&view, x, n, y, scratch),
-                Precision::Exact => airlock_kernels::matmul_exact(&view, x, n, y),
-            }
+        let mm = |wt: &Weight, x: &[f32], y: &mut [f32], scratch: &mut MatmulScratch| {
+            matmul(precision, f, wt, x, n, y, scratch)
         };
 
         // RoPE angles depend only on the position: once per token, shared by heads and layers.
@@ -275,19 +299,15 @@ impl Session {
         let x = &self.x[first * e..];
         norm_rows(x, &w.output_norm, c.rms_eps, &mut self.xn[..rows * e], e);
         resize(&mut self.logits, rows * c.vocab_size);
-        let view = w.output.view(f);
-        match precision {
-            Precision::Fast => airlock_kernels::matmul(
-                &view,
-                &self.xn[..rows * e],
-                rows,
-                &mut self.logits,
-                &mut self.scratch,
-            )?,
-            Precision::Exact => {
-                airlock_kernels::matmul_exact(&view, &self.xn[..rows * e], rows, &mut self.logits)?
-            }
-        }
+        matmul(
+            precision,
+            f,
+            &w.output,
+            &self.xn[..rows * e],
+            rows,
+            &mut self.logits,
+            &mut self.scratch,
+        )?;
         Ok(&self.logits)
     }
 }

@@ -71,6 +71,36 @@ impl LlamaModel {
         })
     }
 
+    /// Copies the Q4_0/Q8_0 matrices into the packed layout when the active SIMD path has
+    /// packed kernels (AVX-512 VNNI for now); returns the bytes allocated (0 when it has none).
+    pub fn repack(&mut self) -> Result<u64, ModelError> {
+        match airlock_kernels::packed::packed_kernels() {
+            Some(ks) => self.weights.repack(&self.file, ks),
+            None => Ok(0),
+        }
+    }
+
+    /// Bytes [`Self::repack`] would allocate on this CPU.
+    pub fn repack_bytes(&self) -> u64 {
+        match airlock_kernels::packed::packed_kernels() {
+            Some(_) => self.weights.repack_bytes(),
+            None => 0,
+        }
+    }
+
+    /// Of [`Self::repack_bytes`], what duplicates a tensor the map must still serve: a tied
+    /// output head's packed copy (the embedding lookup keeps reading the file). The other packed
+    /// copies replace their file pages, which the kernel may then drop.
+    pub fn repack_extra_bytes(&self) -> u64 {
+        let w = &self.weights;
+        let packs = airlock_kernels::packed::packed_kernels().is_some();
+        if packs && w.output_tied && airlock_kernels::packed::can_pack(w.output.ty) {
+            w.output.n_bytes() as u64
+        } else {
+            0
+        }
+    }
+
     /// Bytes a KV cache of `n_ctx` positions takes.
     pub fn kv_cache_bytes(&self, n_ctx: usize, kv: KvType) -> u64 {
         let c = &self.config;

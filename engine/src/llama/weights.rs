@@ -1,8 +1,13 @@
 //! Where the weights live: every matrix is a (type, shape, byte range) into the GGUF map, checked
 //! once against the config. Nothing is dequantized or copied at load except the 1-D norm vectors
-//! (a few KB), which are decoded to f32 once.
+//! (a few KB), which are decoded to f32 once. [`LlamaWeights::repack`] can then copy the
+//! matrices the packed kernels read into their interleaved layout (anonymous memory); the map
+//! stays the source of truth for the exact path and the embedding lookup.
 
-use airlock_kernels::{GgmlType, WeightView};
+use std::sync::Arc;
+
+use airlock_kernels::packed::{can_pack, PackedKernels};
+use airlock_kernels::{GgmlType, PackedWeights, WeightView};
 
 use crate::gguf::{GgufFile, TensorInfo};
 
@@ -17,6 +22,8 @@ pub struct Weight {
     pub cols: usize,
     start: usize,
     len: usize,
+    /// The same matrix in the packed layout, when [`LlamaWeights::repack`] made one.
+    pub packed: Option<Arc<PackedWeights>>,
 }
 
 impl Weight {
@@ -88,6 +95,7 @@ impl LlamaWeights {
                 cols,
                 start: (f.data_offset + t.offset) as usize,
                 len: t.n_bytes as usize,
+                packed: None,
             })
         };
         let vector = |name: &str, n: usize| -> Result<Vec<f32>, ModelError> {
@@ -141,6 +149,74 @@ impl LlamaWeights {
             output_tied,
             rope_freqs,
         })
+    }
+
+    /// The matrices the forward pass multiplies by: every layer's seven, then the output.
+    fn matrices_mut(&mut self) -> impl Iterator<Item = &mut Weight> {
+        self.layers
+            .iter_mut()
+            .flat_map(|l| {
+                [
+                    &mut l.wq,
+                    &mut l.wk,
+                    &mut l.wv,
+                    &mut l.wo,
+                    &mut l.w_gate,
+                    &mut l.w_up,
+                    &mut l.w_down,
+                ]
+            })
+            .chain(std::iter::once(&mut self.output))
+    }
+
+    /// Anonymous memory [`Self::repack`] would allocate: the packable matrices' bytes (plus
+    /// padding rows, under 1%).
+    pub fn repack_bytes(&self) -> u64 {
+        let layers = self
+            .layers
+            .iter()
+            .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]);
+        layers
+            .chain(std::iter::once(&self.output))
+            .filter(|w| can_pack(w.ty))
+            .map(|w| w.n_bytes() as u64)
+            .sum()
+    }
+
+    /// Bytes of packed copies held now.
+    pub fn packed_bytes(&self) -> u64 {
+        let layers = self
+            .layers
+            .iter()
+            .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]);
+        layers
+            .chain(std::iter::once(&self.output))
+            .filter_map(|w| w.packed.as_ref())
+            .map(|p| p.n_bytes() as u64)
+            .sum()
+    }
+
+    /// Copies every Q4_0/Q8_0 matrix into the packed layout of `kernels`; returns the bytes
+    /// allocated. The forward pass then reads the packed copies on the fast path.
+    pub fn repack(
+        &mut self,
+        f: &crate::gguf::GgufFile,
+        kernels: &'static PackedKernels,
+    ) -> Result<u64, ModelError> {
+        let mut bytes = 0u64;
+        for w in self.matrices_mut() {
+            if !can_pack(w.ty) || w.packed.is_some() {
+                continue;
+            }
+            let p =
+                PackedWeights::pack(&w.view(f), kernels).map_err(|e| ModelError::BadTensor {
+                    tensor: w.name.clone(),
+                    reason: e.to_string(),
+                })?;
+            bytes += p.n_bytes() as u64;
+            w.packed = Some(Arc::new(p));
+        }
+        Ok(bytes)
     }
 
     /// Bytes of weights read to produce one token (every matrix once, the embedding row aside).

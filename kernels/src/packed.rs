@@ -1,0 +1,485 @@
+//! Weights repacked at load into a 16-row interleaved layout (Q4_0, Q4_1, Q8_0).
+//!
+//! In the file a row's blocks follow one another (18 or 34 bytes each), so a
+//! SIMD kernel spends more instructions gathering bytes and scales than
+//! multiplying. A packed matrix keeps 16 rows together: one 512-bit load
+//! holds 4 bytes of each of the 16 rows, and `vpdpbusd` against one 4-byte
+//! group of the activations broadcast to every lane adds to lane i a partial
+//! dot of row i. After the block's 8 groups lane i holds row i's exact
+//! integer dot, and one convert and one FMA scale all 16 rows at once.
+//!
+//! Layout of one group of 16 rows over `k` blocks (rows past the matrix's
+//! end are zeros, so they add nothing and are never stored):
+//! - quants, `k * QB` bytes: block b's chunk j holds, in its 4-byte lane i,
+//!   bytes `4j..4j+4` of row i's block b (Q4_0: QB = 256, 4 chunks of 64
+//!   bytes, whose low nibbles are elements `4j..4j+4` and high nibbles
+//!   elements `16+4j..`, as for Q4_1; Q8_0: QB = 512, 8 chunks);
+//! - scales, `k * 32` bytes: block b's 16 f16 scales, row order (Q4_1:
+//!   `k * 64`, block b's 16 scales then its 16 minimums);
+//! - zeros up to a multiple of 64 bytes.
+//!
+//! The quant and scale bytes are the file's, moved: a packed matrix takes as
+//! much memory as the file's tensor (plus the padding rows), in anonymous
+//! memory. The file stays the source of truth: the exact path and the
+//! embedding lookup read the map.
+//!
+//! Activations go in [`ActBlock`]s: Q8_0 quants plus the block scale as f32
+//! and an integer correction, so the kernels' integer sums are exact:
+//! - Q4_0: `vpdpbusd` wants unsigned x signed; the nibbles q (0..15) are the
+//!   unsigned side, and `sum((q - 8) y) = sum(q y) - 8 sum(y)` with
+//!   `c = -8 sum(y)` the sum's starting value.
+//! - Q8_0: the activations become the unsigned side as `y + 128` (so they
+//!   must lie in [-128, 127], as every Q8_0 quantizer's do), and the kernel
+//!   subtracts `128 sum(x)` per row.
+//! - Q4_1 (Q8_1 activations): nibbles as Q4_0, no correction; the block's
+//!   `s = d sum(y)` is carried as f32 for the `m_x s` term.
+//!
+//! Each output is `sum_b fma(dx_b * dy_b, sumi_b, acc)` over blocks in
+//! order, starting from 0 (Q4_1: then `acc = fma(m_b, s_b, acc)` per
+//! block), on every path ([`scalar`] twin included, through
+//! `f32::mul_add`), so the paths agree bit for bit and a token's result
+//! does not depend on the batch it came in. Against the file-layout
+//! reference (`sumi * dx * dy` summed) it differs by rounding only.
+
+#[cfg(target_arch = "x86_64")]
+mod avx512vnni;
+mod scalar;
+#[cfg(test)]
+mod tests;
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::dot::Tiles;
+use crate::matmul::{for_row_chunks, WeightView};
+use crate::quant::{self, BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1};
+use crate::simd::{simd_path, SimdPath};
+use crate::{GgmlType, KernelError};
+
+/// Rows per packed group: one per 32-bit lane of a 512-bit register.
+pub const GROUP_ROWS: usize = 16;
+
+/// One cache line; the packed buffer is a vector of these so every 64-byte
+/// chunk load is aligned.
+#[derive(Clone, Copy, Pod, Zeroable)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
+/// A Q8_0 activation block as the packed kernels read it.
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable, PartialEq)]
+#[repr(C)]
+pub struct ActBlock {
+    /// Q4_0 weights: the Q8_0 quants as bytes. Q8_0 weights: quant + 128.
+    pub qs: [u8; 32],
+    /// The block's scale (the f16 of the Q8_0 block, widened exactly).
+    pub d: f32,
+    /// Starting value of the block's integer sum (Q4_0: -8 * sum(y); else 0).
+    pub c: i32,
+    /// Q4_1 weights: the Q8_1 block's `s` (d * sum(y)) widened; else 0.
+    pub s: f32,
+}
+
+const _: () = assert!(std::mem::size_of::<ActBlock>() == 44);
+
+/// Per-session buffers of [`matmul_packed`], reused across calls.
+#[derive(Default)]
+pub struct PackedScratch {
+    q8: Vec<BlockQ8_0>,
+    q8_1: Vec<BlockQ8_1>,
+    act: Vec<ActBlock>,
+}
+
+/// `gemm(w, r0, act, out)`: rows `r0..r0 + out.len() / n_tokens` of `w`
+/// (r0 a multiple of [`GROUP_ROWS`]) times `n_tokens` activation rows of
+/// `w.blocks()` blocks each; `out[t * nr + i]` = row `r0 + i`, token t.
+pub type PackedGemmFn = fn(&PackedWeights, usize, &[ActBlock], &mut [f32]) -> Tiles;
+
+/// The packed kernels of one path.
+pub struct PackedKernels {
+    pub path: SimdPath,
+    /// Tokens per full tile (rows per tile are always [`GROUP_ROWS`]).
+    pub tile_tokens: usize,
+    q4_0: PackedGemmFn,
+    q4_1: PackedGemmFn,
+    q8_0: PackedGemmFn,
+}
+
+/// The portable twin: the same sums in the same order as the SIMD kernels,
+/// for tests. Slow (software FMA); never chosen for real work.
+pub static SCALAR: PackedKernels = PackedKernels {
+    path: SimdPath::Scalar,
+    tile_tokens: 1,
+    q4_0: scalar::gemm_q4_0,
+    q4_1: scalar::gemm_q4_1,
+    q8_0: scalar::gemm_q8_0,
+};
+
+/// The packed kernels of `path`, if it has them and this CPU has the path.
+/// Only AVX-512 VNNI has them for now: on other paths the engine reads the
+/// weights from the map with [`crate::matmul`].
+pub fn packed_kernels_for(path: SimdPath) -> Option<&'static PackedKernels> {
+    if !path.is_available() {
+        return None;
+    }
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        SimdPath::Avx512Vnni => Some(&avx512vnni::KERNELS),
+        _ => None,
+    }
+}
+
+/// The packed kernels of the process-wide [`simd_path`], if any.
+pub fn packed_kernels() -> Option<&'static PackedKernels> {
+    simd_path().ok().and_then(packed_kernels_for)
+}
+
+/// Whether [`PackedWeights::pack`] takes this type.
+pub fn can_pack(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
+}
+
+/// A weight matrix in the packed layout, with the kernels that read it.
+pub struct PackedWeights {
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    /// Bytes of one group (a multiple of 64).
+    group_bytes: usize,
+    data: Vec<Line>,
+    kernels: &'static PackedKernels,
+}
+
+impl std::fmt::Debug for PackedWeights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedWeights")
+            .field("ty", &self.ty)
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .field("bytes", &self.n_bytes())
+            .field("path", &self.kernels.path)
+            .finish()
+    }
+}
+
+/// Quant bytes per block in a group.
+fn group_quant_bytes(ty: GgmlType) -> usize {
+    match ty {
+        GgmlType::Q4_0 | GgmlType::Q4_1 => 256,
+        _ => 512,
+    }
+}
+
+/// Scale bytes per block in a group: 16 f16 scales (and 16 minimums for Q4_1).
+fn group_scale_bytes(ty: GgmlType) -> usize {
+    match ty {
+        GgmlType::Q4_1 => 64,
+        _ => 32,
+    }
+}
+
+impl PackedWeights {
+    /// Packs `w` for `kernels`. Errors on a type [`can_pack`] refuses, a
+    /// column count that is not a whole number of blocks, or data whose
+    /// length disagrees with the shape.
+    pub fn pack(w: &WeightView, kernels: &'static PackedKernels) -> Result<Self, KernelError> {
+        if !can_pack(w.ty) {
+            return Err(KernelError::Unsupported {
+                ty: w.ty,
+                op: "pack",
+            });
+        }
+        let row_bytes = w.checked_row_bytes()?;
+        let k = w.cols / 32;
+        let qb = group_quant_bytes(w.ty);
+        let raw = k
+            .checked_mul(qb + group_scale_bytes(w.ty))
+            .ok_or(KernelError::Overflow {
+                what: "packed group",
+            })?;
+        let group_bytes = raw.div_ceil(64) * 64;
+        let groups = w.rows.div_ceil(GROUP_ROWS);
+        let lines = groups
+            .checked_mul(group_bytes / 64)
+            .ok_or(KernelError::Overflow {
+                what: "packed weights",
+            })?;
+        let mut data = vec![Line([0; 64]); lines];
+        if group_bytes > 0 {
+            use rayon::prelude::*;
+            let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut data);
+            bytes
+                .par_chunks_mut(group_bytes)
+                .enumerate()
+                .for_each(|(g, dst)| {
+                    let r0 = g * GROUP_ROWS;
+                    let r1 = (r0 + GROUP_ROWS).min(w.rows);
+                    let (quants, scales) = dst.split_at_mut(k * qb);
+                    for (i, src) in w.data[r0 * row_bytes..r1 * row_bytes]
+                        .chunks_exact(row_bytes)
+                        .enumerate()
+                    {
+                        pack_row(w.ty, src, i, quants, scales);
+                    }
+                });
+        }
+        Ok(PackedWeights {
+            ty: w.ty,
+            rows: w.rows,
+            cols: w.cols,
+            group_bytes,
+            data,
+            kernels,
+        })
+    }
+
+    pub fn ty(&self) -> GgmlType {
+        self.ty
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Blocks per row.
+    pub fn blocks(&self) -> usize {
+        self.cols / 32
+    }
+
+    /// Memory the packed matrix holds.
+    pub fn n_bytes(&self) -> usize {
+        self.data.len() * 64
+    }
+
+    pub fn kernels(&self) -> &'static PackedKernels {
+        self.kernels
+    }
+
+    /// Group g's quant bytes (`k * QB`) and scale bytes (`k * 32`, Q4_1 `k * 64`).
+    fn group(&self, g: usize) -> (&[u8], &[u8]) {
+        let k = self.blocks();
+        let bytes: &[u8] = bytemuck::cast_slice(&self.data);
+        let grp = &bytes[g * self.group_bytes..(g + 1) * self.group_bytes];
+        let (quants, rest) = grp.split_at(k * group_quant_bytes(self.ty));
+        (quants, &rest[..k * group_scale_bytes(self.ty)])
+    }
+}
+
+/// Scatters one row (row `i` of its group) into the group's quants and scales.
+fn pack_row(ty: GgmlType, src: &[u8], i: usize, quants: &mut [u8], scales: &mut [u8]) {
+    let sb = group_scale_bytes(ty);
+    let put = |b: usize, d: [u8; 2], qs: &[u8], quants: &mut [u8], scales: &mut [u8]| {
+        let qb = qs.len() * 16;
+        scales[b * sb + 2 * i..][..2].copy_from_slice(&d);
+        for (j, four) in qs.chunks_exact(4).enumerate() {
+            quants[b * qb + j * 64 + 4 * i..][..4].copy_from_slice(four);
+        }
+    };
+    match ty {
+        GgmlType::Q4_0 => {
+            let blocks: &[BlockQ4_0] = bytemuck::cast_slice(src);
+            for (b, blk) in blocks.iter().enumerate() {
+                put(b, blk.d, &blk.qs, quants, scales);
+            }
+        }
+        GgmlType::Q4_1 => {
+            let blocks: &[BlockQ4_1] = bytemuck::cast_slice(src);
+            for (b, blk) in blocks.iter().enumerate() {
+                put(b, blk.d, &blk.qs, quants, scales);
+                scales[b * sb + 32 + 2 * i..][..2].copy_from_slice(&blk.m);
+            }
+        }
+        _ => {
+            let blocks: &[BlockQ8_0] = bytemuck::cast_slice(src);
+            for (b, blk) in blocks.iter().enumerate() {
+                put(b, blk.d, bytemuck::cast_slice(&blk.qs), quants, scales);
+            }
+        }
+    }
+}
+
+/// Rows per task: about four tasks per thread, at least ~16K multiply-adds
+/// each, a whole number of groups.
+fn chunk_rows(rows: usize, cols: usize) -> usize {
+    let by_threads = rows.div_ceil(rayon::current_num_threads() * 4);
+    let by_work = (1 << 14) / cols.max(1);
+    by_threads.max(by_work).div_ceil(GROUP_ROWS) * GROUP_ROWS
+}
+
+/// y = W x for a packed W: `x` is `n_tokens x cols`, `y` is `n_tokens x
+/// rows`. Activations are quantized to Q8_0 with the active path's quantizer
+/// (the same bytes as [`crate::quant::quantize_row_q8_0`]), as [`crate::matmul`]
+/// does for Q4_0 and Q8_0 weights.
+pub fn matmul_packed(
+    w: &PackedWeights,
+    x: &[f32],
+    n_tokens: usize,
+    y: &mut [f32],
+    scratch: &mut PackedScratch,
+) -> Result<(), KernelError> {
+    let chunk = chunk_rows(w.rows, w.cols);
+    matmul_packed_chunked(w, x, n_tokens, y, scratch, chunk).map(|_| ())
+}
+
+/// [`matmul_packed`] in chunks of `chunk` rows (a multiple of
+/// [`GROUP_ROWS`]), returning the tiles the kernels ran (a test hook).
+fn matmul_packed_chunked(
+    w: &PackedWeights,
+    x: &[f32],
+    n_tokens: usize,
+    y: &mut [f32],
+    scratch: &mut PackedScratch,
+    chunk: usize,
+) -> Result<Tiles, KernelError> {
+    let nx = n_tokens.checked_mul(w.cols).ok_or(KernelError::Overflow {
+        what: "activations",
+    })?;
+    check_len("activations", nx, x.len())?;
+    let ny = n_tokens
+        .checked_mul(w.rows)
+        .ok_or(KernelError::Overflow { what: "output" })?;
+    check_len("output", ny, y.len())?;
+    if w.rows == 0 || n_tokens == 0 {
+        return Ok(Tiles::default());
+    }
+    if w.cols == 0 {
+        y.fill(0.0);
+        return Ok(Tiles::default());
+    }
+    prepare_acts(w.ty, x, w.cols, scratch)?;
+    let act = &scratch.act;
+    let gemm = match w.ty {
+        GgmlType::Q4_0 => w.kernels.q4_0,
+        GgmlType::Q4_1 => w.kernels.q4_1,
+        _ => w.kernels.q8_0,
+    };
+    Ok(for_row_chunks(w.rows, n_tokens, chunk, y, |r0, buf| {
+        gemm(w, r0, act, buf)
+    }))
+}
+
+fn check_len(what: &'static str, expected: usize, actual: usize) -> Result<(), KernelError> {
+    if expected == actual {
+        Ok(())
+    } else {
+        Err(KernelError::LengthMismatch {
+            what,
+            expected,
+            actual,
+        })
+    }
+}
+
+/// Quantizes each token's row to Q8_0 (Q8_1 for Q4_1 weights) and rewrites
+/// the blocks as the packed kernels for `ty` weights read them.
+fn prepare_acts(
+    ty: GgmlType,
+    x: &[f32],
+    cols: usize,
+    s: &mut PackedScratch,
+) -> Result<(), KernelError> {
+    use rayon::prelude::*;
+    let ks = crate::dot::kernels()?;
+    let k = cols / 32;
+    let n = x.len() / cols;
+    s.act.clear();
+    s.act.resize(n * k, ActBlock::default());
+    if ty == GgmlType::Q4_1 {
+        s.q8_1.clear();
+        s.q8_1.resize(n * k, BlockQ8_1::zeroed());
+        let one = |(src, (q8, act)): (&[f32], (&mut [BlockQ8_1], &mut [ActBlock]))| {
+            (ks.quantize_q8_1)(src, q8);
+            for (a, b) in act.iter_mut().zip(q8.iter()) {
+                *a = act_block_q8_1(b);
+            }
+        };
+        if n < 4 {
+            x.chunks_exact(cols)
+                .zip(s.q8_1.chunks_exact_mut(k).zip(s.act.chunks_exact_mut(k)))
+                .for_each(one);
+        } else {
+            x.par_chunks_exact(cols)
+                .zip(
+                    s.q8_1
+                        .par_chunks_exact_mut(k)
+                        .zip(s.act.par_chunks_exact_mut(k)),
+                )
+                .for_each(one);
+        }
+    } else {
+        s.q8.clear();
+        s.q8.resize(n * k, BlockQ8_0::zeroed());
+        let one = |(src, (q8, act)): (&[f32], (&mut [BlockQ8_0], &mut [ActBlock]))| {
+            (ks.quantize_q8_0)(src, q8);
+            for (a, b) in act.iter_mut().zip(q8.iter()) {
+                *a = act_block(ty, b);
+            }
+        };
+        if n < 4 {
+            x.chunks_exact(cols)
+                .zip(s.q8.chunks_exact_mut(k).zip(s.act.chunks_exact_mut(k)))
+                .for_each(one);
+        } else {
+            x.par_chunks_exact(cols)
+                .zip(
+                    s.q8.par_chunks_exact_mut(k)
+                        .zip(s.act.par_chunks_exact_mut(k)),
+                )
+                .for_each(one);
+        }
+    }
+    Ok(())
+}
+
+/// One Q8_0 activation block as the packed kernels for `ty` (Q4_0 or Q8_0)
+/// weights read it.
+pub(crate) fn act_block(ty: GgmlType, b: &BlockQ8_0) -> ActBlock {
+    let mut a = ActBlock {
+        d: quant::scale(b.d),
+        ..ActBlock::default()
+    };
+    if ty == GgmlType::Q4_0 {
+        a.qs = bytemuck::cast(b.qs);
+        a.c = -8 * b.qs.iter().map(|&v| v as i32).sum::<i32>();
+    } else {
+        for (o, &v) in a.qs.iter_mut().zip(b.qs.iter()) {
+            *o = (v as u8) ^ 0x80;
+        }
+    }
+    a
+}
+
+/// One Q8_1 activation block as the packed Q4_1 kernels read it.
+pub(crate) fn act_block_q8_1(b: &BlockQ8_1) -> ActBlock {
+    ActBlock {
+        qs: bytemuck::cast(b.qs),
+        d: quant::scale(b.d),
+        c: 0,
+        s: quant::scale(b.s),
+    }
+}
+
+/// Checks a [`PackedGemmFn`]'s arguments; returns `(n_tokens, nr)`.
+pub(crate) fn gemm_shape(
+    w: &PackedWeights,
+    r0: usize,
+    act: &[ActBlock],
+    out: &[f32],
+) -> (usize, usize) {
+    let k = w.blocks();
+    assert!(k > 0 && r0.is_multiple_of(GROUP_ROWS), "packed gemm: shape");
+    assert!(
+        act.len().is_multiple_of(k),
+        "packed gemm: activation length"
+    );
+    let n = act.len() / k;
+    assert!(
+        n > 0 && out.len().is_multiple_of(n),
+        "packed gemm: output length"
+    );
+    let nr = out.len() / n;
+    assert!(r0 + nr <= w.rows, "packed gemm: rows out of range");
+    (n, nr)
+}

@@ -1,0 +1,259 @@
+//! AVX-512 VNNI kernels over the packed layout. A tile is one group of 16
+//! rows (one per 32-bit lane) x C tokens (4, or 1-3 at the edge). Per block
+//! the weight side is done once per tile: Q4_0's four 64-byte chunks become
+//! eight nibble vectors (AND, shift), Q8_0's eight chunks are used as they
+//! are and their `128 * sum(x)` correction comes from eight `vpdpbusd`
+//! against ones; the 16 scales are one `vcvtph2ps`. Per token it is eight
+//! `vpdpbusd` with the activation group broadcast (two chains, so the
+//! latency overlaps), one multiply, one convert, one FMA.
+
+use std::arch::x86_64::*;
+
+use super::{gemm_shape, ActBlock, PackedKernels, PackedWeights, GROUP_ROWS};
+use crate::dot::Tiles;
+use crate::simd::SimdPath;
+
+/// Tokens per full tile.
+const C_FULL: usize = 4;
+
+/// Safe to hand out: [`super::packed_kernels_for`] returns it only after
+/// checking the CPU has AVX-512 VNNI (and F, BW, AVX2, FMA, F16C).
+pub(super) static KERNELS: PackedKernels = PackedKernels {
+    path: SimdPath::Avx512Vnni,
+    tile_tokens: C_FULL,
+    q4_0: gemm_q4_0,
+    q4_1: gemm_q4_1,
+    q8_0: gemm_q8_0,
+};
+
+/// Writes the C accumulators to `out + t * ld`, lanes in `mask`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn store<const C: usize>(acc: &[__m512; C], out: *mut f32, ld: usize, mask: __mmask16) {
+    for (t, a) in acc.iter().enumerate() {
+        // SAFETY: the caller guarantees lanes in `mask` of each row are inside `out`;
+        // masked-off lanes are not accessed.
+        unsafe { _mm512_mask_storeu_ps(out.add(t * ld), mask, *a) };
+    }
+}
+
+/// Bytes ahead of the current block that decode prefetches.
+const PF_BYTES: usize = 4096;
+
+/// Decode only (one token: nothing else hides memory latency): prefetch the
+/// block's worth of quants `PF_BYTES` ahead, on top of the hardware streams.
+/// Prompt tiles reuse each block for several tokens and need no help.
+#[inline(always)]
+fn prefetch<const C: usize>(qb: *const u8, bytes: usize) {
+    if C == 1 {
+        for l in (0..bytes).step_by(64) {
+            // wrapping_add: the address may lie past the matrix; a prefetch never faults.
+            let p = qb.wrapping_add(PF_BYTES + l) as *const i8;
+            // SAFETY: prefetch is a hint with no architectural effect on any address.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p) };
+        }
+    }
+}
+
+/// One tile: `q`/`d` are the group's quants and scales, `act` the tile's
+/// first token's blocks (token t at `act + t * k`), `out` the tile's first
+/// output (token t at `out + t * ld`), `mask` the group's real rows.
+///
+/// Safety: the features above; `q` holds `k * 256` bytes, `d` `k * 32`,
+/// `act` `C * k` blocks; the masked lanes of `out + t * ld` (t < C) are
+/// writable.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn tile_q4_0<const C: usize>(
+    q: *const u8,
+    d: *const u8,
+    k: usize,
+    act: *const ActBlock,
+    out: *mut f32,
+    ld: usize,
+    mask: __mmask16,
+) {
+    let m4 = _mm512_set1_epi8(0x0F);
+    let mut acc = [_mm512_setzero_ps(); C];
+    for b in 0..k {
+        // SAFETY (whole body): every offset is inside the ranges the caller guarantees.
+        unsafe {
+            let qb = q.add(b * 256);
+            prefetch::<C>(qb, 256);
+            let mut wv = [_mm512_setzero_si512(); 8];
+            for j in 0..4 {
+                let l = _mm512_loadu_si512(qb.add(64 * j) as *const _);
+                wv[2 * j] = _mm512_and_si512(l, m4);
+                wv[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16::<4>(l), m4);
+            }
+            let dx = _mm512_cvtph_ps(_mm256_loadu_si256(d.add(b * 32) as *const __m256i));
+            for (t, acc_t) in acc.iter_mut().enumerate() {
+                let a = &*act.add(t * k + b);
+                let y = a.qs.as_ptr() as *const i32;
+                let mut s0 = _mm512_set1_epi32(a.c);
+                let mut s1 = _mm512_setzero_si512();
+                for j in 0..4 {
+                    let ylo = _mm512_set1_epi32(y.add(j).read_unaligned());
+                    let yhi = _mm512_set1_epi32(y.add(4 + j).read_unaligned());
+                    s0 = _mm512_dpbusd_epi32(s0, wv[2 * j], ylo);
+                    s1 = _mm512_dpbusd_epi32(s1, wv[2 * j + 1], yhi);
+                }
+                let s = _mm512_add_epi32(s0, s1);
+                let dd = _mm512_mul_ps(dx, _mm512_set1_ps(a.d));
+                *acc_t = _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(s), *acc_t);
+            }
+        }
+    }
+    // SAFETY: as the caller guarantees.
+    unsafe { store(&acc, out, ld, mask) };
+}
+
+/// As [`tile_q4_0`] for Q4_1 weights (`d` holds `k * 64` bytes: 16 scales,
+/// then 16 minimums, per block): no correction, and `acc += m * s` after
+/// the scaled integer sum.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn tile_q4_1<const C: usize>(
+    q: *const u8,
+    d: *const u8,
+    k: usize,
+    act: *const ActBlock,
+    out: *mut f32,
+    ld: usize,
+    mask: __mmask16,
+) {
+    let m4 = _mm512_set1_epi8(0x0F);
+    let mut acc = [_mm512_setzero_ps(); C];
+    for b in 0..k {
+        // SAFETY (whole body): every offset is inside the ranges the caller guarantees.
+        unsafe {
+            let qb = q.add(b * 256);
+            prefetch::<C>(qb, 256);
+            let mut wv = [_mm512_setzero_si512(); 8];
+            for j in 0..4 {
+                let l = _mm512_loadu_si512(qb.add(64 * j) as *const _);
+                wv[2 * j] = _mm512_and_si512(l, m4);
+                wv[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16::<4>(l), m4);
+            }
+            let dx = _mm512_cvtph_ps(_mm256_loadu_si256(d.add(b * 64) as *const __m256i));
+            let mx = _mm512_cvtph_ps(_mm256_loadu_si256(d.add(b * 64 + 32) as *const __m256i));
+            for (t, acc_t) in acc.iter_mut().enumerate() {
+                let a = &*act.add(t * k + b);
+                let y = a.qs.as_ptr() as *const i32;
+                let mut s0 = _mm512_setzero_si512();
+                let mut s1 = _mm512_setzero_si512();
+                for j in 0..4 {
+                    let ylo = _mm512_set1_epi32(y.add(j).read_unaligned());
+                    let yhi = _mm512_set1_epi32(y.add(4 + j).read_unaligned());
+                    s0 = _mm512_dpbusd_epi32(s0, wv[2 * j], ylo);
+                    s1 = _mm512_dpbusd_epi32(s1, wv[2 * j + 1], yhi);
+                }
+                let s = _mm512_add_epi32(s0, s1);
+                let dd = _mm512_mul_ps(dx, _mm512_set1_ps(a.d));
+                let r = _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(s), *acc_t);
+                *acc_t = _mm512_fmadd_ps(mx, _mm512_set1_ps(a.s), r);
+            }
+        }
+    }
+    // SAFETY: as the caller guarantees.
+    unsafe { store(&acc, out, ld, mask) };
+}
+
+/// As [`tile_q4_0`] for Q8_0 weights (`q` holds `k * 512` bytes).
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn tile_q8_0<const C: usize>(
+    q: *const u8,
+    d: *const u8,
+    k: usize,
+    act: *const ActBlock,
+    out: *mut f32,
+    ld: usize,
+    mask: __mmask16,
+) {
+    let ones = _mm512_set1_epi8(1);
+    let zero = _mm512_setzero_si512();
+    let mut acc = [_mm512_setzero_ps(); C];
+    for b in 0..k {
+        // SAFETY (whole body): every offset is inside the ranges the caller guarantees.
+        unsafe {
+            let qb = q.add(b * 512);
+            prefetch::<C>(qb, 512);
+            let mut wv = [zero; 8];
+            for (j, v) in wv.iter_mut().enumerate() {
+                *v = _mm512_loadu_si512(qb.add(64 * j) as *const _);
+            }
+            // -128 * sum(x) per row: the activations are read as y + 128.
+            let (mut sx0, mut sx1) = (zero, zero);
+            for j in 0..4 {
+                sx0 = _mm512_dpbusd_epi32(sx0, ones, wv[2 * j]);
+                sx1 = _mm512_dpbusd_epi32(sx1, ones, wv[2 * j + 1]);
+            }
+            let ncorr = _mm512_sub_epi32(zero, _mm512_slli_epi32::<7>(_mm512_add_epi32(sx0, sx1)));
+            let dx = _mm512_cvtph_ps(_mm256_loadu_si256(d.add(b * 32) as *const __m256i));
+            for (t, acc_t) in acc.iter_mut().enumerate() {
+                let a = &*act.add(t * k + b);
+                let y = a.qs.as_ptr() as *const i32;
+                let mut s0 = ncorr;
+                let mut s1 = zero;
+                for j in 0..4 {
+                    let y0 = _mm512_set1_epi32(y.add(2 * j).read_unaligned());
+                    let y1 = _mm512_set1_epi32(y.add(2 * j + 1).read_unaligned());
+                    s0 = _mm512_dpbusd_epi32(s0, y0, wv[2 * j]);
+                    s1 = _mm512_dpbusd_epi32(s1, y1, wv[2 * j + 1]);
+                }
+                let s = _mm512_add_epi32(s0, s1);
+                let dd = _mm512_mul_ps(dx, _mm512_set1_ps(a.d));
+                *acc_t = _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(s), *acc_t);
+            }
+        }
+    }
+    // SAFETY: as the caller guarantees.
+    unsafe { store(&acc, out, ld, mask) };
+}
+
+/// A [`super::PackedGemmFn`] from a tile kernel: groups of the call's rows
+/// outer (the group's weights stay in L1 while every token passes), tokens
+/// in tiles of [`C_FULL`] inner.
+macro_rules! packed_gemm {
+    ($name:ident, $tile:ident, $qb:expr, $sb:expr) => {
+        fn $name(w: &PackedWeights, r0: usize, act: &[ActBlock], out: &mut [f32]) -> Tiles {
+            let (n, nr) = gemm_shape(w, r0, act, out);
+            let k = w.blocks();
+            let mut tiles = Tiles::default();
+            for g0 in (0..nr).step_by(GROUP_ROWS) {
+                let real = (nr - g0).min(GROUP_ROWS);
+                let mask = (((1u32 << real) - 1) & 0xFFFF) as __mmask16;
+                let (quants, scales) = w.group((r0 + g0) / GROUP_ROWS);
+                assert!(quants.len() >= k * $qb && scales.len() >= k * $sb);
+                let mut t0 = 0;
+                while t0 < n {
+                    let c = (n - t0).min(C_FULL);
+                    let (q, d) = (quants.as_ptr(), scales.as_ptr());
+                    // SAFETY: KERNELS is handed out only where the CPU has the features;
+                    // quants/scales hold k blocks (asserted); tokens t0..t0+c < n have k
+                    // blocks each in act; lane l < real of out row t0+j is index
+                    // (t0+j)*nr + g0 + l < n*nr, inside out.
+                    unsafe {
+                        let a = act.as_ptr().add(t0 * k);
+                        let o = out.as_mut_ptr().add(t0 * nr + g0);
+                        match c {
+                            4 => $tile::<4>(q, d, k, a, o, nr, mask),
+                            3 => $tile::<3>(q, d, k, a, o, nr, mask),
+                            2 => $tile::<2>(q, d, k, a, o, nr, mask),
+                            _ => $tile::<1>(q, d, k, a, o, nr, mask),
+                        }
+                    }
+                    if c == C_FULL && real == GROUP_ROWS {
+                        tiles.full += 1;
+                    } else {
+                        tiles.edge += 1;
+                    }
+                    t0 += c;
+                }
+            }
+            tiles
+        }
+    };
+}
+
+packed_gemm!(gemm_q4_0, tile_q4_0, 256, 32);
+packed_gemm!(gemm_q4_1, tile_q4_1, 256, 64);
+packed_gemm!(gemm_q8_0, tile_q8_0, 512, 32);

@@ -1,0 +1,84 @@
+//! The packed kernels in plain Rust: the twin every SIMD version is tested
+//! against, bit for bit. Each output is `sum_b fma(dx_b * dy_b, sumi_b, acc)`
+//! in block order; `f32::mul_add` is a fused multiply-add on every target
+//! (in software where the CPU lacks one), so the roundings match.
+
+use super::{gemm_shape, ActBlock, PackedWeights, GROUP_ROWS};
+use crate::dot::Tiles;
+use crate::quant::float::f16_to_f32;
+
+/// The f16 at `scales[at]` as f32.
+fn h(scales: &[u8], at: usize) -> f32 {
+    f16_to_f32(u16::from_le_bytes([scales[at], scales[at + 1]]))
+}
+
+/// Walks every (row, token) of the call with `sumi(quants_of_block, i, act)`
+/// giving the block's integer dot for row i of its group; `sb` is the scale
+/// bytes per block (64 when minimums follow the scales, as for Q4_1).
+fn each_output(
+    w: &PackedWeights,
+    r0: usize,
+    act: &[ActBlock],
+    out: &mut [f32],
+    (qb, sb): (usize, usize),
+    sumi: impl Fn(&[u8], usize, &ActBlock) -> i32,
+) -> Tiles {
+    let (n, nr) = gemm_shape(w, r0, act, out);
+    let k = w.blocks();
+    for r in 0..nr {
+        let (g, i) = ((r0 + r) / GROUP_ROWS, (r0 + r) % GROUP_ROWS);
+        let (quants, scales) = w.group(g);
+        for t in 0..n {
+            let mut acc = 0.0f32;
+            for (b, a) in act[t * k..(t + 1) * k].iter().enumerate() {
+                let s = sumi(&quants[b * qb..(b + 1) * qb], i, a);
+                acc = (h(scales, b * sb + 2 * i) * a.d).mul_add(s as f32, acc);
+                if sb == 64 {
+                    acc = h(scales, b * sb + 32 + 2 * i).mul_add(a.s, acc);
+                }
+            }
+            out[t * nr + r] = acc;
+        }
+    }
+    Tiles::default()
+}
+
+/// Q4_0 weights: chunk j's byte (lane i, e) holds element 4j+e (low nibble)
+/// and 16+4j+e (high nibble); `a.qs` are the signed Q8_0 quants.
+pub(super) fn gemm_q4_0(w: &PackedWeights, r0: usize, act: &[ActBlock], out: &mut [f32]) -> Tiles {
+    each_output(w, r0, act, out, (256, 32), nibble_sum)
+}
+
+/// Q4_1 weights: nibbles as Q4_0 (no correction), then `m * s` per block.
+pub(super) fn gemm_q4_1(w: &PackedWeights, r0: usize, act: &[ActBlock], out: &mut [f32]) -> Tiles {
+    each_output(w, r0, act, out, (256, 64), nibble_sum)
+}
+
+/// `c + sum(nibble * y)` for lane i of a 4-bit block.
+fn nibble_sum(q: &[u8], i: usize, a: &ActBlock) -> i32 {
+    let mut s = a.c;
+    for j in 0..4 {
+        for e in 0..4 {
+            let byte = q[j * 64 + 4 * i + e];
+            s += (byte & 0x0F) as i32 * a.qs[4 * j + e] as i8 as i32;
+            s += (byte >> 4) as i32 * a.qs[16 + 4 * j + e] as i8 as i32;
+        }
+    }
+    s
+}
+
+/// Q8_0 weights: chunk j's byte (lane i, e) is element 4j+e; `a.qs` are the
+/// Q8_0 quants + 128.
+pub(super) fn gemm_q8_0(w: &PackedWeights, r0: usize, act: &[ActBlock], out: &mut [f32]) -> Tiles {
+    each_output(w, r0, act, out, (512, 32), |q, i, a| {
+        let mut s = a.c;
+        for j in 0..8 {
+            for e in 0..4 {
+                let x = q[j * 64 + 4 * i + e] as i8 as i32;
+                let y = (a.qs[4 * j + e] ^ 0x80) as i8 as i32;
+                s += x * y;
+            }
+        }
+        s
+    })
+}
