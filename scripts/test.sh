@@ -14,7 +14,7 @@ echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== cargo test"
 cargo test --workspace --quiet
-echo "== kernels on aarch64 under qemu-user (scalar twins; NEON where implemented)"
+echo "== kernels on aarch64 under qemu-user (scalar twins, NEON and NEON dotprod)"
 scripts/test-aarch64.sh --quiet
 echo "== GGUF compatibility: llama.cpp's reader (PyPI gguf) on airlock's output (tests/compat)"
 # Python is required, not optional: a missing python3 fails the run.
