@@ -10,13 +10,15 @@
 //!
 //! Layout of one group of 16 rows over `k` blocks (rows past the matrix's
 //! end are zeros, so they add nothing and are never stored):
+//! - scales, `k * 32` bytes: block b's 16 f16 scales, row order (Q4_1:
+//!   `k * 64`, block b's 16 scales then its 16 minimums), zero-padded to a
+//!   multiple of 64 bytes. First, so that decode's linear prefetch, running
+//!   ahead through one group's quants, has fetched the next group's scales
+//!   before its first block needs them;
 //! - quants, `k * QB` bytes: block b's chunk j holds, in its 4-byte lane i,
 //!   bytes `4j..4j+4` of row i's block b (Q4_0: QB = 256, 4 chunks of 64
 //!   bytes, whose low nibbles are elements `4j..4j+4` and high nibbles
-//!   elements `16+4j..`, as for Q4_1; Q8_0: QB = 512, 8 chunks);
-//! - scales, `k * 32` bytes: block b's 16 f16 scales, row order (Q4_1:
-//!   `k * 64`, block b's 16 scales then its 16 minimums);
-//! - zeros up to a multiple of 64 bytes.
+//!   elements `16+4j..`, as for Q4_1; Q8_0: QB = 512, 8 chunks).
 //!
 //! The quant and scale bytes are the file's, moved: a packed matrix takes as
 //! much memory as the file's tensor (plus the padding rows), in anonymous
@@ -142,6 +144,8 @@ pub struct PackedWeights {
     ty: GgmlType,
     rows: usize,
     cols: usize,
+    /// Bytes of a group's scale region (a multiple of 64).
+    scale_region: usize,
     /// Bytes of one group (a multiple of 64).
     group_bytes: usize,
     data: Vec<Line>,
@@ -190,19 +194,26 @@ impl PackedWeights {
         let row_bytes = w.checked_row_bytes()?;
         let k = w.cols / 32;
         let qb = group_quant_bytes(w.ty);
-        let raw = k
-            .checked_mul(qb + group_scale_bytes(w.ty))
-            .ok_or(KernelError::Overflow {
-                what: "packed group",
-            })?;
-        let group_bytes = raw.div_ceil(64) * 64;
+        let overflow = KernelError::Overflow {
+            what: "packed group",
+        };
+        let scale_region = k
+            .checked_mul(group_scale_bytes(w.ty))
+            .ok_or(overflow.clone())?
+            .div_ceil(64)
+            * 64;
+        let group_bytes = k
+            .checked_mul(qb)
+            .and_then(|q| q.checked_add(scale_region))
+            .ok_or(overflow)?;
         let groups = w.rows.div_ceil(GROUP_ROWS);
         let lines = groups
             .checked_mul(group_bytes / 64)
             .ok_or(KernelError::Overflow {
                 what: "packed weights",
             })?;
-        let mut data = vec![Line([0; 64]); lines];
+        // Zeroed pages straight from the allocator (calloc), not a fill loop.
+        let mut data: Vec<Line> = bytemuck::zeroed_vec(lines);
         if group_bytes > 0 {
             use rayon::prelude::*;
             let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut data);
@@ -212,7 +223,7 @@ impl PackedWeights {
                 .for_each(|(g, dst)| {
                     let r0 = g * GROUP_ROWS;
                     let r1 = (r0 + GROUP_ROWS).min(w.rows);
-                    let (quants, scales) = dst.split_at_mut(k * qb);
+                    let (scales, quants) = dst.split_at_mut(scale_region);
                     for (i, src) in w.data[r0 * row_bytes..r1 * row_bytes]
                         .chunks_exact(row_bytes)
                         .enumerate()
@@ -225,6 +236,7 @@ impl PackedWeights {
             ty: w.ty,
             rows: w.rows,
             cols: w.cols,
+            scale_region,
             group_bytes,
             data,
             kernels,
@@ -262,39 +274,42 @@ impl PackedWeights {
         let k = self.blocks();
         let bytes: &[u8] = bytemuck::cast_slice(&self.data);
         let grp = &bytes[g * self.group_bytes..(g + 1) * self.group_bytes];
-        let (quants, rest) = grp.split_at(k * group_quant_bytes(self.ty));
-        (quants, &rest[..k * group_scale_bytes(self.ty)])
+        let (scales, quants) = grp.split_at(self.scale_region);
+        (quants, &scales[..k * group_scale_bytes(self.ty)])
     }
 }
 
-/// Scatters one row (row `i` of its group) into the group's quants and scales.
+/// Scatters one row (row `i` of its group) into the group's quants and
+/// scales, as 32-bit and 16-bit words (both regions are 64-byte aligned).
 fn pack_row(ty: GgmlType, src: &[u8], i: usize, quants: &mut [u8], scales: &mut [u8]) {
-    let sb = group_scale_bytes(ty);
-    let put = |b: usize, d: [u8; 2], qs: &[u8], quants: &mut [u8], scales: &mut [u8]| {
-        let qb = qs.len() * 16;
-        scales[b * sb + 2 * i..][..2].copy_from_slice(&d);
+    let q32: &mut [u32] = bytemuck::cast_slice_mut(quants);
+    let s16: &mut [u16] = bytemuck::cast_slice_mut(scales);
+    let sw = group_scale_bytes(ty) / 2;
+    let put = |b: usize, d: [u8; 2], qs: &[u8], q32: &mut [u32], s16: &mut [u16]| {
+        let qw = qs.len() * 4;
+        s16[b * sw + i] = u16::from_ne_bytes(d);
         for (j, four) in qs.chunks_exact(4).enumerate() {
-            quants[b * qb + j * 64 + 4 * i..][..4].copy_from_slice(four);
+            q32[b * qw + j * 16 + i] = u32::from_ne_bytes([four[0], four[1], four[2], four[3]]);
         }
     };
     match ty {
         GgmlType::Q4_0 => {
             let blocks: &[BlockQ4_0] = bytemuck::cast_slice(src);
             for (b, blk) in blocks.iter().enumerate() {
-                put(b, blk.d, &blk.qs, quants, scales);
+                put(b, blk.d, &blk.qs, q32, s16);
             }
         }
         GgmlType::Q4_1 => {
             let blocks: &[BlockQ4_1] = bytemuck::cast_slice(src);
             for (b, blk) in blocks.iter().enumerate() {
-                put(b, blk.d, &blk.qs, quants, scales);
-                scales[b * sb + 32 + 2 * i..][..2].copy_from_slice(&blk.m);
+                put(b, blk.d, &blk.qs, q32, s16);
+                s16[b * sw + 16 + i] = u16::from_ne_bytes(blk.m);
             }
         }
         _ => {
             let blocks: &[BlockQ8_0] = bytemuck::cast_slice(src);
             for (b, blk) in blocks.iter().enumerate() {
-                put(b, blk.d, bytemuck::cast_slice(&blk.qs), quants, scales);
+                put(b, blk.d, bytemuck::cast_slice(&blk.qs), q32, s16);
             }
         }
     }

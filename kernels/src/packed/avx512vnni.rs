@@ -41,15 +41,21 @@ unsafe fn store<const C: usize>(acc: &[__m512; C], out: *mut f32, ld: usize, mas
 const PF_BYTES: usize = 4096;
 
 /// Decode only (one token: nothing else hides memory latency): prefetch the
-/// block's worth of quants `PF_BYTES` ahead, on top of the hardware streams.
-/// Prompt tiles reuse each block for several tokens and need no help.
+/// block's worth of quants `PF_BYTES` ahead, and the scale stream (`db`, this
+/// block's scales, `sb` bytes a block) once a line, on top of the hardware
+/// streams. Prompt tiles reuse each block for several tokens and need no help.
 #[inline(always)]
-fn prefetch<const C: usize>(qb: *const u8, bytes: usize) {
+fn prefetch<const C: usize>(qb: *const u8, bytes: usize, db: *const u8, sb: usize) {
     if C == 1 {
         for l in (0..bytes).step_by(64) {
             // wrapping_add: the address may lie past the matrix; a prefetch never faults.
             let p = qb.wrapping_add(PF_BYTES + l) as *const i8;
             // SAFETY: prefetch is a hint with no architectural effect on any address.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p) };
+        }
+        if (db as usize) % 64 < sb {
+            let p = db.wrapping_add(PF_BYTES / 4) as *const i8;
+            // SAFETY: as above.
             unsafe { _mm_prefetch::<_MM_HINT_T0>(p) };
         }
     }
@@ -78,7 +84,7 @@ unsafe fn tile_q4_0<const C: usize>(
         // SAFETY (whole body): every offset is inside the ranges the caller guarantees.
         unsafe {
             let qb = q.add(b * 256);
-            prefetch::<C>(qb, 256);
+            prefetch::<C>(qb, 256, d.add(b * 32), 32);
             let mut wv = [_mm512_setzero_si512(); 8];
             for j in 0..4 {
                 let l = _mm512_loadu_si512(qb.add(64 * j) as *const _);
@@ -126,7 +132,7 @@ unsafe fn tile_q4_1<const C: usize>(
         // SAFETY (whole body): every offset is inside the ranges the caller guarantees.
         unsafe {
             let qb = q.add(b * 256);
-            prefetch::<C>(qb, 256);
+            prefetch::<C>(qb, 256, d.add(b * 64), 64);
             let mut wv = [_mm512_setzero_si512(); 8];
             for j in 0..4 {
                 let l = _mm512_loadu_si512(qb.add(64 * j) as *const _);
@@ -175,7 +181,7 @@ unsafe fn tile_q8_0<const C: usize>(
         // SAFETY (whole body): every offset is inside the ranges the caller guarantees.
         unsafe {
             let qb = q.add(b * 512);
-            prefetch::<C>(qb, 512);
+            prefetch::<C>(qb, 512, d.add(b * 32), 32);
             let mut wv = [zero; 8];
             for (j, v) in wv.iter_mut().enumerate() {
                 *v = _mm512_loadu_si512(qb.add(64 * j) as *const _);
