@@ -1,0 +1,282 @@
+//! The f32 vector type the attention kernel is written against, one implementation per path:
+//! [`Scalar8`] (portable Rust, eight lanes in an array, separate multiply and add), [`Ymm`]
+//! (AVX2 + FMA + F16C) and [`Zmm`] (AVX-512F).
+//!
+//! Every method is `unsafe` and `#[inline(always)]`: the SIMD ones may only run on a CPU with
+//! their features, and they only become real instructions once inlined into a function compiled
+//! with those features (the `#[target_feature]` entry points in `attention.rs`). Pointer
+//! arguments must be valid for `LANES` f32s.
+
+use half::f16;
+
+/// A vector of `LANES` f32s.
+pub(crate) trait Lanes: Copy {
+    const LANES: usize;
+    unsafe fn splat(x: f32) -> Self;
+    unsafe fn load(p: *const f32) -> Self;
+    unsafe fn store(self, p: *mut f32);
+    /// `a * b + c` (fused on the SIMD paths).
+    unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self;
+    unsafe fn mul(a: Self, b: Self) -> Self;
+    unsafe fn add(a: Self, b: Self) -> Self;
+    unsafe fn sub(a: Self, b: Self) -> Self;
+    unsafe fn max(a: Self, b: Self) -> Self;
+    /// Lane-wise `if a > b { x } else { y }`.
+    unsafe fn select_gt(a: Self, b: Self, x: Self, y: Self) -> Self;
+    /// Lane-wise [`crate::attention::exp::exp_scalar`].
+    unsafe fn exp(x: Self) -> Self;
+    /// `dst[i] = src[i]` as f32, for equal lengths.
+    unsafe fn f16_to_f32(src: &[f16], dst: &mut [f32]);
+    /// Hint that the cache line at `p` will be read soon (any address is allowed).
+    unsafe fn prefetch(p: *const u8);
+}
+
+/// The portable twin: eight lanes that the compiler may vectorize, with `a * b + c` rounded
+/// twice (no FMA), so it runs at full speed on CPUs without FMA.
+#[derive(Clone, Copy)]
+pub(crate) struct Scalar8([f32; 8]);
+
+impl Scalar8 {
+    #[inline(always)]
+    fn map2(a: Self, b: Self, f: impl Fn(f32, f32) -> f32) -> Self {
+        Scalar8(std::array::from_fn(|i| f(a.0[i], b.0[i])))
+    }
+}
+
+impl Lanes for Scalar8 {
+    const LANES: usize = 8;
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> Self {
+        Scalar8([x; 8])
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        // SAFETY: the caller guarantees p is valid for 8 f32s.
+        Scalar8(unsafe { (p as *const [f32; 8]).read_unaligned() })
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        // SAFETY: the caller guarantees p is valid for 8 f32s.
+        unsafe { (p as *mut [f32; 8]).write_unaligned(self.0) }
+    }
+    #[inline(always)]
+    unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self {
+        Scalar8(std::array::from_fn(|i| a.0[i] * b.0[i] + c.0[i]))
+    }
+    #[inline(always)]
+    unsafe fn mul(a: Self, b: Self) -> Self {
+        Self::map2(a, b, |x, y| x * y)
+    }
+    #[inline(always)]
+    unsafe fn add(a: Self, b: Self) -> Self {
+        Self::map2(a, b, |x, y| x + y)
+    }
+    #[inline(always)]
+    unsafe fn sub(a: Self, b: Self) -> Self {
+        Self::map2(a, b, |x, y| x - y)
+    }
+    #[inline(always)]
+    unsafe fn max(a: Self, b: Self) -> Self {
+        Self::map2(a, b, f32::max)
+    }
+    #[inline(always)]
+    unsafe fn select_gt(a: Self, b: Self, x: Self, y: Self) -> Self {
+        Scalar8(std::array::from_fn(|i| {
+            if a.0[i] > b.0[i] {
+                x.0[i]
+            } else {
+                y.0[i]
+            }
+        }))
+    }
+    #[inline(always)]
+    unsafe fn exp(x: Self) -> Self {
+        Scalar8(x.0.map(crate::attention::exp::exp_scalar))
+    }
+    #[inline(always)]
+    unsafe fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
+        use half::slice::HalfFloatSliceExt;
+        src.convert_to_f32_slice(dst);
+    }
+    #[inline(always)]
+    unsafe fn prefetch(_: *const u8) {}
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86::{Ymm, Zmm};
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use half::f16;
+
+    use super::Lanes;
+    use crate::attention::exp::x86::{exp_avx2, exp_avx512};
+
+    /// 8 lanes of AVX2; needs AVX2, FMA and F16C.
+    #[derive(Clone, Copy)]
+    pub(crate) struct Ymm(__m256);
+
+    // SAFETY (every method of both impls): the intrinsics need the CPU features named on the
+    // type, which the caller guarantees (the methods only run inside the `#[target_feature]`
+    // entry points, called after run-time detection); pointers are valid for LANES f32s by the
+    // trait's contract.
+    impl Lanes for Ymm {
+        const LANES: usize = 8;
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> Self {
+            // SAFETY: see the impl comment.
+            Ymm(unsafe { _mm256_set1_ps(x) })
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            // SAFETY: see the impl comment.
+            Ymm(unsafe { _mm256_loadu_ps(p) })
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            // SAFETY: see the impl comment.
+            unsafe { _mm256_storeu_ps(p, self.0) }
+        }
+        #[inline(always)]
+        unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self {
+            // SAFETY: see the impl comment.
+            Ymm(unsafe { _mm256_fmadd_ps(a.0, b.0, c.0) })
+        }
+        #[inline(always)]
+        unsafe fn mul(a: Self, b: Self) -> Self {
+            // SAFETY: see the impl comment.
+            Ymm(unsafe { _mm256_mul_ps(a.0, b.0) })
+        }
+        #[inline(always)]
+        unsafe fn add(a: Self, b: Self) -> Self {
+            // SAFETY: see the impl comment.
+            Ymm(unsafe { _mm256_add_ps(a.0, b.0) })
+        }
+        #[inline(always)]
+        unsafe fn sub(a: Self, b: Self) -> Self {
+            // SAFETY: see the impl comment.
+            Ymm(unsafe { _mm256_sub_ps(a.0, b.0) })
+        }
+        #[inline(always)]
+        unsafe fn max(a: Self, b: Self) -> Self {
+            // SAFETY: see the impl comment.
+            Ymm(unsafe { _mm256_max_ps(a.0, b.0) })
+        }
+        #[inline(always)]
+        unsafe fn select_gt(a: Self, b: Self, x: Self, y: Self) -> Self {
+            // SAFETY: see the impl comment.
+            Ymm(unsafe { _mm256_blendv_ps(y.0, x.0, _mm256_cmp_ps::<_CMP_GT_OQ>(a.0, b.0)) })
+        }
+        #[inline(always)]
+        unsafe fn exp(x: Self) -> Self {
+            // SAFETY: see the impl comment.
+            Ymm(unsafe { exp_avx2(x.0) })
+        }
+        #[inline(always)]
+        unsafe fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
+            let n = src.len().min(dst.len());
+            let mut i = 0;
+            while i + 8 <= n {
+                // SAFETY: see the impl comment; i + 8 <= n, so 8 f16s are read from src and
+                // 8 f32s written to dst in bounds.
+                unsafe {
+                    let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
+                    _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+                }
+                i += 8;
+            }
+            for j in i..n {
+                dst[j] = src[j].to_f32();
+            }
+        }
+        #[inline(always)]
+        unsafe fn prefetch(p: *const u8) {
+            // SAFETY: a prefetch never faults, whatever the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) }
+        }
+    }
+
+    /// 16 lanes of AVX-512F; needs AVX-512F, AVX2, FMA and F16C.
+    #[derive(Clone, Copy)]
+    pub(crate) struct Zmm(__m512);
+
+    impl Lanes for Zmm {
+        const LANES: usize = 16;
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> Self {
+            // SAFETY: see the impl comment on `Ymm`.
+            Zmm(unsafe { _mm512_set1_ps(x) })
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            // SAFETY: see the impl comment on `Ymm`.
+            Zmm(unsafe { _mm512_loadu_ps(p) })
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            // SAFETY: see the impl comment on `Ymm`.
+            unsafe { _mm512_storeu_ps(p, self.0) }
+        }
+        #[inline(always)]
+        unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self {
+            // SAFETY: see the impl comment on `Ymm`.
+            Zmm(unsafe { _mm512_fmadd_ps(a.0, b.0, c.0) })
+        }
+        #[inline(always)]
+        unsafe fn mul(a: Self, b: Self) -> Self {
+            // SAFETY: see the impl comment on `Ymm`.
+            Zmm(unsafe { _mm512_mul_ps(a.0, b.0) })
+        }
+        #[inline(always)]
+        unsafe fn add(a: Self, b: Self) -> Self {
+            // SAFETY: see the impl comment on `Ymm`.
+            Zmm(unsafe { _mm512_add_ps(a.0, b.0) })
+        }
+        #[inline(always)]
+        unsafe fn sub(a: Self, b: Self) -> Self {
+            // SAFETY: see the impl comment on `Ymm`.
+            Zmm(unsafe { _mm512_sub_ps(a.0, b.0) })
+        }
+        #[inline(always)]
+        unsafe fn max(a: Self, b: Self) -> Self {
+            // SAFETY: see the impl comment on `Ymm`.
+            Zmm(unsafe { _mm512_max_ps(a.0, b.0) })
+        }
+        #[inline(always)]
+        unsafe fn select_gt(a: Self, b: Self, x: Self, y: Self) -> Self {
+            // SAFETY: see the impl comment on `Ymm`.
+            Zmm(unsafe {
+                _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_GT_OQ>(a.0, b.0), y.0, x.0)
+            })
+        }
+        #[inline(always)]
+        unsafe fn exp(x: Self) -> Self {
+            // SAFETY: see the impl comment on `Ymm`.
+            Zmm(unsafe { exp_avx512(x.0) })
+        }
+        #[inline(always)]
+        unsafe fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
+            let n = src.len().min(dst.len());
+            let mut i = 0;
+            while i + 16 <= n {
+                // SAFETY: see the impl comment on `Ymm`; i + 16 <= n, so 16 f16s are read
+                // from src and 16 f32s written to dst in bounds.
+                unsafe {
+                    let h = _mm256_loadu_si256(src.as_ptr().add(i) as *const __m256i);
+                    _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_cvtph_ps(h));
+                }
+                i += 16;
+            }
+            for j in i..n {
+                dst[j] = src[j].to_f32();
+            }
+        }
+        #[inline(always)]
+        unsafe fn prefetch(p: *const u8) {
+            // SAFETY: a prefetch never faults, whatever the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) }
+        }
+    }
+}
