@@ -187,6 +187,24 @@ impl GgufFile {
         }
     }
 
+    /// Tells the kernel this process no longer needs the `len` bytes at `offset` of the map
+    /// (the engine reads packed copies of them instead): their pages leave this process's
+    /// resident set but stay in the page cache, and a later read faults the same bytes back in.
+    /// Advice only: a no-op for an owned buffer, and errors are ignored.
+    pub fn release(&self, offset: usize, len: usize) {
+        if let Source::Mmap(m) = &self.source {
+            if offset.checked_add(len).is_some_and(|end| end <= m.len()) {
+                // SAFETY: MADV_DONTNEED on a read-only file mapping drops only this process's
+                // page-table entries; nothing was written through the map, so a later access
+                // faults in the file's unchanged bytes from the page cache. The range is inside
+                // the map (checked above); memmap2 rounds its start down to a page.
+                let _ = unsafe {
+                    m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len)
+                };
+            }
+        }
+    }
+
     pub fn file_size(&self) -> u64 {
         self.source.len() as u64
     }

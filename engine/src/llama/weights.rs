@@ -215,6 +215,12 @@ impl LlamaWeights {
                 })?;
             bytes += p.n_bytes() as u64;
             w.packed = Some(Arc::new(p));
+            // The packed copy replaces the file pages, so they need not stay in this process's
+            // resident set (released one tensor at a time, which keeps the peak near the
+            // model's size); the embedding lookup still reads a tied output head's.
+            if w.name != "token_embd.weight" {
+                f.release(w.start, w.len);
+            }
         }
         Ok(bytes)
     }
