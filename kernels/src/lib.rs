@@ -28,7 +28,7 @@ pub mod types;
 
 pub use error::KernelError;
 pub use matmul::{matmul, matmul_exact, WeightView};
-pub use packed::{matmul_packed, PackedScratch, PackedWeights};
+pub use packed::{matmul_packed, matmul_packed_multi, PackedScratch, PackedWeights};
 pub use quant::{dequantize_row, quantize_row};
 pub use simd::{simd_path, SimdPath};
 pub use types::GgmlType;

@@ -269,6 +269,14 @@ impl PackedWeights {
         self.kernels
     }
 
+    fn gemm_fn(&self) -> PackedGemmFn {
+        match self.ty {
+            GgmlType::Q4_0 => self.kernels.q4_0,
+            GgmlType::Q4_1 => self.kernels.q4_1,
+            _ => self.kernels.q8_0,
+        }
+    }
+
     /// Group g's quant bytes (`k * QB`) and scale bytes (`k * 32`, Q4_1 `k * 64`).
     fn group(&self, g: usize) -> (&[u8], &[u8]) {
         let k = self.blocks();
@@ -338,6 +346,45 @@ pub fn matmul_packed(
     matmul_packed_chunked(w, x, n_tokens, y, scratch, chunk).map(|_| ())
 }
 
+/// Several packed matrices times the same activations (Q, K and V; gate and
+/// up): `ys[i] = ws[i] x`. When all have one type and column count the
+/// activations are quantized once, and a decode step runs every matrix's
+/// row chunks in one parallel region instead of one region each. Otherwise
+/// it is [`matmul_packed`] per matrix.
+pub fn matmul_packed_multi(
+    ws: &mut [(&PackedWeights, &mut [f32])],
+    x: &[f32],
+    n_tokens: usize,
+    scratch: &mut PackedScratch,
+) -> Result<(), KernelError> {
+    let Some((first, _)) = ws.first() else {
+        return Ok(());
+    };
+    let (ty, cols) = (first.ty, first.cols);
+    let shared = ws.iter().all(|(w, _)| w.ty == ty && w.cols == cols);
+    if !shared || n_tokens != 1 || cols == 0 {
+        for (w, y) in ws.iter_mut() {
+            matmul_packed(w, x, n_tokens, y, scratch)?;
+        }
+        return Ok(());
+    }
+    check_len("activations", cols, x.len())?;
+    for (w, y) in ws.iter() {
+        check_len("output", w.rows, y.len())?;
+    }
+    prepare_acts(ty, x, cols, scratch)?;
+    let act = &scratch.act;
+    use rayon::prelude::*;
+    ws.par_iter_mut().for_each(|(w, y)| {
+        let gemm = w.gemm_fn();
+        let chunk = chunk_rows(w.rows, w.cols);
+        y.par_chunks_mut(chunk).enumerate().for_each(|(c, out)| {
+            gemm(w, c * chunk, act, out);
+        });
+    });
+    Ok(())
+}
+
 /// [`matmul_packed`] in chunks of `chunk` rows (a multiple of
 /// [`GROUP_ROWS`]), returning the tiles the kernels ran (a test hook).
 fn matmul_packed_chunked(
@@ -365,11 +412,7 @@ fn matmul_packed_chunked(
     }
     prepare_acts(w.ty, x, w.cols, scratch)?;
     let act = &scratch.act;
-    let gemm = match w.ty {
-        GgmlType::Q4_0 => w.kernels.q4_0,
-        GgmlType::Q4_1 => w.kernels.q4_1,
-        _ => w.kernels.q8_0,
-    };
+    let gemm = w.gemm_fn();
     Ok(for_row_chunks(w.rows, n_tokens, chunk, y, |r0, buf| {
         gemm(w, r0, act, buf)
     }))

@@ -110,6 +110,27 @@ struct MatmulScratch {
     packed: airlock_kernels::PackedScratch,
 }
 
+/// `ys[i] = ws[i] x` for matrices that share an input (Q, K, V; gate, up): one activation
+/// quantization and one parallel region when all have packed copies, else one [`matmul`] each.
+fn matmuls<const N: usize>(
+    precision: Precision,
+    f: &crate::gguf::GgufFile,
+    ws: [(&Weight, &mut [f32]); N],
+    x: &[f32],
+    n: usize,
+    scratch: &mut MatmulScratch,
+) -> Result<(), airlock_kernels::KernelError> {
+    let all_packed = ws.iter().all(|(w, _)| w.packed.is_some());
+    if precision == Precision::Fast && all_packed {
+        let mut pairs = ws.map(|(w, y)| (w.packed.as_deref().expect("checked above"), y));
+        return airlock_kernels::matmul_packed_multi(&mut pairs, x, n, &mut scratch.packed);
+    }
+    for (w, y) in ws {
+        matmul(precision, f, w, x, n, y, scratch)?;
+    }
+    Ok(())
+}
+
 /// y = W x on the session's precision: the packed copy when there is one (fast path only).
 fn matmul(
     precision: Precision,
@@ -246,9 +267,18 @@ impl Session {
         let layer_stride = self.n_ctx * kvd;
         for (li, l) in w.layers.iter().enumerate() {
             norm_rows(&self.x, &l.attn_norm, c.rms_eps, &mut self.xn, e);
-            mm(&l.wq, &self.xn, &mut self.q, &mut self.scratch)?;
-            mm(&l.wk, &self.xn, &mut self.kb, &mut self.scratch)?;
-            mm(&l.wv, &self.xn, &mut self.vb, &mut self.scratch)?;
+            matmuls(
+                precision,
+                f,
+                [
+                    (&l.wq, &mut self.q[..]),
+                    (&l.wk, &mut self.kb[..]),
+                    (&l.wv, &mut self.vb[..]),
+                ],
+                &self.xn,
+                n,
+                &mut self.scratch,
+            )?;
             for t in 0..n {
                 let p = self.pos + t;
                 let (cos, sin) = (
@@ -283,8 +313,14 @@ impl Session {
             ops::add_assign(&mut self.x, &self.tmp);
 
             norm_rows(&self.x, &l.ffn_norm, c.rms_eps, &mut self.xn, e);
-            mm(&l.w_gate, &self.xn, &mut self.gate, &mut self.scratch)?;
-            mm(&l.w_up, &self.xn, &mut self.up, &mut self.scratch)?;
+            matmuls(
+                precision,
+                f,
+                [(&l.w_gate, &mut self.gate[..]), (&l.w_up, &mut self.up[..])],
+                &self.xn,
+                n,
+                &mut self.scratch,
+            )?;
             ops::swiglu(&mut self.gate, &self.up);
             mm(&l.w_down, &self.gate, &mut self.tmp, &mut self.scratch)?;
             ops::add_assign(&mut self.x, &self.tmp);

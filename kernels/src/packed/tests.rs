@@ -287,3 +287,45 @@ fn activation_blocks_carry_the_corrections() {
     assert_eq!(a8.qs[5] as i32, b[0].qs[5] as i32 + 128);
     assert_eq!(a8.d, quant::scale(b[0].d));
 }
+
+#[test]
+fn multi_equals_one_matrix_at_a_time() {
+    for ks in paths() {
+        for n in [1, 3] {
+            // Q/K/V-like shapes sharing one input, and a mix of types (no sharing).
+            for tys in [
+                [GgmlType::Q4_0; 3],
+                [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1],
+            ] {
+                let cases: Vec<Case> = [(48, 96), (16, 96), (21, 96)]
+                    .iter()
+                    .zip(tys)
+                    .enumerate()
+                    .map(|(i, (&(r, c), ty))| Case::new(ty, r, c, n, 40 + i as u64))
+                    .collect();
+                let x = cases[0].x.clone();
+                let packed: Vec<_> = cases
+                    .iter()
+                    .map(|c| PackedWeights::pack(&c.view(), ks).unwrap())
+                    .collect();
+                let mut ys: Vec<Vec<f32>> =
+                    cases.iter().map(|c| vec![f32::NAN; c.rows * n]).collect();
+                let mut s = PackedScratch::default();
+                {
+                    let mut pairs: Vec<(&PackedWeights, &mut [f32])> = packed
+                        .iter()
+                        .zip(ys.iter_mut())
+                        .map(|(p, y)| (p, y.as_mut_slice()))
+                        .collect();
+                    matmul_packed_multi(&mut pairs, &x, n, &mut s).unwrap();
+                }
+                for (p, y) in packed.iter().zip(&ys) {
+                    let mut want = vec![0f32; y.len()];
+                    matmul_packed(p, &x, n, &mut want, &mut s).unwrap();
+                    let same = y.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{:?} {:?} n={n}", ks.path, p.ty());
+                }
+            }
+        }
+    }
+}
