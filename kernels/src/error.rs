@@ -21,6 +21,8 @@ pub enum KernelError {
     /// The instruction-set path asked for (`AIRLOCK_SIMD`) is unknown or
     /// not supported by this CPU; the message says which and what is.
     Simd(String),
+    /// Memory for a buffer could not be obtained.
+    Alloc { bytes: usize, reason: String },
 }
 
 impl fmt::Display for KernelError {
@@ -42,6 +44,9 @@ impl fmt::Display for KernelError {
             } => write!(f, "{what}: expected length {expected}, got {actual}"),
             KernelError::Overflow { what } => write!(f, "{what}: size overflows"),
             KernelError::Simd(msg) => f.write_str(msg),
+            KernelError::Alloc { bytes, reason } => {
+                write!(f, "cannot allocate {bytes} bytes: {reason}")
+            }
         }
     }
 }

@@ -60,11 +60,40 @@ use crate::{GgmlType, KernelError};
 /// Rows per packed group: one per 32-bit lane of a 512-bit register.
 pub const GROUP_ROWS: usize = 16;
 
-/// One cache line; the packed buffer is a vector of these so every 64-byte
-/// chunk load is aligned.
-#[derive(Clone, Copy, Pod, Zeroable)]
-#[repr(C, align(64))]
-struct Line([u8; 64]);
+/// Anonymous memory for a packed matrix: page-aligned (so every 64-byte
+/// chunk load is aligned), zeroed, and on Linux advised to use transparent
+/// huge pages before the first write. Streaming gigabytes through 4 KiB
+/// pages costs a TLB miss every 4 KiB, and with THP's common `defrag =
+/// madvise` setting only advised memory gets huge pages.
+struct Buffer {
+    map: memmap2::MmapMut,
+    len: usize,
+}
+
+impl Buffer {
+    fn zeroed(len: usize) -> Result<Buffer, KernelError> {
+        let alloc = |e: std::io::Error| KernelError::Alloc {
+            bytes: len,
+            reason: e.to_string(),
+        };
+        // A zero-length map is an error; one page stands in for an empty matrix.
+        let map = memmap2::MmapMut::map_anon(len.max(1)).map_err(alloc)?;
+        #[cfg(target_os = "linux")]
+        {
+            // Advice only: without huge pages the buffer works the same, slower.
+            let _ = map.advise(memmap2::Advice::HugePage);
+        }
+        Ok(Buffer { map, len })
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.map[..self.len]
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.map[..self.len]
+    }
+}
 
 /// A Q8_0 activation block as the packed kernels read it.
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable, PartialEq)]
@@ -148,7 +177,7 @@ pub struct PackedWeights {
     scale_region: usize,
     /// Bytes of one group (a multiple of 64).
     group_bytes: usize,
-    data: Vec<Line>,
+    data: Buffer,
     kernels: &'static PackedKernels,
 }
 
@@ -207,17 +236,15 @@ impl PackedWeights {
             .and_then(|q| q.checked_add(scale_region))
             .ok_or(overflow)?;
         let groups = w.rows.div_ceil(GROUP_ROWS);
-        let lines = groups
-            .checked_mul(group_bytes / 64)
+        let total = groups
+            .checked_mul(group_bytes)
             .ok_or(KernelError::Overflow {
                 what: "packed weights",
             })?;
-        // Zeroed pages straight from the allocator (calloc), not a fill loop.
-        let mut data: Vec<Line> = bytemuck::zeroed_vec(lines);
+        let mut data = Buffer::zeroed(total)?;
         if group_bytes > 0 {
             use rayon::prelude::*;
-            let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut data);
-            bytes
+            data.bytes_mut()
                 .par_chunks_mut(group_bytes)
                 .enumerate()
                 .for_each(|(g, dst)| {
@@ -262,7 +289,7 @@ impl PackedWeights {
 
     /// Memory the packed matrix holds.
     pub fn n_bytes(&self) -> usize {
-        self.data.len() * 64
+        self.data.len
     }
 
     pub fn kernels(&self) -> &'static PackedKernels {
@@ -280,8 +307,7 @@ impl PackedWeights {
     /// Group g's quant bytes (`k * QB`) and scale bytes (`k * 32`, Q4_1 `k * 64`).
     fn group(&self, g: usize) -> (&[u8], &[u8]) {
         let k = self.blocks();
-        let bytes: &[u8] = bytemuck::cast_slice(&self.data);
-        let grp = &bytes[g * self.group_bytes..(g + 1) * self.group_bytes];
+        let grp = &self.data.bytes()[g * self.group_bytes..(g + 1) * self.group_bytes];
         let (scales, quants) = grp.split_at(self.scale_region);
         (quants, &scales[..k * group_scale_bytes(self.ty)])
     }
