@@ -281,19 +281,30 @@ unsafe fn task<L: Lanes, const QV: usize, const KJ: usize, const QT: usize, cons
     }
     let [qt, pos, m, l, corr, sc, acc, kb, vb] = bufs;
 
-    // Queries, transposed (qt[d][i]) and scaled; padding lanes are 0 and see every key, so
-    // their (discarded) numbers stay finite.
+    // Queries, transposed (qt[d][i]) and scaled; padding lanes see every key.
     let scale = 1.0 / (hd as f32).sqrt();
-    qt.fill(0.0);
     pos.fill(f32::MAX);
-    for i in 0..nq {
-        let (t, g) = (i / group, i % group);
-        let h = h_kv * group + g;
-        let qh = &kn.q[((t0 + t) * s.n_head + h) * hd..][..hd];
-        for (d, &x) in qh.iter().enumerate() {
-            qt[d * nqp + i] = x * scale;
+    // Gathered a vector of queries at a time (one strided load per lane, so no scalar
+    // transpose); padding lanes repeat the last query, and lanes never mix, so their
+    // (discarded) numbers cannot reach a real query.
+    let q_row = |i: usize| ((t0 + i / group) * s.n_head + h_kv * group + i % group) * hd;
+    let q_base = &kn.q[q_row(0)..q_row(nq - 1) + hd];
+    assert!(q_base.len() <= i32::MAX as usize);
+    for v0 in 0..nqp / nl {
+        let idx: [i32; 16] =
+            std::array::from_fn(|l| (q_row((v0 * nl + l).min(nq - 1)) - q_row(0)) as i32);
+        let scv = L::splat(scale);
+        for d in 0..hd {
+            // SAFETY: L's features (caller); every q_base index idx[l] + d is below
+            // q_row(nq - 1) - q_row(0) + hd = q_base.len(), and qt has hd rows of nqp.
+            unsafe {
+                let x = L::gather(q_base.as_ptr().add(d), &idx);
+                L::mul(x, scv).store(qt.as_mut_ptr().add(d * nqp + v0 * nl));
+            }
         }
-        pos[i] = (s.pos0 + t0 + t) as f32;
+    }
+    for (i, p) in pos[..nq].iter_mut().enumerate() {
+        *p = (s.pos0 + t0 + i / group) as f32;
     }
     m.fill(f32::NEG_INFINITY);
     l.fill(0.0);

@@ -27,6 +27,8 @@ pub(crate) trait Lanes: Copy {
     unsafe fn exp(x: Self) -> Self;
     /// `dst[i] = src[i]` as f32, for equal lengths.
     unsafe fn f16_to_f32(src: &[f16], dst: &mut [f32]);
+    /// `[base[idx[0]], .., base[idx[LANES - 1]]]`; every `base + idx[i]` must be valid.
+    unsafe fn gather(base: *const f32, idx: &[i32; 16]) -> Self;
     /// Hint that the cache line at `p` will be read soon (any address is allowed).
     unsafe fn prefetch(p: *const u8);
 }
@@ -97,6 +99,13 @@ impl Lanes for Scalar8 {
     unsafe fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
         use half::slice::HalfFloatSliceExt;
         src.convert_to_f32_slice(dst);
+    }
+    #[inline(always)]
+    unsafe fn gather(base: *const f32, idx: &[i32; 16]) -> Self {
+        // SAFETY: the caller guarantees every base + idx[i] is valid.
+        Scalar8(std::array::from_fn(|i| unsafe {
+            *base.offset(idx[i] as isize)
+        }))
     }
     #[inline(always)]
     unsafe fn prefetch(_: *const u8) {}
@@ -192,6 +201,13 @@ mod x86 {
             }
         }
         #[inline(always)]
+        unsafe fn gather(base: *const f32, idx: &[i32; 16]) -> Self {
+            // SAFETY: see the impl comment; the caller guarantees every base + idx[i] is valid.
+            Ymm(unsafe {
+                _mm256_i32gather_ps::<4>(base, _mm256_loadu_si256(idx.as_ptr() as *const __m256i))
+            })
+        }
+        #[inline(always)]
         unsafe fn prefetch(p: *const u8) {
             // SAFETY: a prefetch never faults, whatever the address.
             unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) }
@@ -272,6 +288,14 @@ mod x86 {
             for j in i..n {
                 dst[j] = src[j].to_f32();
             }
+        }
+        #[inline(always)]
+        unsafe fn gather(base: *const f32, idx: &[i32; 16]) -> Self {
+            // SAFETY: see the impl comment on `Ymm`; the caller guarantees every base + idx[i]
+            // is valid.
+            Zmm(unsafe {
+                _mm512_i32gather_ps::<4>(_mm512_loadu_si512(idx.as_ptr() as *const _), base)
+            })
         }
         #[inline(always)]
         unsafe fn prefetch(p: *const u8) {
