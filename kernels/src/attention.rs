@@ -17,7 +17,7 @@
 //! A query's numbers do not depend on which other queries share its task, so a prompt gives
 //! the same result whether it is fed whole or token by token.
 
-mod exp;
+pub(crate) mod exp;
 mod lanes;
 
 use std::cell::RefCell;

@@ -52,7 +52,7 @@ mod tests;
 use bytemuck::{Pod, Zeroable};
 
 use crate::dot::Tiles;
-use crate::matmul::{for_row_chunks, WeightView};
+use crate::matmul::WeightView;
 use crate::quant::{self, BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1};
 use crate::simd::{simd_path, SimdPath};
 use crate::{GgmlType, KernelError};
@@ -119,10 +119,48 @@ pub struct PackedScratch {
     act: Vec<ActBlock>,
 }
 
-/// `gemm(w, r0, act, out)`: rows `r0..r0 + out.len() / n_tokens` of `w`
-/// (r0 a multiple of [`GROUP_ROWS`]) times `n_tokens` activation rows of
-/// `w.blocks()` blocks each; `out[t * nr + i]` = row `r0 + i`, token t.
-pub type PackedGemmFn = fn(&PackedWeights, usize, &[ActBlock], &mut [f32]) -> Tiles;
+/// `gemm(w, r0, nr, act, out)`: rows `r0..r0 + nr` of `w` (r0 a multiple of
+/// [`GROUP_ROWS`]) times `n_tokens` activation rows of `w.blocks()` blocks
+/// each; row `r0 + i`, token t goes to `out.at(t, i)`.
+///
+/// Safety: for every token t < n and i < nr, `out.at(t, i)` is valid for
+/// writes and no other thread touches it during the call.
+pub type PackedGemmFn = unsafe fn(&PackedWeights, usize, usize, &[ActBlock], Out) -> Tiles;
+
+/// Where a [`PackedGemmFn`] writes row `r0 + i` for token t: `ptr + t * ld + i`.
+/// Row chunks of one output matrix write disjoint columns of it, in place,
+/// so no chunk needs a buffer of its own and nothing is copied afterwards.
+#[derive(Clone, Copy, Debug)]
+pub struct Out {
+    ptr: *mut f32,
+    ld: usize,
+}
+
+// SAFETY: an Out is only a place to write; PackedGemmFn's contract gives each
+// call exclusive use of the elements it writes, whichever thread runs it.
+unsafe impl Send for Out {}
+// SAFETY: as above; Out has no interior state.
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// The element of row-in-chunk `i`, token `t`.
+    #[inline]
+    pub(crate) fn at(self, t: usize, i: usize) -> *mut f32 {
+        self.ptr.wrapping_add(t * self.ld + i)
+    }
+
+    /// The same output, `rows` rows further on.
+    fn offset(self, rows: usize) -> Out {
+        Out {
+            ptr: self.ptr.wrapping_add(rows),
+            ld: self.ld,
+        }
+    }
+
+    pub(crate) fn ld(self) -> usize {
+        self.ld
+    }
+}
 
 /// The packed kernels of one path.
 pub struct PackedKernels {
@@ -405,7 +443,13 @@ pub fn matmul_packed_multi(
         let gemm = w.gemm_fn();
         let chunk = chunk_rows(w.rows, w.cols);
         y.par_chunks_mut(chunk).enumerate().for_each(|(c, out)| {
-            gemm(w, c * chunk, act, out);
+            let (r0, nr) = (c * chunk, out.len());
+            let o = Out {
+                ptr: out.as_mut_ptr(),
+                ld: nr,
+            };
+            // SAFETY: one token; `out` is this chunk's own nr outputs.
+            unsafe { gemm(w, r0, nr, act, o) };
         });
     });
     Ok(())
@@ -439,9 +483,22 @@ fn matmul_packed_chunked(
     prepare_acts(w.ty, x, w.cols, scratch)?;
     let act = &scratch.act;
     let gemm = w.gemm_fn();
-    Ok(for_row_chunks(w.rows, n_tokens, chunk, y, |r0, buf| {
-        gemm(w, r0, act, buf)
-    }))
+    let out = Out {
+        ptr: y.as_mut_ptr(),
+        ld: w.rows,
+    };
+    use rayon::prelude::*;
+    let rows = w.rows;
+    Ok((0..rows.div_ceil(chunk))
+        .into_par_iter()
+        .map(|c| {
+            let r0 = c * chunk;
+            let nr = chunk.min(rows - r0);
+            // SAFETY: y holds n_tokens x rows (checked above); chunk c writes
+            // y[t * rows + r0 + i] for i < nr only, columns no other chunk writes.
+            unsafe { gemm(w, r0, nr, act, out.offset(r0)) }
+        })
+        .sum())
 }
 
 fn check_len(what: &'static str, expected: usize, actual: usize) -> Result<(), KernelError> {
@@ -545,25 +602,17 @@ pub(crate) fn act_block_q8_1(b: &BlockQ8_1) -> ActBlock {
     }
 }
 
-/// Checks a [`PackedGemmFn`]'s arguments; returns `(n_tokens, nr)`.
-pub(crate) fn gemm_shape(
-    w: &PackedWeights,
-    r0: usize,
-    act: &[ActBlock],
-    out: &[f32],
-) -> (usize, usize) {
+/// Checks a [`PackedGemmFn`]'s arguments; returns `n_tokens`.
+pub(crate) fn gemm_shape(w: &PackedWeights, r0: usize, nr: usize, act: &[ActBlock]) -> usize {
     let k = w.blocks();
     assert!(k > 0 && r0.is_multiple_of(GROUP_ROWS), "packed gemm: shape");
     assert!(
-        act.len().is_multiple_of(k),
+        act.len().is_multiple_of(k) && !act.is_empty(),
         "packed gemm: activation length"
     );
-    let n = act.len() / k;
     assert!(
-        n > 0 && out.len().is_multiple_of(n),
-        "packed gemm: output length"
+        r0.checked_add(nr).is_some_and(|end| end <= w.rows),
+        "packed gemm: rows out of range"
     );
-    let nr = out.len() / n;
-    assert!(r0 + nr <= w.rows, "packed gemm: rows out of range");
-    (n, nr)
+    act.len() / k
 }

@@ -9,7 +9,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{gemm_shape, ActBlock, PackedKernels, PackedWeights, GROUP_ROWS};
+use super::{gemm_shape, ActBlock, Out, PackedKernels, PackedWeights, GROUP_ROWS};
 use crate::dot::Tiles;
 use crate::simd::SimdPath;
 
@@ -220,8 +220,15 @@ unsafe fn tile_q8_0<const C: usize>(
 /// in tiles of [`C_FULL`] inner.
 macro_rules! packed_gemm {
     ($name:ident, $tile:ident, $qb:expr, $sb:expr) => {
-        fn $name(w: &PackedWeights, r0: usize, act: &[ActBlock], out: &mut [f32]) -> Tiles {
-            let (n, nr) = gemm_shape(w, r0, act, out);
+        /// Safety: [`super::PackedGemmFn`]'s.
+        unsafe fn $name(
+            w: &PackedWeights,
+            r0: usize,
+            nr: usize,
+            act: &[ActBlock],
+            out: Out,
+        ) -> Tiles {
+            let n = gemm_shape(w, r0, nr, act);
             let k = w.blocks();
             let mut tiles = Tiles::default();
             for g0 in (0..nr).step_by(GROUP_ROWS) {
@@ -235,16 +242,16 @@ macro_rules! packed_gemm {
                     let (q, d) = (quants.as_ptr(), scales.as_ptr());
                     // SAFETY: KERNELS is handed out only where the CPU has the features;
                     // quants/scales hold k blocks (asserted); tokens t0..t0+c < n have k
-                    // blocks each in act; lane l < real of out row t0+j is index
-                    // (t0+j)*nr + g0 + l < n*nr, inside out.
+                    // blocks each in act; lane l < real of token t0+j is out.at(t0+j, g0+l)
+                    // with g0 + l < nr, which the caller lets us write.
                     unsafe {
                         let a = act.as_ptr().add(t0 * k);
-                        let o = out.as_mut_ptr().add(t0 * nr + g0);
+                        let (o, ld) = (out.at(t0, g0), out.ld());
                         match c {
-                            4 => $tile::<4>(q, d, k, a, o, nr, mask),
-                            3 => $tile::<3>(q, d, k, a, o, nr, mask),
-                            2 => $tile::<2>(q, d, k, a, o, nr, mask),
-                            _ => $tile::<1>(q, d, k, a, o, nr, mask),
+                            4 => $tile::<4>(q, d, k, a, o, ld, mask),
+                            3 => $tile::<3>(q, d, k, a, o, ld, mask),
+                            2 => $tile::<2>(q, d, k, a, o, ld, mask),
+                            _ => $tile::<1>(q, d, k, a, o, ld, mask),
                         }
                     }
                     if c == C_FULL && real == GROUP_ROWS {

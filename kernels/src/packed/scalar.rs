@@ -3,7 +3,7 @@
 //! in block order; `f32::mul_add` is a fused multiply-add on every target
 //! (in software where the CPU lacks one), so the roundings match.
 
-use super::{gemm_shape, ActBlock, PackedWeights, GROUP_ROWS};
+use super::{gemm_shape, ActBlock, Out, PackedWeights, GROUP_ROWS};
 use crate::dot::Tiles;
 use crate::quant::float::f16_to_f32;
 
@@ -15,15 +15,17 @@ fn h(scales: &[u8], at: usize) -> f32 {
 /// Walks every (row, token) of the call with `sumi(quants_of_block, i, act)`
 /// giving the block's integer dot for row i of its group; `sb` is the scale
 /// bytes per block (64 when minimums follow the scales, as for Q4_1).
-fn each_output(
+///
+/// Safety: [`super::PackedGemmFn`]'s.
+unsafe fn each_output(
     w: &PackedWeights,
-    r0: usize,
+    (r0, nr): (usize, usize),
     act: &[ActBlock],
-    out: &mut [f32],
+    out: Out,
     (qb, sb): (usize, usize),
     sumi: impl Fn(&[u8], usize, &ActBlock) -> i32,
 ) -> Tiles {
-    let (n, nr) = gemm_shape(w, r0, act, out);
+    let n = gemm_shape(w, r0, nr, act);
     let k = w.blocks();
     for r in 0..nr {
         let (g, i) = ((r0 + r) / GROUP_ROWS, (r0 + r) % GROUP_ROWS);
@@ -37,7 +39,8 @@ fn each_output(
                     acc = h(scales, b * sb + 32 + 2 * i).mul_add(a.s, acc);
                 }
             }
-            out[t * nr + r] = acc;
+            // SAFETY: t < n and r < nr, which the caller lets us write.
+            unsafe { *out.at(t, r) = acc };
         }
     }
     Tiles::default()
@@ -45,13 +48,29 @@ fn each_output(
 
 /// Q4_0 weights: chunk j's byte (lane i, e) holds element 4j+e (low nibble)
 /// and 16+4j+e (high nibble); `a.qs` are the signed Q8_0 quants.
-pub(super) fn gemm_q4_0(w: &PackedWeights, r0: usize, act: &[ActBlock], out: &mut [f32]) -> Tiles {
-    each_output(w, r0, act, out, (256, 32), nibble_sum)
+/// Safety: [`super::PackedGemmFn`]'s.
+pub(super) unsafe fn gemm_q4_0(
+    w: &PackedWeights,
+    r0: usize,
+    nr: usize,
+    act: &[ActBlock],
+    out: Out,
+) -> Tiles {
+    // SAFETY: the caller's guarantee, passed on.
+    unsafe { each_output(w, (r0, nr), act, out, (256, 32), nibble_sum) }
 }
 
 /// Q4_1 weights: nibbles as Q4_0 (no correction), then `m * s` per block.
-pub(super) fn gemm_q4_1(w: &PackedWeights, r0: usize, act: &[ActBlock], out: &mut [f32]) -> Tiles {
-    each_output(w, r0, act, out, (256, 64), nibble_sum)
+/// Safety: [`super::PackedGemmFn`]'s.
+pub(super) unsafe fn gemm_q4_1(
+    w: &PackedWeights,
+    r0: usize,
+    nr: usize,
+    act: &[ActBlock],
+    out: Out,
+) -> Tiles {
+    // SAFETY: the caller's guarantee, passed on.
+    unsafe { each_output(w, (r0, nr), act, out, (256, 64), nibble_sum) }
 }
 
 /// `c + sum(nibble * y)` for lane i of a 4-bit block.
@@ -69,16 +88,26 @@ fn nibble_sum(q: &[u8], i: usize, a: &ActBlock) -> i32 {
 
 /// Q8_0 weights: chunk j's byte (lane i, e) is element 4j+e; `a.qs` are the
 /// Q8_0 quants + 128.
-pub(super) fn gemm_q8_0(w: &PackedWeights, r0: usize, act: &[ActBlock], out: &mut [f32]) -> Tiles {
-    each_output(w, r0, act, out, (512, 32), |q, i, a| {
-        let mut s = a.c;
-        for j in 0..8 {
-            for e in 0..4 {
-                let x = q[j * 64 + 4 * i + e] as i8 as i32;
-                let y = (a.qs[4 * j + e] ^ 0x80) as i8 as i32;
-                s += x * y;
+/// Safety: [`super::PackedGemmFn`]'s.
+pub(super) unsafe fn gemm_q8_0(
+    w: &PackedWeights,
+    r0: usize,
+    nr: usize,
+    act: &[ActBlock],
+    out: Out,
+) -> Tiles {
+    // SAFETY: the caller's guarantee, passed on.
+    unsafe {
+        each_output(w, (r0, nr), act, out, (512, 32), |q, i, a| {
+            let mut s = a.c;
+            for j in 0..8 {
+                for e in 0..4 {
+                    let x = q[j * 64 + 4 * i + e] as i8 as i32;
+                    let y = (a.qs[4 * j + e] ^ 0x80) as i8 as i32;
+                    s += x * y;
+                }
             }
-        }
-        s
-    })
+            s
+        })
+    }
 }
