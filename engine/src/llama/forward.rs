@@ -200,19 +200,38 @@ impl Session {
     /// Run `tokens` through the model at the current position and append them to the cache.
     /// Returns the logits of the last token (`Logits::Last`, vocab values) or of every token
     /// (`Logits::All`, tokens.len() x vocab, row-major).
+    ///
+    /// Called from outside the rayon pool, the pass runs on a pool thread: otherwise the
+    /// calling thread would run the sequential steps (norms, RoPE, the KV writes) while every
+    /// worker spins between parallel regions, one thread more than `-t` and than the cores.
     pub fn forward(
         &mut self,
         model: &LlamaModel,
         tokens: &[u32],
         which: Logits,
     ) -> Result<&[f32], ModelError> {
+        if rayon::current_thread_index().is_none() {
+            let (done, ()) = rayon::join(|| self.forward_in_pool(model, tokens, which), || ());
+            done?;
+            return Ok(&self.logits);
+        }
+        self.forward_in_pool(model, tokens, which)?;
+        Ok(&self.logits)
+    }
+
+    fn forward_in_pool(
+        &mut self,
+        model: &LlamaModel,
+        tokens: &[u32],
+        which: Logits,
+    ) -> Result<(), ModelError> {
         let c = &model.config;
         let w = &model.weights;
         let f = &*model.file;
         let n = tokens.len();
         if n == 0 {
             self.logits.clear();
-            return Ok(&self.logits);
+            return Ok(());
         }
         let needed = self.pos + n;
         if needed > self.n_ctx {
@@ -344,7 +363,7 @@ impl Session {
             &mut self.logits,
             &mut self.scratch,
         )?;
-        Ok(&self.logits)
+        Ok(())
     }
 }
 
