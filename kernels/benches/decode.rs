@@ -7,12 +7,17 @@
 //! a 512 MiB u64 array), then for each type and shape the weight bytes per
 //! second of `matmul(.., n_tokens = 1, ..)` (best and median of the
 //! repetitions) and its ratio to that read bandwidth, and the per-call
-//! time of a tiny matrix (fork/join overhead). `DECODE_REPS` sets the
+//! time of a tiny matrix (fork/join overhead). Where the CPU has packed
+//! kernels, each Q4_0/Q4_1/Q8_0 matrix is also run in the repacked layout. `DECODE_REPS` sets the
 //! repetitions (default 30); `DECODE_THREADS` a list like `1,2`.
 
 use std::time::Instant;
 
-use airlock_kernels::{matmul, quantize_row, simd_path, GgmlType, WeightView};
+use airlock_kernels::packed::{can_pack, packed_kernels};
+use airlock_kernels::{
+    matmul, matmul_packed, quantize_row, simd_path, GgmlType, PackedScratch, PackedWeights,
+    WeightView,
+};
 
 const GIB: f64 = (1u64 << 30) as f64;
 
@@ -143,6 +148,22 @@ fn main() {
                     gb / med,
                     med * 1e6
                 );
+                // The same matrix in the layout the engine repacks it to, where this CPU has one.
+                if let Some(ks) = packed_kernels().filter(|_| can_pack(*ty)) {
+                    let p = PackedWeights::pack(&w, ks).unwrap();
+                    let mut ps = PackedScratch::default();
+                    let (best, med) = time(reps, || {
+                        matmul_packed(&p, std::hint::black_box(&x), 1, &mut y, &mut ps).unwrap()
+                    });
+                    println!(
+                        "threads {nt}: {:5} {rows}x{cols} packed: best {:.2} GiB/s ({:.0}% of read), median {:.2} GiB/s, {:.0} us",
+                        ty.name(),
+                        gb / best,
+                        100.0 * gb / best / read,
+                        gb / med,
+                        med * 1e6
+                    );
+                }
             }
             // Per-call overhead: a tiny matrix, mostly fork/join.
             let (rows, cols) = (64, 256);
