@@ -71,6 +71,7 @@ pub fn swiglu(gate: &mut [f32], up: &[f32]) {
 
 /// The SwiGLU of `path` (the portable one where the path has none).
 pub(crate) fn swiglu_fn(path: crate::SimdPath) -> fn(&mut [f32], &[f32]) {
+    #[cfg(target_arch = "x86_64")]
     use crate::SimdPath::*;
     if !path.is_available() {
         return swiglu_scalar;

@@ -157,6 +157,8 @@ impl Out {
         }
     }
 
+    // Read by the x86 kernels only.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn ld(self) -> usize {
         self.ld
     }
@@ -525,10 +527,9 @@ fn prepare_acts(
     let ks = crate::dot::kernels()?;
     let k = cols / 32;
     let n = x.len() / cols;
-    s.act.clear();
+    // Every element is overwritten below: resize only grows the buffers, no clearing pass.
     s.act.resize(n * k, ActBlock::default());
     if ty == GgmlType::Q4_1 {
-        s.q8_1.clear();
         s.q8_1.resize(n * k, BlockQ8_1::zeroed());
         let one = |(src, (q8, act)): (&[f32], (&mut [BlockQ8_1], &mut [ActBlock]))| {
             (ks.quantize_q8_1)(src, q8);
@@ -536,21 +537,17 @@ fn prepare_acts(
                 *a = act_block_q8_1(b);
             }
         };
+        let (q8, act) = (&mut s.q8_1[..n * k], &mut s.act[..n * k]);
         if n < 4 {
             x.chunks_exact(cols)
-                .zip(s.q8_1.chunks_exact_mut(k).zip(s.act.chunks_exact_mut(k)))
+                .zip(q8.chunks_exact_mut(k).zip(act.chunks_exact_mut(k)))
                 .for_each(one);
         } else {
             x.par_chunks_exact(cols)
-                .zip(
-                    s.q8_1
-                        .par_chunks_exact_mut(k)
-                        .zip(s.act.par_chunks_exact_mut(k)),
-                )
+                .zip(q8.par_chunks_exact_mut(k).zip(act.par_chunks_exact_mut(k)))
                 .for_each(one);
         }
     } else {
-        s.q8.clear();
         s.q8.resize(n * k, BlockQ8_0::zeroed());
         let one = |(src, (q8, act)): (&[f32], (&mut [BlockQ8_0], &mut [ActBlock]))| {
             (ks.quantize_q8_0)(src, q8);
@@ -558,16 +555,14 @@ fn prepare_acts(
                 *a = act_block(ty, b);
             }
         };
+        let (q8, act) = (&mut s.q8[..n * k], &mut s.act[..n * k]);
         if n < 4 {
             x.chunks_exact(cols)
-                .zip(s.q8.chunks_exact_mut(k).zip(s.act.chunks_exact_mut(k)))
+                .zip(q8.chunks_exact_mut(k).zip(act.chunks_exact_mut(k)))
                 .for_each(one);
         } else {
             x.par_chunks_exact(cols)
-                .zip(
-                    s.q8.par_chunks_exact_mut(k)
-                        .zip(s.act.par_chunks_exact_mut(k)),
-                )
+                .zip(q8.par_chunks_exact_mut(k).zip(act.par_chunks_exact_mut(k)))
                 .for_each(one);
         }
     }
