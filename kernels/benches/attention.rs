@@ -59,15 +59,7 @@ fn run(c: &mut Criterion, group: &str, cases: &[Case]) {
         let pairs: usize = (0..cs.n_tokens).map(|t| cs.pos0 + t + 1).sum();
         g.throughput(Throughput::Elements((pairs * cs.n_head) as u64));
         g.bench_function(BenchmarkId::from_parameter(cs.name), |b| {
-            b.iter(|| {
-                attention(
-                    s,
-                    black_box(&q),
-                    KvRows::F16(&k),
-                    KvRows::F16(&v),
-                    &mut out,
-                )
-            })
+            b.iter(|| attention(s, black_box(&q), KvRows::F16(&k), KvRows::F16(&v), &mut out))
         });
     }
     g.finish();
