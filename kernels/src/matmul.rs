@@ -47,7 +47,11 @@ impl WeightView<'_> {
     }
 }
 
-fn check_len(what: &'static str, expected: usize, actual: usize) -> Result<(), KernelError> {
+pub(crate) fn check_len(
+    what: &'static str,
+    expected: usize,
+    actual: usize,
+) -> Result<(), KernelError> {
     if expected == actual {
         Ok(())
     } else {

@@ -52,7 +52,7 @@ mod tests;
 use bytemuck::{Pod, Zeroable};
 
 use crate::dot::Tiles;
-use crate::matmul::WeightView;
+use crate::matmul::{check_len, WeightView};
 use crate::quant::{self, BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1};
 use crate::simd::{simd_path, SimdPath};
 use crate::{GgmlType, KernelError};
@@ -503,18 +503,6 @@ fn matmul_packed_chunked(
         .sum())
 }
 
-fn check_len(what: &'static str, expected: usize, actual: usize) -> Result<(), KernelError> {
-    if expected == actual {
-        Ok(())
-    } else {
-        Err(KernelError::LengthMismatch {
-            what,
-            expected,
-            actual,
-        })
-    }
-}
-
 /// Quantizes each token's row to Q8_0 (Q8_1 for Q4_1 weights) and rewrites
 /// the blocks as the packed kernels for `ty` weights read them.
 fn prepare_acts(
@@ -523,7 +511,6 @@ fn prepare_acts(
     cols: usize,
     s: &mut PackedScratch,
 ) -> Result<(), KernelError> {
-    use rayon::prelude::*;
     let ks = crate::dot::kernels()?;
     let k = cols / 32;
     let n = x.len() / cols;
@@ -531,42 +518,46 @@ fn prepare_acts(
     s.act.resize(n * k, ActBlock::default());
     if ty == GgmlType::Q4_1 {
         s.q8_1.resize(n * k, BlockQ8_1::zeroed());
-        let one = |(src, (q8, act)): (&[f32], (&mut [BlockQ8_1], &mut [ActBlock]))| {
+        each_token(x, cols, &mut s.q8_1, &mut s.act, |src, q8, act| {
             (ks.quantize_q8_1)(src, q8);
             for (a, b) in act.iter_mut().zip(q8.iter()) {
                 *a = act_block_q8_1(b);
             }
-        };
-        let (q8, act) = (&mut s.q8_1[..n * k], &mut s.act[..n * k]);
-        if n < 4 {
-            x.chunks_exact(cols)
-                .zip(q8.chunks_exact_mut(k).zip(act.chunks_exact_mut(k)))
-                .for_each(one);
-        } else {
-            x.par_chunks_exact(cols)
-                .zip(q8.par_chunks_exact_mut(k).zip(act.par_chunks_exact_mut(k)))
-                .for_each(one);
-        }
+        });
     } else {
         s.q8.resize(n * k, BlockQ8_0::zeroed());
-        let one = |(src, (q8, act)): (&[f32], (&mut [BlockQ8_0], &mut [ActBlock]))| {
+        each_token(x, cols, &mut s.q8, &mut s.act, |src, q8, act| {
             (ks.quantize_q8_0)(src, q8);
             for (a, b) in act.iter_mut().zip(q8.iter()) {
                 *a = act_block(ty, b);
             }
-        };
-        let (q8, act) = (&mut s.q8[..n * k], &mut s.act[..n * k]);
-        if n < 4 {
-            x.chunks_exact(cols)
-                .zip(q8.chunks_exact_mut(k).zip(act.chunks_exact_mut(k)))
-                .for_each(one);
-        } else {
-            x.par_chunks_exact(cols)
-                .zip(q8.par_chunks_exact_mut(k).zip(act.par_chunks_exact_mut(k)))
-                .for_each(one);
-        }
+        });
     }
     Ok(())
+}
+
+/// Runs `f(row, its Q8 blocks, its activation blocks)` for each token's row
+/// of `x`, in parallel from four tokens on.
+fn each_token<Q: Send>(
+    x: &[f32],
+    cols: usize,
+    q8: &mut [Q],
+    act: &mut [ActBlock],
+    f: impl Fn(&[f32], &mut [Q], &mut [ActBlock]) + Sync,
+) {
+    use rayon::prelude::*;
+    let k = cols / 32;
+    let n = x.len() / cols;
+    let (q8, act) = (&mut q8[..n * k], &mut act[..n * k]);
+    if n < 4 {
+        x.chunks_exact(cols)
+            .zip(q8.chunks_exact_mut(k).zip(act.chunks_exact_mut(k)))
+            .for_each(|(src, (q, a))| f(src, q, a));
+    } else {
+        x.par_chunks_exact(cols)
+            .zip(q8.par_chunks_exact_mut(k).zip(act.par_chunks_exact_mut(k)))
+            .for_each(|(src, (q, a))| f(src, q, a));
+    }
 }
 
 /// One Q8_0 activation block as the packed kernels for `ty` (Q4_0 or Q8_0)

@@ -65,6 +65,25 @@ fn prefetch<const C: usize>(qb: *const u8, bytes: usize, db: *const u8, sb: usiz
     }
 }
 
+/// A 4-bit block's four 64-byte chunks as eight vectors of nibbles: chunk
+/// j's low nibbles (elements `4j..`) at 2j, its high nibbles (`16+4j..`) at
+/// 2j + 1.
+///
+/// Safety: the features below; `qb` points at 256 readable bytes.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn nibbles(qb: *const u8) -> [__m512i; 8] {
+    let m4 = _mm512_set1_epi8(0x0F);
+    let mut wv = [_mm512_setzero_si512(); 8];
+    for j in 0..4 {
+        // SAFETY: j * 64 + 64 <= 256 bytes, as the caller guarantees.
+        let l = unsafe { _mm512_loadu_si512(qb.add(64 * j) as *const _) };
+        wv[2 * j] = _mm512_and_si512(l, m4);
+        wv[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16::<4>(l), m4);
+    }
+    wv
+}
+
 /// One tile: `q`/`d` are the group's quants and scales, `act` the tile's
 /// first token's blocks (token t at `act + t * k`), `out` the tile's first
 /// output (token t at `out + t * ld`), `mask` the group's real rows.
@@ -82,19 +101,13 @@ unsafe fn tile_q4_0<const C: usize>(
     ld: usize,
     mask: __mmask16,
 ) {
-    let m4 = _mm512_set1_epi8(0x0F);
     let mut acc = [_mm512_setzero_ps(); C];
     for b in 0..k {
         // SAFETY (whole body): every offset is inside the ranges the caller guarantees.
         unsafe {
             let qb = q.add(b * 256);
             prefetch::<C>(qb, 256, d.add(b * 32), 32);
-            let mut wv = [_mm512_setzero_si512(); 8];
-            for j in 0..4 {
-                let l = _mm512_loadu_si512(qb.add(64 * j) as *const _);
-                wv[2 * j] = _mm512_and_si512(l, m4);
-                wv[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16::<4>(l), m4);
-            }
+            let wv = nibbles(qb);
             let dx = _mm512_cvtph_ps(_mm256_loadu_si256(d.add(b * 32) as *const __m256i));
             for (t, acc_t) in acc.iter_mut().enumerate() {
                 let a = &*act.add(t * k + b);
@@ -130,19 +143,13 @@ unsafe fn tile_q4_1<const C: usize>(
     ld: usize,
     mask: __mmask16,
 ) {
-    let m4 = _mm512_set1_epi8(0x0F);
     let mut acc = [_mm512_setzero_ps(); C];
     for b in 0..k {
         // SAFETY (whole body): every offset is inside the ranges the caller guarantees.
         unsafe {
             let qb = q.add(b * 256);
             prefetch::<C>(qb, 256, d.add(b * 64), 64);
-            let mut wv = [_mm512_setzero_si512(); 8];
-            for j in 0..4 {
-                let l = _mm512_loadu_si512(qb.add(64 * j) as *const _);
-                wv[2 * j] = _mm512_and_si512(l, m4);
-                wv[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16::<4>(l), m4);
-            }
+            let wv = nibbles(qb);
             let dx = _mm512_cvtph_ps(_mm256_loadu_si256(d.add(b * 64) as *const __m256i));
             let mx = _mm512_cvtph_ps(_mm256_loadu_si256(d.add(b * 64 + 32) as *const __m256i));
             for (t, acc_t) in acc.iter_mut().enumerate() {
