@@ -93,6 +93,25 @@ fn synthetic_model_has_the_real_shape_and_bench_json_has_llama_bench_fields() {
         f.get_str_array("tokenizer.ggml.tokens").unwrap().len(),
         128256
     );
+
+    // Repacking is on by default where the path has packed kernels (AVX-512 VNNI), and
+    // --no-repack turns it off; the JSON row says which ran.
+    for (flag, want) in [
+        (None, rows[0]["simd"] == "avx512vnni"),
+        (Some("--no-repack"), false),
+    ] {
+        let o = Command::new(env!("CARGO_BIN_EXE_airlock"))
+            .args([
+                "bench", "-p", "4", "-n", "0", "-r", "1", "-t", "1", "--json", "-m",
+            ])
+            .arg(&saved)
+            .args(flag)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let rows: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(rows[0]["repack"].as_bool(), Some(want), "{flag:?}: {rows}");
+    }
 }
 
 #[test]
