@@ -389,10 +389,14 @@ fn pack_row(ty: GgmlType, src: &[u8], i: usize, quants: &mut [u8], scales: &mut 
     }
 }
 
-/// Rows per task: about four tasks per thread, at least ~16K multiply-adds
-/// each, a whole number of groups.
+/// Rows per task: about sixteen tasks per thread, at least ~16K
+/// multiply-adds each, a whole number of groups. Decode is memory-bound and
+/// one thread alone cannot use the machine's bandwidth, so the wait for the
+/// last task matters: with 16 tasks a thread instead of 4, Llama-3.1-8B Q4_0
+/// generation went from 5.1-6.0 to 6.0-6.2 t/s (2 threads, alternating
+/// builds), with prompt speed unchanged.
 fn chunk_rows(rows: usize, cols: usize) -> usize {
-    let by_threads = rows.div_ceil(rayon::current_num_threads() * 4);
+    let by_threads = rows.div_ceil(rayon::current_num_threads() * 16);
     let by_work = (1 << 14) / cols.max(1);
     by_threads.max(by_work).div_ceil(GROUP_ROWS) * GROUP_ROWS
 }
