@@ -39,7 +39,7 @@ pub struct ModelArgs {
     #[arg(long = "no-mmap")]
     pub no_mmap: bool,
     /// Keep every weight in the file's layout (pure mmap). By default, on CPUs with AVX-512
-    /// VNNI, Q4_0/Q8_0 matrices are copied at load into the interleaved layout the fast
+    /// VNNI, Q4_0/Q4_1/Q8_0 matrices are copied at load into the interleaved layout the fast
     /// kernels read (anonymous memory, about the size of those tensors)
     #[arg(long = "no-repack")]
     pub no_repack: bool,
@@ -245,7 +245,7 @@ pub fn load(args: &ModelArgs) -> Result<Loaded> {
             .with_context(|| format!("cannot repack {}", path.display()))?;
         if args.verbose && bytes > 0 {
             eprintln!(
-                "repack: {} of Q4_0/Q8_0 weights into the packed layout in {:.2} s (--no-repack to keep pure mmap)",
+                "repack: {} of Q4_0/Q4_1/Q8_0 weights into the packed layout in {:.2} s (--no-repack to keep pure mmap)",
                 human_bytes(bytes),
                 t.elapsed().as_secs_f64()
             );

@@ -196,7 +196,7 @@ impl LlamaWeights {
             .sum()
     }
 
-    /// Copies every Q4_0/Q8_0 matrix into the packed layout of `kernels`; returns the bytes
+    /// Copies every Q4_0/Q4_1/Q8_0 matrix into the packed layout of `kernels`; returns the bytes
     /// allocated. The forward pass then reads the packed copies on the fast path.
     pub fn repack(
         &mut self,

@@ -1,6 +1,6 @@
 //! Packed matmul against the file-layout reference and its scalar twin, on
 //! shapes that are not whole groups or tiles. What could be wrong: the
-//! scatter into lanes and chunks, the nibble order, the Q4_0/Q8_0
+//! scatter into lanes and chunks, the nibble order, the Q4_0/Q4_1/Q8_0
 //! corrections, masked stores of a partial group, token tiling, chunking.
 
 use super::*;
