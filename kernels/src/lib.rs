@@ -24,6 +24,8 @@ pub mod ops;
 pub mod packed;
 pub mod quant;
 pub mod simd;
+#[cfg(test)]
+mod test_util;
 pub mod types;
 
 pub use error::KernelError;

@@ -94,7 +94,7 @@ fn chunk_rows(rows: usize, cols: usize) -> usize {
 /// Runs `chunk_fn(first_row, buf)` for each chunk of rows in parallel, where
 /// `buf` is `n_tokens x chunk_len` ([token][row in chunk]), then places the
 /// results in y. Returns the sum of what the chunks return.
-pub(crate) fn for_row_chunks(
+fn for_row_chunks(
     rows: usize,
     n_tokens: usize,
     chunk: usize,

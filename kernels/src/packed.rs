@@ -167,8 +167,6 @@ impl Out {
 /// The packed kernels of one path.
 pub struct PackedKernels {
     pub path: SimdPath,
-    /// Tokens per full tile (rows per tile are always [`GROUP_ROWS`]).
-    pub tile_tokens: usize,
     q4_0: PackedGemmFn,
     q4_1: PackedGemmFn,
     q8_0: PackedGemmFn,
@@ -178,7 +176,6 @@ pub struct PackedKernels {
 /// for tests. Slow (software FMA); never chosen for real work.
 pub static SCALAR: PackedKernels = PackedKernels {
     path: SimdPath::Scalar,
-    tile_tokens: 1,
     q4_0: scalar::gemm_q4_0,
     q4_1: scalar::gemm_q4_1,
     q8_0: scalar::gemm_q8_0,
@@ -330,10 +327,6 @@ impl PackedWeights {
     /// Memory the packed matrix holds.
     pub fn n_bytes(&self) -> usize {
         self.data.len
-    }
-
-    pub fn kernels(&self) -> &'static PackedKernels {
-        self.kernels
     }
 
     fn gemm_fn(&self) -> PackedGemmFn {

@@ -80,17 +80,9 @@ impl LlamaModel {
         }
     }
 
-    /// Bytes [`Self::repack`] would allocate on this CPU.
-    pub fn repack_bytes(&self) -> u64 {
-        match airlock_kernels::packed::packed_kernels() {
-            Some(_) => self.weights.repack_bytes(),
-            None => 0,
-        }
-    }
-
-    /// Of [`Self::repack_bytes`], what duplicates a tensor the map must still serve: a tied
-    /// output head's packed copy (the embedding lookup keeps reading the file). The other packed
-    /// copies replace their file pages, which the kernel may then drop.
+    /// Bytes of [`Self::repack`]'s copies that duplicate a tensor the map must still serve: a
+    /// tied output head's (the embedding lookup keeps reading the file). The other packed copies
+    /// replace their file pages, which the kernel may then drop.
     pub fn repack_extra_bytes(&self) -> u64 {
         let w = &self.weights;
         let packs = airlock_kernels::packed::packed_kernels().is_some();

@@ -151,7 +151,7 @@ impl LlamaWeights {
         })
     }
 
-    /// The matrices the forward pass multiplies by: every layer's seven, then the output.
+    /// [`Self::matrices`], mutably.
     fn matrices_mut(&mut self) -> impl Iterator<Item = &mut Weight> {
         self.layers
             .iter_mut()
@@ -169,28 +169,17 @@ impl LlamaWeights {
             .chain(std::iter::once(&mut self.output))
     }
 
-    /// Anonymous memory [`Self::repack`] would allocate: the packable matrices' bytes (plus
-    /// padding rows, under 1%).
-    pub fn repack_bytes(&self) -> u64 {
-        let layers = self
-            .layers
+    /// The matrices the forward pass multiplies by: every layer's seven, then the output.
+    fn matrices(&self) -> impl Iterator<Item = &Weight> {
+        self.layers
             .iter()
-            .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]);
-        layers
+            .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down])
             .chain(std::iter::once(&self.output))
-            .filter(|w| can_pack(w.ty))
-            .map(|w| w.n_bytes() as u64)
-            .sum()
     }
 
     /// Bytes of packed copies held now.
     pub fn packed_bytes(&self) -> u64 {
-        let layers = self
-            .layers
-            .iter()
-            .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]);
-        layers
-            .chain(std::iter::once(&self.output))
+        self.matrices()
             .filter_map(|w| w.packed.as_ref())
             .map(|p| p.n_bytes() as u64)
             .sum()
@@ -227,17 +216,7 @@ impl LlamaWeights {
 
     /// Bytes of weights read to produce one token (every matrix once, the embedding row aside).
     pub fn bytes_per_token(&self) -> usize {
-        let layers: usize = self
-            .layers
-            .iter()
-            .map(|l| {
-                [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]
-                    .iter()
-                    .map(|w| w.n_bytes())
-                    .sum::<usize>()
-            })
-            .sum();
-        layers + self.output.n_bytes()
+        self.matrices().map(|w| w.n_bytes()).sum()
     }
 }
 

@@ -5,6 +5,7 @@
 
 use super::*;
 use crate::quant::float::{f32_to_f16, Bf16Bytes, F16Bytes, F32Bytes};
+use crate::test_util::values;
 use proptest::prelude::*;
 
 const TYPES: [GgmlType; 6] = [
@@ -15,20 +16,6 @@ const TYPES: [GgmlType; 6] = [
     GgmlType::Q4_0,
     GgmlType::Q4_1,
 ];
-
-/// Deterministic pseudo-random values in [-1, 1) (xorshift), so failures
-/// reproduce without a seed file.
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
 
 struct Case {
     ty: GgmlType,

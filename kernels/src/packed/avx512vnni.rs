@@ -20,7 +20,6 @@ const C_FULL: usize = 4;
 /// checking the CPU has AVX-512 VNNI (and F, BW, AVX2, FMA, F16C).
 pub(super) static KERNELS: PackedKernels = PackedKernels {
     path: SimdPath::Avx512Vnni,
-    tile_tokens: C_FULL,
     q4_0: gemm_q4_0,
     q4_1: gemm_q4_1,
     q8_0: gemm_q8_0,
@@ -84,15 +83,19 @@ unsafe fn nibbles(qb: *const u8) -> [__m512i; 8] {
     wv
 }
 
-/// One tile: `q`/`d` are the group's quants and scales, `act` the tile's
-/// first token's blocks (token t at `act + t * k`), `out` the tile's first
-/// output (token t at `out + t * ld`), `mask` the group's real rows.
+/// One 4-bit tile: `q`/`d` are the group's quants and scales, `act` the
+/// tile's first token's blocks (token t at `act + t * k`), `out` the tile's
+/// first output (token t at `out + t * ld`), `mask` the group's real rows.
+/// `MIN` (Q4_1): `d` holds 16 scales then 16 minimums per block, and
+/// `acc += m * s` follows the scaled integer sum; Q4_0's `-8 sum(y)` rides in
+/// `a.c` (0 for Q4_1).
 ///
-/// Safety: the features above; `q` holds `k * 256` bytes, `d` `k * 32`,
-/// `act` `C * k` blocks; the masked lanes of `out + t * ld` (t < C) are
-/// writable.
+/// Safety: the features below; `q` holds `k * 256` bytes, `d` `k * 32`
+/// (`k * 64` with `MIN`), `act` `C * k` blocks; the masked lanes of
+/// `out + t * ld` (t < C) are writable.
+#[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-unsafe fn tile_q4_0<const C: usize>(
+unsafe fn tile_4bit<const C: usize, const MIN: bool>(
     q: *const u8,
     d: *const u8,
     k: usize,
@@ -101,14 +104,20 @@ unsafe fn tile_q4_0<const C: usize>(
     ld: usize,
     mask: __mmask16,
 ) {
+    let sb = if MIN { 64 } else { 32 };
     let mut acc = [_mm512_setzero_ps(); C];
     for b in 0..k {
         // SAFETY (whole body): every offset is inside the ranges the caller guarantees.
         unsafe {
             let qb = q.add(b * 256);
-            prefetch::<C>(qb, 256, d.add(b * 32), 32);
+            prefetch::<C>(qb, 256, d.add(b * sb), sb);
             let wv = nibbles(qb);
-            let dx = _mm512_cvtph_ps(_mm256_loadu_si256(d.add(b * 32) as *const __m256i));
+            let dx = _mm512_cvtph_ps(_mm256_loadu_si256(d.add(b * sb) as *const __m256i));
+            let mx = if MIN {
+                _mm512_cvtph_ps(_mm256_loadu_si256(d.add(b * sb + 32) as *const __m256i))
+            } else {
+                _mm512_setzero_ps()
+            };
             for (t, acc_t) in acc.iter_mut().enumerate() {
                 let a = &*act.add(t * k + b);
                 let y = a.qs.as_ptr() as *const i32;
@@ -123,6 +132,9 @@ unsafe fn tile_q4_0<const C: usize>(
                 let s = _mm512_add_epi32(s0, s1);
                 let dd = _mm512_mul_ps(dx, _mm512_set1_ps(a.d));
                 *acc_t = _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(s), *acc_t);
+                if MIN {
+                    *acc_t = _mm512_fmadd_ps(mx, _mm512_set1_ps(a.s), *acc_t);
+                }
             }
         }
     }
@@ -130,9 +142,22 @@ unsafe fn tile_q4_0<const C: usize>(
     unsafe { store(&acc, out, ld, mask) };
 }
 
-/// As [`tile_q4_0`] for Q4_1 weights (`d` holds `k * 64` bytes: 16 scales,
-/// then 16 minimums, per block): no correction, and `acc += m * s` after
-/// the scaled integer sum.
+/// [`tile_4bit`] for Q4_0. Safety: as there.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn tile_q4_0<const C: usize>(
+    q: *const u8,
+    d: *const u8,
+    k: usize,
+    act: *const ActBlock,
+    out: *mut f32,
+    ld: usize,
+    mask: __mmask16,
+) {
+    // SAFETY: the caller's guarantee, passed on.
+    unsafe { tile_4bit::<C, false>(q, d, k, act, out, ld, mask) }
+}
+
+/// [`tile_4bit`] for Q4_1. Safety: as there.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 unsafe fn tile_q4_1<const C: usize>(
     q: *const u8,
@@ -143,38 +168,11 @@ unsafe fn tile_q4_1<const C: usize>(
     ld: usize,
     mask: __mmask16,
 ) {
-    let mut acc = [_mm512_setzero_ps(); C];
-    for b in 0..k {
-        // SAFETY (whole body): every offset is inside the ranges the caller guarantees.
-        unsafe {
-            let qb = q.add(b * 256);
-            prefetch::<C>(qb, 256, d.add(b * 64), 64);
-            let wv = nibbles(qb);
-            let dx = _mm512_cvtph_ps(_mm256_loadu_si256(d.add(b * 64) as *const __m256i));
-            let mx = _mm512_cvtph_ps(_mm256_loadu_si256(d.add(b * 64 + 32) as *const __m256i));
-            for (t, acc_t) in acc.iter_mut().enumerate() {
-                let a = &*act.add(t * k + b);
-                let y = a.qs.as_ptr() as *const i32;
-                let mut s0 = _mm512_setzero_si512();
-                let mut s1 = _mm512_setzero_si512();
-                for j in 0..4 {
-                    let ylo = _mm512_set1_epi32(y.add(j).read_unaligned());
-                    let yhi = _mm512_set1_epi32(y.add(4 + j).read_unaligned());
-                    s0 = _mm512_dpbusd_epi32(s0, wv[2 * j], ylo);
-                    s1 = _mm512_dpbusd_epi32(s1, wv[2 * j + 1], yhi);
-                }
-                let s = _mm512_add_epi32(s0, s1);
-                let dd = _mm512_mul_ps(dx, _mm512_set1_ps(a.d));
-                let r = _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(s), *acc_t);
-                *acc_t = _mm512_fmadd_ps(mx, _mm512_set1_ps(a.s), r);
-            }
-        }
-    }
-    // SAFETY: as the caller guarantees.
-    unsafe { store(&acc, out, ld, mask) };
+    // SAFETY: the caller's guarantee, passed on.
+    unsafe { tile_4bit::<C, true>(q, d, k, act, out, ld, mask) }
 }
 
-/// As [`tile_q4_0`] for Q8_0 weights (`q` holds `k * 512` bytes).
+/// As [`tile_4bit`] for Q8_0 weights (`q` holds `k * 512` bytes).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 unsafe fn tile_q8_0<const C: usize>(
     q: *const u8,
