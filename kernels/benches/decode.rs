@@ -3,7 +3,7 @@
 //!
 //! `cargo bench -p airlock-kernels --bench decode`
 //!
-//! Prints, per thread count: a STREAM-style read (AVX-512 or scalar sum of
+//! Prints, per thread count: a STREAM-style read ([`ReadBuffer`]: a sum of
 //! a 512 MiB u64 array), then for each type and shape the weight bytes per
 //! second of `matmul(.., n_tokens = 1, ..)` (best and median of the
 //! repetitions) and its ratio to that read bandwidth, and the per-call
@@ -13,6 +13,7 @@
 
 use std::time::Instant;
 
+use airlock_kernels::bandwidth::ReadBuffer;
 use airlock_kernels::packed::{can_pack, packed_kernels};
 use airlock_kernels::{
     matmul, matmul_packed, quantize_row, simd_path, GgmlType, PackedScratch, PackedWeights,
@@ -41,36 +42,6 @@ fn weights(ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
         quantize_row(ty, &src[(r % 64) * cols..][..cols], dst).unwrap();
     }
     data
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn sum_avx512(a: &[u64]) -> u64 {
-    use std::arch::x86_64::*;
-    let mut acc = [_mm512_setzero_si512(); 4];
-    let chunks = a.chunks_exact(32);
-    let rest: u64 = chunks.remainder().iter().fold(0, |s, &v| s.wrapping_add(v));
-    for c in chunks {
-        for (i, acc) in acc.iter_mut().enumerate() {
-            // SAFETY: c has 32 u64s, i < 4: 8 u64s at c[8i] are in bounds.
-            let v = unsafe { _mm512_loadu_si512(c.as_ptr().add(8 * i) as *const _) };
-            *acc = _mm512_add_epi64(*acc, v);
-        }
-    }
-    let s = _mm512_add_epi64(
-        _mm512_add_epi64(acc[0], acc[1]),
-        _mm512_add_epi64(acc[2], acc[3]),
-    );
-    _mm512_reduce_add_epi64(s) as u64 + rest
-}
-
-fn sum(a: &[u64]) -> u64 {
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512f") {
-        // SAFETY: the feature was just detected.
-        return unsafe { sum_avx512(a) };
-    }
-    a.iter().fold(0u64, |s, &v| s.wrapping_add(v))
 }
 
 /// Runs `f` `reps` times; returns (best, median) seconds.
@@ -105,7 +76,7 @@ fn main() {
         .flat_map(|&(r, c)| types.iter().map(move |&ty| (ty, r, c)))
         .map(|(ty, r, c)| (ty, r, c, weights(ty, r, c)))
         .collect();
-    let big: Vec<u64> = (0..(64usize << 20)).map(|i| i as u64).collect();
+    let big = ReadBuffer::new(ReadBuffer::DEFAULT_BYTES);
     println!("simd path: {}", simd_path().unwrap());
     for &nt in &threads {
         let pool = rayon::ThreadPoolBuilder::new()
@@ -113,19 +84,8 @@ fn main() {
             .build()
             .unwrap();
         pool.install(|| {
-            let per = big.len().div_ceil(nt);
-            let (bw, _) = time(reps.min(10), || {
-                let s: u64 = rayon::broadcast(|ctx| {
-                    let i = ctx.index();
-                    let lo = (i * per).min(big.len());
-                    sum(&big[lo..(lo + per).min(big.len())])
-                })
-                .into_iter()
-                .fold(0, u64::wrapping_add);
-                std::hint::black_box(s);
-            });
-            let read = (big.len() * 8) as f64 / bw / GIB;
-            println!("threads {nt}: read bandwidth {read:.1} GiB/s (512 MiB u64 sum)");
+            let read = big.best_rate(reps.min(10)) / GIB;
+            println!("threads {nt}: read bandwidth {read:.1} GiB/s (512 MiB, bandwidth::ReadBuffer)");
             for (ty, rows, cols, data) in &mats {
                 let w = WeightView {
                     ty: *ty,

@@ -12,11 +12,11 @@
 //! - [`matmul`]: weight-matrix x activations, parallel over chunks of rows,
 //!   each chunk one tiled GEMM over all tokens.
 //! - [`packed`]: Q4_0/Q4_1/Q8_0 matrices repacked at load into 16-row
-//!   groups, and their matmul (AVX-512 VNNI, with a scalar twin).
+//!   groups, and their matmul (SIMD kernels with a scalar twin).
+//! - [`bandwidth`]: the machine's read bandwidth, the ceiling of generation.
 
-// Written against MSRV 1.85; the crate is 1.89 now (AVX-512 intrinsics), which
-// turns on this lint. Left to the module's owner.
 pub mod attention;
+pub mod bandwidth;
 pub mod dot;
 mod error;
 pub mod matmul;

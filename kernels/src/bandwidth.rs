@@ -1,0 +1,86 @@
+//! The machine's read bandwidth, STREAM-style: every thread of the current
+//! rayon pool sums its share of one large array. Generating a token reads
+//! every weight once and does little arithmetic per byte, so this rate over
+//! the bytes of weights read per token is the speed generation cannot pass.
+
+use std::time::Instant;
+
+/// An array to read: `bytes` (rounded down to 8) of non-zero values, so the
+/// pages are really mapped and not the shared zero page.
+pub struct ReadBuffer(Vec<u64>);
+
+impl ReadBuffer {
+    /// Bytes well above any CPU's last-level cache, so every read reaches
+    /// DRAM: 512 MiB.
+    pub const DEFAULT_BYTES: usize = 512 << 20;
+
+    pub fn new(bytes: usize) -> ReadBuffer {
+        ReadBuffer((0..bytes / 8).map(|i| i as u64 | 1).collect())
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.0.len() * 8
+    }
+
+    /// Reads the whole array once on every thread of the current pool, each
+    /// its own contiguous share; returns (seconds, the sum of all values).
+    pub fn read_once(&self) -> (f64, u64) {
+        let a = &self.0;
+        let per = a.len().div_ceil(rayon::current_num_threads());
+        let t0 = Instant::now();
+        let sums = rayon::broadcast(|ctx| {
+            let lo = (ctx.index() * per).min(a.len());
+            sum(&a[lo..(lo + per).min(a.len())])
+        });
+        let secs = t0.elapsed().as_secs_f64();
+        (secs, sums.into_iter().fold(0, u64::wrapping_add))
+    }
+
+    /// The best of `reps` reads, in bytes per second (the best, because a
+    /// shared machine only ever slows a read down).
+    pub fn best_rate(&self, reps: usize) -> f64 {
+        let best = (0..reps.max(1))
+            .map(|_| self.read_once().0)
+            .fold(f64::INFINITY, f64::min);
+        self.bytes() as f64 / best.max(1e-9)
+    }
+}
+
+/// Eight independent sums, so the loop is bound by loads, not by the
+/// latency of one add chain; the compiler vectorises it on every target.
+fn sum(a: &[u64]) -> u64 {
+    let mut acc = [0u64; 8];
+    let chunks = a.chunks_exact(8);
+    let rest = chunks
+        .remainder()
+        .iter()
+        .fold(0u64, |s, &v| s.wrapping_add(v));
+    for c in chunks {
+        for (s, &v) in acc.iter_mut().zip(c) {
+            *s = s.wrapping_add(v);
+        }
+    }
+    acc.iter().fold(rest, |s, &v| s.wrapping_add(v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every element is read exactly once whatever the thread count and
+    /// however the array splits (a length that no thread count divides).
+    #[test]
+    fn each_thread_reads_its_own_share_once() {
+        let buf = ReadBuffer::new(8 * 100_003);
+        let want: u64 = (0..100_003u64).map(|i| i | 1).sum();
+        for threads in [1, 2, 3, 7] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let (_, got) = pool.install(|| buf.read_once());
+            assert_eq!(got, want, "{threads} threads");
+        }
+        assert_eq!(buf.bytes(), 8 * 100_003);
+    }
+}
