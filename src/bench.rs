@@ -9,6 +9,7 @@ use std::time::Instant;
 use airlock_engine::generate::eval_prompt;
 use airlock_engine::llama::Logits;
 use airlock_engine::sampling::Rng;
+use airlock_kernels::bandwidth::ReadBuffer;
 use airlock_kernels::GgmlType;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
@@ -79,6 +80,10 @@ pub struct BenchArgs {
     /// Read the weights in the file's layout instead of repacking Q4_0/Q4_1/Q8_0 at load
     #[arg(long = "no-repack")]
     pub no_repack: bool,
+    /// Also measure the machine's read bandwidth (512 MiB, best of 5, per thread count) and show
+    /// each generation test against its ceiling: read bandwidth / weight bytes per token
+    #[arg(long)]
+    pub ceiling: bool,
 }
 
 struct Row {
@@ -86,6 +91,8 @@ struct Row {
     n_gen: usize,
     threads: usize,
     samples_ns: Vec<u64>,
+    /// Read bandwidth at this thread count, bytes/s (`--ceiling`).
+    read_bps: Option<f64>,
 }
 
 impl Row {
@@ -249,11 +256,18 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     }
     let mut rows = vec![];
     let mut rng = Rng::new(1234);
+    // Weights only: the KV cache a token also reads is small beside them at bench lengths.
+    let bytes_per_token = model.weights.bytes_per_token() as f64;
     for &t in &threads {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(t)
             .build()
             .context("cannot start the thread pool")?;
+        // Measured before the tests, with this thread count, and freed before they run.
+        let read_bps = args.ceiling.then(|| {
+            let buf = ReadBuffer::new(ReadBuffer::DEFAULT_BYTES);
+            pool.install(|| buf.best_rate(5))
+        });
         for &(n_prompt, n_gen) in &tests {
             let mut session = loaded.session();
             let mut samples = vec![];
@@ -284,6 +298,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
                 n_gen,
                 threads: t,
                 samples_ns: samples,
+                read_bps,
             });
         }
     }
@@ -299,7 +314,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
                 let (avg_ts, stddev_ts) = mean_std(&ts);
                 let ns: Vec<f64> = r.samples_ns.iter().map(|&x| x as f64).collect();
                 let (avg_ns, stddev_ns) = mean_std(&ns);
-                json!({
+                let mut row = json!({
                     "build_commit": env!("CARGO_PKG_VERSION"),
                     "backends": "CPU",
                     "simd": simd.name(),
@@ -320,17 +335,45 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
                     "stddev_ts": stddev_ts,
                     "samples_ns": r.samples_ns,
                     "samples_ts": ts,
-                })
+                });
+                if let Some(read) = r.read_bps {
+                    row["read_bytes_per_s"] = json!(read);
+                    row["weight_bytes_per_token"] = json!(bytes_per_token);
+                    if r.n_gen > 0 && r.n_prompt == 0 {
+                        row["ceiling_ts"] = json!(read / bytes_per_token);
+                    }
+                }
+                row
             })
             .collect();
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        println!("| model | size | params | backend | threads | test | t/s |");
-        println!("| --- | ---: | ---: | --- | ---: | ---: | ---: |");
+        let extra = if args.ceiling {
+            " read GB/s | ceiling t/s | of ceiling |"
+        } else {
+            ""
+        };
+        println!("| model | size | params | backend | threads | test | t/s |{extra}");
+        println!(
+            "| --- | ---: | ---: | --- | ---: | ---: | ---: |{}",
+            if args.ceiling {
+                " ---: | ---: | ---: |"
+            } else {
+                ""
+            }
+        );
         for r in &rows {
             let (avg, std) = mean_std(&r.samples_ts());
+            let ceiling = match r.read_bps {
+                Some(read) if r.n_gen > 0 && r.n_prompt == 0 => {
+                    let c = read / bytes_per_token;
+                    format!(" {:.1} | {c:.2} | {:.0}% |", read / 1e9, 100.0 * avg / c)
+                }
+                Some(read) => format!(" {:.1} | - | - |", read / 1e9),
+                None => String::new(),
+            };
             println!(
-                "| {model_type} | {:.2} GiB | {:.2} {} | CPU ({}{}) | {} | {} | {avg:.2} ± {std:.2} |",
+                "| {model_type} | {:.2} GiB | {:.2} {} | CPU ({}{}) | {} | {} | {avg:.2} ± {std:.2} |{ceiling}",
                 size as f64 / (1u64 << 30) as f64,
                 if params >= 1_000_000_000 { params as f64 / 1e9 } else { params as f64 / 1e6 },
                 if params >= 1_000_000_000 { "B" } else { "M" },
@@ -338,6 +381,12 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
                 if repacked { ", repacked" } else { "" },
                 r.threads,
                 r.test_name(),
+            );
+        }
+        if args.ceiling {
+            println!(
+                "\nceiling = read bandwidth / {:.3} GB of weights read per token (every matrix once)",
+                bytes_per_token / 1e9
             );
         }
     }

@@ -127,3 +127,64 @@ fn unknown_synthetic_shape_is_refused_with_the_known_ones_listed() {
         "{err}"
     );
 }
+
+/// `--ceiling` adds the read bandwidth and weight bytes per token to every row, and to
+/// generation rows the ceiling they imply; the bytes are the model's matrices, counted from
+/// the file here independently of the engine.
+#[test]
+fn ceiling_is_read_bandwidth_over_the_weights_read_per_token() {
+    let model = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let o = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args([
+            "bench",
+            "-p",
+            "4",
+            "-n",
+            "2",
+            "-r",
+            "1",
+            "-t",
+            "1",
+            "--json",
+            "--ceiling",
+            "-m",
+        ])
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let (pp, tg) = (&rows[0], &rows[1]);
+
+    // Every matrix the forward pass multiplies by: the seven of each block, and the output
+    // head, which SmolLM2 ties to the embedding.
+    let f = GgufFile::open(&model).unwrap();
+    assert!(f.tensor("output.weight").is_none());
+    let want: u64 = f
+        .tensors()
+        .iter()
+        .filter(|t| t.name.starts_with("blk.") && t.dims.len() == 2)
+        .map(|t| t.n_bytes)
+        .sum::<u64>()
+        + f.tensor("token_embd.weight").unwrap().n_bytes;
+    assert_eq!(tg["weight_bytes_per_token"].as_f64(), Some(want as f64));
+
+    let read = tg["read_bytes_per_s"].as_f64().unwrap();
+    // Any machine this runs on reads faster than 100 MB/s and slower than 10 TB/s.
+    assert!((1e8..1e13).contains(&read), "{read}");
+    let ceiling = tg["ceiling_ts"].as_f64().unwrap();
+    assert!((ceiling * want as f64 / read - 1.0).abs() < 1e-9, "{tg}");
+    assert_eq!(pp["read_bytes_per_s"].as_f64(), Some(read));
+    assert!(pp.get("ceiling_ts").is_none(), "{pp}");
+
+    // Without the flag the rows carry none of it.
+    let o = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args([
+            "bench", "-p", "0", "-n", "1", "-r", "1", "-t", "1", "--json", "-m",
+        ])
+        .arg(&model)
+        .output()
+        .unwrap();
+    let rows: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(rows[0].get("read_bytes_per_s").is_none(), "{rows}");
+}
