@@ -20,10 +20,13 @@ use crate::synthetic;
 #[derive(clap::Args)]
 #[command(after_help = "Examples:\n  \
     airlock bench -m models/SmolLM2-135M-Instruct.Q4_1.gguf -p 512 -n 128 -t 2\n  \
-    airlock bench --synthetic llama-3.1-8b --type q4_0 -p 64 -n 16 --save /tmp/llama-8b-q4_0.gguf\n\n\
+    airlock bench --synthetic llama-3.1-8b --type q4_0 -p 64 -n 16 --save /tmp/llama-8b-q4_0.gguf\n  \
+    airlock bench -m /tmp/llama-8b-q4_0.gguf -p 0 -n 16 --ceiling\n\n\
     --synthetic writes a GGUF with the real shape and Llama 3 vocabulary but random weights, to size \
     hardware for Foundation-sec-8b before the real file arrives; llama.cpp's llama-bench can run \
-    the same file.")]
+    the same file. Generation reads every weight once per token, so it cannot outrun the \
+    machine's memory: --ceiling prints that limit (read bandwidth / weight bytes per token) \
+    beside each generation test.")]
 pub struct BenchArgs {
     /// GGUF model file (or use --synthetic)
     #[arg(
