@@ -6,16 +6,22 @@
 #   Q4_1 original; Llama-3.2-1B-shaped Q4_0 / Q8_0 and (with --8b) Llama-3.1-8B-shaped Q4_0 with
 #   random weights (airlock bench --synthetic).
 #
-#   scripts/bench-vs-llamacpp.sh [--8b] [-t THREADS] [-r REPS]
+# --rounds R then measures generation on the 1B (and 8B) files R more times, alternating
+# llama-bench and airlock (with --ceiling), because a shared host's memory bandwidth drifts
+# between runs far more than either engine differs: the ratio of the means over the rounds
+# is the figure to read, with airlock's share of the read-bandwidth ceiling.
+#
+#   scripts/bench-vs-llamacpp.sh [--8b] [-t THREADS] [-r REPS] [--rounds R]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-threads=$(nproc); reps=3; big=0
+threads=$(nproc); reps=3; big=0; rounds=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --8b) big=1 ;;
     -t) threads=$2; shift ;;
     -r) reps=$2; shift ;;
-    *) echo "usage: $0 [--8b] [-t THREADS] [-r REPS]" >&2; exit 2 ;;
+    --rounds) rounds=$2; shift ;;
+    *) echo "usage: $0 [--8b] [-t THREADS] [-r REPS] [--rounds R]" >&2; exit 2 ;;
   esac
   shift
 done
@@ -66,3 +72,32 @@ PY
 done
 echo
 echo "threads $threads, repetitions $reps, kernels: $($A --version)"
+
+[ "$rounds" -gt 0 ] || exit 0
+echo
+echo "Generation, $rounds alternating rounds (llama-bench, then airlock bench --ceiling; -p 0 -r $reps each):"
+echo
+echo "| file | test | llama.cpp t/s per round | airlock t/s per round | airlock / llama.cpp (means) | airlock of ceiling (mean) |"
+echo "| --- | --- | --- | --- | ---: | ---: |"
+gen_cases=("$DIR/llama-3.2-1b-q4_0.gguf 32" "$DIR/llama-3.2-1b-q8_0.gguf 32")
+[ "$big" = 1 ] && gen_cases+=("$DIR/llama-3.1-8b-q4_0.gguf 16")
+for c in "${gen_cases[@]}"; do
+  set -- $c
+  f=$1; n=$2; ljs=(); ajs=()
+  for _ in $(seq "$rounds"); do
+    ljs+=("$("$LLAMA_BENCH" -m "$f" -t "$threads" -p 0 -n "$n" -r "$reps" -o json 2>/dev/null)")
+    ajs+=("$($A bench -m "$f" -t "$threads" -p 0 -n "$n" -r "$reps" --json --ceiling 2>/dev/null)")
+  done
+  python3 - "$f" "$n" "${#ljs[@]}" "${ljs[@]}" "${ajs[@]}" <<'PY'
+import json, os, sys
+f, n, k = sys.argv[1], sys.argv[2], int(sys.argv[3])
+l = [json.loads(j)[0] for j in sys.argv[4:4 + k]]
+a = [json.loads(j)[0] for j in sys.argv[4 + k:4 + 2 * k]]
+lt, at = [r["avg_ts"] for r in l], [r["avg_ts"] for r in a]
+share = [r["avg_ts"] / r["ceiling_ts"] for r in a]
+fmt = lambda v: ", ".join(f"{x:.1f}" for x in v)
+print(f"| {os.path.basename(f)} | tg{n} | {fmt(lt)} | {fmt(at)} | {sum(at) / sum(lt):.2f}x | "
+      f"{100 * sum(share) / k:.0f}% (read {min(r['read_bytes_per_s'] for r in a) / 1e9:.1f}-"
+      f"{max(r['read_bytes_per_s'] for r in a) / 1e9:.1f} GB/s) |")
+PY
+done
