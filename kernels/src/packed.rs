@@ -44,6 +44,8 @@
 //! reference (`sumi * dx * dy` summed) it differs by rounding only.
 
 #[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
 mod avx512vnni;
 mod scalar;
 #[cfg(test)]
@@ -182,8 +184,11 @@ pub static SCALAR: PackedKernels = PackedKernels {
 };
 
 /// The packed kernels of `path`, if it has them and this CPU has the path.
-/// Only AVX-512 VNNI has them for now: on other paths the engine reads the
-/// weights from the map with [`crate::matmul`].
+/// AVX-512 VNNI has its own (`vpdpbusd` on 512 bits); AVX2, AVX-VNNI and
+/// AVX-512 without VNNI share 256-bit AVX2 ones (`vpmaddubsw` + `vpmaddwd`
+/// per 8-row half of a group), each table reporting its own path. On the
+/// other paths (scalar, NEON) the engine reads the weights from the map
+/// with [`crate::matmul`].
 pub fn packed_kernels_for(path: SimdPath) -> Option<&'static PackedKernels> {
     if !path.is_available() {
         return None;
@@ -191,6 +196,8 @@ pub fn packed_kernels_for(path: SimdPath) -> Option<&'static PackedKernels> {
     match path {
         #[cfg(target_arch = "x86_64")]
         SimdPath::Avx512Vnni => Some(&avx512vnni::KERNELS),
+        #[cfg(target_arch = "x86_64")]
+        SimdPath::Avx2 | SimdPath::AvxVnni | SimdPath::Avx512 => avx2::kernels_for(path),
         _ => None,
     }
 }

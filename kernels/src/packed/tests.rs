@@ -199,14 +199,25 @@ fn a_token_gets_the_same_bits_alone_or_in_a_batch() {
 #[test]
 fn a_batch_takes_full_tiles_on_ragged_shapes() {
     #[cfg(target_arch = "x86_64")]
-    if SimdPath::Avx512Vnni.is_available() {
-        assert_eq!(paths().len(), 2, "AVX-512 VNNI has packed kernels");
+    if SimdPath::Avx2.is_available() {
+        // Every x86 SIMD path this CPU has brings its packed kernels to the checks here.
+        assert_eq!(paths().len(), SimdPath::available().len());
     }
     for ks in paths().into_iter().skip(1) {
-        // 37 rows = groups of 16, 16 and 5; 7 tokens = a tile of 4 and one of 3.
+        // 37 rows = groups of 16, 16 and 5; 7 tokens = a tile of 4 and one of 3
+        // (AVX-512 VNNI), or two of 3 and one of 1 (AVX2, 3 tokens a tile).
         let c = Case::new(GgmlType::Q8_0, 37, 64, 7, 11);
         let (_, tiles) = c.run(ks, 48);
-        assert_eq!(tiles, Tiles { full: 2, edge: 4 }, "{:?}", ks.path);
+        #[cfg(target_arch = "x86_64")]
+        let want = if ks.path == SimdPath::Avx512Vnni {
+            Tiles { full: 2, edge: 4 }
+        } else {
+            assert_eq!(avx2::C_FULL, 3);
+            Tiles { full: 4, edge: 5 }
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let want = Tiles { full: 2, edge: 4 };
+        assert_eq!(tiles, want, "{:?}", ks.path);
     }
 }
 
@@ -316,5 +327,251 @@ fn multi_equals_one_matrix_at_a_time() {
                 }
             }
         }
+    }
+}
+
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn every_x86_path_has_packed_kernels_under_its_own_name() {
+    use SimdPath::*;
+    for p in [Avx2, AvxVnni, Avx512, Avx512Vnni] {
+        let ks = packed_kernels_for(p);
+        assert_eq!(ks.is_some(), p.is_available(), "{p:?}");
+        if let Some(ks) = ks {
+            assert_eq!(ks.path, p);
+            // The AVX2 paths share the 256-bit functions; VNNI has its own.
+            let avx2 = avx2::kernels_for(Avx2).unwrap();
+            let shared = [ks.q4_0, ks.q4_1, ks.q8_0].map(|f| f as usize)
+                == [avx2.q4_0, avx2.q4_1, avx2.q8_0].map(|f| f as usize);
+            assert_eq!(shared, p != Avx512Vnni, "{p:?}");
+        }
+    }
+    if Avx2.is_available() {
+        let ps: Vec<_> = paths().iter().map(|k| k.path).collect();
+        assert!(ps.contains(&Avx2), "{ps:?}");
+    }
+}
+
+/// Weights of `ty` (`rows x 32 k`, every scale 1.0, Q4_1 minimums 0.5) and
+/// activation blocks for `n` tokens (every scale 1.0), their bytes drawn
+/// mostly from the extremes: nibbles 15 and 0, Q8_0 weights -128, 127, -127,
+/// activations -128 (when `minus_128`), -127 and 127, and some of everything
+/// else. Row 0 of token 0 is extreme throughout (weights 15 or -128 against
+/// -128 or -127), the largest sums `vpmaddubsw` sees.
+fn extreme_case(
+    ty: GgmlType,
+    rows: usize,
+    k: usize,
+    n: usize,
+    minus_128: bool,
+) -> (Vec<u8>, Vec<ActBlock>) {
+    let mut s = 0x1234_5678_9ABC_DEF1u64;
+    let mut next = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    };
+    let one = quant::float::f32_to_f16(1.0).to_le_bytes();
+    let half = quant::float::f32_to_f16(0.5).to_le_bytes();
+    let mut data = Vec::new();
+    for r in 0..rows {
+        for _ in 0..k {
+            data.extend_from_slice(&one);
+            if ty == GgmlType::Q4_1 {
+                data.extend_from_slice(&half);
+            }
+            if ty == GgmlType::Q8_0 {
+                for _ in 0..32 {
+                    let v: i8 = match (r, next() % 6) {
+                        (0, _) | (_, 0 | 1) => -128,
+                        (_, 2) => 127,
+                        (_, 3) => -127,
+                        (_, _) => next() as i8,
+                    };
+                    data.push(v as u8);
+                }
+            } else {
+                for _ in 0..16 {
+                    let v: u8 = match (r, next() % 4) {
+                        (0, _) | (_, 0 | 1) => 0xFF,
+                        (_, 2) => 0x0F,
+                        (_, _) => next() as u8,
+                    };
+                    data.push(v);
+                }
+            }
+        }
+    }
+    let mut act = Vec::new();
+    for t in 0..n {
+        for _ in 0..k {
+            let mut y = [0i8; 32];
+            for v in y.iter_mut() {
+                *v = match (t, next() % 5) {
+                    (0, _) | (_, 0) if minus_128 => -128,
+                    (0, _) | (_, 0 | 1) => -127,
+                    (_, 2) => 127,
+                    (_, _) => (next() as i8).max(-127),
+                };
+            }
+            let sum: i32 = y.iter().map(|&v| v as i32).sum();
+            let a = match ty {
+                GgmlType::Q4_0 => ActBlock {
+                    qs: bytemuck::cast(y),
+                    d: 1.0,
+                    c: -8 * sum,
+                    s: 0.0,
+                },
+                GgmlType::Q4_1 => ActBlock {
+                    qs: bytemuck::cast(y),
+                    d: 1.0,
+                    c: 0,
+                    s: sum as f32,
+                },
+                _ => ActBlock {
+                    qs: y.map(|v| (v as u8) ^ 0x80),
+                    d: 1.0,
+                    c: 0,
+                    s: 0.0,
+                },
+            };
+            act.push(a);
+        }
+    }
+    (data, act)
+}
+
+/// The exact outputs of [`extreme_case`]: every scale is 1 and every sum an
+/// integer (or a half) below 2^24, so f32 holds them exactly.
+fn extreme_exact(ty: GgmlType, data: &[u8], act: &[ActBlock], rows: usize, k: usize) -> Vec<f32> {
+    let bb = data.len() / (rows * k);
+    let mut out = Vec::new();
+    for ab in act.chunks_exact(k) {
+        for r in 0..rows {
+            let mut total = 0f64;
+            for (b, a) in ab.iter().enumerate() {
+                let blk = &data[(r * k + b) * bb..][..bb];
+                let mut sumi = 0i64;
+                if ty == GgmlType::Q8_0 {
+                    for e in 0..32 {
+                        let y = (a.qs[e] ^ 0x80) as i8 as i64;
+                        sumi += blk[2 + e] as i8 as i64 * y;
+                    }
+                } else {
+                    let qs = &blk[bb - 16..];
+                    let off = if ty == GgmlType::Q4_0 { 8 } else { 0 };
+                    for (e, &q) in qs.iter().enumerate() {
+                        let (lo, hi) = ((q & 15) as i64, (q >> 4) as i64);
+                        sumi += (lo - off) * a.qs[e] as i8 as i64;
+                        sumi += (hi - off) * a.qs[16 + e] as i8 as i64;
+                    }
+                }
+                total += sumi as f64;
+                if ty == GgmlType::Q4_1 {
+                    total += 0.5 * a.s as f64;
+                }
+            }
+            out.push(total as f32);
+        }
+    }
+    out
+}
+
+/// Runs `ks`'s kernel for `p`'s type on ready activation blocks, rows
+/// `r0..r0 + nr` into a full `n x rows` output (other rows stay NaN).
+fn run_blocks(
+    p: &PackedWeights,
+    ks: &PackedKernels,
+    act: &[ActBlock],
+    (r0, nr): (usize, usize),
+) -> Vec<f32> {
+    let n = act.len() / p.blocks();
+    let mut y = vec![f32::NAN; n * p.rows()];
+    let gemm = match p.ty() {
+        GgmlType::Q4_0 => ks.q4_0,
+        GgmlType::Q4_1 => ks.q4_1,
+        _ => ks.q8_0,
+    };
+    let out = Out {
+        ptr: y.as_mut_ptr(),
+        ld: p.rows(),
+    };
+    // SAFETY: y holds n x rows; this call alone writes it, rows r0..r0 + nr.
+    unsafe { gemm(p, r0, nr, act, out.offset(r0)) };
+    y
+}
+
+#[test]
+fn extreme_bytes_give_exact_sums_on_every_path() {
+    // Saturation in an emulated vpdpbusd (vpmaddubsw adds two products into an
+    // i16) would show here: nibbles 15 against -128, Q8_0 weights -128 against
+    // -127, whole blocks of them.
+    for ty in TYPES {
+        for minus_128 in [false, true] {
+            for n in [1, 2, 5] {
+                let (rows, k) = (21, 3);
+                let (data, act) = extreme_case(ty, rows, k, n, minus_128);
+                let want = extreme_exact(ty, &data, &act, rows, k);
+                let w = WeightView {
+                    ty,
+                    data: &data,
+                    rows,
+                    cols: 32 * k,
+                };
+                for ks in paths() {
+                    let p = PackedWeights::pack(&w, ks).unwrap();
+                    for (r0, nr) in [(0, rows), (0, 16), (16, 5)] {
+                        let got = run_blocks(&p, ks, &act, (r0, nr));
+                        for t in 0..n {
+                            for r in r0..r0 + nr {
+                                let (g, e) = (got[t * rows + r], want[t * rows + r]);
+                                assert_eq!(
+                                    g.to_bits(),
+                                    e.to_bits(),
+                                    "{ty:?} -128:{minus_128} n={n} rows {r0}+{nr} {:?} \
+                                     token {t} row {r}: {g} vs {e}",
+                                    ks.path
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_quantizer_made_minus_128_is_exact_for_q8_0() {
+    // ggml's rule lets an infinity whose NaN neighbour hid it from the block
+    // maximum through as -128 (here with a nonzero scale); the AVX2 sign trick
+    // cannot negate it, so that kernel must still give the twin's bits.
+    let mut c = Case::new(GgmlType::Q8_0, 21, 64, 3, 8);
+    c.x[32] = f32::NEG_INFINITY;
+    c.x[33] = f32::NAN;
+    c.x[64 + 32 + 4] = f32::NEG_INFINITY;
+    c.x[64 + 32 + 5] = f32::NAN;
+    let ks = crate::dot::kernels().unwrap();
+    let mut q = vec![BlockQ8_0::zeroed(); 2];
+    (ks.quantize_q8_0)(&c.x[..64], &mut q);
+    assert_eq!(q[1].qs[0], -128);
+    assert_ne!(quant::scale(q[1].d), 0.0);
+    (ks.quantize_q8_0)(&c.x[64..128], &mut q);
+    assert_eq!(q[1].qs[4], -128);
+    // Negative weights where the -128s land, so a wrapped sign shows.
+    for r in 0..21 {
+        c.data[r * 68 + 34 + 2] = 0x90;
+        c.data[r * 68 + 34 + 2 + 4] = 0x81;
+    }
+    let (want, _) = c.run(&SCALAR, 16);
+    assert!(want.iter().all(|v| v.is_finite()));
+    for ks in paths().into_iter().skip(1) {
+        let (got, _) = c.run(ks, 16);
+        let same = got
+            .iter()
+            .zip(&want)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "{:?}", ks.path);
     }
 }

@@ -1,0 +1,394 @@
+//! AVX2 (+ FMA, F16C) kernels over the packed layout, for CPUs without
+//! AVX-512 VNNI: the `Avx2`, `AvxVnni` and `Avx512` paths, which all have
+//! these features. The layout is the VNNI kernels': a 64-byte chunk holds 4
+//! bytes of each of a group's 16 rows. Here it is two 32-byte halves, rows
+//! 0-7 and rows 8-15, each 4-byte lane one row, and the byte dot of a lane
+//! is `vpmaddwd(vpmaddubsw(unsigned, signed), 1)`, the AVX2 emulation of
+//! `vpdpbusd`. `vpmaddubsw` adds two products into an i16 with saturation,
+//! so every use below keeps those pair sums (and any i16 sums of them)
+//! within i16, where it is exact:
+//! - Q4_0/Q4_1: nibbles (0..15, unsigned) times the Q8 activations (signed):
+//!   a pair is at most 2 * 15 * 128 = 3840, so the block's eight products per
+//!   lane half add up in i16 (at most 8 * 3840 = 30720) and one `vpmaddwd`
+//!   per block and token finishes the row's sum. Q4_0's `-8 sum(y)` is `a.c`,
+//!   added in i32.
+//! - Q8_0: the activations come as `y + 128`, which against a signed weight
+//!   byte would saturate (2 * 255 * 128). The kernel recovers y (`^ 0x80`)
+//!   and uses the sign trick, `|x| * sign(y, x)`: |x| <= 128 fits u8 and the
+//!   pair is at most 2 * 128 * 127 = 32512, exact, as long as y != -128
+//!   (negating -128 wraps). The Q8_0 quantizers give y in [-127, 127] for
+//!   every finite block; -128 comes only from a -inf that ggml's maximum
+//!   missed (a NaN after it in the block restarts the running maximum) or
+//!   from a block whose maximum is so small that 1 / d overflows (its f16
+//!   scale is then 0). A call whose activations hold a -128 goes to the
+//!   scalar twin, which is exact for every byte (no single `vpmaddubsw`
+//!   form is: two products of -128 and -128 already overflow i16).
+//!
+//! The float side is the scalar twin's, in its order: per block
+//! `acc = fma(dx * dy, sumi, acc)` (Q4_1: then `acc = fma(m, s, acc)`), with
+//! dx the eight scales of the half from one `vcvtph2ps`, so every output
+//! is bit for bit the twin's.
+//!
+//! A tile is one group's 16 rows, both halves in one pass, x C tokens (3,
+//! or 1-2 at the edge): each activation
+//! broadcast serves both halves, and per block the weight side (loads,
+//! nibble split or `|x|`) is done once per tile. Sixteen rows x four tokens
+//! would need 16 accumulators of the 16 ymm registers. The matrix's last
+//! group, when it has at most 8 real rows, runs its first half only.
+
+use std::arch::x86_64::*;
+
+use super::{gemm_shape, scalar, ActBlock, Out, PackedKernels, PackedWeights, GROUP_ROWS};
+use crate::dot::Tiles;
+use crate::simd::SimdPath;
+
+/// Tokens per full tile. Measured on one thread (Zen 4, 64 tokens, 576x1536
+/// and 1536x576), both halves in a tile: three tokens ran 2-5% faster than
+/// two for every type, four (which spills) was 0-15% slower than three for
+/// Q4_0/Q4_1 and no faster for Q8_0, and one half at a time with four tokens
+/// was 2-30% slower than three.
+pub(super) const C_FULL: usize = 3;
+
+/// Rows per half group: one per 32-bit lane of a 256-bit register.
+const HALF: usize = GROUP_ROWS / 2;
+
+/// The kernels as `path` reports them: the same functions for every path
+/// that has AVX2 + FMA + F16C, each table naming its own path.
+///
+/// Safe to hand out: [`super::packed_kernels_for`] returns them only after
+/// checking the CPU has the path, and each of these paths implies AVX2, FMA
+/// and F16C (see `SimdPath::is_available`).
+pub(super) fn kernels_for(path: SimdPath) -> Option<&'static PackedKernels> {
+    static AVX2: PackedKernels = table(SimdPath::Avx2);
+    static AVX_VNNI: PackedKernels = table(SimdPath::AvxVnni);
+    static AVX512: PackedKernels = table(SimdPath::Avx512);
+    match path {
+        SimdPath::Avx2 => Some(&AVX2),
+        SimdPath::AvxVnni => Some(&AVX_VNNI),
+        SimdPath::Avx512 => Some(&AVX512),
+        _ => None,
+    }
+}
+
+const fn table(path: SimdPath) -> PackedKernels {
+    PackedKernels {
+        path,
+        q4_0: gemm_q4_0,
+        q4_1: gemm_q4_1,
+        q8_0: gemm_q8_0,
+    }
+}
+
+/// Writes the C accumulators of half h to `out + t * ld + 8h`: all 8 lanes
+/// when the half is whole, else the first `real - 8h` (none when that is 0).
+///
+/// Safety: the features below; the lanes below `real` of `out + t * ld`
+/// (t < C) are writable.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn store<const C: usize, const H: usize>(
+    acc: &[[__m256; C]; H],
+    out: *mut f32,
+    ld: usize,
+    real: usize,
+) {
+    for (h, acc_h) in acc.iter().enumerate() {
+        let n = real.saturating_sub(h * HALF).min(HALF);
+        let mask = _mm256_cmpgt_epi32(
+            _mm256_set1_epi32(n as i32),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        );
+        for (t, a) in acc_h.iter().enumerate() {
+            let p = out.wrapping_add(t * ld + h * HALF);
+            if n == HALF {
+                // SAFETY: lanes h*8..h*8+8 are below `real`, writable as the caller guarantees.
+                unsafe { _mm256_storeu_ps(p, *a) };
+            } else if n > 0 {
+                // SAFETY: only the first n lanes (below `real`) are written; masked-off
+                // lanes are not accessed and cannot fault.
+                unsafe { _mm256_maskstore_ps(p, mask, *a) };
+            }
+        }
+    }
+}
+
+/// Bytes ahead of the current block that decode prefetches.
+const PF_BYTES: usize = 8192;
+
+/// Decode only, as in the VNNI kernels: prefetch the block's quants
+/// `PF_BYTES` ahead into L2 (T1), and the scale stream (`db`, this block's
+/// scales, `sb` bytes a block) once a line. Prompt tiles reuse each block for
+/// several tokens and need no help.
+#[inline(always)]
+fn prefetch<const C: usize>(qb: *const u8, bytes: usize, db: *const u8, sb: usize) {
+    if C == 1 {
+        for l in (0..bytes).step_by(64) {
+            // wrapping_add: the address may lie past the matrix; a prefetch never faults.
+            let p = qb.wrapping_add(PF_BYTES + l) as *const i8;
+            // SAFETY: prefetch is a hint with no architectural effect on any address.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(p) };
+        }
+        if (db as usize) % 64 < sb {
+            let p = db.wrapping_add(PF_BYTES / 4) as *const i8;
+            // SAFETY: as above.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(p) };
+        }
+    }
+}
+
+/// The 4-byte activation group `j` of `a`, broadcast to every lane.
+///
+/// Safety: the features below; `j < 8`.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn group(a: &ActBlock, j: usize) -> __m256i {
+    debug_assert!(j < 8);
+    // SAFETY: qs holds 32 bytes, group j is bytes 4j..4j+4 (j < 8).
+    let g = unsafe { (a.qs.as_ptr().add(4 * j) as *const i32).read_unaligned() };
+    _mm256_set1_epi32(g)
+}
+
+/// One 4-bit tile of H halves (H = 2: rows 0-15; H = 1: rows 0-7): `q`/`d`
+/// are the group's quants and scales, `act` the tile's first token's blocks
+/// (token t at `act + t * k`), `out` the tile's first output (token t at
+/// `out + t * ld`), `real` the group's real rows. `MIN` (Q4_1): `d` holds
+/// 16 scales then 16 minimums per block, and `acc += m * s` follows the
+/// scaled integer sum; Q4_0's `-8 sum(y)` rides in `a.c` (0 for Q4_1).
+///
+/// Safety: the features below; `q` holds `k * 256` bytes, `d` `k * 32`
+/// (`k * 64` with `MIN`), `act` `C * k` blocks; lanes below `real` of
+/// `out + t * ld` (t < C) are writable.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_4bit<const C: usize, const H: usize, const MIN: bool>(
+    q: *const u8,
+    d: *const u8,
+    k: usize,
+    act: *const ActBlock,
+    out: *mut f32,
+    ld: usize,
+    real: usize,
+) {
+    let sb = if MIN { 64 } else { 32 };
+    // A loop LLVM does not unroll: unrolled, it loaded every chunk of the block
+    // first and spilled the broadcasts to the stack (Q4_0 then ran at half
+    // speed in some builds and not others); rolled, the chunk's vectors and
+    // the 2C sums stay in registers. black_box returns its argument (4) and
+    // only hides it from the optimizer.
+    let chunks = std::hint::black_box(4);
+    let m4 = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [[_mm256_setzero_ps(); C]; H];
+    for b in 0..k {
+        // SAFETY (whole body): every offset is inside the ranges the caller guarantees.
+        unsafe {
+            let qb = q.add(b * 256);
+            let db = d.add(b * sb);
+            prefetch::<C>(qb, 256, db, sb);
+            // i16 sums per lane half: 16 products of at most 15 * 128 each, |sum| <= 30720.
+            let mut s16 = [[_mm256_setzero_si256(); C]; H];
+            for j in 0..chunks {
+                for (h, s16_h) in s16.iter_mut().enumerate() {
+                    let l = _mm256_loadu_si256(qb.add(64 * j + 32 * h) as *const __m256i);
+                    let lo = _mm256_and_si256(l, m4);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(l), m4);
+                    for (t, s) in s16_h.iter_mut().enumerate() {
+                        let a = &*act.add(t * k + b);
+                        let plo = _mm256_maddubs_epi16(lo, group(a, j));
+                        let phi = _mm256_maddubs_epi16(hi, group(a, 4 + j));
+                        *s = _mm256_add_epi16(*s, _mm256_add_epi16(plo, phi));
+                    }
+                }
+            }
+            for (h, (acc_h, s16_h)) in acc.iter_mut().zip(&s16).enumerate() {
+                let dx = _mm256_cvtph_ps(_mm_loadu_si128(db.add(16 * h) as *const __m128i));
+                let mx = if MIN {
+                    _mm256_cvtph_ps(_mm_loadu_si128(db.add(32 + 16 * h) as *const __m128i))
+                } else {
+                    _mm256_setzero_ps()
+                };
+                for (t, (acc_t, s)) in acc_h.iter_mut().zip(s16_h).enumerate() {
+                    let a = &*act.add(t * k + b);
+                    let s = _mm256_add_epi32(_mm256_madd_epi16(*s, ones), _mm256_set1_epi32(a.c));
+                    let dd = _mm256_mul_ps(dx, _mm256_set1_ps(a.d));
+                    *acc_t = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(s), *acc_t);
+                    if MIN {
+                        *acc_t = _mm256_fmadd_ps(mx, _mm256_set1_ps(a.s), *acc_t);
+                    }
+                }
+            }
+        }
+    }
+    // SAFETY: as the caller guarantees.
+    unsafe { store(&acc, out, ld, real) };
+}
+
+/// [`tile_4bit`] for Q4_0. Safety: as there.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_q4_0<const C: usize, const H: usize>(
+    q: *const u8,
+    d: *const u8,
+    k: usize,
+    act: *const ActBlock,
+    out: *mut f32,
+    ld: usize,
+    real: usize,
+) {
+    // SAFETY: the caller's guarantee, passed on.
+    unsafe { tile_4bit::<C, H, false>(q, d, k, act, out, ld, real) }
+}
+
+/// [`tile_4bit`] for Q4_1. Safety: as there.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_q4_1<const C: usize, const H: usize>(
+    q: *const u8,
+    d: *const u8,
+    k: usize,
+    act: *const ActBlock,
+    out: *mut f32,
+    ld: usize,
+    real: usize,
+) {
+    // SAFETY: the caller's guarantee, passed on.
+    unsafe { tile_4bit::<C, H, true>(q, d, k, act, out, ld, real) }
+}
+
+/// As [`tile_4bit`] for Q8_0 weights (`q` holds `k * 512` bytes), whose
+/// activations must not hold -128 (`a.qs` byte 0; see the module docs).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_q8_0<const C: usize, const H: usize>(
+    q: *const u8,
+    d: *const u8,
+    k: usize,
+    act: *const ActBlock,
+    out: *mut f32,
+    ld: usize,
+    real: usize,
+) {
+    let ones = _mm256_set1_epi16(1);
+    let flip = _mm256_set1_epi8(-128);
+    // Not unrolled, as in tile_4bit.
+    let chunks = std::hint::black_box(8);
+    let mut acc = [[_mm256_setzero_ps(); C]; H];
+    for b in 0..k {
+        // SAFETY (whole body): every offset is inside the ranges the caller guarantees.
+        unsafe {
+            let qb = q.add(b * 512);
+            let db = d.add(b * 32);
+            prefetch::<C>(qb, 512, db, 32);
+            let mut s = [[_mm256_setzero_si256(); C]; H];
+            for j in 0..chunks {
+                for (h, s_h) in s.iter_mut().enumerate() {
+                    let x = _mm256_loadu_si256(qb.add(64 * j + 32 * h) as *const __m256i);
+                    let ax = _mm256_abs_epi8(x);
+                    for (t, s) in s_h.iter_mut().enumerate() {
+                        // y in [-127, 127]: sign(y, x) is exact, |pair| <= 2 * 128 * 127.
+                        let y = _mm256_xor_si256(group(&*act.add(t * k + b), j), flip);
+                        let p = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(y, x));
+                        *s = _mm256_add_epi32(*s, _mm256_madd_epi16(p, ones));
+                    }
+                }
+            }
+            for (h, (acc_h, s_h)) in acc.iter_mut().zip(&s).enumerate() {
+                let dx = _mm256_cvtph_ps(_mm_loadu_si128(db.add(16 * h) as *const __m128i));
+                for (t, (acc_t, s)) in acc_h.iter_mut().zip(s_h).enumerate() {
+                    let a = &*act.add(t * k + b);
+                    let s = _mm256_add_epi32(*s, _mm256_set1_epi32(a.c));
+                    let dd = _mm256_mul_ps(dx, _mm256_set1_ps(a.d));
+                    *acc_t = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(s), *acc_t);
+                }
+            }
+        }
+    }
+    // SAFETY: as the caller guarantees.
+    unsafe { store(&acc, out, ld, real) };
+}
+
+/// Whether any activation quant is -128 (a Q8_0 `ActBlock` byte of 0).
+///
+/// Safety: the features below.
+#[target_feature(enable = "avx2")]
+unsafe fn has_minus_128(act: &[ActBlock]) -> bool {
+    let mut m = _mm256_set1_epi8(-1);
+    for a in act {
+        // SAFETY: qs holds 32 bytes.
+        let v = unsafe { _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i) };
+        m = _mm256_min_epu8(m, v);
+    }
+    _mm256_movemask_epi8(_mm256_cmpeq_epi8(m, _mm256_setzero_si256())) != 0
+}
+
+/// A [`super::PackedGemmFn`] from a tile kernel: groups of the call's rows
+/// outer (the group's weights stay in L1 while every token passes), tokens
+/// in tiles of [`C_FULL`] inner. A group with more than 8 real rows
+/// runs both halves in each tile; one with at most 8 (the matrix's last)
+/// only the first.
+macro_rules! packed_gemm {
+    ($name:ident, $tile:ident, $qb:expr, $sb:expr) => {
+        /// Safety: [`super::PackedGemmFn`]'s.
+        unsafe fn $name(
+            w: &PackedWeights,
+            r0: usize,
+            nr: usize,
+            act: &[ActBlock],
+            out: Out,
+        ) -> Tiles {
+            let n = gemm_shape(w, r0, nr, act);
+            let k = w.blocks();
+            let mut tiles = Tiles::default();
+            for g0 in (0..nr).step_by(GROUP_ROWS) {
+                let real = (nr - g0).min(GROUP_ROWS);
+                let (quants, scales) = w.group((r0 + g0) / GROUP_ROWS);
+                assert!(quants.len() >= k * $qb && scales.len() >= k * $sb);
+                let (q, d) = (quants.as_ptr(), scales.as_ptr());
+                let mut t0 = 0;
+                while t0 < n {
+                    let c = (n - t0).min(C_FULL);
+                    // SAFETY: the tables are handed out only where the CPU has the
+                    // features; quants/scales hold k blocks (asserted); tokens
+                    // t0..t0+c < n have k blocks each in act; lane l < real of token
+                    // t0+j is out.at(t0+j, g0+l) with g0 + l < nr, which the caller
+                    // lets us write.
+                    unsafe {
+                        let a = act.as_ptr().add(t0 * k);
+                        let (o, ld) = (out.at(t0, g0), out.ld());
+                        match (c, real > HALF) {
+                            (3, true) => $tile::<3, 2>(q, d, k, a, o, ld, real),
+                            (2, true) => $tile::<2, 2>(q, d, k, a, o, ld, real),
+                            (_, true) => $tile::<1, 2>(q, d, k, a, o, ld, real),
+                            (3, false) => $tile::<3, 1>(q, d, k, a, o, ld, real),
+                            (2, false) => $tile::<2, 1>(q, d, k, a, o, ld, real),
+                            (_, false) => $tile::<1, 1>(q, d, k, a, o, ld, real),
+                        }
+                    }
+                    if c == C_FULL && real == GROUP_ROWS {
+                        tiles.full += 1;
+                    } else {
+                        tiles.edge += 1;
+                    }
+                    t0 += c;
+                }
+            }
+            tiles
+        }
+    };
+}
+
+packed_gemm!(gemm_q4_0, tile_q4_0, 256, 32);
+packed_gemm!(gemm_q4_1, tile_q4_1, 256, 64);
+packed_gemm!(gemm_q8_0_simd, tile_q8_0, 512, 32);
+
+/// Q8_0: the AVX2 tiles unless an activation is -128, which only the scalar
+/// twin handles exactly (see the module docs; never from a finite block
+/// with a nonzero scale).
+///
+/// Safety: [`super::PackedGemmFn`]'s.
+unsafe fn gemm_q8_0(w: &PackedWeights, r0: usize, nr: usize, act: &[ActBlock], out: Out) -> Tiles {
+    // SAFETY: KERNELS is handed out only where the CPU has AVX2.
+    if unsafe { has_minus_128(act) } {
+        // SAFETY: the caller's guarantee, passed on.
+        return unsafe { scalar::gemm_q8_0(w, r0, nr, act, out) };
+    }
+    // SAFETY: the caller's guarantee, passed on; no activation is -128.
+    unsafe { gemm_q8_0_simd(w, r0, nr, act, out) }
+}
