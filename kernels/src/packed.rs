@@ -46,6 +46,8 @@
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
+mod avx512;
+#[cfg(target_arch = "x86_64")]
 mod avx512vnni;
 mod scalar;
 #[cfg(test)]
@@ -184,11 +186,11 @@ pub static SCALAR: PackedKernels = PackedKernels {
 };
 
 /// The packed kernels of `path`, if it has them and this CPU has the path.
-/// AVX-512 VNNI has its own (`vpdpbusd` on 512 bits); AVX2, AVX-VNNI and
-/// AVX-512 without VNNI share 256-bit AVX2 ones (`vpmaddubsw` + `vpmaddwd`
-/// per 8-row half of a group), each table reporting its own path. On the
-/// other paths (scalar, NEON) the engine reads the weights from the map
-/// with [`crate::matmul`].
+/// AVX-512 VNNI has `vpdpbusd` on 512 bits; AVX-512 without VNNI emulates
+/// it with `vpmaddubsw` + `vpmaddwd` on 512 bits; AVX2 and AVX-VNNI share
+/// 256-bit AVX2 kernels (the same emulation per 8-row half of a group),
+/// each table reporting its own path. On the other paths (scalar, NEON) the
+/// engine reads the weights from the map with [`crate::matmul`].
 pub fn packed_kernels_for(path: SimdPath) -> Option<&'static PackedKernels> {
     if !path.is_available() {
         return None;
@@ -197,7 +199,10 @@ pub fn packed_kernels_for(path: SimdPath) -> Option<&'static PackedKernels> {
         #[cfg(target_arch = "x86_64")]
         SimdPath::Avx512Vnni => Some(&avx512vnni::KERNELS),
         #[cfg(target_arch = "x86_64")]
-        SimdPath::Avx2 | SimdPath::AvxVnni | SimdPath::Avx512 => avx2::kernels_for(path),
+        #[cfg(target_arch = "x86_64")]
+        SimdPath::Avx512 => Some(&avx512::KERNELS),
+        #[cfg(target_arch = "x86_64")]
+        SimdPath::Avx2 | SimdPath::AvxVnni => avx2::kernels_for(path),
         _ => None,
     }
 }

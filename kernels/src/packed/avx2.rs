@@ -1,6 +1,5 @@
-//! AVX2 (+ FMA, F16C) kernels over the packed layout, for CPUs without
-//! AVX-512 VNNI: the `Avx2`, `AvxVnni` and `Avx512` paths, which all have
-//! these features. The layout is the VNNI kernels': a 64-byte chunk holds 4
+//! AVX2 (+ FMA, F16C) kernels over the packed layout, for the `avx2` and
+//! `avxvnni` paths (the `avx512` path has 512-bit ones in `avx512.rs`). The layout is the VNNI kernels': a 64-byte chunk holds 4
 //! bytes of each of a group's 16 rows. Here it is two 32-byte halves, rows
 //! 0-7 and rows 8-15, each 4-byte lane one row, and the byte dot of a lane
 //! is `vpmaddwd(vpmaddubsw(unsigned, signed), 1)`, the AVX2 emulation of
@@ -52,20 +51,18 @@ pub(super) const C_FULL: usize = 3;
 /// Rows per half group: one per 32-bit lane of a 256-bit register.
 const HALF: usize = GROUP_ROWS / 2;
 
-/// The kernels as `path` reports them: the same functions for every path
-/// that has AVX2 + FMA + F16C, each table naming its own path.
+/// The kernels as `path` reports them: the same functions for both paths,
+/// each table naming its own.
 ///
 /// Safe to hand out: [`super::packed_kernels_for`] returns them only after
-/// checking the CPU has the path, and each of these paths implies AVX2, FMA
-/// and F16C (see `SimdPath::is_available`).
+/// checking the CPU has the path, and both paths imply AVX2, FMA and F16C
+/// (see `SimdPath::is_available`).
 pub(super) fn kernels_for(path: SimdPath) -> Option<&'static PackedKernels> {
     static AVX2: PackedKernels = table(SimdPath::Avx2);
     static AVX_VNNI: PackedKernels = table(SimdPath::AvxVnni);
-    static AVX512: PackedKernels = table(SimdPath::Avx512);
     match path {
         SimdPath::Avx2 => Some(&AVX2),
         SimdPath::AvxVnni => Some(&AVX_VNNI),
-        SimdPath::Avx512 => Some(&AVX512),
         _ => None,
     }
 }
@@ -308,7 +305,7 @@ unsafe fn tile_q8_0<const C: usize, const H: usize>(
 ///
 /// Safety: the features below.
 #[target_feature(enable = "avx2")]
-unsafe fn has_minus_128(act: &[ActBlock]) -> bool {
+pub(super) unsafe fn has_minus_128(act: &[ActBlock]) -> bool {
     let mut m = _mm256_set1_epi8(-1);
     for a in act {
         // SAFETY: qs holds 32 bytes.

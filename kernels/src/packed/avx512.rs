@@ -1,0 +1,312 @@
+//! AVX-512 (F + BW, no VNNI) kernels over the packed layout, for the
+//! `avx512` path (Skylake-SP and the like): the VNNI kernels' tiles with
+//! `vpdpbusd` emulated as `vpmaddwd(vpmaddubsw(u, s), 1)` on 512 bits. A
+//! tile is one group of 16 rows (one per 32-bit lane, one 64-byte chunk a
+//! register) x C tokens (4, or 1-3 at the edge).
+//!
+//! Exactness is the AVX2 kernels' (see `avx2.rs`): Q4_0/Q4_1 sum the block's
+//! 16 nibble products per lane half in i16 (at most 16 * 15 * 128 = 30720)
+//! and finish with one `vpmaddwd`; Q8_0 recovers y from `y + 128` and
+//! multiplies |x| (unsigned) by y negated where x < 0 (AVX-512 has no
+//! `vpsignb`: a masked subtract from 0 does it), at most 2 * 128 * 127 per
+//! pair, exact unless y = -128, and a call whose activations hold a -128
+//! goes to the scalar twin. The float side is the twin's, bit for bit.
+
+use std::arch::x86_64::*;
+
+use super::{gemm_shape, scalar, ActBlock, Out, PackedKernels, PackedWeights, GROUP_ROWS};
+use crate::dot::Tiles;
+use crate::simd::SimdPath;
+
+/// Tokens per full tile: 32 zmm registers hold the 8 weight vectors, the C
+/// accumulators and sums of four tokens.
+const C_FULL: usize = 4;
+
+/// Safe to hand out: [`super::packed_kernels_for`] returns it only after
+/// checking the CPU has the AVX-512 path (F, BW, and AVX2, FMA, F16C).
+pub(super) static KERNELS: PackedKernels = PackedKernels {
+    path: SimdPath::Avx512,
+    q4_0: gemm_q4_0,
+    q4_1: gemm_q4_1,
+    q8_0: gemm_q8_0,
+};
+
+/// Writes the C accumulators to `out + t * ld`, lanes in `mask`.
+///
+/// Safety: the features below; the lanes in `mask` of `out + t * ld`
+/// (t < C) are writable.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn store<const C: usize>(acc: &[__m512; C], out: *mut f32, ld: usize, mask: __mmask16) {
+    for (t, a) in acc.iter().enumerate() {
+        // SAFETY: the caller guarantees lanes in `mask` of each row are inside `out`;
+        // masked-off lanes are not accessed.
+        unsafe { _mm512_mask_storeu_ps(out.add(t * ld), mask, *a) };
+    }
+}
+
+/// Bytes ahead of the current block that decode prefetches.
+const PF_BYTES: usize = 8192;
+
+/// Decode only, as in the VNNI kernels: the block's quants `PF_BYTES` ahead
+/// into L2 (T1), and the scale stream once a line.
+#[inline(always)]
+fn prefetch<const C: usize>(qb: *const u8, bytes: usize, db: *const u8, sb: usize) {
+    if C == 1 {
+        for l in (0..bytes).step_by(64) {
+            // wrapping_add: the address may lie past the matrix; a prefetch never faults.
+            let p = qb.wrapping_add(PF_BYTES + l) as *const i8;
+            // SAFETY: prefetch is a hint with no architectural effect on any address.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(p) };
+        }
+        if (db as usize) % 64 < sb {
+            let p = db.wrapping_add(PF_BYTES / 4) as *const i8;
+            // SAFETY: as above.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(p) };
+        }
+    }
+}
+
+/// A 4-bit block's four 64-byte chunks as eight vectors of nibbles: chunk
+/// j's low nibbles (elements `4j..`) at 2j, its high nibbles (`16+4j..`) at
+/// 2j + 1.
+///
+/// Safety: the features below; `qb` points at 256 readable bytes.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn nibbles(qb: *const u8) -> [__m512i; 8] {
+    let m4 = _mm512_set1_epi8(0x0F);
+    let mut wv = [_mm512_setzero_si512(); 8];
+    for j in 0..4 {
+        // SAFETY: j * 64 + 64 <= 256 bytes, as the caller guarantees.
+        let l = unsafe { _mm512_loadu_si512(qb.add(64 * j) as *const _) };
+        wv[2 * j] = _mm512_and_si512(l, m4);
+        wv[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16::<4>(l), m4);
+    }
+    wv
+}
+
+/// The 4-byte activation group `j` of `a`, broadcast to every lane.
+///
+/// Safety: the features below; `j < 8`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn group(a: &ActBlock, j: usize) -> __m512i {
+    debug_assert!(j < 8);
+    // SAFETY: qs holds 32 bytes, group j is bytes 4j..4j+4 (j < 8).
+    let g = unsafe { (a.qs.as_ptr().add(4 * j) as *const i32).read_unaligned() };
+    _mm512_set1_epi32(g)
+}
+
+/// One 4-bit tile: `q`/`d` are the group's quants and scales, `act` the
+/// tile's first token's blocks (token t at `act + t * k`), `out` the tile's
+/// first output (token t at `out + t * ld`), `mask` the group's real rows.
+/// `MIN` (Q4_1): `d` holds 16 scales then 16 minimums per block, and
+/// `acc += m * s` follows the scaled integer sum; Q4_0's `-8 sum(y)` rides in
+/// `a.c` (0 for Q4_1).
+///
+/// Safety: the features below; `q` holds `k * 256` bytes, `d` `k * 32`
+/// (`k * 64` with `MIN`), `act` `C * k` blocks; the masked lanes of
+/// `out + t * ld` (t < C) are writable.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+unsafe fn tile_4bit<const C: usize, const MIN: bool>(
+    q: *const u8,
+    d: *const u8,
+    k: usize,
+    act: *const ActBlock,
+    out: *mut f32,
+    ld: usize,
+    mask: __mmask16,
+) {
+    let sb = if MIN { 64 } else { 32 };
+    let ones = _mm512_set1_epi16(1);
+    let mut acc = [_mm512_setzero_ps(); C];
+    for b in 0..k {
+        // SAFETY (whole body): every offset is inside the ranges the caller guarantees.
+        unsafe {
+            let qb = q.add(b * 256);
+            prefetch::<C>(qb, 256, d.add(b * sb), sb);
+            let wv = nibbles(qb);
+            let dx = _mm512_cvtph_ps(_mm256_loadu_si256(d.add(b * sb) as *const __m256i));
+            let mx = if MIN {
+                _mm512_cvtph_ps(_mm256_loadu_si256(d.add(b * sb + 32) as *const __m256i))
+            } else {
+                _mm512_setzero_ps()
+            };
+            for (t, acc_t) in acc.iter_mut().enumerate() {
+                let a = &*act.add(t * k + b);
+                // i16 sums per lane half (two chains): 16 products of at most 15 * 128.
+                let mut s0 = _mm512_setzero_si512();
+                let mut s1 = _mm512_setzero_si512();
+                for j in 0..4 {
+                    s0 = _mm512_add_epi16(s0, _mm512_maddubs_epi16(wv[2 * j], group(a, j)));
+                    s1 = _mm512_add_epi16(s1, _mm512_maddubs_epi16(wv[2 * j + 1], group(a, 4 + j)));
+                }
+                let s = _mm512_madd_epi16(_mm512_add_epi16(s0, s1), ones);
+                let s = _mm512_add_epi32(s, _mm512_set1_epi32(a.c));
+                let dd = _mm512_mul_ps(dx, _mm512_set1_ps(a.d));
+                *acc_t = _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(s), *acc_t);
+                if MIN {
+                    *acc_t = _mm512_fmadd_ps(mx, _mm512_set1_ps(a.s), *acc_t);
+                }
+            }
+        }
+    }
+    // SAFETY: as the caller guarantees.
+    unsafe { store(&acc, out, ld, mask) };
+}
+
+/// [`tile_4bit`] for Q4_0. Safety: as there.
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+unsafe fn tile_q4_0<const C: usize>(
+    q: *const u8,
+    d: *const u8,
+    k: usize,
+    act: *const ActBlock,
+    out: *mut f32,
+    ld: usize,
+    mask: __mmask16,
+) {
+    // SAFETY: the caller's guarantee, passed on.
+    unsafe { tile_4bit::<C, false>(q, d, k, act, out, ld, mask) }
+}
+
+/// [`tile_4bit`] for Q4_1. Safety: as there.
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+unsafe fn tile_q4_1<const C: usize>(
+    q: *const u8,
+    d: *const u8,
+    k: usize,
+    act: *const ActBlock,
+    out: *mut f32,
+    ld: usize,
+    mask: __mmask16,
+) {
+    // SAFETY: the caller's guarantee, passed on.
+    unsafe { tile_4bit::<C, true>(q, d, k, act, out, ld, mask) }
+}
+
+/// As [`tile_4bit`] for Q8_0 weights (`q` holds `k * 512` bytes), whose
+/// activations must not hold -128 (`a.qs` byte 0; see the module docs).
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+unsafe fn tile_q8_0<const C: usize>(
+    q: *const u8,
+    d: *const u8,
+    k: usize,
+    act: *const ActBlock,
+    out: *mut f32,
+    ld: usize,
+    mask: __mmask16,
+) {
+    let ones = _mm512_set1_epi16(1);
+    let flip = _mm512_set1_epi8(-128);
+    let zero = _mm512_setzero_si512();
+    let mut acc = [_mm512_setzero_ps(); C];
+    for b in 0..k {
+        // SAFETY (whole body): every offset is inside the ranges the caller guarantees.
+        unsafe {
+            let qb = q.add(b * 512);
+            prefetch::<C>(qb, 512, d.add(b * 32), 32);
+            let mut ax = [zero; 8];
+            let mut neg = [0 as __mmask64; 8];
+            for j in 0..8 {
+                let x = _mm512_loadu_si512(qb.add(64 * j) as *const _);
+                ax[j] = _mm512_abs_epi8(x);
+                neg[j] = _mm512_movepi8_mask(x);
+            }
+            let dx = _mm512_cvtph_ps(_mm256_loadu_si256(d.add(b * 32) as *const __m256i));
+            for (t, acc_t) in acc.iter_mut().enumerate() {
+                let a = &*act.add(t * k + b);
+                let mut s0 = _mm512_set1_epi32(a.c);
+                let mut s1 = zero;
+                for j in 0..4 {
+                    // y in [-127, 127], negated where x < 0: |pair| <= 2 * 128 * 127.
+                    let y0 = _mm512_xor_si512(group(a, 2 * j), flip);
+                    let y1 = _mm512_xor_si512(group(a, 2 * j + 1), flip);
+                    let y0 = _mm512_mask_sub_epi8(y0, neg[2 * j], zero, y0);
+                    let y1 = _mm512_mask_sub_epi8(y1, neg[2 * j + 1], zero, y1);
+                    let p0 = _mm512_maddubs_epi16(ax[2 * j], y0);
+                    let p1 = _mm512_maddubs_epi16(ax[2 * j + 1], y1);
+                    s0 = _mm512_add_epi32(s0, _mm512_madd_epi16(p0, ones));
+                    s1 = _mm512_add_epi32(s1, _mm512_madd_epi16(p1, ones));
+                }
+                let s = _mm512_add_epi32(s0, s1);
+                let dd = _mm512_mul_ps(dx, _mm512_set1_ps(a.d));
+                *acc_t = _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(s), *acc_t);
+            }
+        }
+    }
+    // SAFETY: as the caller guarantees.
+    unsafe { store(&acc, out, ld, mask) };
+}
+
+/// A [`super::PackedGemmFn`] from a tile kernel: groups of the call's rows
+/// outer (the group's weights stay in L1 while every token passes), tokens
+/// in tiles of [`C_FULL`] inner.
+macro_rules! packed_gemm {
+    ($name:ident, $tile:ident, $qb:expr, $sb:expr) => {
+        /// Safety: [`super::PackedGemmFn`]'s.
+        unsafe fn $name(
+            w: &PackedWeights,
+            r0: usize,
+            nr: usize,
+            act: &[ActBlock],
+            out: Out,
+        ) -> Tiles {
+            let n = gemm_shape(w, r0, nr, act);
+            let k = w.blocks();
+            let mut tiles = Tiles::default();
+            for g0 in (0..nr).step_by(GROUP_ROWS) {
+                let real = (nr - g0).min(GROUP_ROWS);
+                let mask = (((1u32 << real) - 1) & 0xFFFF) as __mmask16;
+                let (quants, scales) = w.group((r0 + g0) / GROUP_ROWS);
+                assert!(quants.len() >= k * $qb && scales.len() >= k * $sb);
+                let mut t0 = 0;
+                while t0 < n {
+                    let c = (n - t0).min(C_FULL);
+                    let (q, d) = (quants.as_ptr(), scales.as_ptr());
+                    // SAFETY: KERNELS is handed out only where the CPU has the features;
+                    // quants/scales hold k blocks (asserted); tokens t0..t0+c < n have k
+                    // blocks each in act; lane l < real of token t0+j is out.at(t0+j, g0+l)
+                    // with g0 + l < nr, which the caller lets us write.
+                    unsafe {
+                        let a = act.as_ptr().add(t0 * k);
+                        let (o, ld) = (out.at(t0, g0), out.ld());
+                        match c {
+                            4 => $tile::<4>(q, d, k, a, o, ld, mask),
+                            3 => $tile::<3>(q, d, k, a, o, ld, mask),
+                            2 => $tile::<2>(q, d, k, a, o, ld, mask),
+                            _ => $tile::<1>(q, d, k, a, o, ld, mask),
+                        }
+                    }
+                    if c == C_FULL && real == GROUP_ROWS {
+                        tiles.full += 1;
+                    } else {
+                        tiles.edge += 1;
+                    }
+                    t0 += c;
+                }
+            }
+            tiles
+        }
+    };
+}
+
+packed_gemm!(gemm_q4_0, tile_q4_0, 256, 32);
+packed_gemm!(gemm_q4_1, tile_q4_1, 256, 64);
+packed_gemm!(gemm_q8_0_simd, tile_q8_0, 512, 32);
+
+/// Q8_0: the 512-bit tiles unless an activation is -128, which only the
+/// scalar twin handles exactly (see `avx2.rs`).
+///
+/// Safety: [`super::PackedGemmFn`]'s.
+unsafe fn gemm_q8_0(w: &PackedWeights, r0: usize, nr: usize, act: &[ActBlock], out: Out) -> Tiles {
+    // SAFETY: KERNELS is handed out only where the CPU has AVX2 (the AVX-512 path implies it).
+    if unsafe { super::avx2::has_minus_128(act) } {
+        // SAFETY: the caller's guarantee, passed on.
+        return unsafe { scalar::gemm_q8_0(w, r0, nr, act, out) };
+    }
+    // SAFETY: the caller's guarantee, passed on; no activation is -128.
+    unsafe { gemm_q8_0_simd(w, r0, nr, act, out) }
+}
