@@ -121,6 +121,8 @@ pub struct PackedScratch {
     q8: Vec<BlockQ8_0>,
     q8_1: Vec<BlockQ8_1>,
     act: Vec<ActBlock>,
+    /// Whether the Q8_0 activations of the last [`prepare_acts`] hold a -128.
+    minus_128: bool,
 }
 
 /// `gemm(w, r0, nr, act, out)`: rows `r0..r0 + nr` of `w` (r0 a multiple of
@@ -128,7 +130,9 @@ pub struct PackedScratch {
 /// each; row `r0 + i`, token t goes to `out.at(t, i)`.
 ///
 /// Safety: for every token t < n and i < nr, `out.at(t, i)` is valid for
-/// writes and no other thread touches it during the call.
+/// writes and no other thread touches it during the call. (Correctness, not
+/// safety: a Q8_0 kernel of a table without `q8_0_takes_minus_128` gives
+/// wrong sums for a -128 activation; [`PackedKernels::gemm`] routes around it.)
 pub type PackedGemmFn = unsafe fn(&PackedWeights, usize, usize, &[ActBlock], Out) -> Tiles;
 
 /// Where a [`PackedGemmFn`] writes row `r0 + i` for token t: `ptr + t * ld + i`.
@@ -174,6 +178,24 @@ pub struct PackedKernels {
     q4_0: PackedGemmFn,
     q4_1: PackedGemmFn,
     q8_0: PackedGemmFn,
+    /// Whether `q8_0` is exact for a -128 activation quant. The `vpmaddubsw`
+    /// kernels' sign trick cannot negate it; quantizers give it only from a
+    /// -inf that a NaN hid from the block maximum, or a block whose scale is
+    /// 0, and a call with one goes to the scalar twin ([`Self::gemm`]).
+    q8_0_takes_minus_128: bool,
+}
+
+impl PackedKernels {
+    /// The kernel for `ty` weights, given whether the activations hold a
+    /// -128 quant (Q8_0 weights only; [`PackedScratch`] knows after quantizing).
+    fn gemm(&self, ty: GgmlType, minus_128: bool) -> PackedGemmFn {
+        match ty {
+            GgmlType::Q4_0 => self.q4_0,
+            GgmlType::Q4_1 => self.q4_1,
+            _ if minus_128 && !self.q8_0_takes_minus_128 => SCALAR.q8_0,
+            _ => self.q8_0,
+        }
+    }
 }
 
 /// The portable twin: the same sums in the same order as the SIMD kernels,
@@ -183,6 +205,7 @@ pub static SCALAR: PackedKernels = PackedKernels {
     q4_0: scalar::gemm_q4_0,
     q4_1: scalar::gemm_q4_1,
     q8_0: scalar::gemm_q8_0,
+    q8_0_takes_minus_128: true,
 };
 
 /// The packed kernels of `path`, if it has them and this CPU has the path.
@@ -341,12 +364,8 @@ impl PackedWeights {
         self.data.len
     }
 
-    fn gemm_fn(&self) -> PackedGemmFn {
-        match self.ty {
-            GgmlType::Q4_0 => self.kernels.q4_0,
-            GgmlType::Q4_1 => self.kernels.q4_1,
-            _ => self.kernels.q8_0,
-        }
+    fn gemm_fn(&self, minus_128: bool) -> PackedGemmFn {
+        self.kernels.gemm(self.ty, minus_128)
     }
 
     /// Group g's quant bytes (`k * QB`) and scale bytes (`k * 32`, Q4_1 `k * 64`).
@@ -448,10 +467,10 @@ pub fn matmul_packed_multi(
         check_len("output", w.rows, y.len())?;
     }
     prepare_acts(ty, x, cols, scratch)?;
-    let act = &scratch.act;
+    let (act, minus_128) = (&scratch.act, scratch.minus_128);
     use rayon::prelude::*;
     ws.par_iter_mut().for_each(|(w, y)| {
-        let gemm = w.gemm_fn();
+        let gemm = w.gemm_fn(minus_128);
         let chunk = chunk_rows(w.rows, w.cols);
         y.par_chunks_mut(chunk).enumerate().for_each(|(c, out)| {
             let (r0, nr) = (c * chunk, out.len());
@@ -493,7 +512,7 @@ fn matmul_packed_chunked(
     }
     prepare_acts(w.ty, x, w.cols, scratch)?;
     let act = &scratch.act;
-    let gemm = w.gemm_fn();
+    let gemm = w.gemm_fn(scratch.minus_128);
     let out = Out {
         ptr: y.as_mut_ptr(),
         ld: w.rows,
@@ -542,6 +561,8 @@ fn prepare_acts(
             }
         });
     }
+    // Once per matmul, not per row chunk: every chunk reads all the activations.
+    s.minus_128 = ty == GgmlType::Q8_0 && s.q8[..n * k].iter().any(|b| b.qs.contains(&-128));
     Ok(())
 }
 

@@ -19,7 +19,7 @@
 //!   every finite block; -128 comes only from a -inf that ggml's maximum
 //!   missed (a NaN after it in the block restarts the running maximum) or
 //!   from a block whose maximum is so small that 1 / d overflows (its f16
-//!   scale is then 0). A call whose activations hold a -128 goes to the
+//!   scale is then 0). A matmul whose activations hold a -128 goes to the
 //!   scalar twin, which is exact for every byte (no single `vpmaddubsw`
 //!   form is: two products of -128 and -128 already overflow i16).
 //!
@@ -37,7 +37,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{gemm_shape, scalar, ActBlock, Out, PackedKernels, PackedWeights, GROUP_ROWS};
+use super::{gemm_shape, ActBlock, Out, PackedKernels, PackedWeights, GROUP_ROWS};
 use crate::dot::Tiles;
 use crate::simd::SimdPath;
 
@@ -73,6 +73,7 @@ const fn table(path: SimdPath) -> PackedKernels {
         q4_0: gemm_q4_0,
         q4_1: gemm_q4_1,
         q8_0: gemm_q8_0,
+        q8_0_takes_minus_128: false,
     }
 }
 
@@ -301,20 +302,6 @@ unsafe fn tile_q8_0<const C: usize, const H: usize>(
     unsafe { store(&acc, out, ld, real) };
 }
 
-/// Whether any activation quant is -128 (a Q8_0 `ActBlock` byte of 0).
-///
-/// Safety: the features below.
-#[target_feature(enable = "avx2")]
-pub(super) unsafe fn has_minus_128(act: &[ActBlock]) -> bool {
-    let mut m = _mm256_set1_epi8(-1);
-    for a in act {
-        // SAFETY: qs holds 32 bytes.
-        let v = unsafe { _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i) };
-        m = _mm256_min_epu8(m, v);
-    }
-    _mm256_movemask_epi8(_mm256_cmpeq_epi8(m, _mm256_setzero_si256())) != 0
-}
-
 /// A [`super::PackedGemmFn`] from a tile kernel: groups of the call's rows
 /// outer (the group's weights stay in L1 while every token passes), tokens
 /// in tiles of [`C_FULL`] inner. A group with more than 8 real rows
@@ -373,19 +360,4 @@ macro_rules! packed_gemm {
 
 packed_gemm!(gemm_q4_0, tile_q4_0, 256, 32);
 packed_gemm!(gemm_q4_1, tile_q4_1, 256, 64);
-packed_gemm!(gemm_q8_0_simd, tile_q8_0, 512, 32);
-
-/// Q8_0: the AVX2 tiles unless an activation is -128, which only the scalar
-/// twin handles exactly (see the module docs; never from a finite block
-/// with a nonzero scale).
-///
-/// Safety: [`super::PackedGemmFn`]'s.
-unsafe fn gemm_q8_0(w: &PackedWeights, r0: usize, nr: usize, act: &[ActBlock], out: Out) -> Tiles {
-    // SAFETY: KERNELS is handed out only where the CPU has AVX2.
-    if unsafe { has_minus_128(act) } {
-        // SAFETY: the caller's guarantee, passed on.
-        return unsafe { scalar::gemm_q8_0(w, r0, nr, act, out) };
-    }
-    // SAFETY: the caller's guarantee, passed on; no activation is -128.
-    unsafe { gemm_q8_0_simd(w, r0, nr, act, out) }
-}
+packed_gemm!(gemm_q8_0, tile_q8_0, 512, 32);

@@ -9,12 +9,12 @@
 //! and finish with one `vpmaddwd`; Q8_0 recovers y from `y + 128` and
 //! multiplies |x| (unsigned) by y negated where x < 0 (AVX-512 has no
 //! `vpsignb`: a masked subtract from 0 does it), at most 2 * 128 * 127 per
-//! pair, exact unless y = -128, and a call whose activations hold a -128
+//! pair, exact unless y = -128, and a matmul whose activations hold a -128
 //! goes to the scalar twin. The float side is the twin's, bit for bit.
 
 use std::arch::x86_64::*;
 
-use super::{gemm_shape, scalar, ActBlock, Out, PackedKernels, PackedWeights, GROUP_ROWS};
+use super::{gemm_shape, ActBlock, Out, PackedKernels, PackedWeights, GROUP_ROWS};
 use crate::dot::Tiles;
 use crate::simd::SimdPath;
 
@@ -29,6 +29,7 @@ pub(super) static KERNELS: PackedKernels = PackedKernels {
     q4_0: gemm_q4_0,
     q4_1: gemm_q4_1,
     q8_0: gemm_q8_0,
+    q8_0_takes_minus_128: false,
 };
 
 /// Writes the C accumulators to `out + t * ld`, lanes in `mask`.
@@ -295,18 +296,4 @@ macro_rules! packed_gemm {
 
 packed_gemm!(gemm_q4_0, tile_q4_0, 256, 32);
 packed_gemm!(gemm_q4_1, tile_q4_1, 256, 64);
-packed_gemm!(gemm_q8_0_simd, tile_q8_0, 512, 32);
-
-/// Q8_0: the 512-bit tiles unless an activation is -128, which only the
-/// scalar twin handles exactly (see `avx2.rs`).
-///
-/// Safety: [`super::PackedGemmFn`]'s.
-unsafe fn gemm_q8_0(w: &PackedWeights, r0: usize, nr: usize, act: &[ActBlock], out: Out) -> Tiles {
-    // SAFETY: KERNELS is handed out only where the CPU has AVX2 (the AVX-512 path implies it).
-    if unsafe { super::avx2::has_minus_128(act) } {
-        // SAFETY: the caller's guarantee, passed on.
-        return unsafe { scalar::gemm_q8_0(w, r0, nr, act, out) };
-    }
-    // SAFETY: the caller's guarantee, passed on; no activation is -128.
-    unsafe { gemm_q8_0_simd(w, r0, nr, act, out) }
-}
+packed_gemm!(gemm_q8_0, tile_q8_0, 512, 32);

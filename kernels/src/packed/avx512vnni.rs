@@ -23,6 +23,8 @@ pub(super) static KERNELS: PackedKernels = PackedKernels {
     q4_0: gemm_q4_0,
     q4_1: gemm_q4_1,
     q8_0: gemm_q8_0,
+    // y + 128 is an unsigned byte for every y, -128 included.
+    q8_0_takes_minus_128: true,
 };
 
 /// Writes the C accumulators to `out + t * ld`, lanes in `mask`.

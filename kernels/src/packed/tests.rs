@@ -488,11 +488,10 @@ fn run_blocks(
 ) -> Vec<f32> {
     let n = act.len() / p.blocks();
     let mut y = vec![f32::NAN; n * p.rows()];
-    let gemm = match p.ty() {
-        GgmlType::Q4_0 => ks.q4_0,
-        GgmlType::Q4_1 => ks.q4_1,
-        _ => ks.q8_0,
-    };
+    // As matmul_packed routes it: a -128 in Q8_0 activations (a qs byte of 0) goes to the
+    // twin on paths that cannot take it.
+    let minus_128 = act.iter().any(|a| a.qs.contains(&0));
+    let gemm = ks.gemm(p.ty(), minus_128);
     let out = Out {
         ptr: y.as_mut_ptr(),
         ld: p.rows(),
