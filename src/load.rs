@@ -38,8 +38,8 @@ pub struct ModelArgs {
     /// Read the model into memory instead of memory-mapping it
     #[arg(long = "no-mmap")]
     pub no_mmap: bool,
-    /// Keep every weight in the file's layout (pure mmap). By default, on CPUs with AVX-512
-    /// VNNI, Q4_0/Q4_1/Q8_0 matrices are copied at load into the interleaved layout the fast
+    /// Keep every weight in the file's layout (pure mmap). By default, on x86 CPUs with AVX2 or
+    /// better, Q4_0/Q4_1/Q8_0 matrices are copied at load into the interleaved layout the fast
     /// kernels read (anonymous memory, about the size of those tensors)
     #[arg(long = "no-repack")]
     pub no_repack: bool,

@@ -94,12 +94,17 @@ fn synthetic_model_has_the_real_shape_and_bench_json_has_llama_bench_fields() {
         128256
     );
 
-    // Repacking is on by default where the path has packed kernels (AVX-512 VNNI), and
-    // --no-repack turns it off; the JSON row says which ran.
-    for (flag, want) in [
-        (None, rows[0]["simd"] == "avx512vnni"),
-        (Some("--no-repack"), false),
-    ] {
+    // Repacking is on by default where the path has packed kernels (x86 from AVX2 up; the
+    // child process sees the same CPU and AIRLOCK_SIMD as this one), and --no-repack turns it
+    // off; the JSON row says which ran.
+    let has_packed = airlock_kernels::packed::packed_kernels().is_some();
+    assert_eq!(
+        has_packed,
+        cfg!(target_arch = "x86_64") && rows[0]["simd"] != "scalar",
+        "{}",
+        rows[0]["simd"]
+    );
+    for (flag, want) in [(None, has_packed), (Some("--no-repack"), false)] {
         let o = Command::new(env!("CARGO_BIN_EXE_airlock"))
             .args([
                 "bench", "-p", "4", "-n", "0", "-r", "1", "-t", "1", "--json", "-m",

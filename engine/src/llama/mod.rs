@@ -72,7 +72,8 @@ impl LlamaModel {
     }
 
     /// Copies the Q4_0/Q4_1/Q8_0 matrices into the packed layout when the active SIMD path has
-    /// packed kernels (AVX-512 VNNI for now); returns the bytes allocated (0 when it has none).
+    /// packed kernels (the x86 paths from AVX2 up); returns the bytes allocated (0 when it has
+    /// none: scalar, NEON).
     pub fn repack(&mut self) -> Result<u64, ModelError> {
         match airlock_kernels::packed::packed_kernels() {
             Some(ks) => self.weights.repack(&self.file, ks),
