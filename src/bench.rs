@@ -83,7 +83,7 @@ pub struct BenchArgs {
     /// Read the weights in the file's layout instead of repacking Q4_0/Q4_1/Q8_0 at load
     #[arg(long = "no-repack")]
     pub no_repack: bool,
-    /// Also measure the machine's read bandwidth (512 MiB, best of 5, per thread count) and show
+    /// Also measure the machine's read bandwidth (512 MiB, median of 9, per thread count) and show
     /// each generation test against its ceiling: read bandwidth / weight bytes per token
     #[arg(long)]
     pub ceiling: bool,
@@ -269,7 +269,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         // Measured before the tests, with this thread count, and freed before they run.
         let read_bps = args.ceiling.then(|| {
             let buf = ReadBuffer::new(ReadBuffer::DEFAULT_BYTES);
-            pool.install(|| buf.best_rate(5))
+            pool.install(|| buf.rate(9))
         });
         for &(n_prompt, n_gen) in &tests {
             let mut session = loaded.session();

@@ -84,7 +84,7 @@ fn main() {
             .build()
             .unwrap();
         pool.install(|| {
-            let read = big.best_rate(reps.min(10)) / GIB;
+            let read = big.rate(reps.min(10)) / GIB;
             println!("threads {nt}: read bandwidth {read:.1} GiB/s (512 MiB, bandwidth::ReadBuffer)");
             for (ty, rows, cols, data) in &mats {
                 let w = WeightView {
