@@ -552,16 +552,38 @@ fn prepare_acts(
                 *a = act_block_q8_1(b);
             }
         });
-    } else {
-        s.q8.resize(n * k, BlockQ8_0::zeroed());
-        each_token(x, cols, &mut s.q8, &mut s.act, |src, q8, act| {
-            (ks.quantize_q8_0)(src, q8);
-            for (a, b) in act.iter_mut().zip(q8.iter()) {
-                *a = act_block(ty, b);
-            }
-        });
+        s.minus_128 = false;
+        return Ok(());
     }
-    // Once per matmul, not per row chunk: every chunk reads all the activations.
+    // The -128 check runs once per matmul, not per row chunk: every chunk reads all the
+    // activations.
+    #[cfg(target_arch = "x86_64")]
+    if SimdPath::Avx2.is_available() {
+        let quantize = |src: &[f32], act: &mut [ActBlock]| {
+            // SAFETY: AVX2, FMA and F16C were just detected.
+            unsafe { avx2::quantize_acts(ty, src, act) }
+        };
+        let act = &mut s.act[..n * k];
+        s.minus_128 = if n < 4 {
+            x.chunks_exact(cols)
+                .zip(act.chunks_exact_mut(k))
+                .fold(false, |m, (src, a)| quantize(src, a) | m)
+        } else {
+            use rayon::prelude::*;
+            x.par_chunks_exact(cols)
+                .zip(act.par_chunks_exact_mut(k))
+                .map(|(src, a)| quantize(src, a))
+                .reduce(|| false, |a, b| a | b)
+        };
+        return Ok(());
+    }
+    s.q8.resize(n * k, BlockQ8_0::zeroed());
+    each_token(x, cols, &mut s.q8, &mut s.act, |src, q8, act| {
+        (ks.quantize_q8_0)(src, q8);
+        for (a, b) in act.iter_mut().zip(q8.iter()) {
+            *a = act_block(ty, b);
+        }
+    });
     s.minus_128 = ty == GgmlType::Q8_0 && s.q8[..n * k].iter().any(|b| b.qs.contains(&-128));
     Ok(())
 }

@@ -346,10 +346,14 @@ macro_rules! simd256_kernels {
         /// One Q8 block: `Some((d, quants, sum))` exactly as the reference
         /// quantizer computes them, or `None` for blocks with a NaN or an
         /// infinite or overflowing scale, which the caller sends to the
-        /// reference code instead.
+        /// reference code instead. The packed matmul quantizes its
+        /// activations with it too (`crate::packed`).
+        ///
+        /// Safety: the features above; `x` has 32 readable floats, `qs` 32
+        /// writable bytes.
         #[inline]
         #[target_feature(enable = $feat)]
-        unsafe fn q8_block(x: *const f32, qs: *mut i8) -> Option<(f32, i32)> {
+        pub(crate) unsafe fn q8_block(x: *const f32, qs: *mut i8) -> Option<(f32, i32)> {
             let v = [
                 _mm256_loadu_ps(x),
                 _mm256_loadu_ps(x.add(8)),

@@ -34,6 +34,9 @@ pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 #[macro_use]
 mod avx2;
+// The AVX2 block quantizer, for the packed matmul's activations.
+#[cfg(target_arch = "x86_64")]
+pub(crate) use avx2::q8_block as q8_block_avx2;
 #[cfg(target_arch = "x86_64")]
 mod avxvnni;
 #[cfg(target_arch = "x86_64")]

@@ -39,7 +39,10 @@ use std::arch::x86_64::*;
 
 use super::{gemm_shape, ActBlock, Out, PackedKernels, PackedWeights, GROUP_ROWS};
 use crate::dot::Tiles;
+use crate::quant::float::{f16_to_f32, f32_to_f16};
+use crate::quant::q8_0::quantize_block_q8_0;
 use crate::simd::SimdPath;
+use crate::GgmlType;
 
 /// Tokens per full tile. Measured on one thread (Zen 4, 64 tokens, 576x1536
 /// and 1536x576), both halves in a tile: three tokens ran 2-5% faster than
@@ -361,3 +364,48 @@ macro_rules! packed_gemm {
 packed_gemm!(gemm_q4_0, tile_q4_0, 256, 32);
 packed_gemm!(gemm_q4_1, tile_q4_1, 256, 64);
 packed_gemm!(gemm_q8_0, tile_q8_0, 512, 32);
+
+/// Quantizes one token's row to Q8_0 straight into activation blocks for
+/// `ty` (Q4_0 or Q8_0) weights: the quants and scales of
+/// [`crate::quant::quantize_row_q8_0`] (through the AVX2 block quantizer the
+/// x86 paths use for it), rewritten as [`super::act_block`] does, without a
+/// `BlockQ8_0` pass in between. That pass and the rewrite were 15% of a
+/// SmolLM2 prompt. Returns whether a quant is -128 (only ever for Q8_0
+/// weights, which need to know; see [`PackedKernels`]).
+///
+/// Safety: the CPU has AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn quantize_acts(ty: GgmlType, x: &[f32], act: &mut [ActBlock]) -> bool {
+    assert_eq!(x.len(), act.len() * 32, "activation row length");
+    let unsigned = ty == GgmlType::Q8_0;
+    let flip = _mm256_set1_epi8(-128);
+    let mut minus_128 = false;
+    for (a, xs) in act.iter_mut().zip(x.chunks_exact(32)) {
+        // SAFETY: the caller guarantees the features; xs has 32 floats, a.qs 32 bytes.
+        match unsafe { crate::dot::q8_block_avx2(xs.as_ptr(), a.qs.as_mut_ptr() as *mut i8) } {
+            Some((d, sum)) => {
+                // The scale as the f16 of the block, widened exactly.
+                a.d = f16_to_f32(f32_to_f16(d));
+                a.s = 0.0;
+                if unsigned {
+                    let p = a.qs.as_mut_ptr() as *mut __m256i;
+                    // SAFETY: a.qs holds 32 bytes; unaligned load and store.
+                    let q = unsafe { _mm256_loadu_si256(p) };
+                    minus_128 |= _mm256_movemask_epi8(_mm256_cmpeq_epi8(q, flip)) != 0;
+                    // SAFETY: as above.
+                    unsafe { _mm256_storeu_si256(p, _mm256_xor_si256(q, flip)) };
+                    a.c = 0;
+                } else {
+                    a.c = -8 * sum;
+                }
+            }
+            None => {
+                // NaN, infinity or an overflowing scale: the reference block, as the quantizer does.
+                let b = quantize_block_q8_0(xs.try_into().expect("32 floats"));
+                minus_128 |= unsigned && b.qs.contains(&-128);
+                *a = super::act_block(ty, &b);
+            }
+        }
+    }
+    minus_128
+}

@@ -574,3 +574,41 @@ fn a_quantizer_made_minus_128_is_exact_for_q8_0() {
         assert!(same, "{:?}", ks.path);
     }
 }
+
+#[test]
+fn activations_are_the_q8_0_quantizers_blocks_rewritten() {
+    // What prepare_acts builds (on x86, quantized straight into ActBlocks) against the
+    // reference quantizer's blocks rewritten by act_block: the same bytes, including blocks
+    // the SIMD quantizer hands to the reference (NaN, infinities, an overflowing scale), a
+    // zero block, a tiny one, and a -inf that a NaN hides (a -128 quant).
+    let cols = 32 * 9;
+    let mut x = values(5 * cols, 31);
+    x[33] = f32::NAN;
+    x[64 + 3] = f32::INFINITY;
+    x[96..128].fill(0.0);
+    x[128..160].iter_mut().for_each(|v| *v *= 1e-38);
+    x[160 + 4] = f32::NEG_INFINITY;
+    x[160 + 5] = f32::NAN;
+    x[192 + 7] = f32::MAX;
+    for ty in [GgmlType::Q4_0, GgmlType::Q8_0] {
+        for n in [1, 5] {
+            let xs = &x[..n * cols];
+            let mut s = PackedScratch::default();
+            prepare_acts(ty, xs, cols, &mut s).unwrap();
+            let mut q = vec![BlockQ8_0::zeroed(); n * cols / 32];
+            quant::quantize_row_q8_0(xs, &mut q);
+            let want: Vec<ActBlock> = q.iter().map(|b| act_block(ty, b)).collect();
+            let got = &s.act[..want.len()];
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(
+                    bytemuck::bytes_of(g),
+                    bytemuck::bytes_of(w),
+                    "{ty:?} n={n} block {i}: {g:?} vs {w:?}"
+                );
+            }
+            let has = q.iter().any(|b| b.qs.contains(&-128));
+            assert!(has, "the case should hold a -128");
+            assert_eq!(s.minus_128, ty == GgmlType::Q8_0 && has, "{ty:?} n={n}");
+        }
+    }
+}
