@@ -590,25 +590,44 @@ fn activations_are_the_q8_0_quantizers_blocks_rewritten() {
     x[160 + 4] = f32::NEG_INFINITY;
     x[160 + 5] = f32::NAN;
     x[192 + 7] = f32::MAX;
+    // Scale exactly 1: ties, which round away from zero.
+    x[224..228].copy_from_slice(&[127.0, 2.5, -2.5, 0.5]);
     for ty in [GgmlType::Q4_0, GgmlType::Q8_0] {
         for n in [1, 5] {
             let xs = &x[..n * cols];
-            let mut s = PackedScratch::default();
-            prepare_acts(ty, xs, cols, &mut s).unwrap();
             let mut q = vec![BlockQ8_0::zeroed(); n * cols / 32];
             quant::quantize_row_q8_0(xs, &mut q);
             let want: Vec<ActBlock> = q.iter().map(|b| act_block(ty, b)).collect();
-            let got = &s.act[..want.len()];
-            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                assert_eq!(
-                    bytemuck::bytes_of(g),
-                    bytemuck::bytes_of(w),
-                    "{ty:?} n={n} block {i}: {g:?} vs {w:?}"
-                );
-            }
             let has = q.iter().any(|b| b.qs.contains(&-128));
             assert!(has, "the case should hold a -128");
-            assert_eq!(s.minus_128, ty == GgmlType::Q8_0 && has, "{ty:?} n={n}");
+            // prepare_acts on this process's path, then the x86 quantizer if the CPU can run it.
+            let mut s = PackedScratch::default();
+            prepare_acts(ty, xs, cols, &mut s).unwrap();
+            let mut runs = vec![("prepare_acts", s.act[..want.len()].to_vec(), s.minus_128)];
+            #[cfg(target_arch = "x86_64")]
+            if SimdPath::Avx2.is_available() {
+                let mut act = vec![ActBlock::default(); want.len()];
+                let mut m = false;
+                for (src, a) in xs.chunks_exact(cols).zip(act.chunks_exact_mut(cols / 32)) {
+                    // SAFETY: AVX2 (with FMA and F16C) was just detected.
+                    m |= unsafe { avx2::quantize_acts(ty, src, a) };
+                }
+                runs.push(("avx2", act, m));
+            }
+            for (name, got, minus_128) in runs {
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(
+                        bytemuck::bytes_of(g),
+                        bytemuck::bytes_of(w),
+                        "{name} {ty:?} n={n} block {i}: {g:?} vs {w:?}"
+                    );
+                }
+                assert_eq!(
+                    minus_128,
+                    ty == GgmlType::Q8_0 && has,
+                    "{name} {ty:?} n={n}"
+                );
+            }
         }
     }
 }
