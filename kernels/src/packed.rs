@@ -52,6 +52,8 @@ mod avx512vnni;
 mod scalar;
 #[cfg(test)]
 mod tests;
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 use bytemuck::{Pod, Zeroable};
 

@@ -37,6 +37,7 @@
 
 use std::arch::x86_64::*;
 
+use super::x86::prefetch;
 use super::{gemm_shape, ActBlock, Out, PackedKernels, PackedWeights, GROUP_ROWS};
 use crate::dot::Tiles;
 use crate::quant::float::{f16_to_f32, f32_to_f16};
@@ -109,30 +110,6 @@ unsafe fn store<const C: usize, const H: usize>(
                 // lanes are not accessed and cannot fault.
                 unsafe { _mm256_maskstore_ps(p, mask, *a) };
             }
-        }
-    }
-}
-
-/// Bytes ahead of the current block that decode prefetches.
-const PF_BYTES: usize = 8192;
-
-/// Decode only, as in the VNNI kernels: prefetch the block's quants
-/// `PF_BYTES` ahead into L2 (T1), and the scale stream (`db`, this block's
-/// scales, `sb` bytes a block) once a line. Prompt tiles reuse each block for
-/// several tokens and need no help.
-#[inline(always)]
-fn prefetch<const C: usize>(qb: *const u8, bytes: usize, db: *const u8, sb: usize) {
-    if C == 1 {
-        for l in (0..bytes).step_by(64) {
-            // wrapping_add: the address may lie past the matrix; a prefetch never faults.
-            let p = qb.wrapping_add(PF_BYTES + l) as *const i8;
-            // SAFETY: prefetch is a hint with no architectural effect on any address.
-            unsafe { _mm_prefetch::<_MM_HINT_T1>(p) };
-        }
-        if (db as usize) % 64 < sb {
-            let p = db.wrapping_add(PF_BYTES / 4) as *const i8;
-            // SAFETY: as above.
-            unsafe { _mm_prefetch::<_MM_HINT_T1>(p) };
         }
     }
 }

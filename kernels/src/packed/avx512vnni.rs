@@ -9,6 +9,7 @@
 
 use std::arch::x86_64::*;
 
+use super::x86::{nibbles, packed_gemm_512, prefetch, store};
 use super::{gemm_shape, ActBlock, Out, PackedKernels, PackedWeights, GROUP_ROWS};
 use crate::dot::Tiles;
 use crate::simd::SimdPath;
@@ -26,64 +27,6 @@ pub(super) static KERNELS: PackedKernels = PackedKernels {
     // y + 128 is an unsigned byte for every y, -128 included.
     q8_0_takes_minus_128: true,
 };
-
-/// Writes the C accumulators to `out + t * ld`, lanes in `mask`.
-#[inline]
-#[target_feature(enable = "avx512f")]
-unsafe fn store<const C: usize>(acc: &[__m512; C], out: *mut f32, ld: usize, mask: __mmask16) {
-    for (t, a) in acc.iter().enumerate() {
-        // SAFETY: the caller guarantees lanes in `mask` of each row are inside `out`;
-        // masked-off lanes are not accessed.
-        unsafe { _mm512_mask_storeu_ps(out.add(t * ld), mask, *a) };
-    }
-}
-
-/// Bytes ahead of the current block that decode prefetches.
-const PF_BYTES: usize = 8192;
-
-/// Decode only (one token: nothing else hides memory latency): prefetch the
-/// block's worth of quants `PF_BYTES` ahead, and the scale stream (`db`, this
-/// block's scales, `sb` bytes a block) once a line, on top of the hardware
-/// streams. Prompt tiles reuse each block for several tokens and need no help.
-/// Into L2 (T1), where more misses can be in flight than L1 allows: measured
-/// here (2 threads, Zen 4), T1 at 8 KiB streamed 2048x8192 Q4_0 at 23-30 GB/s
-/// and the 128256x2048 Q8_0 head at 25-32 GB/s, T0 at 4 KiB at 18-26 and
-/// 19-26 GB/s.
-#[inline(always)]
-fn prefetch<const C: usize>(qb: *const u8, bytes: usize, db: *const u8, sb: usize) {
-    if C == 1 {
-        for l in (0..bytes).step_by(64) {
-            // wrapping_add: the address may lie past the matrix; a prefetch never faults.
-            let p = qb.wrapping_add(PF_BYTES + l) as *const i8;
-            // SAFETY: prefetch is a hint with no architectural effect on any address.
-            unsafe { _mm_prefetch::<_MM_HINT_T1>(p) };
-        }
-        if (db as usize) % 64 < sb {
-            let p = db.wrapping_add(PF_BYTES / 4) as *const i8;
-            // SAFETY: as above.
-            unsafe { _mm_prefetch::<_MM_HINT_T1>(p) };
-        }
-    }
-}
-
-/// A 4-bit block's four 64-byte chunks as eight vectors of nibbles: chunk
-/// j's low nibbles (elements `4j..`) at 2j, its high nibbles (`16+4j..`) at
-/// 2j + 1.
-///
-/// Safety: the features below; `qb` points at 256 readable bytes.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn nibbles(qb: *const u8) -> [__m512i; 8] {
-    let m4 = _mm512_set1_epi8(0x0F);
-    let mut wv = [_mm512_setzero_si512(); 8];
-    for j in 0..4 {
-        // SAFETY: j * 64 + 64 <= 256 bytes, as the caller guarantees.
-        let l = unsafe { _mm512_loadu_si512(qb.add(64 * j) as *const _) };
-        wv[2 * j] = _mm512_and_si512(l, m4);
-        wv[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16::<4>(l), m4);
-    }
-    wv
-}
 
 /// One 4-bit tile: `q`/`d` are the group's quants and scales, `act` the
 /// tile's first token's blocks (token t at `act + t * k`), `out` the tile's
@@ -226,58 +169,6 @@ unsafe fn tile_q8_0<const C: usize>(
     unsafe { store(&acc, out, ld, mask) };
 }
 
-/// A [`super::PackedGemmFn`] from a tile kernel: groups of the call's rows
-/// outer (the group's weights stay in L1 while every token passes), tokens
-/// in tiles of [`C_FULL`] inner.
-macro_rules! packed_gemm {
-    ($name:ident, $tile:ident, $qb:expr, $sb:expr) => {
-        /// Safety: [`super::PackedGemmFn`]'s.
-        unsafe fn $name(
-            w: &PackedWeights,
-            r0: usize,
-            nr: usize,
-            act: &[ActBlock],
-            out: Out,
-        ) -> Tiles {
-            let n = gemm_shape(w, r0, nr, act);
-            let k = w.blocks();
-            let mut tiles = Tiles::default();
-            for g0 in (0..nr).step_by(GROUP_ROWS) {
-                let real = (nr - g0).min(GROUP_ROWS);
-                let mask = (((1u32 << real) - 1) & 0xFFFF) as __mmask16;
-                let (quants, scales) = w.group((r0 + g0) / GROUP_ROWS);
-                assert!(quants.len() >= k * $qb && scales.len() >= k * $sb);
-                let mut t0 = 0;
-                while t0 < n {
-                    let c = (n - t0).min(C_FULL);
-                    let (q, d) = (quants.as_ptr(), scales.as_ptr());
-                    // SAFETY: KERNELS is handed out only where the CPU has the features;
-                    // quants/scales hold k blocks (asserted); tokens t0..t0+c < n have k
-                    // blocks each in act; lane l < real of token t0+j is out.at(t0+j, g0+l)
-                    // with g0 + l < nr, which the caller lets us write.
-                    unsafe {
-                        let a = act.as_ptr().add(t0 * k);
-                        let (o, ld) = (out.at(t0, g0), out.ld());
-                        match c {
-                            4 => $tile::<4>(q, d, k, a, o, ld, mask),
-                            3 => $tile::<3>(q, d, k, a, o, ld, mask),
-                            2 => $tile::<2>(q, d, k, a, o, ld, mask),
-                            _ => $tile::<1>(q, d, k, a, o, ld, mask),
-                        }
-                    }
-                    if c == C_FULL && real == GROUP_ROWS {
-                        tiles.full += 1;
-                    } else {
-                        tiles.edge += 1;
-                    }
-                    t0 += c;
-                }
-            }
-            tiles
-        }
-    };
-}
-
-packed_gemm!(gemm_q4_0, tile_q4_0, 256, 32);
-packed_gemm!(gemm_q4_1, tile_q4_1, 256, 64);
-packed_gemm!(gemm_q8_0, tile_q8_0, 512, 32);
+packed_gemm_512!(gemm_q4_0, tile_q4_0, 256, 32);
+packed_gemm_512!(gemm_q4_1, tile_q4_1, 256, 64);
+packed_gemm_512!(gemm_q8_0, tile_q8_0, 512, 32);
