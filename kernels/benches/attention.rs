@@ -8,21 +8,11 @@
 //! query-key pairs per head per second (elements), so the numbers compare
 //! across shapes.
 
+mod common;
 use airlock_kernels::attention::{attention, AttentionShape, KvRows};
+use common::values;
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::f16;
-
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
 
 struct Case {
     name: &'static str,

@@ -11,38 +11,18 @@
 //! kernels, each Q4_0/Q4_1/Q8_0 matrix is also run in the repacked layout. `DECODE_REPS` sets the
 //! repetitions (default 30); `DECODE_THREADS` a list like `1,2`.
 
+mod common;
+
 use std::time::Instant;
 
 use airlock_kernels::bandwidth::ReadBuffer;
 use airlock_kernels::packed::{can_pack, packed_kernels};
 use airlock_kernels::{
-    matmul, matmul_packed, quantize_row, simd_path, GgmlType, PackedScratch, PackedWeights,
-    WeightView,
+    matmul, matmul_packed, simd_path, GgmlType, PackedScratch, PackedWeights, WeightView,
 };
+use common::{values, weights};
 
 const GIB: f64 = (1u64 << 30) as f64;
-
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
-
-fn weights(ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
-    let rb = ty.row_bytes(cols as u64).unwrap() as usize;
-    let mut data = vec![0u8; rows * rb];
-    let src = values(64 * cols, ty.id() as u64 + 1);
-    for (r, dst) in data.chunks_exact_mut(rb).enumerate() {
-        quantize_row(ty, &src[(r % 64) * cols..][..cols], dst).unwrap();
-    }
-    data
-}
 
 /// Runs `f` `reps` times; returns (best, median) seconds.
 fn time(reps: usize, mut f: impl FnMut()) -> (f64, f64) {

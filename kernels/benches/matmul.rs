@@ -8,37 +8,15 @@
 //! second (GB/s); GEMM throughput is elements = 2 * rows * cols * tokens
 //! operations per second (read Gelem/s as GOP/s).
 
+mod common;
 use airlock_kernels::dot::kernels_for;
 use airlock_kernels::matmul::matmul_with;
 use airlock_kernels::packed::packed_kernels;
 use airlock_kernels::{
-    matmul, matmul_packed, quantize_row, simd_path, GgmlType, PackedScratch, PackedWeights,
-    SimdPath, WeightView,
+    matmul, matmul_packed, simd_path, GgmlType, PackedScratch, PackedWeights, SimdPath, WeightView,
 };
+use common::{values, weights};
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
-
-fn weights(ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
-    let rb = ty.row_bytes(cols as u64).unwrap() as usize;
-    let mut data = vec![0u8; rows * rb];
-    // One random row pattern per 64 rows keeps setup fast at 8B shapes.
-    let src = values(64 * cols, ty.id() as u64 + 1);
-    for (r, dst) in data.chunks_exact_mut(rb).enumerate() {
-        quantize_row(ty, &src[(r % 64) * cols..][..cols], dst).unwrap();
-    }
-    data
-}
 
 const TYPES: [GgmlType; 4] = [
     GgmlType::Q4_0,

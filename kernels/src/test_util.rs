@@ -1,4 +1,4 @@
-//! Helpers shared by the crate's unit tests.
+//! Helpers shared by the crate's unit tests and its benches (`benches/common`).
 
 /// Deterministic pseudo-random values in [-1, 1) (xorshift), so failures
 /// reproduce without a seed file.
