@@ -14,7 +14,7 @@
 
 use std::arch::x86_64::*;
 
-use super::x86::{nibbles, packed_gemm_512, prefetch, store};
+use super::x86::{group, nibbles, packed_gemm_512, prefetch, store};
 use super::{gemm_shape, ActBlock, Out, PackedKernels, PackedWeights, GROUP_ROWS};
 use crate::dot::Tiles;
 use crate::simd::SimdPath;
@@ -32,18 +32,6 @@ pub(super) static KERNELS: PackedKernels = PackedKernels {
     q8_0: gemm_q8_0,
     q8_0_takes_minus_128: false,
 };
-
-/// The 4-byte activation group `j` of `a`, broadcast to every lane.
-///
-/// Safety: the features below; `j < 8`.
-#[inline]
-#[target_feature(enable = "avx512f")]
-unsafe fn group(a: &ActBlock, j: usize) -> __m512i {
-    debug_assert!(j < 8);
-    // SAFETY: qs holds 32 bytes, group j is bytes 4j..4j+4 (j < 8).
-    let g = unsafe { (a.qs.as_ptr().add(4 * j) as *const i32).read_unaligned() };
-    _mm512_set1_epi32(g)
-}
 
 /// One 4-bit tile: `q`/`d` are the group's quants and scales, `act` the
 /// tile's first token's blocks (token t at `act + t * k`), `out` the tile's

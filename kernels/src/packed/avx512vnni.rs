@@ -9,7 +9,7 @@
 
 use std::arch::x86_64::*;
 
-use super::x86::{nibbles, packed_gemm_512, prefetch, store};
+use super::x86::{group, nibbles, packed_gemm_512, prefetch, store};
 use super::{gemm_shape, ActBlock, Out, PackedKernels, PackedWeights, GROUP_ROWS};
 use crate::dot::Tiles;
 use crate::simd::SimdPath;
@@ -65,12 +65,11 @@ unsafe fn tile_4bit<const C: usize, const MIN: bool>(
             };
             for (t, acc_t) in acc.iter_mut().enumerate() {
                 let a = &*act.add(t * k + b);
-                let y = a.qs.as_ptr() as *const i32;
                 let mut s0 = _mm512_set1_epi32(a.c);
                 let mut s1 = _mm512_setzero_si512();
                 for j in 0..4 {
-                    let ylo = _mm512_set1_epi32(y.add(j).read_unaligned());
-                    let yhi = _mm512_set1_epi32(y.add(4 + j).read_unaligned());
+                    let ylo = group(a, j);
+                    let yhi = group(a, 4 + j);
                     s0 = _mm512_dpbusd_epi32(s0, wv[2 * j], ylo);
                     s1 = _mm512_dpbusd_epi32(s1, wv[2 * j + 1], yhi);
                 }
@@ -150,12 +149,11 @@ unsafe fn tile_q8_0<const C: usize>(
             let dx = _mm512_cvtph_ps(_mm256_loadu_si256(d.add(b * 32) as *const __m256i));
             for (t, acc_t) in acc.iter_mut().enumerate() {
                 let a = &*act.add(t * k + b);
-                let y = a.qs.as_ptr() as *const i32;
                 let mut s0 = ncorr;
                 let mut s1 = zero;
                 for j in 0..4 {
-                    let y0 = _mm512_set1_epi32(y.add(2 * j).read_unaligned());
-                    let y1 = _mm512_set1_epi32(y.add(2 * j + 1).read_unaligned());
+                    let y0 = group(a, 2 * j);
+                    let y1 = group(a, 2 * j + 1);
                     s0 = _mm512_dpbusd_epi32(s0, y0, wv[2 * j]);
                     s1 = _mm512_dpbusd_epi32(s1, y1, wv[2 * j + 1]);
                 }

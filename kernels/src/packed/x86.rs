@@ -1,8 +1,10 @@
 //! What the x86 packed kernels share: the decode prefetch (every path) and
-//! the 512-bit nibble split, masked store and row/token loop (the two
-//! AVX-512 paths).
+//! the 512-bit nibble split, activation broadcast, masked store and
+//! row/token loop (the two AVX-512 paths).
 
 use std::arch::x86_64::*;
+
+use super::ActBlock;
 
 /// Writes the C accumulators to `out + t * ld`, lanes in `mask`.
 ///
@@ -68,6 +70,18 @@ pub(super) unsafe fn nibbles(qb: *const u8) -> [__m512i; 8] {
         wv[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16::<4>(l), m4);
     }
     wv
+}
+
+/// The 4-byte activation group `j` of `a`, broadcast to every lane.
+///
+/// Safety: the features below; `j < 8`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn group(a: &ActBlock, j: usize) -> __m512i {
+    debug_assert!(j < 8);
+    // SAFETY: qs holds 32 bytes, group j is bytes 4j..4j+4 (j < 8).
+    let g = unsafe { (a.qs.as_ptr().add(4 * j) as *const i32).read_unaligned() };
+    _mm512_set1_epi32(g)
 }
 
 /// A [`super::PackedGemmFn`] from a 512-bit tile kernel (`$tile::<C>`, C
