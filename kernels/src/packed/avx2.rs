@@ -201,36 +201,6 @@ unsafe fn tile_4bit<const C: usize, const H: usize, const MIN: bool>(
     unsafe { store(&acc, out, ld, real) };
 }
 
-/// [`tile_4bit`] for Q4_0. Safety: as there.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_q4_0<const C: usize, const H: usize>(
-    q: *const u8,
-    d: *const u8,
-    k: usize,
-    act: *const ActBlock,
-    out: *mut f32,
-    ld: usize,
-    real: usize,
-) {
-    // SAFETY: the caller's guarantee, passed on.
-    unsafe { tile_4bit::<C, H, false>(q, d, k, act, out, ld, real) }
-}
-
-/// [`tile_4bit`] for Q4_1. Safety: as there.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_q4_1<const C: usize, const H: usize>(
-    q: *const u8,
-    d: *const u8,
-    k: usize,
-    act: *const ActBlock,
-    out: *mut f32,
-    ld: usize,
-    real: usize,
-) {
-    // SAFETY: the caller's guarantee, passed on.
-    unsafe { tile_4bit::<C, H, true>(q, d, k, act, out, ld, real) }
-}
-
 /// As [`tile_4bit`] for Q8_0 weights (`q` holds `k * 512` bytes), whose
 /// activations must not hold -128 (`a.qs` byte 0; see the module docs).
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -288,7 +258,7 @@ unsafe fn tile_q8_0<const C: usize, const H: usize>(
 /// runs both halves in each tile; one with at most 8 (the matrix's last)
 /// only the first.
 macro_rules! packed_gemm {
-    ($name:ident, $tile:ident, $qb:expr, $sb:expr) => {
+    ($name:ident, $tile:ident[$($extra:tt),*], $qb:expr, $sb:expr) => {
         /// Safety: [`super::PackedGemmFn`]'s.
         unsafe fn $name(
             w: &PackedWeights,
@@ -317,12 +287,12 @@ macro_rules! packed_gemm {
                         let a = act.as_ptr().add(t0 * k);
                         let (o, ld) = (out.at(t0, g0), out.ld());
                         match (c, real > HALF) {
-                            (3, true) => $tile::<3, 2>(q, d, k, a, o, ld, real),
-                            (2, true) => $tile::<2, 2>(q, d, k, a, o, ld, real),
-                            (_, true) => $tile::<1, 2>(q, d, k, a, o, ld, real),
-                            (3, false) => $tile::<3, 1>(q, d, k, a, o, ld, real),
-                            (2, false) => $tile::<2, 1>(q, d, k, a, o, ld, real),
-                            (_, false) => $tile::<1, 1>(q, d, k, a, o, ld, real),
+                            (3, true) => $tile::<3, 2 $(, $extra)*>(q, d, k, a, o, ld, real),
+                            (2, true) => $tile::<2, 2 $(, $extra)*>(q, d, k, a, o, ld, real),
+                            (_, true) => $tile::<1, 2 $(, $extra)*>(q, d, k, a, o, ld, real),
+                            (3, false) => $tile::<3, 1 $(, $extra)*>(q, d, k, a, o, ld, real),
+                            (2, false) => $tile::<2, 1 $(, $extra)*>(q, d, k, a, o, ld, real),
+                            (_, false) => $tile::<1, 1 $(, $extra)*>(q, d, k, a, o, ld, real),
                         }
                     }
                     if c == C_FULL && real == GROUP_ROWS {
@@ -338,9 +308,9 @@ macro_rules! packed_gemm {
     };
 }
 
-packed_gemm!(gemm_q4_0, tile_q4_0, 256, 32);
-packed_gemm!(gemm_q4_1, tile_q4_1, 256, 64);
-packed_gemm!(gemm_q8_0, tile_q8_0, 512, 32);
+packed_gemm!(gemm_q4_0, tile_4bit[false], 256, 32);
+packed_gemm!(gemm_q4_1, tile_4bit[true], 256, 64);
+packed_gemm!(gemm_q8_0, tile_q8_0[], 512, 32);
 
 /// Quantizes one token's row to Q8_0 straight into activation blocks for
 /// `ty` (Q4_0 or Q8_0) weights: the quants and scales of

@@ -92,36 +92,6 @@ unsafe fn tile_4bit<const C: usize, const MIN: bool>(
     unsafe { store(&acc, out, ld, mask) };
 }
 
-/// [`tile_4bit`] for Q4_0. Safety: as there.
-#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-unsafe fn tile_q4_0<const C: usize>(
-    q: *const u8,
-    d: *const u8,
-    k: usize,
-    act: *const ActBlock,
-    out: *mut f32,
-    ld: usize,
-    mask: __mmask16,
-) {
-    // SAFETY: the caller's guarantee, passed on.
-    unsafe { tile_4bit::<C, false>(q, d, k, act, out, ld, mask) }
-}
-
-/// [`tile_4bit`] for Q4_1. Safety: as there.
-#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-unsafe fn tile_q4_1<const C: usize>(
-    q: *const u8,
-    d: *const u8,
-    k: usize,
-    act: *const ActBlock,
-    out: *mut f32,
-    ld: usize,
-    mask: __mmask16,
-) {
-    // SAFETY: the caller's guarantee, passed on.
-    unsafe { tile_4bit::<C, true>(q, d, k, act, out, ld, mask) }
-}
-
 /// As [`tile_4bit`] for Q8_0 weights (`q` holds `k * 512` bytes), whose
 /// activations must not hold -128 (`a.qs` byte 0; see the module docs).
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
@@ -176,6 +146,6 @@ unsafe fn tile_q8_0<const C: usize>(
     unsafe { store(&acc, out, ld, mask) };
 }
 
-packed_gemm_512!(gemm_q4_0, tile_q4_0, 256, 32);
-packed_gemm_512!(gemm_q4_1, tile_q4_1, 256, 64);
-packed_gemm_512!(gemm_q8_0, tile_q8_0, 512, 32);
+packed_gemm_512!(gemm_q4_0, tile_4bit[false], 256, 32);
+packed_gemm_512!(gemm_q4_1, tile_4bit[true], 256, 64);
+packed_gemm_512!(gemm_q8_0, tile_q8_0[], 512, 32);

@@ -84,12 +84,13 @@ pub(super) unsafe fn group(a: &ActBlock, j: usize) -> __m512i {
     _mm512_set1_epi32(g)
 }
 
-/// A [`super::PackedGemmFn`] from a 512-bit tile kernel (`$tile::<C>`, C
-/// tokens of one 16-row group, `C_FULL` at most, from the caller's scope):
+/// A [`super::PackedGemmFn`] from a 512-bit tile kernel `$tile::<C,
+/// $extra..>` (C tokens of one 16-row group, at most the caller's `C_FULL`;
+/// `$extra`: the tile's other const arguments, e.g. Q4_1's `MIN`):
 /// groups of the call's rows outer (the group's weights stay in L1 while
 /// every token passes), tokens in tiles of `C_FULL` inner.
 macro_rules! packed_gemm_512 {
-    ($name:ident, $tile:ident, $qb:expr, $sb:expr) => {
+    ($name:ident, $tile:ident[$($extra:tt),*], $qb:expr, $sb:expr) => {
         /// Safety: [`super::PackedGemmFn`]'s.
         unsafe fn $name(
             w: &PackedWeights,
@@ -118,10 +119,10 @@ macro_rules! packed_gemm_512 {
                         let a = act.as_ptr().add(t0 * k);
                         let (o, ld) = (out.at(t0, g0), out.ld());
                         match c {
-                            4 => $tile::<4>(q, d, k, a, o, ld, mask),
-                            3 => $tile::<3>(q, d, k, a, o, ld, mask),
-                            2 => $tile::<2>(q, d, k, a, o, ld, mask),
-                            _ => $tile::<1>(q, d, k, a, o, ld, mask),
+                            4 => $tile::<4 $(, $extra)*>(q, d, k, a, o, ld, mask),
+                            3 => $tile::<3 $(, $extra)*>(q, d, k, a, o, ld, mask),
+                            2 => $tile::<2 $(, $extra)*>(q, d, k, a, o, ld, mask),
+                            _ => $tile::<1 $(, $extra)*>(q, d, k, a, o, ld, mask),
                         }
                     }
                     if c == C_FULL && real == GROUP_ROWS {
