@@ -9,16 +9,22 @@
 //! integer dot, and one convert and one FMA scale all 16 rows at once.
 //!
 //! Layout of one group of 16 rows over `k` blocks (rows past the matrix's
-//! end are zeros, so they add nothing and are never stored):
-//! - scales, `k * 32` bytes: block b's 16 f16 scales, row order (Q4_1:
-//!   `k * 64`, block b's 16 scales then its 16 minimums), zero-padded to a
-//!   multiple of 64 bytes. First, so that decode's linear prefetch, running
-//!   ahead through one group's quants, has fetched the next group's scales
-//!   before its first block needs them;
-//! - quants, `k * QB` bytes: block b's chunk j holds, in its 4-byte lane i,
-//!   bytes `4j..4j+4` of row i's block b (Q4_0: QB = 256, 4 chunks of 64
+//! end are zeros, so they add nothing and are never stored): units of
+//! `64 / SB` blocks, one after the other, each the quants of its blocks and
+//! then their scales in one 64-byte line, so a kernel reads the group as one
+//! sequential stream:
+//! - quants, `QB` bytes a block: block b's chunk j holds, in its 4-byte lane
+//!   i, bytes `4j..4j+4` of row i's block b (Q4_0: QB = 256, 4 chunks of 64
 //!   bytes, whose low nibbles are elements `4j..4j+4` and high nibbles
-//!   elements `16+4j..`, as for Q4_1; Q8_0: QB = 512, 8 chunks).
+//!   elements `16+4j..`, as for Q4_1; Q8_0: QB = 512, 8 chunks);
+//! - scales, `SB` bytes a block: its 16 f16 scales in row order (SB = 32;
+//!   Q4_1: SB = 64, the 16 scales then the 16 minimums).
+//!
+//! So Q4_0 and Q8_0 go in units of two blocks (576 and 1088 bytes), Q4_1 in
+//! units of one (320 bytes); a group with an odd k ends in a half-empty
+//! unit. An earlier layout put all of a group's scales first and its quants
+//! after: two streams a thread, which Zen 4's hardware prefetchers followed
+//! worse than one (see BENCHMARKS.md, "Packed layout").
 //!
 //! The quant and scale bytes are the file's, moved: a packed matrix takes as
 //! much memory as the file's tensor (plus the padding rows), in anonymous
@@ -224,7 +230,6 @@ pub fn packed_kernels_for(path: SimdPath) -> Option<&'static PackedKernels> {
         #[cfg(target_arch = "x86_64")]
         SimdPath::Avx512Vnni => Some(&avx512vnni::KERNELS),
         #[cfg(target_arch = "x86_64")]
-        #[cfg(target_arch = "x86_64")]
         SimdPath::Avx512 => Some(&avx512::KERNELS),
         #[cfg(target_arch = "x86_64")]
         SimdPath::Avx2 | SimdPath::AvxVnni => avx2::kernels_for(path),
@@ -247,8 +252,6 @@ pub struct PackedWeights {
     ty: GgmlType,
     rows: usize,
     cols: usize,
-    /// Bytes of a group's scale region (a multiple of 64).
-    scale_region: usize,
     /// Bytes of one group (a multiple of 64).
     group_bytes: usize,
     data: Buffer,
@@ -283,6 +286,32 @@ fn group_scale_bytes(ty: GgmlType) -> usize {
     }
 }
 
+/// Blocks per unit of the layout: as many as have their scales fill one
+/// 64-byte line (`sb`: scale bytes per block, 32 or 64).
+const fn unit_blocks(sb: usize) -> usize {
+    64 / sb
+}
+
+/// Bytes of one unit: its blocks' quants (`qb` bytes each), then the line of scales.
+const fn unit_bytes(qb: usize, sb: usize) -> usize {
+    unit_blocks(sb) * qb + 64
+}
+
+/// Where block `b`'s quants and scales start in its group, for `qb` quant
+/// and `sb` scale bytes a block. Both are multiples of 32 from the group's
+/// (64-byte aligned) start; quants are 64-byte aligned.
+#[inline(always)]
+pub(crate) const fn block_at(qb: usize, sb: usize, b: usize) -> (usize, usize) {
+    let (u, i) = (b / unit_blocks(sb), b % unit_blocks(sb));
+    let unit = u * unit_bytes(qb, sb);
+    (unit + i * qb, unit + unit_blocks(sb) * qb + i * sb)
+}
+
+/// Bytes of a group of `k` blocks, if that fits a usize.
+pub(crate) fn group_len(qb: usize, sb: usize, k: usize) -> Option<usize> {
+    k.div_ceil(unit_blocks(sb)).checked_mul(unit_bytes(qb, sb))
+}
+
 impl PackedWeights {
     /// Packs `w` for `kernels`. Errors on a type [`can_pack`] refuses, a
     /// column count that is not a whole number of blocks, or data whose
@@ -296,19 +325,11 @@ impl PackedWeights {
         }
         let row_bytes = w.checked_row_bytes()?;
         let k = w.cols / 32;
-        let qb = group_quant_bytes(w.ty);
-        let overflow = KernelError::Overflow {
-            what: "packed group",
-        };
-        let scale_region = k
-            .checked_mul(group_scale_bytes(w.ty))
-            .ok_or(overflow.clone())?
-            .div_ceil(64)
-            * 64;
-        let group_bytes = k
-            .checked_mul(qb)
-            .and_then(|q| q.checked_add(scale_region))
-            .ok_or(overflow)?;
+        let group_bytes = group_len(group_quant_bytes(w.ty), group_scale_bytes(w.ty), k).ok_or(
+            KernelError::Overflow {
+                what: "packed group",
+            },
+        )?;
         let groups = w.rows.div_ceil(GROUP_ROWS);
         let total = groups
             .checked_mul(group_bytes)
@@ -324,12 +345,11 @@ impl PackedWeights {
                 .for_each(|(g, dst)| {
                     let r0 = g * GROUP_ROWS;
                     let r1 = (r0 + GROUP_ROWS).min(w.rows);
-                    let (scales, quants) = dst.split_at_mut(scale_region);
                     for (i, src) in w.data[r0 * row_bytes..r1 * row_bytes]
                         .chunks_exact(row_bytes)
                         .enumerate()
                     {
-                        pack_row(w.ty, src, i, quants, scales);
+                        pack_row(w.ty, src, i, dst);
                     }
                 });
         }
@@ -337,7 +357,6 @@ impl PackedWeights {
             ty: w.ty,
             rows: w.rows,
             cols: w.cols,
-            scale_region,
             group_bytes,
             data,
             kernels,
@@ -370,46 +389,44 @@ impl PackedWeights {
         self.kernels.gemm(self.ty, minus_128)
     }
 
-    /// Group g's quant bytes (`k * QB`) and scale bytes (`k * 32`, Q4_1 `k * 64`).
-    fn group(&self, g: usize) -> (&[u8], &[u8]) {
-        let k = self.blocks();
-        let grp = &self.data.bytes()[g * self.group_bytes..(g + 1) * self.group_bytes];
-        let (scales, quants) = grp.split_at(self.scale_region);
-        (quants, &scales[..k * group_scale_bytes(self.ty)])
+    /// Group g's bytes: its units of quants and scales ([`block_at`]).
+    fn group(&self, g: usize) -> &[u8] {
+        &self.data.bytes()[g * self.group_bytes..(g + 1) * self.group_bytes]
     }
 }
 
 /// Scatters one row (row `i` of its group) into the group's quants and
-/// scales, as 32-bit and 16-bit words (both regions are 64-byte aligned).
-fn pack_row(ty: GgmlType, src: &[u8], i: usize, quants: &mut [u8], scales: &mut [u8]) {
-    let q32: &mut [u32] = bytemuck::cast_slice_mut(quants);
-    let s16: &mut [u16] = bytemuck::cast_slice_mut(scales);
-    let sw = group_scale_bytes(ty) / 2;
-    let put = |b: usize, d: [u8; 2], qs: &[u8], q32: &mut [u32], s16: &mut [u16]| {
-        let qw = qs.len() * 4;
-        s16[b * sw + i] = u16::from_ne_bytes(d);
+/// scales ([`block_at`]), as 32-bit and 16-bit words (the group is 64-byte
+/// aligned, quants at multiples of 64 bytes and scales of 32 within it).
+fn pack_row(ty: GgmlType, src: &[u8], i: usize, group: &mut [u8]) {
+    let (qb, sb) = (group_quant_bytes(ty), group_scale_bytes(ty));
+    let put = |b: usize, d: [u8; 2], qs: &[u8], group: &mut [u8]| {
+        let (qo, so) = block_at(qb, sb, b);
+        group[so + 2 * i..so + 2 * i + 2].copy_from_slice(&d);
+        let q32: &mut [u32] = bytemuck::cast_slice_mut(&mut group[qo..qo + qb]);
         for (j, four) in qs.chunks_exact(4).enumerate() {
-            q32[b * qw + j * 16 + i] = u32::from_ne_bytes([four[0], four[1], four[2], four[3]]);
+            q32[j * 16 + i] = u32::from_ne_bytes([four[0], four[1], four[2], four[3]]);
         }
     };
     match ty {
         GgmlType::Q4_0 => {
             let blocks: &[BlockQ4_0] = bytemuck::cast_slice(src);
             for (b, blk) in blocks.iter().enumerate() {
-                put(b, blk.d, &blk.qs, q32, s16);
+                put(b, blk.d, &blk.qs, group);
             }
         }
         GgmlType::Q4_1 => {
             let blocks: &[BlockQ4_1] = bytemuck::cast_slice(src);
             for (b, blk) in blocks.iter().enumerate() {
-                put(b, blk.d, &blk.qs, q32, s16);
-                s16[b * sw + 16 + i] = u16::from_ne_bytes(blk.m);
+                put(b, blk.d, &blk.qs, group);
+                let so = block_at(qb, sb, b).1 + 32 + 2 * i;
+                group[so..so + 2].copy_from_slice(&blk.m);
             }
         }
         _ => {
             let blocks: &[BlockQ8_0] = bytemuck::cast_slice(src);
             for (b, blk) in blocks.iter().enumerate() {
-                put(b, blk.d, bytemuck::cast_slice(&blk.qs), q32, s16);
+                put(b, blk.d, bytemuck::cast_slice(&blk.qs), group);
             }
         }
     }

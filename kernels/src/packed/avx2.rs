@@ -38,7 +38,7 @@
 use std::arch::x86_64::*;
 
 use super::x86::prefetch;
-use super::{gemm_shape, ActBlock, Out, PackedKernels, PackedWeights, GROUP_ROWS};
+use super::{block_at, gemm_shape, ActBlock, Out, PackedKernels, PackedWeights, GROUP_ROWS};
 use crate::dot::Tiles;
 use crate::quant::float::{f16_to_f32, f32_to_f16};
 use crate::quant::q8_0::quantize_block_q8_0;
@@ -126,21 +126,20 @@ unsafe fn group(a: &ActBlock, j: usize) -> __m256i {
     _mm256_set1_epi32(g)
 }
 
-/// One 4-bit tile of H halves (H = 2: rows 0-15; H = 1: rows 0-7): `q`/`d`
-/// are the group's quants and scales, `act` the tile's first token's blocks
+/// One 4-bit tile of H halves (H = 2: rows 0-15; H = 1: rows 0-7): `g` is
+/// the group ([`super::block_at`]), `act` the tile's first token's blocks
 /// (token t at `act + t * k`), `out` the tile's first output (token t at
-/// `out + t * ld`), `real` the group's real rows. `MIN` (Q4_1): `d` holds
-/// 16 scales then 16 minimums per block, and `acc += m * s` follows the
+/// `out + t * ld`), `real` the group's real rows. `MIN` (Q4_1): a block's
+/// scales are 16 scales then 16 minimums, and `acc += m * s` follows the
 /// scaled integer sum; Q4_0's `-8 sum(y)` rides in `a.c` (0 for Q4_1).
 ///
-/// Safety: the features below; `q` holds `k * 256` bytes, `d` `k * 32`
-/// (`k * 64` with `MIN`), `act` `C * k` blocks; lanes below `real` of
+/// Safety: the features below; `g` holds a group of `k` blocks, `act`
+/// `C * k` blocks; lanes below `real` of
 /// `out + t * ld` (t < C) are writable.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn tile_4bit<const C: usize, const H: usize, const MIN: bool>(
-    q: *const u8,
-    d: *const u8,
+    g: *const u8,
     k: usize,
     act: *const ActBlock,
     out: *mut f32,
@@ -160,9 +159,9 @@ unsafe fn tile_4bit<const C: usize, const H: usize, const MIN: bool>(
     for b in 0..k {
         // SAFETY (whole body): every offset is inside the ranges the caller guarantees.
         unsafe {
-            let qb = q.add(b * 256);
-            let db = d.add(b * sb);
-            prefetch::<C>(qb, 256, db, sb);
+            let (qo, so) = block_at(256, sb, b);
+            let (qb, db) = (g.add(qo), g.add(so));
+            prefetch::<C>(g, 256, sb, b);
             // i16 sums per lane half: 16 products of at most 15 * 128 each, |sum| <= 30720.
             let mut s16 = [[_mm256_setzero_si256(); C]; H];
             for j in 0..chunks {
@@ -201,12 +200,11 @@ unsafe fn tile_4bit<const C: usize, const H: usize, const MIN: bool>(
     unsafe { store(&acc, out, ld, real) };
 }
 
-/// As [`tile_4bit`] for Q8_0 weights (`q` holds `k * 512` bytes), whose
+/// As [`tile_4bit`] for Q8_0 weights, whose
 /// activations must not hold -128 (`a.qs` byte 0; see the module docs).
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn tile_q8_0<const C: usize, const H: usize>(
-    q: *const u8,
-    d: *const u8,
+    g: *const u8,
     k: usize,
     act: *const ActBlock,
     out: *mut f32,
@@ -221,9 +219,9 @@ unsafe fn tile_q8_0<const C: usize, const H: usize>(
     for b in 0..k {
         // SAFETY (whole body): every offset is inside the ranges the caller guarantees.
         unsafe {
-            let qb = q.add(b * 512);
-            let db = d.add(b * 32);
-            prefetch::<C>(qb, 512, db, 32);
+            let (qo, so) = block_at(512, 32, b);
+            let (qb, db) = (g.add(qo), g.add(so));
+            prefetch::<C>(g, 512, 32, b);
             let mut s = [[_mm256_setzero_si256(); C]; H];
             for j in 0..chunks {
                 for (h, s_h) in s.iter_mut().enumerate() {
@@ -272,14 +270,14 @@ macro_rules! packed_gemm {
             let mut tiles = Tiles::default();
             for g0 in (0..nr).step_by(GROUP_ROWS) {
                 let real = (nr - g0).min(GROUP_ROWS);
-                let (quants, scales) = w.group((r0 + g0) / GROUP_ROWS);
-                assert!(quants.len() >= k * $qb && scales.len() >= k * $sb);
-                let (q, d) = (quants.as_ptr(), scales.as_ptr());
+                let group = w.group((r0 + g0) / GROUP_ROWS);
+                assert!(Some(group.len()) >= super::group_len($qb, $sb, k));
+                let g = group.as_ptr();
                 let mut t0 = 0;
                 while t0 < n {
                     let c = (n - t0).min(C_FULL);
                     // SAFETY: the tables are handed out only where the CPU has the
-                    // features; quants/scales hold k blocks (asserted); tokens
+                    // features; the group holds k blocks (asserted); tokens
                     // t0..t0+c < n have k blocks each in act; lane l < real of token
                     // t0+j is out.at(t0+j, g0+l) with g0 + l < nr, which the caller
                     // lets us write.
@@ -287,12 +285,12 @@ macro_rules! packed_gemm {
                         let a = act.as_ptr().add(t0 * k);
                         let (o, ld) = (out.at(t0, g0), out.ld());
                         match (c, real > HALF) {
-                            (3, true) => $tile::<3, 2 $(, $extra)*>(q, d, k, a, o, ld, real),
-                            (2, true) => $tile::<2, 2 $(, $extra)*>(q, d, k, a, o, ld, real),
-                            (_, true) => $tile::<1, 2 $(, $extra)*>(q, d, k, a, o, ld, real),
-                            (3, false) => $tile::<3, 1 $(, $extra)*>(q, d, k, a, o, ld, real),
-                            (2, false) => $tile::<2, 1 $(, $extra)*>(q, d, k, a, o, ld, real),
-                            (_, false) => $tile::<1, 1 $(, $extra)*>(q, d, k, a, o, ld, real),
+                            (3, true) => $tile::<3, 2 $(, $extra)*>(g, k, a, o, ld, real),
+                            (2, true) => $tile::<2, 2 $(, $extra)*>(g, k, a, o, ld, real),
+                            (_, true) => $tile::<1, 2 $(, $extra)*>(g, k, a, o, ld, real),
+                            (3, false) => $tile::<3, 1 $(, $extra)*>(g, k, a, o, ld, real),
+                            (2, false) => $tile::<2, 1 $(, $extra)*>(g, k, a, o, ld, real),
+                            (_, false) => $tile::<1, 1 $(, $extra)*>(g, k, a, o, ld, real),
                         }
                     }
                     if c == C_FULL && real == GROUP_ROWS {

@@ -15,7 +15,7 @@
 use std::arch::x86_64::*;
 
 use super::x86::{group, nibbles, packed_gemm_512, prefetch, store};
-use super::{gemm_shape, ActBlock, Out, PackedKernels, PackedWeights, GROUP_ROWS};
+use super::{block_at, gemm_shape, ActBlock, Out, PackedKernels, PackedWeights, GROUP_ROWS};
 use crate::dot::Tiles;
 use crate::simd::SimdPath;
 
@@ -33,21 +33,20 @@ pub(super) static KERNELS: PackedKernels = PackedKernels {
     q8_0_takes_minus_128: false,
 };
 
-/// One 4-bit tile: `q`/`d` are the group's quants and scales, `act` the
+/// One 4-bit tile: `g` is the group ([`super::block_at`]), `act` the
 /// tile's first token's blocks (token t at `act + t * k`), `out` the tile's
 /// first output (token t at `out + t * ld`), `mask` the group's real rows.
-/// `MIN` (Q4_1): `d` holds 16 scales then 16 minimums per block, and
+/// `MIN` (Q4_1): a block's scales are 16 scales then 16 minimums, and
 /// `acc += m * s` follows the scaled integer sum; Q4_0's `-8 sum(y)` rides in
 /// `a.c` (0 for Q4_1).
 ///
-/// Safety: the features below; `q` holds `k * 256` bytes, `d` `k * 32`
-/// (`k * 64` with `MIN`), `act` `C * k` blocks; the masked lanes of
+/// Safety: the features below; `g` holds a group of `k` blocks, `act`
+/// `C * k` blocks; the masked lanes of
 /// `out + t * ld` (t < C) are writable.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
 unsafe fn tile_4bit<const C: usize, const MIN: bool>(
-    q: *const u8,
-    d: *const u8,
+    g: *const u8,
     k: usize,
     act: *const ActBlock,
     out: *mut f32,
@@ -60,12 +59,13 @@ unsafe fn tile_4bit<const C: usize, const MIN: bool>(
     for b in 0..k {
         // SAFETY (whole body): every offset is inside the ranges the caller guarantees.
         unsafe {
-            let qb = q.add(b * 256);
-            prefetch::<C>(qb, 256, d.add(b * sb), sb);
+            let (qo, so) = block_at(256, sb, b);
+            let (qb, db) = (g.add(qo), g.add(so));
+            prefetch::<C>(g, 256, sb, b);
             let wv = nibbles(qb);
-            let dx = _mm512_cvtph_ps(_mm256_loadu_si256(d.add(b * sb) as *const __m256i));
+            let dx = _mm512_cvtph_ps(_mm256_loadu_si256(db as *const __m256i));
             let mx = if MIN {
-                _mm512_cvtph_ps(_mm256_loadu_si256(d.add(b * sb + 32) as *const __m256i))
+                _mm512_cvtph_ps(_mm256_loadu_si256(db.add(32) as *const __m256i))
             } else {
                 _mm512_setzero_ps()
             };
@@ -92,12 +92,11 @@ unsafe fn tile_4bit<const C: usize, const MIN: bool>(
     unsafe { store(&acc, out, ld, mask) };
 }
 
-/// As [`tile_4bit`] for Q8_0 weights (`q` holds `k * 512` bytes), whose
+/// As [`tile_4bit`] for Q8_0 weights, whose
 /// activations must not hold -128 (`a.qs` byte 0; see the module docs).
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
 unsafe fn tile_q8_0<const C: usize>(
-    q: *const u8,
-    d: *const u8,
+    g: *const u8,
     k: usize,
     act: *const ActBlock,
     out: *mut f32,
@@ -111,8 +110,9 @@ unsafe fn tile_q8_0<const C: usize>(
     for b in 0..k {
         // SAFETY (whole body): every offset is inside the ranges the caller guarantees.
         unsafe {
-            let qb = q.add(b * 512);
-            prefetch::<C>(qb, 512, d.add(b * 32), 32);
+            let (qo, so) = block_at(512, 32, b);
+            let (qb, db) = (g.add(qo), g.add(so));
+            prefetch::<C>(g, 512, 32, b);
             let mut ax = [zero; 8];
             let mut neg = [0 as __mmask64; 8];
             for j in 0..8 {
@@ -120,7 +120,7 @@ unsafe fn tile_q8_0<const C: usize>(
                 ax[j] = _mm512_abs_epi8(x);
                 neg[j] = _mm512_movepi8_mask(x);
             }
-            let dx = _mm512_cvtph_ps(_mm256_loadu_si256(d.add(b * 32) as *const __m256i));
+            let dx = _mm512_cvtph_ps(_mm256_loadu_si256(db as *const __m256i));
             for (t, acc_t) in acc.iter_mut().enumerate() {
                 let a = &*act.add(t * k + b);
                 let mut s0 = _mm512_set1_epi32(a.c);

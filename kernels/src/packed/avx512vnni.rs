@@ -10,7 +10,7 @@
 use std::arch::x86_64::*;
 
 use super::x86::{group, nibbles, packed_gemm_512, prefetch, store};
-use super::{gemm_shape, ActBlock, Out, PackedKernels, PackedWeights, GROUP_ROWS};
+use super::{block_at, gemm_shape, ActBlock, Out, PackedKernels, PackedWeights, GROUP_ROWS};
 use crate::dot::Tiles;
 use crate::simd::SimdPath;
 
@@ -28,21 +28,20 @@ pub(super) static KERNELS: PackedKernels = PackedKernels {
     q8_0_takes_minus_128: true,
 };
 
-/// One 4-bit tile: `q`/`d` are the group's quants and scales, `act` the
+/// One 4-bit tile: `g` is the group ([`super::block_at`]), `act` the
 /// tile's first token's blocks (token t at `act + t * k`), `out` the tile's
 /// first output (token t at `out + t * ld`), `mask` the group's real rows.
-/// `MIN` (Q4_1): `d` holds 16 scales then 16 minimums per block, and
+/// `MIN` (Q4_1): a block's scales are 16 scales then 16 minimums, and
 /// `acc += m * s` follows the scaled integer sum; Q4_0's `-8 sum(y)` rides in
 /// `a.c` (0 for Q4_1).
 ///
-/// Safety: the features below; `q` holds `k * 256` bytes, `d` `k * 32`
-/// (`k * 64` with `MIN`), `act` `C * k` blocks; the masked lanes of
+/// Safety: the features below; `g` holds a group of `k` blocks, `act`
+/// `C * k` blocks; the masked lanes of
 /// `out + t * ld` (t < C) are writable.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 unsafe fn tile_4bit<const C: usize, const MIN: bool>(
-    q: *const u8,
-    d: *const u8,
+    g: *const u8,
     k: usize,
     act: *const ActBlock,
     out: *mut f32,
@@ -54,12 +53,13 @@ unsafe fn tile_4bit<const C: usize, const MIN: bool>(
     for b in 0..k {
         // SAFETY (whole body): every offset is inside the ranges the caller guarantees.
         unsafe {
-            let qb = q.add(b * 256);
-            prefetch::<C>(qb, 256, d.add(b * sb), sb);
+            let (qo, so) = block_at(256, sb, b);
+            let (qb, db) = (g.add(qo), g.add(so));
+            prefetch::<C>(g, 256, sb, b);
             let wv = nibbles(qb);
-            let dx = _mm512_cvtph_ps(_mm256_loadu_si256(d.add(b * sb) as *const __m256i));
+            let dx = _mm512_cvtph_ps(_mm256_loadu_si256(db as *const __m256i));
             let mx = if MIN {
-                _mm512_cvtph_ps(_mm256_loadu_si256(d.add(b * sb + 32) as *const __m256i))
+                _mm512_cvtph_ps(_mm256_loadu_si256(db.add(32) as *const __m256i))
             } else {
                 _mm512_setzero_ps()
             };
@@ -86,11 +86,10 @@ unsafe fn tile_4bit<const C: usize, const MIN: bool>(
     unsafe { store(&acc, out, ld, mask) };
 }
 
-/// As [`tile_4bit`] for Q8_0 weights (`q` holds `k * 512` bytes).
+/// As [`tile_4bit`] for Q8_0 weights.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 unsafe fn tile_q8_0<const C: usize>(
-    q: *const u8,
-    d: *const u8,
+    g: *const u8,
     k: usize,
     act: *const ActBlock,
     out: *mut f32,
@@ -103,8 +102,9 @@ unsafe fn tile_q8_0<const C: usize>(
     for b in 0..k {
         // SAFETY (whole body): every offset is inside the ranges the caller guarantees.
         unsafe {
-            let qb = q.add(b * 512);
-            prefetch::<C>(qb, 512, d.add(b * 32), 32);
+            let (qo, so) = block_at(512, 32, b);
+            let (qb, db) = (g.add(qo), g.add(so));
+            prefetch::<C>(g, 512, 32, b);
             let mut wv = [zero; 8];
             for (j, v) in wv.iter_mut().enumerate() {
                 *v = _mm512_loadu_si512(qb.add(64 * j) as *const _);
@@ -116,7 +116,7 @@ unsafe fn tile_q8_0<const C: usize>(
                 sx1 = _mm512_dpbusd_epi32(sx1, ones, wv[2 * j + 1]);
             }
             let ncorr = _mm512_sub_epi32(zero, _mm512_slli_epi32::<7>(_mm512_add_epi32(sx0, sx1)));
-            let dx = _mm512_cvtph_ps(_mm256_loadu_si256(d.add(b * 32) as *const __m256i));
+            let dx = _mm512_cvtph_ps(_mm256_loadu_si256(db as *const __m256i));
             for (t, acc_t) in acc.iter_mut().enumerate() {
                 let a = &*act.add(t * k + b);
                 let mut s0 = ncorr;

@@ -3,18 +3,19 @@
 //! in block order; `f32::mul_add` is a fused multiply-add on every target
 //! (in software where the CPU lacks one), so the roundings match.
 
-use super::{gemm_shape, ActBlock, Out, PackedWeights, GROUP_ROWS};
+use super::{block_at, gemm_shape, ActBlock, Out, PackedWeights, GROUP_ROWS};
 use crate::dot::Tiles;
 use crate::quant::float::f16_to_f32;
 
-/// The f16 at `scales[at]` as f32.
-fn h(scales: &[u8], at: usize) -> f32 {
-    f16_to_f32(u16::from_le_bytes([scales[at], scales[at + 1]]))
+/// The f16 at `bytes[at]` as f32.
+fn h(bytes: &[u8], at: usize) -> f32 {
+    f16_to_f32(u16::from_le_bytes([bytes[at], bytes[at + 1]]))
 }
 
 /// Walks every (row, token) of the call with `sumi(quants_of_block, i, act)`
-/// giving the block's integer dot for row i of its group; `sb` is the scale
-/// bytes per block (64 when minimums follow the scales, as for Q4_1).
+/// giving the block's integer dot for row i of its group; `qb`/`sb` are the
+/// quant and scale bytes per block (sb = 64 when minimums follow the
+/// scales, as for Q4_1).
 ///
 /// Safety: [`super::PackedGemmFn`]'s.
 unsafe fn each_output(
@@ -29,14 +30,15 @@ unsafe fn each_output(
     let k = w.blocks();
     for r in 0..nr {
         let (g, i) = ((r0 + r) / GROUP_ROWS, (r0 + r) % GROUP_ROWS);
-        let (quants, scales) = w.group(g);
+        let group = w.group(g);
         for t in 0..n {
             let mut acc = 0.0f32;
             for (b, a) in act[t * k..(t + 1) * k].iter().enumerate() {
-                let s = sumi(&quants[b * qb..(b + 1) * qb], i, a);
-                acc = (h(scales, b * sb + 2 * i) * a.d).mul_add(s as f32, acc);
+                let (qo, so) = block_at(qb, sb, b);
+                let s = sumi(&group[qo..qo + qb], i, a);
+                acc = (h(group, so + 2 * i) * a.d).mul_add(s as f32, acc);
                 if sb == 64 {
-                    acc = h(scales, b * sb + 32 + 2 * i).mul_add(a.s, acc);
+                    acc = h(group, so + 32 + 2 * i).mul_add(a.s, acc);
                 }
             }
             // SAFETY: t < n and r < nr, which the caller lets us write.

@@ -241,11 +241,23 @@ fn q8_0_weights_of_minus_128_are_exact() {
 
 #[test]
 fn packed_memory_is_the_tensor_plus_padding() {
+    // 40 rows are 3 groups. A group of 10 Q4_0 blocks is 5 units of two
+    // blocks' quants (2 x 256 bytes) and their scales (64).
     let c = Case::new(GgmlType::Q4_0, 40, 320, 1, 1);
     let p = PackedWeights::pack(&c.view(), &SCALAR).unwrap();
-    // 3 groups of 10 blocks x 288 bytes, each padded to 2880 (a multiple of 64).
-    assert_eq!(p.n_bytes(), 3 * 2880);
+    assert_eq!(p.n_bytes(), 3 * 5 * (512 + 64));
     assert!(p.n_bytes() >= c.data.len());
+    // Three blocks: Q4_0 and Q8_0 end in a half-empty unit; Q4_1's unit is
+    // one block (256 bytes of quants, 64 of scales and minimums).
+    for (ty, group) in [
+        (GgmlType::Q4_0, 2 * (512 + 64)),
+        (GgmlType::Q4_1, 3 * (256 + 64)),
+        (GgmlType::Q8_0, 2 * (1024 + 64)),
+    ] {
+        let c = Case::new(ty, 17, 96, 1, 2);
+        let p = PackedWeights::pack(&c.view(), &SCALAR).unwrap();
+        assert_eq!(p.n_bytes(), 2 * group, "{ty:?}");
+    }
 }
 
 #[test]

@@ -25,29 +25,28 @@ pub(super) unsafe fn store<const C: usize>(
     }
 }
 
-/// Bytes ahead of the current block that decode prefetches.
-const PF_BYTES: usize = 8192;
+/// Bytes ahead of the current unit that decode prefetches.
+const PF_BYTES: usize = 2048;
 
-/// Decode only (one token: nothing else hides memory latency): prefetch the
-/// block's worth of quants `PF_BYTES` ahead, and the scale stream (`db`, this
-/// block's scales, `sb` bytes a block) once a line, on top of the hardware
-/// streams. Prompt tiles reuse each block for several tokens and need no help.
-/// Into L2 (T1), where more misses can be in flight than L1 allows: measured
-/// here (2 threads, Zen 4), T1 at 8 KiB streamed 2048x8192 Q4_0 at 23-30 GB/s
-/// and the 128256x2048 Q8_0 head at 25-32 GB/s, T0 at 4 KiB at 18-26 and
-/// 19-26 GB/s.
+/// Decode only (one token: nothing else hides memory latency): at the first
+/// block of each unit ([`super::block_at`]; `qb`/`sb` quant and scale bytes
+/// a block), prefetch the unit `PF_BYTES` further on into L2 (T1), on top of
+/// the hardware streams. Prompt tiles reuse each block for several tokens
+/// and need no help.
+///
+/// Measured with this layout (2026-11-30, Zen 4, 1 and 2 threads,
+/// Llama-3.2-1B Q4_0/Q8_0, see BENCHMARKS.md): 1.5-2 KiB ahead beat 3-8 KiB
+/// (at 1 thread 4-8 KiB cost 20-25% a token) and no prefetch. NTA looked
+/// better when alternated token by token within one run, but whole runs with
+/// it were 10-20% slower than with T1.
 #[inline(always)]
-pub(super) fn prefetch<const C: usize>(qb: *const u8, bytes: usize, db: *const u8, sb: usize) {
-    if C == 1 {
-        for l in (0..bytes).step_by(64) {
+pub(super) fn prefetch<const C: usize>(group: *const u8, qb: usize, sb: usize, b: usize) {
+    if C == 1 && b.is_multiple_of(64 / sb) {
+        let unit = group.wrapping_add(super::block_at(qb, sb, b).0 + PF_BYTES);
+        for l in (0..(64 / sb) * qb + 64).step_by(64) {
             // wrapping_add: the address may lie past the matrix; a prefetch never faults.
-            let p = qb.wrapping_add(PF_BYTES + l) as *const i8;
+            let p = unit.wrapping_add(l) as *const i8;
             // SAFETY: prefetch is a hint with no architectural effect on any address.
-            unsafe { _mm_prefetch::<_MM_HINT_T1>(p) };
-        }
-        if (db as usize) % 64 < sb {
-            let p = db.wrapping_add(PF_BYTES / 4) as *const i8;
-            // SAFETY: as above.
             unsafe { _mm_prefetch::<_MM_HINT_T1>(p) };
         }
     }
@@ -105,24 +104,24 @@ macro_rules! packed_gemm_512 {
             for g0 in (0..nr).step_by(GROUP_ROWS) {
                 let real = (nr - g0).min(GROUP_ROWS);
                 let mask = (((1u32 << real) - 1) & 0xFFFF) as __mmask16;
-                let (quants, scales) = w.group((r0 + g0) / GROUP_ROWS);
-                assert!(quants.len() >= k * $qb && scales.len() >= k * $sb);
+                let group = w.group((r0 + g0) / GROUP_ROWS);
+                assert!(Some(group.len()) >= super::group_len($qb, $sb, k));
+                let g = group.as_ptr();
                 let mut t0 = 0;
                 while t0 < n {
                     let c = (n - t0).min(C_FULL);
-                    let (q, d) = (quants.as_ptr(), scales.as_ptr());
                     // SAFETY: KERNELS is handed out only where the CPU has the features;
-                    // quants/scales hold k blocks (asserted); tokens t0..t0+c < n have k
+                    // the group holds k blocks (asserted); tokens t0..t0+c < n have k
                     // blocks each in act; lane l < real of token t0+j is out.at(t0+j, g0+l)
                     // with g0 + l < nr, which the caller lets us write.
                     unsafe {
                         let a = act.as_ptr().add(t0 * k);
                         let (o, ld) = (out.at(t0, g0), out.ld());
                         match c {
-                            4 => $tile::<4 $(, $extra)*>(q, d, k, a, o, ld, mask),
-                            3 => $tile::<3 $(, $extra)*>(q, d, k, a, o, ld, mask),
-                            2 => $tile::<2 $(, $extra)*>(q, d, k, a, o, ld, mask),
-                            _ => $tile::<1 $(, $extra)*>(q, d, k, a, o, ld, mask),
+                            4 => $tile::<4 $(, $extra)*>(g, k, a, o, ld, mask),
+                            3 => $tile::<3 $(, $extra)*>(g, k, a, o, ld, mask),
+                            2 => $tile::<2 $(, $extra)*>(g, k, a, o, ld, mask),
+                            _ => $tile::<1 $(, $extra)*>(g, k, a, o, ld, mask),
                         }
                     }
                     if c == C_FULL && real == GROUP_ROWS {
