@@ -14,6 +14,7 @@
 //! - [`packed`]: Q4_0/Q4_1/Q8_0 matrices repacked at load into 16-row
 //!   groups, and their matmul (SIMD kernels with a scalar twin).
 //! - [`bandwidth`]: the machine's read bandwidth, the ceiling of generation.
+//! - [`pool`]: keeping the thread pool spinning through a forward pass.
 
 pub mod attention;
 pub mod bandwidth;
@@ -22,6 +23,7 @@ mod error;
 pub mod matmul;
 pub mod ops;
 pub mod packed;
+pub mod pool;
 pub mod quant;
 pub mod simd;
 #[cfg(test)]

@@ -201,21 +201,17 @@ impl Session {
     /// Returns the logits of the last token (`Logits::Last`, vocab values) or of every token
     /// (`Logits::All`, tokens.len() x vocab, row-major).
     ///
-    /// Called from outside the rayon pool, the pass runs on a pool thread: otherwise the
-    /// calling thread would run the sequential steps (norms, RoPE, the KV writes) while every
-    /// worker spins between parallel regions, one thread more than `-t` and than the cores.
+    /// The pass runs on a thread of the rayon pool while the pool's other threads spin
+    /// between its parallel regions instead of sleeping ([`with_spinning_pool`]).
+    ///
+    /// [`with_spinning_pool`]: airlock_kernels::pool::with_spinning_pool
     pub fn forward(
         &mut self,
         model: &LlamaModel,
         tokens: &[u32],
         which: Logits,
     ) -> Result<&[f32], ModelError> {
-        if rayon::current_thread_index().is_none() {
-            let (done, ()) = rayon::join(|| self.forward_in_pool(model, tokens, which), || ());
-            done?;
-            return Ok(&self.logits);
-        }
-        self.forward_in_pool(model, tokens, which)?;
+        airlock_kernels::pool::with_spinning_pool(|| self.forward_in_pool(model, tokens, which))?;
         Ok(&self.logits)
     }
 
