@@ -267,10 +267,13 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
             .build()
             .context("cannot start the thread pool")?;
         // Measured before the tests, with this thread count, and freed before they run.
-        let read_bps = args.ceiling.then(|| {
-            let buf = ReadBuffer::new(ReadBuffer::DEFAULT_BYTES);
-            pool.install(|| buf.rate(9))
-        });
+        let read_bps = if args.ceiling {
+            let buf = ReadBuffer::new(ReadBuffer::DEFAULT_BYTES)
+                .context("cannot map the read-bandwidth buffer")?;
+            Some(pool.install(|| buf.rate(9)))
+        } else {
+            None
+        };
         for &(n_prompt, n_gen) in &tests {
             let mut session = loaded.session();
             let mut samples = vec![];

@@ -56,7 +56,7 @@ fn main() {
         .flat_map(|&(r, c)| types.iter().map(move |&ty| (ty, r, c)))
         .map(|(ty, r, c)| (ty, r, c, weights(ty, r, c)))
         .collect();
-    let big = ReadBuffer::new(ReadBuffer::DEFAULT_BYTES);
+    let big = ReadBuffer::new(ReadBuffer::DEFAULT_BYTES).unwrap();
     println!("simd path: {}", simd_path().unwrap());
     for &nt in &threads {
         let pool = rayon::ThreadPoolBuilder::new()

@@ -78,7 +78,7 @@ fn main() {
         .collect();
     let head = pack(vocab, d, 999);
     let bytes: usize = mats.iter().flatten().map(|m| m.n_bytes()).sum::<usize>() + head.n_bytes();
-    let big = ReadBuffer::new(ReadBuffer::DEFAULT_BYTES);
+    let big = ReadBuffer::new(ReadBuffer::DEFAULT_BYTES).unwrap();
     let x = vec![0.5f32; ff];
     let (mut q, mut k, mut v, mut o) =
         (vec![0f32; d], vec![0f32; kv], vec![0f32; kv], vec![0f32; d]);

@@ -5,27 +5,42 @@
 
 use std::time::Instant;
 
+use crate::buffer::Buffer;
+use crate::KernelError;
+
 /// An array to read: `bytes` (rounded down to 8) of non-zero values, so the
-/// pages are really mapped and not the shared zero page.
-pub struct ReadBuffer(Vec<u64>);
+/// pages are really mapped and not the shared zero page, in the same
+/// huge-page-advised memory as packed weights, so that the read pays for
+/// address translation no more than a decode does.
+pub struct ReadBuffer(Buffer);
 
 impl ReadBuffer {
     /// Bytes well above any CPU's last-level cache, so every read reaches
     /// DRAM: 512 MiB.
     pub const DEFAULT_BYTES: usize = 512 << 20;
 
-    pub fn new(bytes: usize) -> ReadBuffer {
-        ReadBuffer((0..bytes / 8).map(|i| i as u64 | 1).collect())
+    /// Errors when the memory cannot be mapped.
+    pub fn new(bytes: usize) -> Result<ReadBuffer, KernelError> {
+        let mut buf = Buffer::zeroed(bytes / 8 * 8)?;
+        for (i, v) in buf.bytes_mut().chunks_exact_mut(8).enumerate() {
+            v.copy_from_slice(&(i as u64 | 1).to_ne_bytes());
+        }
+        Ok(ReadBuffer(buf))
     }
 
     pub fn bytes(&self) -> usize {
-        self.0.len() * 8
+        self.0.len()
+    }
+
+    /// The array as u64s (the map is page-aligned, its length a multiple of 8).
+    fn values(&self) -> &[u64] {
+        bytemuck::cast_slice(self.0.bytes())
     }
 
     /// Reads the whole array once on every thread of the current pool, each
     /// its own contiguous share; returns (seconds, the sum of all values).
     pub fn read_once(&self) -> (f64, u64) {
-        let a = &self.0;
+        let a = self.values();
         let per = a.len().div_ceil(rayon::current_num_threads());
         let t0 = Instant::now();
         let sums = rayon::broadcast(|ctx| {
@@ -73,7 +88,7 @@ mod tests {
     /// however the array splits (a length that no thread count divides).
     #[test]
     fn each_thread_reads_its_own_share_once() {
-        let buf = ReadBuffer::new(8 * 100_003);
+        let buf = ReadBuffer::new(8 * 100_003 + 5).unwrap();
         let want: u64 = (0..100_003u64).map(|i| i | 1).sum();
         for threads in [1, 2, 3, 7] {
             let pool = rayon::ThreadPoolBuilder::new()

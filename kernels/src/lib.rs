@@ -18,6 +18,7 @@
 
 pub mod attention;
 pub mod bandwidth;
+mod buffer;
 pub mod dot;
 mod error;
 pub mod matmul;

@@ -63,6 +63,7 @@ mod x86;
 
 use bytemuck::{Pod, Zeroable};
 
+use crate::buffer::Buffer;
 use crate::dot::Tiles;
 use crate::matmul::{check_len, WeightView};
 use crate::quant::{self, BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1};
@@ -71,41 +72,6 @@ use crate::{GgmlType, KernelError};
 
 /// Rows per packed group: one per 32-bit lane of a 512-bit register.
 pub const GROUP_ROWS: usize = 16;
-
-/// Anonymous memory for a packed matrix: page-aligned (so every 64-byte
-/// chunk load is aligned), zeroed, and on Linux advised to use transparent
-/// huge pages before the first write. Streaming gigabytes through 4 KiB
-/// pages costs a TLB miss every 4 KiB, and with THP's common `defrag =
-/// madvise` setting only advised memory gets huge pages.
-struct Buffer {
-    map: memmap2::MmapMut,
-    len: usize,
-}
-
-impl Buffer {
-    fn zeroed(len: usize) -> Result<Buffer, KernelError> {
-        let alloc = |e: std::io::Error| KernelError::Alloc {
-            bytes: len,
-            reason: e.to_string(),
-        };
-        // A zero-length map is an error; one page stands in for an empty matrix.
-        let map = memmap2::MmapMut::map_anon(len.max(1)).map_err(alloc)?;
-        #[cfg(target_os = "linux")]
-        {
-            // Advice only: without huge pages the buffer works the same, slower.
-            let _ = map.advise(memmap2::Advice::HugePage);
-        }
-        Ok(Buffer { map, len })
-    }
-
-    fn bytes(&self) -> &[u8] {
-        &self.map[..self.len]
-    }
-
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        &mut self.map[..self.len]
-    }
-}
 
 /// A Q8_0 activation block as the packed kernels read it.
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable, PartialEq)]
@@ -382,7 +348,7 @@ impl PackedWeights {
 
     /// Memory the packed matrix holds.
     pub fn n_bytes(&self) -> usize {
-        self.data.len
+        self.data.len()
     }
 
     fn gemm_fn(&self, minus_128: bool) -> PackedGemmFn {
