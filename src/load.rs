@@ -20,7 +20,8 @@ pub struct ModelArgs {
     /// Context size in tokens (capped at the model's context_length)
     #[arg(short = 'c', long = "ctx-size", default_value_t = 4096)]
     pub ctx_size: usize,
-    /// Threads for compute (default: physical cores)
+    /// Threads for compute (default: physical cores). During a forward pass they spin
+    /// between steps rather than sleep, so give no more than the cores you can spare
     #[arg(short = 't', long = "threads")]
     pub threads: Option<usize>,
     /// Prompt tokens processed per batch

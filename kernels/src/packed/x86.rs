@@ -36,9 +36,9 @@ const PF_BYTES: usize = 2048;
 ///
 /// Measured with this layout (2026-11-30, Zen 4, 1 and 2 threads,
 /// Llama-3.2-1B Q4_0/Q8_0, see BENCHMARKS.md): 1.5-2 KiB ahead beat 3-8 KiB
-/// (at 1 thread 4-8 KiB cost 20-25% a token) and no prefetch. NTA looked
+/// (at 1 thread 4-8 KiB cost 18-33% a token) and no prefetch. NTA looked
 /// better when alternated token by token within one run, but whole runs with
-/// it were 10-20% slower than with T1.
+/// it were 16% slower than with T1.
 #[inline(always)]
 pub(super) fn prefetch<const C: usize>(group: *const u8, qb: usize, sb: usize, b: usize) {
     if C == 1 && b.is_multiple_of(64 / sb) {
