@@ -45,6 +45,10 @@ use crate::quant::q8_0::quantize_block_q8_0;
 use crate::simd::SimdPath;
 use crate::GgmlType;
 
+/// Decode prefetch distance ([`super::x86::prefetch`]): none; over the
+/// one-stream layout these kernels ran best on the hardware streams alone.
+const PF_BYTES: usize = 0;
+
 /// Tokens per full tile. Measured on one thread (Zen 4, 64 tokens, 576x1536
 /// and 1536x576), both halves in a tile: three tokens ran 2-5% faster than
 /// two for every type, four (which spills) was 0-15% slower than three for
@@ -161,7 +165,7 @@ unsafe fn tile_4bit<const C: usize, const H: usize, const MIN: bool>(
         unsafe {
             let (qo, so) = block_at(256, sb, b);
             let (qb, db) = (g.add(qo), g.add(so));
-            prefetch::<C>(g, 256, sb, b);
+            prefetch::<C, PF_BYTES>(g, 256, sb, b);
             // i16 sums per lane half: 16 products of at most 15 * 128 each, |sum| <= 30720.
             let mut s16 = [[_mm256_setzero_si256(); C]; H];
             for j in 0..chunks {
@@ -221,7 +225,7 @@ unsafe fn tile_q8_0<const C: usize, const H: usize>(
         unsafe {
             let (qo, so) = block_at(512, 32, b);
             let (qb, db) = (g.add(qo), g.add(so));
-            prefetch::<C>(g, 512, 32, b);
+            prefetch::<C, PF_BYTES>(g, 512, 32, b);
             let mut s = [[_mm256_setzero_si256(); C]; H];
             for j in 0..chunks {
                 for (h, s_h) in s.iter_mut().enumerate() {

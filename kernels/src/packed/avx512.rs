@@ -19,6 +19,9 @@ use super::{block_at, gemm_shape, ActBlock, Out, PackedKernels, PackedWeights, G
 use crate::dot::Tiles;
 use crate::simd::SimdPath;
 
+/// Decode prefetch distance ([`super::x86::prefetch`]).
+const PF_BYTES: usize = 8192;
+
 /// Tokens per full tile: 32 zmm registers hold the 8 weight vectors, the C
 /// accumulators and sums of four tokens.
 const C_FULL: usize = 4;
@@ -61,7 +64,7 @@ unsafe fn tile_4bit<const C: usize, const MIN: bool>(
         unsafe {
             let (qo, so) = block_at(256, sb, b);
             let (qb, db) = (g.add(qo), g.add(so));
-            prefetch::<C>(g, 256, sb, b);
+            prefetch::<C, PF_BYTES>(g, 256, sb, b);
             let wv = nibbles(qb);
             let dx = _mm512_cvtph_ps(_mm256_loadu_si256(db as *const __m256i));
             let mx = if MIN {
@@ -112,7 +115,7 @@ unsafe fn tile_q8_0<const C: usize>(
         unsafe {
             let (qo, so) = block_at(512, 32, b);
             let (qb, db) = (g.add(qo), g.add(so));
-            prefetch::<C>(g, 512, 32, b);
+            prefetch::<C, PF_BYTES>(g, 512, 32, b);
             let mut ax = [zero; 8];
             let mut neg = [0 as __mmask64; 8];
             for j in 0..8 {

@@ -14,6 +14,9 @@ use super::{block_at, gemm_shape, ActBlock, Out, PackedKernels, PackedWeights, G
 use crate::dot::Tiles;
 use crate::simd::SimdPath;
 
+/// Decode prefetch distance ([`super::x86::prefetch`]).
+const PF_BYTES: usize = 2048;
+
 /// Tokens per full tile.
 const C_FULL: usize = 4;
 
@@ -55,7 +58,7 @@ unsafe fn tile_4bit<const C: usize, const MIN: bool>(
         unsafe {
             let (qo, so) = block_at(256, sb, b);
             let (qb, db) = (g.add(qo), g.add(so));
-            prefetch::<C>(g, 256, sb, b);
+            prefetch::<C, PF_BYTES>(g, 256, sb, b);
             let wv = nibbles(qb);
             let dx = _mm512_cvtph_ps(_mm256_loadu_si256(db as *const __m256i));
             let mx = if MIN {
@@ -104,7 +107,7 @@ unsafe fn tile_q8_0<const C: usize>(
         unsafe {
             let (qo, so) = block_at(512, 32, b);
             let (qb, db) = (g.add(qo), g.add(so));
-            prefetch::<C>(g, 512, 32, b);
+            prefetch::<C, PF_BYTES>(g, 512, 32, b);
             let mut wv = [zero; 8];
             for (j, v) in wv.iter_mut().enumerate() {
                 *v = _mm512_loadu_si512(qb.add(64 * j) as *const _);

@@ -25,24 +25,27 @@ pub(super) unsafe fn store<const C: usize>(
     }
 }
 
-/// Bytes ahead of the current unit that decode prefetches.
-const PF_BYTES: usize = 2048;
-
 /// Decode only (one token: nothing else hides memory latency): at the first
 /// block of each unit ([`super::block_at`]; `qb`/`sb` quant and scale bytes
-/// a block), prefetch the unit `PF_BYTES` further on into L2 (T1), on top of
-/// the hardware streams. Prompt tiles reuse each block for several tokens
-/// and need no help.
+/// a block), prefetch the unit `PF` bytes further on into L2 (T1), on top of
+/// the hardware streams; `PF = 0` leaves it to them. Prompt tiles reuse each
+/// block for several tokens and need no help.
 ///
-/// Measured with this layout (2026-11-30, Zen 4, 1 and 2 threads,
-/// Llama-3.2-1B Q4_0/Q8_0, see BENCHMARKS.md): 1.5-2 KiB ahead beat 3-8 KiB
-/// (at 1 thread 4-8 KiB cost 18-33% a token) and no prefetch. NTA looked
-/// better when alternated token by token within one run, but whole runs with
-/// it were 16% slower than with T1.
+/// Each path has its own distance, chosen by timing alternate tokens of one
+/// run with each (2026-11-30, Zen 4, 2 threads, Llama-3.2-1B Q4_0/Q8_0; see
+/// BENCHMARKS.md): the VNNI kernels ran best 1-2 KiB ahead, the AVX-512
+/// ones 8 KiB ahead, the AVX2 ones with no prefetch at all (2 KiB cost
+/// them 20-25%). NTA looked better than T1 in such alternation, but whole
+/// runs with it were 16% slower.
 #[inline(always)]
-pub(super) fn prefetch<const C: usize>(group: *const u8, qb: usize, sb: usize, b: usize) {
-    if C == 1 && b.is_multiple_of(64 / sb) {
-        let unit = group.wrapping_add(super::block_at(qb, sb, b).0 + PF_BYTES);
+pub(super) fn prefetch<const C: usize, const PF: usize>(
+    group: *const u8,
+    qb: usize,
+    sb: usize,
+    b: usize,
+) {
+    if C == 1 && PF > 0 && b.is_multiple_of(64 / sb) {
+        let unit = group.wrapping_add(super::block_at(qb, sb, b).0 + PF);
         for l in (0..(64 / sb) * qb + 64).step_by(64) {
             // wrapping_add: the address may lie past the matrix; a prefetch never faults.
             let p = unit.wrapping_add(l) as *const i8;
