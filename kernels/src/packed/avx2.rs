@@ -275,7 +275,7 @@ macro_rules! packed_gemm {
             for g0 in (0..nr).step_by(GROUP_ROWS) {
                 let real = (nr - g0).min(GROUP_ROWS);
                 let group = w.group((r0 + g0) / GROUP_ROWS);
-                assert!(Some(group.len()) >= super::group_len($qb, $sb, k));
+                assert!(super::group_len($qb, $sb, k).is_some_and(|n| group.len() >= n));
                 let g = group.as_ptr();
                 let mut t0 = 0;
                 while t0 < n {

@@ -108,7 +108,7 @@ macro_rules! packed_gemm_512 {
                 let real = (nr - g0).min(GROUP_ROWS);
                 let mask = (((1u32 << real) - 1) & 0xFFFF) as __mmask16;
                 let group = w.group((r0 + g0) / GROUP_ROWS);
-                assert!(Some(group.len()) >= super::group_len($qb, $sb, k));
+                assert!(super::group_len($qb, $sb, k).is_some_and(|n| group.len() >= n));
                 let g = group.as_ptr();
                 let mut t0 = 0;
                 while t0 < n {
