@@ -36,9 +36,10 @@
 //! - Q4_0: `vpdpbusd` wants unsigned x signed; the nibbles q (0..15) are the
 //!   unsigned side, and `sum((q - 8) y) = sum(q y) - 8 sum(y)` with
 //!   `c = -8 sum(y)` the sum's starting value.
-//! - Q8_0: the activations become the unsigned side as `y + 128` (so they
-//!   must lie in [-128, 127], as every Q8_0 quantizer's do), and the kernel
-//!   subtracts `128 sum(x)` per row.
+//! - Q8_0: the weights are stored as `x + 128` (one unsigned byte for
+//!   every x), the unsigned side, and `sum((x + 128) y) - 128 sum(y)` with
+//!   `c = -128 sum(y)` the sum's starting value, as for Q4_0. The kernels
+//!   without `vpdpbusd` recover x and ignore `c` (see `avx2.rs`).
 //! - Q4_1 (Q8_1 activations): nibbles as Q4_0, no correction; the block's
 //!   `s = d sum(y)` is carried as f32 for the `m_x s` term.
 //!
@@ -77,11 +78,12 @@ pub const GROUP_ROWS: usize = 16;
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable, PartialEq)]
 #[repr(C)]
 pub struct ActBlock {
-    /// Q4_0 weights: the Q8_0 quants as bytes. Q8_0 weights: quant + 128.
+    /// The Q8_0 quants as bytes (Q4_1 weights: the Q8_1 quants).
     pub qs: [u8; 32],
     /// The block's scale (the f16 of the Q8_0 block, widened exactly).
     pub d: f32,
-    /// Starting value of the block's integer sum (Q4_0: -8 * sum(y); else 0).
+    /// Starting value of the block's integer sum: Q4_0 -8 * sum(y), Q8_0
+    /// -128 * sum(y) (the weights' offsets), Q4_1 0.
     pub c: i32,
     /// Q4_1 weights: the Q8_1 block's `s` (d * sum(y)) widened; else 0.
     pub s: f32,
@@ -392,7 +394,8 @@ fn pack_row(ty: GgmlType, src: &[u8], i: usize, group: &mut [u8]) {
         _ => {
             let blocks: &[BlockQ8_0] = bytemuck::cast_slice(src);
             for (b, blk) in blocks.iter().enumerate() {
-                put(b, blk.d, bytemuck::cast_slice(&blk.qs), group);
+                // Stored as x + 128, the unsigned side of `vpdpbusd`.
+                put(b, blk.d, &blk.qs.map(|v| v as u8 ^ 0x80), group);
             }
         }
     }
@@ -609,14 +612,10 @@ pub(crate) fn act_block(ty: GgmlType, b: &BlockQ8_0) -> ActBlock {
         d: quant::scale(b.d),
         ..ActBlock::default()
     };
-    if ty == GgmlType::Q4_0 {
-        a.qs = bytemuck::cast(b.qs);
-        a.c = -8 * b.qs.iter().map(|&v| v as i32).sum::<i32>();
-    } else {
-        for (o, &v) in a.qs.iter_mut().zip(b.qs.iter()) {
-            *o = (v as u8) ^ 0x80;
-        }
-    }
+    a.qs = bytemuck::cast(b.qs);
+    // The weights' offset times sum(y): Q4_0 nibbles are x + 8, Q8_0 bytes x + 128.
+    let offset = if ty == GgmlType::Q4_0 { 8 } else { 128 };
+    a.c = -offset * b.qs.iter().map(|&v| v as i32).sum::<i32>();
     a
 }
 

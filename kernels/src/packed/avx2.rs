@@ -11,9 +11,10 @@
 //!   lane half add up in i16 (at most 8 * 3840 = 30720) and one `vpmaddwd`
 //!   per block and token finishes the row's sum. Q4_0's `-8 sum(y)` is `a.c`,
 //!   added in i32.
-//! - Q8_0: the activations come as `y + 128`, which against a signed weight
-//!   byte would saturate (2 * 255 * 128). The kernel recovers y (`^ 0x80`)
-//!   and uses the sign trick, `|x| * sign(y, x)`: |x| <= 128 fits u8 and the
+//! - Q8_0: the weights are stored as `x + 128`, which against a signed
+//!   activation would saturate (2 * 255 * 128). The kernel recovers x
+//!   (`^ 0x80`, once per tile) and uses the sign trick, `|x| * sign(y, x)`,
+//!   ignoring `a.c` (the `vpdpbusd` form's correction): |x| <= 128 fits u8 and the
 //!   pair is at most 2 * 128 * 127 = 32512, exact, as long as y != -128
 //!   (negating -128 wraps). The Q8_0 quantizers give y in [-127, 127] for
 //!   every finite block; -128 comes only from a -inf that ggml's maximum
@@ -229,11 +230,12 @@ unsafe fn tile_q8_0<const C: usize, const H: usize>(
             let mut s = [[_mm256_setzero_si256(); C]; H];
             for j in 0..chunks {
                 for (h, s_h) in s.iter_mut().enumerate() {
-                    let x = _mm256_loadu_si256(qb.add(64 * j + 32 * h) as *const __m256i);
+                    let q = _mm256_loadu_si256(qb.add(64 * j + 32 * h) as *const __m256i);
+                    let x = _mm256_xor_si256(q, flip);
                     let ax = _mm256_abs_epi8(x);
                     for (t, s) in s_h.iter_mut().enumerate() {
                         // y in [-127, 127]: sign(y, x) is exact, |pair| <= 2 * 128 * 127.
-                        let y = _mm256_xor_si256(group(&*act.add(t * k + b), j), flip);
+                        let y = group(&*act.add(t * k + b), j);
                         let p = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(y, x));
                         *s = _mm256_add_epi32(*s, _mm256_madd_epi16(p, ones));
                     }
@@ -243,9 +245,8 @@ unsafe fn tile_q8_0<const C: usize, const H: usize>(
                 let dx = _mm256_cvtph_ps(_mm_loadu_si128(db.add(16 * h) as *const __m128i));
                 for (t, (acc_t, s)) in acc_h.iter_mut().zip(s_h).enumerate() {
                     let a = &*act.add(t * k + b);
-                    let s = _mm256_add_epi32(*s, _mm256_set1_epi32(a.c));
                     let dd = _mm256_mul_ps(dx, _mm256_set1_ps(a.d));
-                    *acc_t = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(s), *acc_t);
+                    *acc_t = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(*s), *acc_t);
                 }
             }
         }
@@ -326,7 +327,7 @@ packed_gemm!(gemm_q8_0, tile_q8_0[], 512, 32);
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn quantize_acts(ty: GgmlType, x: &[f32], act: &mut [ActBlock]) -> bool {
     assert_eq!(x.len(), act.len() * 32, "activation row length");
-    let unsigned = ty == GgmlType::Q8_0;
+    let q8 = ty == GgmlType::Q8_0;
     let flip = _mm256_set1_epi8(-128);
     let mut minus_128 = false;
     for (a, xs) in act.iter_mut().zip(x.chunks_exact(32)) {
@@ -336,14 +337,13 @@ pub(super) unsafe fn quantize_acts(ty: GgmlType, x: &[f32], act: &mut [ActBlock]
                 // The scale as the f16 of the block, widened exactly.
                 a.d = f16_to_f32(f32_to_f16(d));
                 a.s = 0.0;
-                if unsigned {
-                    let p = a.qs.as_mut_ptr() as *mut __m256i;
-                    // SAFETY: a.qs holds 32 bytes; unaligned load and store.
+                // The weights' offset (Q4_0 x + 8, Q8_0 x + 128) times sum(y), as act_block.
+                if q8 {
+                    let p = a.qs.as_ptr() as *const __m256i;
+                    // SAFETY: a.qs holds 32 bytes; unaligned load.
                     let q = unsafe { _mm256_loadu_si256(p) };
                     minus_128 |= _mm256_movemask_epi8(_mm256_cmpeq_epi8(q, flip)) != 0;
-                    // SAFETY: as above.
-                    unsafe { _mm256_storeu_si256(p, _mm256_xor_si256(q, flip)) };
-                    a.c = 0;
+                    a.c = -128 * sum;
                 } else {
                     a.c = -8 * sum;
                 }
@@ -351,7 +351,7 @@ pub(super) unsafe fn quantize_acts(ty: GgmlType, x: &[f32], act: &mut [ActBlock]
             None => {
                 // NaN, infinity or an overflowing scale: the reference block, as the quantizer does.
                 let b = quantize_block_q8_0(xs.try_into().expect("32 floats"));
-                minus_128 |= unsigned && b.qs.contains(&-128);
+                minus_128 |= q8 && b.qs.contains(&-128);
                 *a = super::act_block(ty, &b);
             }
         }

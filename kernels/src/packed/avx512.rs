@@ -6,8 +6,8 @@
 //!
 //! Exactness is the AVX2 kernels' (see `avx2.rs`): Q4_0/Q4_1 sum the block's
 //! 16 nibble products per lane half in i16 (at most 16 * 15 * 128 = 30720)
-//! and finish with one `vpmaddwd`; Q8_0 recovers y from `y + 128` and
-//! multiplies |x| (unsigned) by y negated where x < 0 (AVX-512 has no
+//! and finish with one `vpmaddwd`; Q8_0 recovers x from its stored `x + 128`
+//! and multiplies |x| (unsigned) by y negated where x < 0 (AVX-512 has no
 //! `vpsignb`: a masked subtract from 0 does it), at most 2 * 128 * 127 per
 //! pair, exact unless y = -128, and a matmul whose activations hold a -128
 //! goes to the scalar twin. The float side is the twin's, bit for bit.
@@ -119,19 +119,20 @@ unsafe fn tile_q8_0<const C: usize>(
             let mut ax = [zero; 8];
             let mut neg = [0 as __mmask64; 8];
             for j in 0..8 {
-                let x = _mm512_loadu_si512(qb.add(64 * j) as *const _);
+                // Stored as x + 128: the sign trick wants x itself.
+                let x = _mm512_xor_si512(_mm512_loadu_si512(qb.add(64 * j) as *const _), flip);
                 ax[j] = _mm512_abs_epi8(x);
                 neg[j] = _mm512_movepi8_mask(x);
             }
             let dx = _mm512_cvtph_ps(_mm256_loadu_si256(db as *const __m256i));
             for (t, acc_t) in acc.iter_mut().enumerate() {
                 let a = &*act.add(t * k + b);
-                let mut s0 = _mm512_set1_epi32(a.c);
+                // Sum(x y) directly: a.c, the vpdpbusd form's correction, is not used.
+                let mut s0 = zero;
                 let mut s1 = zero;
                 for j in 0..4 {
                     // y in [-127, 127], negated where x < 0: |pair| <= 2 * 128 * 127.
-                    let y0 = _mm512_xor_si512(group(a, 2 * j), flip);
-                    let y1 = _mm512_xor_si512(group(a, 2 * j + 1), flip);
+                    let (y0, y1) = (group(a, 2 * j), group(a, 2 * j + 1));
                     let y0 = _mm512_mask_sub_epi8(y0, neg[2 * j], zero, y0);
                     let y1 = _mm512_mask_sub_epi8(y1, neg[2 * j + 1], zero, y1);
                     let p0 = _mm512_maddubs_epi16(ax[2 * j], y0);

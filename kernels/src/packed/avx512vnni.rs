@@ -1,9 +1,9 @@
 //! AVX-512 VNNI kernels over the packed layout. A tile is one group of 16
 //! rows (one per 32-bit lane) x C tokens (4, or 1-3 at the edge). Per block
 //! the weight side is done once per tile: Q4_0's four 64-byte chunks become
-//! eight nibble vectors (AND, shift), Q8_0's eight chunks are used as they
-//! are and their `128 * sum(x)` correction comes from eight `vpdpbusd`
-//! against ones; the 16 scales are one `vcvtph2ps`. Per token it is eight
+//! eight nibble vectors (AND, shift), Q8_0's eight chunks (stored as
+//! x + 128) are used as they are; the 16 scales are one `vcvtph2ps`. Per
+//! token it is eight
 //! `vpdpbusd` with the activation group broadcast (two chains, so the
 //! latency overlaps), one multiply, one convert, one FMA.
 
@@ -27,7 +27,7 @@ pub(super) static KERNELS: PackedKernels = PackedKernels {
     q4_0: gemm_q4_0,
     q4_1: gemm_q4_1,
     q8_0: gemm_q8_0,
-    // y + 128 is an unsigned byte for every y, -128 included.
+    // y is the signed side of vpdpbusd, -128 included.
     q8_0_takes_minus_128: true,
 };
 
@@ -99,8 +99,6 @@ unsafe fn tile_q8_0<const C: usize>(
     ld: usize,
     mask: __mmask16,
 ) {
-    let ones = _mm512_set1_epi8(1);
-    let zero = _mm512_setzero_si512();
     let mut acc = [_mm512_setzero_ps(); C];
     for b in 0..k {
         // SAFETY (whole body): every offset is inside the ranges the caller guarantees.
@@ -108,27 +106,19 @@ unsafe fn tile_q8_0<const C: usize>(
             let (qo, so) = block_at(512, 32, b);
             let (qb, db) = (g.add(qo), g.add(so));
             prefetch::<C, PF_BYTES>(g, 512, 32, b);
-            let mut wv = [zero; 8];
+            // The weights are stored as x + 128 (unsigned); a.c = -128 sum(y).
+            let mut wv = [_mm512_setzero_si512(); 8];
             for (j, v) in wv.iter_mut().enumerate() {
                 *v = _mm512_loadu_si512(qb.add(64 * j) as *const _);
             }
-            // -128 * sum(x) per row: the activations are read as y + 128.
-            let (mut sx0, mut sx1) = (zero, zero);
-            for j in 0..4 {
-                sx0 = _mm512_dpbusd_epi32(sx0, ones, wv[2 * j]);
-                sx1 = _mm512_dpbusd_epi32(sx1, ones, wv[2 * j + 1]);
-            }
-            let ncorr = _mm512_sub_epi32(zero, _mm512_slli_epi32::<7>(_mm512_add_epi32(sx0, sx1)));
             let dx = _mm512_cvtph_ps(_mm256_loadu_si256(db as *const __m256i));
             for (t, acc_t) in acc.iter_mut().enumerate() {
                 let a = &*act.add(t * k + b);
-                let mut s0 = ncorr;
-                let mut s1 = zero;
+                let mut s0 = _mm512_set1_epi32(a.c);
+                let mut s1 = _mm512_setzero_si512();
                 for j in 0..4 {
-                    let y0 = group(a, 2 * j);
-                    let y1 = group(a, 2 * j + 1);
-                    s0 = _mm512_dpbusd_epi32(s0, y0, wv[2 * j]);
-                    s1 = _mm512_dpbusd_epi32(s1, y1, wv[2 * j + 1]);
+                    s0 = _mm512_dpbusd_epi32(s0, wv[2 * j], group(a, 2 * j));
+                    s1 = _mm512_dpbusd_epi32(s1, wv[2 * j + 1], group(a, 2 * j + 1));
                 }
                 let s = _mm512_add_epi32(s0, s1);
                 let dd = _mm512_mul_ps(dx, _mm512_set1_ps(a.d));

@@ -88,8 +88,8 @@ fn nibble_sum(q: &[u8], i: usize, a: &ActBlock) -> i32 {
     s
 }
 
-/// Q8_0 weights: chunk j's byte (lane i, e) is element 4j+e; `a.qs` are the
-/// Q8_0 quants + 128.
+/// Q8_0 weights: chunk j's byte (lane i, e) is element 4j+e plus 128, and
+/// `a.c = -128 sum(y)` takes the 128 back off; `a.qs` are the signed Q8_0 quants.
 /// Safety: [`super::PackedGemmFn`]'s.
 pub(super) unsafe fn gemm_q8_0(
     w: &PackedWeights,
@@ -104,8 +104,8 @@ pub(super) unsafe fn gemm_q8_0(
             let mut s = a.c;
             for j in 0..8 {
                 for e in 0..4 {
-                    let x = q[j * 64 + 4 * i + e] as i8 as i32;
-                    let y = (a.qs[4 * j + e] ^ 0x80) as i8 as i32;
+                    let x = q[j * 64 + 4 * i + e] as i32;
+                    let y = a.qs[4 * j + e] as i8 as i32;
                     s += x * y;
                 }
             }

@@ -223,8 +223,8 @@ fn a_batch_takes_full_tiles_on_ragged_shapes() {
 
 #[test]
 fn q8_0_weights_of_minus_128_are_exact() {
-    // No ggml quantizer writes -128, but a file may hold it; the y + 128 form
-    // and the correction must still give the exact integer sum.
+    // No ggml quantizer writes -128, but a file may hold it; stored as
+    // x + 128 it is byte 0, and every form must still give the exact sum.
     let mut c = Case::new(GgmlType::Q8_0, 18, 64, 2, 5);
     for blk in c.data.chunks_exact_mut(34) {
         blk[2] = 0x80;
@@ -295,8 +295,8 @@ fn activation_blocks_carry_the_corrections() {
     assert_eq!(a4.c, -8 * sum);
     assert_eq!(a4.qs[5] as i8, b[0].qs[5]);
     let a8 = act_block(GgmlType::Q8_0, &b[0]);
-    assert_eq!(a8.c, 0);
-    assert_eq!(a8.qs[5] as i32, b[0].qs[5] as i32 + 128);
+    assert_eq!(a8.c, -128 * sum);
+    assert_eq!(a8.qs[5] as i8, b[0].qs[5]);
     assert_eq!(a8.d, quant::scale(b[0].d));
 }
 
@@ -442,9 +442,9 @@ fn extreme_case(
                     s: sum as f32,
                 },
                 _ => ActBlock {
-                    qs: y.map(|v| (v as u8) ^ 0x80),
+                    qs: bytemuck::cast(y),
                     d: 1.0,
-                    c: 0,
+                    c: -128 * sum,
                     s: 0.0,
                 },
             };
@@ -467,7 +467,7 @@ fn extreme_exact(ty: GgmlType, data: &[u8], act: &[ActBlock], rows: usize, k: us
                 let mut sumi = 0i64;
                 if ty == GgmlType::Q8_0 {
                     for e in 0..32 {
-                        let y = (a.qs[e] ^ 0x80) as i8 as i64;
+                        let y = a.qs[e] as i8 as i64;
                         sumi += blk[2 + e] as i8 as i64 * y;
                     }
                 } else {
@@ -500,9 +500,9 @@ fn run_blocks(
 ) -> Vec<f32> {
     let n = act.len() / p.blocks();
     let mut y = vec![f32::NAN; n * p.rows()];
-    // As matmul_packed routes it: a -128 in Q8_0 activations (a qs byte of 0) goes to the
-    // twin on paths that cannot take it.
-    let minus_128 = act.iter().any(|a| a.qs.contains(&0));
+    // As matmul_packed routes it: a -128 in Q8_0 activations (a qs byte of 0x80) goes to
+    // the twin on paths that cannot take it.
+    let minus_128 = act.iter().any(|a| a.qs.contains(&0x80));
     let gemm = ks.gemm(p.ty(), minus_128);
     let out = Out {
         ptr: y.as_mut_ptr(),
