@@ -26,7 +26,8 @@
 //! after: two streams a thread, which Zen 4's hardware prefetchers followed
 //! worse than one (see BENCHMARKS.md, "Packed layout").
 //!
-//! The quant and scale bytes are the file's, moved: a packed matrix takes as
+//! The quant and scale bytes are the file's, moved (Q8_0 quants with their
+//! top bit flipped, x + 128): a packed matrix takes as
 //! much memory as the file's tensor (plus the padding rows), in anonymous
 //! memory. The file stays the source of truth: the exact path and the
 //! embedding lookup read the map.
