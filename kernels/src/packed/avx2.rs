@@ -206,7 +206,7 @@ unsafe fn tile_4bit<const C: usize, const H: usize, const MIN: bool>(
 }
 
 /// As [`tile_4bit`] for Q8_0 weights, whose
-/// activations must not hold -128 (`a.qs` byte 0; see the module docs).
+/// activations must not hold -128 (an `a.qs` byte 0x80; see the module docs).
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn tile_q8_0<const C: usize, const H: usize>(
     g: *const u8,
