@@ -29,19 +29,50 @@ fn spinning<R: Send>(f: impl FnOnce(&AtomicUsize) -> R + Send) -> R {
     }
     let others = rayon::current_num_threads() - 1;
     let count = AtomicUsize::new(0);
-    if others == 0 {
-        return f(&count);
-    }
-    let owner = rayon::current_thread_index();
-    let done = AtomicBool::new(false);
-    rayon::in_place_scope(|s| {
-        for _ in 0..others {
-            s.spawn(|_| spin(&done, owner, &count));
+    let pass = Pass {
+        done: AtomicBool::new(false),
+        owner: rayon::current_thread_index(),
+        count: &count,
+    };
+    pass.run(others, || f(&count))
+}
+
+/// One forward pass's spinners: their stop flag, the thread that owns the
+/// pass, and how many spin now.
+struct Pass<'a> {
+    done: AtomicBool,
+    owner: Option<usize>,
+    count: &'a AtomicUsize,
+}
+
+impl Pass<'_> {
+    /// Queues `spinners` spinners, each the second half of a `rayon::join`
+    /// (a job on the stack: no allocation per pass, which runs once a token),
+    /// then runs `f` and stops them.
+    fn run<R: Send>(&self, spinners: usize, f: impl FnOnce() -> R + Send) -> R {
+        if spinners == 0 {
+            // Set even if f panics, so the spinners end and the joins can unwind.
+            let _stop = Stop(&self.done);
+            return f();
         }
-        // Set even if f panics, so the spinners end and the scope can unwind.
-        let _stop = Stop(&done);
-        f(&count)
-    })
+        rayon::join(|| self.run(spinners - 1, f), || self.spin()).0
+    }
+
+    /// Takes the pool's jobs until the pass is done. The owner can pop its
+    /// own spinner while it waits inside a join: it must return at once, or
+    /// nothing would ever set `done`.
+    fn spin(&self) {
+        if rayon::current_thread_index() == self.owner {
+            return;
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        while !self.done.load(Ordering::Acquire) {
+            if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                std::hint::spin_loop();
+            }
+        }
+        self.count.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Sets its flag when dropped.
@@ -51,22 +82,6 @@ impl Drop for Stop<'_> {
     fn drop(&mut self) {
         self.0.store(true, Ordering::Release);
     }
-}
-
-/// Takes the pool's jobs until `done`. The owner of the pass can pop its own
-/// spinner while it waits inside a join: it must return at once, or nothing
-/// would ever set `done`.
-fn spin(done: &AtomicBool, owner: Option<usize>, count: &AtomicUsize) {
-    if rayon::current_thread_index() == owner {
-        return;
-    }
-    count.fetch_add(1, Ordering::Relaxed);
-    while !done.load(Ordering::Acquire) {
-        if rayon::yield_now() != Some(rayon::Yield::Executed) {
-            std::hint::spin_loop();
-        }
-    }
-    count.fetch_sub(1, Ordering::Relaxed);
 }
 
 #[cfg(test)]
