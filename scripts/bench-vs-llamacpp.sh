@@ -7,7 +7,7 @@
 #   random weights (airlock bench --synthetic).
 #
 # --rounds R then measures generation on the 1B (and 8B) files R more times, alternating
-# llama-bench and airlock (with --ceiling), because a shared host's memory bandwidth drifts
+# llama-bench and airlock (with --ceiling; each goes first in every other round), because a shared host's memory bandwidth drifts
 # between runs far more than either engine differs: the ratio of the means over the rounds
 # is the figure to read, with airlock's share of the read-bandwidth ceiling.
 #
@@ -75,7 +75,7 @@ echo "threads $threads, repetitions $reps, kernels: $($A --version)"
 
 [ "$rounds" -gt 0 ] || exit 0
 echo
-echo "Generation, $rounds alternating rounds (llama-bench, then airlock bench --ceiling; -p 0 -r $reps each):"
+echo "Generation, $rounds alternating rounds (llama-bench and airlock bench --ceiling, each first in every other round; -p 0 -r $reps each):"
 echo
 echo "| file | test | llama.cpp t/s per round | airlock t/s per round | airlock / llama.cpp (means) | airlock of ceiling (mean) |"
 echo "| --- | --- | --- | --- | ---: | ---: |"
@@ -84,9 +84,17 @@ gen_cases=("$DIR/llama-3.2-1b-q4_0.gguf 32" "$DIR/llama-3.2-1b-q8_0.gguf 32")
 for c in "${gen_cases[@]}"; do
   set -- $c
   f=$1; n=$2; ljs=(); ajs=()
-  for _ in $(seq "$rounds"); do
-    ljs+=("$("$LLAMA_BENCH" -m "$f" -t "$threads" -p 0 -n "$n" -r "$reps" -o json 2>/dev/null)")
-    ajs+=("$($A bench -m "$f" -t "$threads" -p 0 -n "$n" -r "$reps" --json --ceiling 2>/dev/null)")
+  for r in $(seq "$rounds"); do
+    # Odd rounds run llama-bench first, even rounds airlock first: whichever runs second
+    # measured a few per cent faster here (same binary, same settings), so a fixed order
+    # would favour one engine.
+    if [ $((r % 2)) = 1 ]; then
+      ljs+=("$("$LLAMA_BENCH" -m "$f" -t "$threads" -p 0 -n "$n" -r "$reps" -o json 2>/dev/null)")
+      ajs+=("$($A bench -m "$f" -t "$threads" -p 0 -n "$n" -r "$reps" --json --ceiling 2>/dev/null)")
+    else
+      ajs+=("$($A bench -m "$f" -t "$threads" -p 0 -n "$n" -r "$reps" --json --ceiling 2>/dev/null)")
+      ljs+=("$("$LLAMA_BENCH" -m "$f" -t "$threads" -p 0 -n "$n" -r "$reps" -o json 2>/dev/null)")
+    fi
   done
   python3 - "$f" "$n" "${#ljs[@]}" "${ljs[@]}" "${ajs[@]}" <<'PY'
 import json, os, sys
