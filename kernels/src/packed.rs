@@ -57,6 +57,8 @@ mod avx2;
 mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod avx512vnni;
+#[cfg(target_arch = "x86_64")]
+mod avxvnni;
 mod scalar;
 #[cfg(test)]
 mod tests;
@@ -187,10 +189,10 @@ pub static SCALAR: PackedKernels = PackedKernels {
 
 /// The packed kernels of `path`, if it has them and this CPU has the path.
 /// AVX-512 VNNI has `vpdpbusd` on 512 bits; AVX-512 without VNNI emulates
-/// it with `vpmaddubsw` + `vpmaddwd` on 512 bits; AVX2 and AVX-VNNI share
-/// 256-bit AVX2 kernels (the same emulation per 8-row half of a group),
-/// each table reporting its own path. On the other paths (scalar, NEON) the
-/// engine reads the weights from the map with [`crate::matmul`].
+/// it with `vpmaddubsw` + `vpmaddwd` on 512 bits; AVX-VNNI has it on 256
+/// bits, per 8-row half of a group, and AVX2 emulates that. On the other
+/// paths (scalar, NEON) the engine reads the weights from the map with
+/// [`crate::matmul`].
 pub fn packed_kernels_for(path: SimdPath) -> Option<&'static PackedKernels> {
     if !path.is_available() {
         return None;
@@ -201,9 +203,25 @@ pub fn packed_kernels_for(path: SimdPath) -> Option<&'static PackedKernels> {
         #[cfg(target_arch = "x86_64")]
         SimdPath::Avx512 => Some(&avx512::KERNELS),
         #[cfg(target_arch = "x86_64")]
-        SimdPath::Avx2 | SimdPath::AvxVnni => avx2::kernels_for(path),
+        SimdPath::AvxVnni => Some(&avxvnni::vex::KERNELS),
+        #[cfg(target_arch = "x86_64")]
+        SimdPath::Avx2 => Some(&avx2::KERNELS),
         _ => None,
     }
+}
+
+/// The AVX-VNNI kernels in the EVEX encoding of the same instruction
+/// (AVX-512 VNNI + VL), where this CPU has those: for benchmarks and tests
+/// of the `avxvnni` kernels on CPUs without AVX-VNNI, such as Zen 4. Their
+/// table reports the `avxvnni` path. Not a path of its own: the engine
+/// never chooses them.
+#[doc(hidden)]
+pub fn avxvnni_evex_kernels() -> Option<&'static PackedKernels> {
+    #[cfg(target_arch = "x86_64")]
+    if avxvnni::evex::available() {
+        return Some(&avxvnni::evex::KERNELS);
+    }
+    None
 }
 
 /// The packed kernels of the process-wide [`simd_path`], if any.

@@ -1,5 +1,6 @@
-//! AVX2 (+ FMA, F16C) kernels over the packed layout, for the `avx2` and
-//! `avxvnni` paths (the `avx512` path has 512-bit ones in `avx512.rs`). The layout is the VNNI kernels': a 64-byte chunk holds 4
+//! AVX2 (+ FMA, F16C) kernels over the packed layout, for the `avx2` path
+//! (`avxvnni.rs` has the same tiles with `vpdpbusd`; the `avx512` path has
+//! 512-bit ones in `avx512.rs`). The layout is the VNNI kernels': a 64-byte chunk holds 4
 //! bytes of each of a group's 16 rows. Here it is two 32-byte halves, rows
 //! 0-7 and rows 8-15, each 4-byte lane one row, and the byte dot of a lane
 //! is `vpmaddwd(vpmaddubsw(unsigned, signed), 1)`, the AVX2 emulation of
@@ -58,33 +59,17 @@ const PF_BYTES: usize = 0;
 pub(super) const C_FULL: usize = 3;
 
 /// Rows per half group: one per 32-bit lane of a 256-bit register.
-const HALF: usize = GROUP_ROWS / 2;
+pub(super) const HALF: usize = GROUP_ROWS / 2;
 
-/// The kernels as `path` reports them: the same functions for both paths,
-/// each table naming its own.
-///
-/// Safe to hand out: [`super::packed_kernels_for`] returns them only after
-/// checking the CPU has the path, and both paths imply AVX2, FMA and F16C
-/// (see `SimdPath::is_available`).
-pub(super) fn kernels_for(path: SimdPath) -> Option<&'static PackedKernels> {
-    static AVX2: PackedKernels = table(SimdPath::Avx2);
-    static AVX_VNNI: PackedKernels = table(SimdPath::AvxVnni);
-    match path {
-        SimdPath::Avx2 => Some(&AVX2),
-        SimdPath::AvxVnni => Some(&AVX_VNNI),
-        _ => None,
-    }
-}
-
-const fn table(path: SimdPath) -> PackedKernels {
-    PackedKernels {
-        path,
-        q4_0: gemm_q4_0,
-        q4_1: gemm_q4_1,
-        q8_0: gemm_q8_0,
-        q8_0_takes_minus_128: false,
-    }
-}
+/// Safe to hand out: [`super::packed_kernels_for`] returns it only after
+/// checking the CPU has AVX2, FMA and F16C (see `SimdPath::is_available`).
+pub(super) static KERNELS: PackedKernels = PackedKernels {
+    path: SimdPath::Avx2,
+    q4_0: gemm_q4_0,
+    q4_1: gemm_q4_1,
+    q8_0: gemm_q8_0,
+    q8_0_takes_minus_128: false,
+};
 
 /// Writes the C accumulators of half h to `out + t * ld + 8h`: all 8 lanes
 /// when the half is whole, else the first `real - 8h` (none when that is 0).
@@ -93,7 +78,7 @@ const fn table(path: SimdPath) -> PackedKernels {
 /// (t < C) are writable.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn store<const C: usize, const H: usize>(
+pub(super) unsafe fn store<const C: usize, const H: usize>(
     acc: &[[__m256; C]; H],
     out: *mut f32,
     ld: usize,
@@ -124,7 +109,7 @@ unsafe fn store<const C: usize, const H: usize>(
 /// Safety: the features below; `j < 8`.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn group(a: &ActBlock, j: usize) -> __m256i {
+pub(super) unsafe fn group(a: &ActBlock, j: usize) -> __m256i {
     debug_assert!(j < 8);
     // SAFETY: qs holds 32 bytes, group j is bytes 4j..4j+4 (j < 8).
     let g = unsafe { (a.qs.as_ptr().add(4 * j) as *const i32).read_unaligned() };
@@ -255,14 +240,15 @@ unsafe fn tile_q8_0<const C: usize, const H: usize>(
     unsafe { store(&acc, out, ld, real) };
 }
 
-/// A [`super::PackedGemmFn`] from a tile kernel: groups of the call's rows
+/// A [`super::PackedGemmFn`] from a 256-bit tile kernel (here and in
+/// `avxvnni.rs`): groups of the call's rows
 /// outer (the group's weights stay in L1 while every token passes), tokens
 /// in tiles of [`C_FULL`] inner. A group with more than 8 real rows
 /// runs both halves in each tile; one with at most 8 (the matrix's last)
 /// only the first.
 macro_rules! packed_gemm {
     ($name:ident, $tile:ident[$($extra:tt),*], $qb:expr, $sb:expr) => {
-        /// Safety: [`super::PackedGemmFn`]'s.
+        /// Safety: [`crate::packed::PackedGemmFn`]'s.
         unsafe fn $name(
             w: &PackedWeights,
             r0: usize,
@@ -276,7 +262,9 @@ macro_rules! packed_gemm {
             for g0 in (0..nr).step_by(GROUP_ROWS) {
                 let real = (nr - g0).min(GROUP_ROWS);
                 let group = w.group((r0 + g0) / GROUP_ROWS);
-                assert!(super::group_len($qb, $sb, k).is_some_and(|n| group.len() >= n));
+                assert!(
+                    crate::packed::group_len($qb, $sb, k).is_some_and(|n| group.len() >= n)
+                );
                 let g = group.as_ptr();
                 let mut t0 = 0;
                 while t0 < n {
@@ -310,6 +298,8 @@ macro_rules! packed_gemm {
         }
     };
 }
+
+pub(super) use packed_gemm;
 
 packed_gemm!(gemm_q4_0, tile_4bit[false], 256, 32);
 packed_gemm!(gemm_q4_1, tile_4bit[true], 256, 64);

@@ -102,7 +102,8 @@ impl Case {
     }
 }
 
-/// Every packed path this CPU has, with the scalar twin first.
+/// Every packed path this CPU has, with the scalar twin first, then the
+/// AVX-VNNI kernels in their EVEX encoding where this CPU runs that.
 fn paths() -> Vec<&'static PackedKernels> {
     let mut v = vec![&SCALAR];
     v.extend(
@@ -110,6 +111,7 @@ fn paths() -> Vec<&'static PackedKernels> {
             .into_iter()
             .filter_map(packed_kernels_for),
     );
+    v.extend(super::avxvnni_evex_kernels());
     v
 }
 
@@ -200,8 +202,11 @@ fn a_token_gets_the_same_bits_alone_or_in_a_batch() {
 fn a_batch_takes_full_tiles_on_ragged_shapes() {
     #[cfg(target_arch = "x86_64")]
     if SimdPath::Avx2.is_available() {
-        // Every x86 SIMD path this CPU has brings its packed kernels to the checks here.
-        assert_eq!(paths().len(), SimdPath::available().len());
+        // Every x86 SIMD path this CPU has brings its packed kernels to the checks here
+        // (with the scalar twin in the place of SimdPath::Scalar), and so does the EVEX
+        // build of the AVX-VNNI kernels where it runs.
+        let evex = usize::from(super::avxvnni_evex_kernels().is_some());
+        assert_eq!(paths().len(), SimdPath::available().len() + evex);
     }
     for ks in paths().into_iter().skip(1) {
         // 37 rows = groups of 16, 16 and 5; 7 tokens = a tile of 4 and one of 3
@@ -351,16 +356,22 @@ fn every_x86_path_has_packed_kernels_under_its_own_name() {
         assert_eq!(ks.is_some(), p.is_available(), "{p:?}");
         if let Some(ks) = ks {
             assert_eq!(ks.path, p);
-            // AVX2 and AVX-VNNI share the 256-bit functions; the AVX-512 paths have their own.
-            let avx2 = avx2::kernels_for(Avx2).unwrap();
-            let shared = [ks.q4_0, ks.q4_1, ks.q8_0].map(|f| f as usize)
-                == [avx2.q4_0, avx2.q4_1, avx2.q8_0].map(|f| f as usize);
-            assert_eq!(shared, matches!(p, Avx2 | AvxVnni), "{p:?}");
+            // Each path has functions of its own (AVX-VNNI no longer runs AVX2's).
+            let fns = |k: &PackedKernels| [k.q4_0, k.q4_1, k.q8_0].map(|f| f as usize);
+            let avx2 = fns(&avx2::KERNELS);
+            assert_eq!(fns(ks) == avx2, p == Avx2, "{p:?}");
         }
     }
     if Avx2.is_available() {
         let ps: Vec<_> = paths().iter().map(|k| k.path).collect();
         assert!(ps.contains(&Avx2), "{ps:?}");
+        // The AVX-VNNI kernels are checked on every CPU with either encoding of vpdpbusd
+        // on 256 bits (this machine family: Zen 4, EVEX only).
+        let evex = std::arch::is_x86_feature_detected!("avx512vnni")
+            && std::arch::is_x86_feature_detected!("avx512vl");
+        if AvxVnni.is_available() || evex {
+            assert!(ps.contains(&AvxVnni), "{ps:?}");
+        }
     }
 }
 

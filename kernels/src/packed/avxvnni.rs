@@ -1,0 +1,209 @@
+//! AVX-VNNI kernels over the packed layout: the tiles of `avx2.rs` (each
+//! 64-byte chunk as two 8-row halves, one row per 32-bit lane, 3 tokens a
+//! tile) with 256-bit `vpdpbusd` for the byte dots, where AVX2 needs
+//! `vpmaddubsw` + `vpmaddwd` (+ an add) and, for Q8_0, the sign trick.
+//! `vpdpbusd` multiplies unsigned by signed bytes and adds in i32 without
+//! saturation, so the weights are the unsigned side as they are stored
+//! (nibbles 0..15; Q8_0 as x + 128), the activations the signed side with
+//! -128 included, and the offsets ride in `a.c` (Q4_0 `-8 sum(y)`, Q8_0
+//! `-128 sum(y)`, Q4_1 0) as the accumulator's start. The float side is the
+//! scalar twin's, in its order, so every output is bit for bit the twin's.
+//!
+//! The code is one macro with two instantiations: `vex`, the AVX-VNNI
+//! encoding (Alder Lake and later Intel cores, Zen 5) that the `avxvnni`
+//! path runs, and `evex`, the same instruction in its AVX-512 VNNI + VL
+//! encoding, which CPUs with AVX-512 VNNI but no AVX-VNNI (Zen 4, Ice Lake)
+//! can run: the tests check the code there, and `avxvnni_evex_kernels`
+//! lets the benches time it.
+
+/// The tiles and [`super::PackedGemmFn`]s for one encoding of `vpdpbusd`.
+macro_rules! vnni256_kernels {
+    (features = $features:literal, dpbusd = $dpbusd:ident) => {
+        use std::arch::x86_64::*;
+
+        use crate::dot::Tiles;
+        use crate::packed::avx2::{group, packed_gemm, store, C_FULL, HALF};
+        use crate::packed::x86::prefetch;
+        use crate::packed::{block_at, gemm_shape, ActBlock, Out, PackedWeights, GROUP_ROWS};
+
+        /// Decode prefetch distance ([`crate::packed::x86::prefetch`]): none,
+        /// as for the AVX2 kernels, which read the same 256-bit halves.
+        const PF_BYTES: usize = 0;
+
+        /// One 4-bit tile of H halves (H = 2: rows 0-15; H = 1: rows 0-7):
+        /// `g` the group ([`crate::packed::block_at`]), `act` the tile's
+        /// first token's blocks (token t at `act + t * k`), `out` its first
+        /// output (token t at `out + t * ld`), `real` the group's real rows.
+        /// `MIN` (Q4_1): a block's scales are 16 scales then 16 minimums,
+        /// and `acc += m * s` follows the scaled integer sum.
+        ///
+        /// Safety: the features below; `g` holds a group of `k` blocks,
+        /// `act` `C * k` blocks; lanes below `real` of `out + t * ld`
+        /// (t < C) are writable.
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn tile_4bit<const C: usize, const H: usize, const MIN: bool>(
+            g: *const u8,
+            k: usize,
+            act: *const ActBlock,
+            out: *mut f32,
+            ld: usize,
+            real: usize,
+        ) {
+            let sb = if MIN { 64 } else { 32 };
+            // Kept rolled, as in avx2.rs (unrolled, the broadcasts spilled).
+            let chunks = std::hint::black_box(4);
+            let m4 = _mm256_set1_epi8(0x0F);
+            let mut acc = [[_mm256_setzero_ps(); C]; H];
+            for b in 0..k {
+                // SAFETY (whole body): every offset is inside the ranges the caller guarantees.
+                unsafe {
+                    let (qo, so) = block_at(256, sb, b);
+                    let (qb, db) = (g.add(qo), g.add(so));
+                    prefetch::<C, PF_BYTES>(g, 256, sb, b);
+                    // s0 starts at a.c; for one token the high nibbles go to a
+                    // second chain (s1) so two `vpdpbusd` latencies overlap per half.
+                    let mut s0 = [[_mm256_setzero_si256(); C]; H];
+                    let mut s1 = [[_mm256_setzero_si256(); C]; H];
+                    for s_h in s0.iter_mut() {
+                        for (t, s) in s_h.iter_mut().enumerate() {
+                            *s = _mm256_set1_epi32((*act.add(t * k + b)).c);
+                        }
+                    }
+                    for j in 0..chunks {
+                        for (h, (s0_h, s1_h)) in s0.iter_mut().zip(s1.iter_mut()).enumerate() {
+                            let l = _mm256_loadu_si256(qb.add(64 * j + 32 * h) as *const __m256i);
+                            let lo = _mm256_and_si256(l, m4);
+                            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(l), m4);
+                            for (t, (s0, s1)) in s0_h.iter_mut().zip(s1_h.iter_mut()).enumerate() {
+                                let a = &*act.add(t * k + b);
+                                *s0 = $dpbusd(*s0, lo, group(a, j));
+                                let s = if C == 1 { s1 } else { s0 };
+                                *s = $dpbusd(*s, hi, group(a, 4 + j));
+                            }
+                        }
+                    }
+                    for (h, acc_h) in acc.iter_mut().enumerate() {
+                        let dx = _mm256_cvtph_ps(_mm_loadu_si128(db.add(16 * h) as *const __m128i));
+                        let mx = if MIN {
+                            _mm256_cvtph_ps(_mm_loadu_si128(db.add(32 + 16 * h) as *const __m128i))
+                        } else {
+                            _mm256_setzero_ps()
+                        };
+                        for (t, acc_t) in acc_h.iter_mut().enumerate() {
+                            let a = &*act.add(t * k + b);
+                            let s = _mm256_add_epi32(s0[h][t], s1[h][t]);
+                            let dd = _mm256_mul_ps(dx, _mm256_set1_ps(a.d));
+                            *acc_t = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(s), *acc_t);
+                            if MIN {
+                                *acc_t = _mm256_fmadd_ps(mx, _mm256_set1_ps(a.s), *acc_t);
+                            }
+                        }
+                    }
+                }
+            }
+            // SAFETY: as the caller guarantees.
+            unsafe { store(&acc, out, ld, real) };
+        }
+
+        /// As [`tile_4bit`] for Q8_0 weights (stored as x + 128; any
+        /// activation byte, -128 included).
+        #[target_feature(enable = $features)]
+        unsafe fn tile_q8_0<const C: usize, const H: usize>(
+            g: *const u8,
+            k: usize,
+            act: *const ActBlock,
+            out: *mut f32,
+            ld: usize,
+            real: usize,
+        ) {
+            // Pairs of chunks, kept rolled as in tile_4bit.
+            let pairs = std::hint::black_box(4);
+            let mut acc = [[_mm256_setzero_ps(); C]; H];
+            for b in 0..k {
+                // SAFETY (whole body): every offset is inside the ranges the caller guarantees.
+                unsafe {
+                    let (qo, so) = block_at(512, 32, b);
+                    let (qb, db) = (g.add(qo), g.add(so));
+                    prefetch::<C, PF_BYTES>(g, 512, 32, b);
+                    let mut s0 = [[_mm256_setzero_si256(); C]; H];
+                    let mut s1 = [[_mm256_setzero_si256(); C]; H];
+                    for s_h in s0.iter_mut() {
+                        for (t, s) in s_h.iter_mut().enumerate() {
+                            *s = _mm256_set1_epi32((*act.add(t * k + b)).c);
+                        }
+                    }
+                    for j in 0..pairs {
+                        for (h, (s0_h, s1_h)) in s0.iter_mut().zip(s1.iter_mut()).enumerate() {
+                            let p = qb.add(128 * j + 32 * h);
+                            let q0 = _mm256_loadu_si256(p as *const __m256i);
+                            let q1 = _mm256_loadu_si256(p.add(64) as *const __m256i);
+                            for (t, (s0, s1)) in s0_h.iter_mut().zip(s1_h.iter_mut()).enumerate() {
+                                let a = &*act.add(t * k + b);
+                                *s0 = $dpbusd(*s0, q0, group(a, 2 * j));
+                                let s = if C == 1 { s1 } else { s0 };
+                                *s = $dpbusd(*s, q1, group(a, 2 * j + 1));
+                            }
+                        }
+                    }
+                    for (h, acc_h) in acc.iter_mut().enumerate() {
+                        let dx = _mm256_cvtph_ps(_mm_loadu_si128(db.add(16 * h) as *const __m128i));
+                        for (t, acc_t) in acc_h.iter_mut().enumerate() {
+                            let a = &*act.add(t * k + b);
+                            let s = _mm256_add_epi32(s0[h][t], s1[h][t]);
+                            let dd = _mm256_mul_ps(dx, _mm256_set1_ps(a.d));
+                            *acc_t = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(s), *acc_t);
+                        }
+                    }
+                }
+            }
+            // SAFETY: as the caller guarantees.
+            unsafe { store(&acc, out, ld, real) };
+        }
+
+        packed_gemm!(gemm_q4_0, tile_4bit[false], 256, 32);
+        packed_gemm!(gemm_q4_1, tile_4bit[true], 256, 64);
+        packed_gemm!(gemm_q8_0, tile_q8_0[], 512, 32);
+
+        /// The table (its path is `avxvnni` in both encodings).
+        pub(in crate::packed) static KERNELS: crate::packed::PackedKernels =
+            crate::packed::PackedKernels {
+                path: crate::simd::SimdPath::AvxVnni,
+                q4_0: gemm_q4_0,
+                q4_1: gemm_q4_1,
+                q8_0: gemm_q8_0,
+                q8_0_takes_minus_128: true,
+            };
+    };
+}
+
+/// The AVX-VNNI encoding: what the `avxvnni` path runs. Safe to hand out:
+/// [`super::packed_kernels_for`] returns it only after checking the CPU has
+/// the path (AVX2, FMA, F16C and AVX-VNNI).
+pub(super) mod vex {
+    vnni256_kernels!(
+        features = "avx2,fma,f16c,avxvnni",
+        dpbusd = _mm256_dpbusd_avx_epi32
+    );
+}
+
+/// The same code with the EVEX `vpdpbusd` on 256 bits (AVX-512 VNNI + VL),
+/// for tests and benches on CPUs without AVX-VNNI. Handed out only by
+/// [`super::avxvnni_evex_kernels`], which checks the features.
+pub(super) mod evex {
+    vnni256_kernels!(
+        features = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl",
+        dpbusd = _mm256_dpbusd_epi32
+    );
+
+    /// Whether this CPU can run the EVEX instantiation.
+    pub(in crate::packed) fn available() -> bool {
+        use std::arch::is_x86_feature_detected as has;
+        has!("avx2")
+            && has!("fma")
+            && has!("f16c")
+            && has!("avx512f")
+            && has!("avx512vnni")
+            && has!("avx512vl")
+    }
+}
