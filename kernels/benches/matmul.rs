@@ -4,16 +4,16 @@
 //! `cargo bench -p airlock-kernels --bench matmul -- --warm-up-time 1 --measurement-time 3`
 //!
 //! `AIRLOCK_SIMD` picks the path as in the engine; the `paths` group runs
-//! every available path side by side, and `packed_paths` every path's packed
-//! kernels (plus the AVX-VNNI ones in their EVEX encoding where the CPU
-//! lacks AVX-VNNI but has AVX-512 VNNI, e.g. Zen 4). Matvec throughput is weight bytes per
+//! every available path side by side, and `packed` the file layout beside
+//! every path's packed kernels (plus the AVX-VNNI ones in their EVEX
+//! encoding where the CPU lacks AVX-VNNI but has AVX-512 VNNI, e.g. Zen 4). Matvec throughput is weight bytes per
 //! second (GB/s); GEMM throughput is elements = 2 * rows * cols * tokens
 //! operations per second (read Gelem/s as GOP/s).
 
 mod common;
 use airlock_kernels::dot::kernels_for;
 use airlock_kernels::matmul::matmul_with;
-use airlock_kernels::packed::{avxvnni_evex_kernels, packed_kernels, packed_kernels_for};
+use airlock_kernels::packed::{avxvnni_evex_kernels, packed_kernels_for};
 use airlock_kernels::{
     matmul, matmul_packed, simd_path, GgmlType, PackedScratch, PackedWeights, SimdPath, WeightView,
 };
@@ -141,13 +141,22 @@ fn tiled_vs_loop(c: &mut Criterion) {
     g.finish();
 }
 
-/// The same matrix read from the file layout and from the packed layout
-/// (decode at two shapes, and a 512-token prompt), side by side.
+/// The same matrix read from the file layout and from every path's packed
+/// layout (decode at two shapes, and a 512-token prompt), side by side. The
+/// AVX-VNNI kernels run through their EVEX build where the CPU has AVX-512
+/// VNNI but not AVX-VNNI (e.g. Zen 4).
 fn packed(c: &mut Criterion) {
-    let Some(pk) = packed_kernels() else {
-        eprintln!("packed: no packed kernels on path {}", simd_path().unwrap());
+    let mut tables: Vec<(String, _)> = SimdPath::available()
+        .into_iter()
+        .filter_map(|p| packed_kernels_for(p).map(|ks| (p.name().to_string(), ks)))
+        .collect();
+    if !SimdPath::AvxVnni.is_available() {
+        tables.extend(avxvnni_evex_kernels().map(|ks| ("avxvnni(evex)".to_string(), ks)));
+    }
+    if tables.is_empty() {
+        eprintln!("packed: no packed kernels on this CPU");
         return;
-    };
+    }
     let mut g = c.benchmark_group("packed");
     g.sample_size(10);
     let cases = [
@@ -164,7 +173,6 @@ fn packed(c: &mut Criterion) {
                 rows,
                 cols,
             };
-            let p = PackedWeights::pack(&w, pk).unwrap();
             let x = values(n * cols, 17);
             let mut y = vec![0f32; n * rows];
             if n == 1 {
@@ -177,52 +185,13 @@ fn packed(c: &mut Criterion) {
             g.bench_function(id, |b| {
                 b.iter(|| matmul(&w, black_box(&x), n, &mut y, &mut scratch).unwrap())
             });
-            let mut ps = PackedScratch::default();
-            let id = BenchmarkId::new(format!("{}/packed", ty.name()), format!("{name}/n{n}"));
-            g.bench_function(id, |b| {
-                b.iter(|| matmul_packed(&p, black_box(&x), n, &mut y, &mut ps).unwrap())
-            });
-        }
-    }
-    g.finish();
-}
-
-/// Each path's packed kernels on the same matrices: one token (decode) at
-/// two shapes and a 512-token prompt.
-fn packed_paths(c: &mut Criterion) {
-    let mut tables: Vec<(String, _)> = SimdPath::available()
-        .into_iter()
-        .filter_map(|p| packed_kernels_for(p).map(|ks| (p.name().to_string(), ks)))
-        .collect();
-    if !SimdPath::AvxVnni.is_available() {
-        tables.extend(avxvnni_evex_kernels().map(|ks| ("avxvnni(evex)".to_string(), ks)));
-    }
-    let mut g = c.benchmark_group("packed_paths");
-    g.sample_size(10);
-    for (name, rows, cols, n) in [
-        ("576x1536", 576, 1536, 1),
-        ("4096x14336", 4096, 14336, 1),
-        ("576x1536", 576, 1536, 512),
-    ] {
-        for ty in [GgmlType::Q4_0, GgmlType::Q8_0] {
-            let data = weights(ty, rows, cols);
-            let w = WeightView {
-                ty,
-                data: &data,
-                rows,
-                cols,
-            };
-            let x = values(n * cols, 17);
-            let mut y = vec![0f32; n * rows];
-            if n == 1 {
-                g.throughput(Throughput::Bytes(data.len() as u64));
-            } else {
-                g.throughput(Throughput::Elements((2 * rows * cols * n) as u64));
-            }
             for (path, ks) in &tables {
                 let p = PackedWeights::pack(&w, ks).unwrap();
                 let mut ps = PackedScratch::default();
-                let id = BenchmarkId::new(format!("{}/{path}", ty.name()), format!("{name}/n{n}"));
+                let id = BenchmarkId::new(
+                    format!("{}/packed/{path}", ty.name()),
+                    format!("{name}/n{n}"),
+                );
                 g.bench_function(id, |b| {
                     b.iter(|| matmul_packed(&p, black_box(&x), n, &mut y, &mut ps).unwrap())
                 });
@@ -232,13 +201,5 @@ fn packed_paths(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(
-    benches,
-    matvec,
-    paths,
-    gemm512,
-    tiled_vs_loop,
-    packed,
-    packed_paths
-);
+criterion_group!(benches, matvec, paths, gemm512, tiled_vs_loop, packed);
 criterion_main!(benches);
