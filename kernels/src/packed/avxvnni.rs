@@ -30,6 +30,67 @@ macro_rules! vnni256_kernels {
         /// as for the AVX2 kernels, which read the same 256-bit halves.
         const PF_BYTES: usize = 0;
 
+        /// A block's integer accumulators for C tokens x H halves, each at
+        /// its token's `a.c` (the weights' offset times sum(y)).
+        ///
+        /// Safety: the features below; `act` holds `C * k` blocks, `b < k`.
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn start<const C: usize, const H: usize>(
+            act: *const ActBlock,
+            k: usize,
+            b: usize,
+        ) -> [[__m256i; C]; H] {
+            let mut s = [[_mm256_setzero_si256(); C]; H];
+            for s_h in s.iter_mut() {
+                for (t, s) in s_h.iter_mut().enumerate() {
+                    // SAFETY: t * k + b < C * k, inside act as the caller guarantees.
+                    *s = _mm256_set1_epi32(unsafe { (*act.add(t * k + b)).c });
+                }
+            }
+            s
+        }
+
+        /// The float side of block `b`, in the scalar twin's order:
+        /// `acc = fma(dx * dy, s0 + s1, acc)`, then (`MIN`, Q4_1)
+        /// `acc = fma(m, s, acc)`; `db` is the block's scales (16 f16, then
+        /// 16 minimums when `MIN`).
+        ///
+        /// Safety: the features below; `db` holds the block's scale bytes,
+        /// `act` `C * k` blocks, `b < k`.
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn finish<const C: usize, const H: usize, const MIN: bool>(
+            acc: &mut [[__m256; C]; H],
+            s0: &[[__m256i; C]; H],
+            s1: &[[__m256i; C]; H],
+            db: *const u8,
+            act: *const ActBlock,
+            k: usize,
+            b: usize,
+        ) {
+            // SAFETY (whole body): every offset is inside the ranges the caller guarantees.
+            unsafe {
+                for (h, acc_h) in acc.iter_mut().enumerate() {
+                    let dx = _mm256_cvtph_ps(_mm_loadu_si128(db.add(16 * h) as *const __m128i));
+                    let mx = if MIN {
+                        _mm256_cvtph_ps(_mm_loadu_si128(db.add(32 + 16 * h) as *const __m128i))
+                    } else {
+                        _mm256_setzero_ps()
+                    };
+                    for (t, acc_t) in acc_h.iter_mut().enumerate() {
+                        let a = &*act.add(t * k + b);
+                        let s = _mm256_add_epi32(s0[h][t], s1[h][t]);
+                        let dd = _mm256_mul_ps(dx, _mm256_set1_ps(a.d));
+                        *acc_t = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(s), *acc_t);
+                        if MIN {
+                            *acc_t = _mm256_fmadd_ps(mx, _mm256_set1_ps(a.s), *acc_t);
+                        }
+                    }
+                }
+            }
+        }
+
         /// One 4-bit tile of H halves (H = 2: rows 0-15; H = 1: rows 0-7):
         /// `g` the group ([`crate::packed::block_at`]), `act` the tile's
         /// first token's blocks (token t at `act + t * k`), `out` its first
@@ -63,13 +124,8 @@ macro_rules! vnni256_kernels {
                     prefetch::<C, PF_BYTES>(g, 256, sb, b);
                     // s0 starts at a.c; for one token the high nibbles go to a
                     // second chain (s1) so two `vpdpbusd` latencies overlap per half.
-                    let mut s0 = [[_mm256_setzero_si256(); C]; H];
+                    let mut s0 = start::<C, H>(act, k, b);
                     let mut s1 = [[_mm256_setzero_si256(); C]; H];
-                    for s_h in s0.iter_mut() {
-                        for (t, s) in s_h.iter_mut().enumerate() {
-                            *s = _mm256_set1_epi32((*act.add(t * k + b)).c);
-                        }
-                    }
                     for j in 0..chunks {
                         for (h, (s0_h, s1_h)) in s0.iter_mut().zip(s1.iter_mut()).enumerate() {
                             let l = _mm256_loadu_si256(qb.add(64 * j + 32 * h) as *const __m256i);
@@ -83,23 +139,7 @@ macro_rules! vnni256_kernels {
                             }
                         }
                     }
-                    for (h, acc_h) in acc.iter_mut().enumerate() {
-                        let dx = _mm256_cvtph_ps(_mm_loadu_si128(db.add(16 * h) as *const __m128i));
-                        let mx = if MIN {
-                            _mm256_cvtph_ps(_mm_loadu_si128(db.add(32 + 16 * h) as *const __m128i))
-                        } else {
-                            _mm256_setzero_ps()
-                        };
-                        for (t, acc_t) in acc_h.iter_mut().enumerate() {
-                            let a = &*act.add(t * k + b);
-                            let s = _mm256_add_epi32(s0[h][t], s1[h][t]);
-                            let dd = _mm256_mul_ps(dx, _mm256_set1_ps(a.d));
-                            *acc_t = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(s), *acc_t);
-                            if MIN {
-                                *acc_t = _mm256_fmadd_ps(mx, _mm256_set1_ps(a.s), *acc_t);
-                            }
-                        }
-                    }
+                    finish::<C, H, MIN>(&mut acc, &s0, &s1, db, act, k, b);
                 }
             }
             // SAFETY: as the caller guarantees.
@@ -126,13 +166,8 @@ macro_rules! vnni256_kernels {
                     let (qo, so) = block_at(512, 32, b);
                     let (qb, db) = (g.add(qo), g.add(so));
                     prefetch::<C, PF_BYTES>(g, 512, 32, b);
-                    let mut s0 = [[_mm256_setzero_si256(); C]; H];
+                    let mut s0 = start::<C, H>(act, k, b);
                     let mut s1 = [[_mm256_setzero_si256(); C]; H];
-                    for s_h in s0.iter_mut() {
-                        for (t, s) in s_h.iter_mut().enumerate() {
-                            *s = _mm256_set1_epi32((*act.add(t * k + b)).c);
-                        }
-                    }
                     for j in 0..pairs {
                         for (h, (s0_h, s1_h)) in s0.iter_mut().zip(s1.iter_mut()).enumerate() {
                             let p = qb.add(128 * j + 32 * h);
@@ -146,15 +181,7 @@ macro_rules! vnni256_kernels {
                             }
                         }
                     }
-                    for (h, acc_h) in acc.iter_mut().enumerate() {
-                        let dx = _mm256_cvtph_ps(_mm_loadu_si128(db.add(16 * h) as *const __m128i));
-                        for (t, acc_t) in acc_h.iter_mut().enumerate() {
-                            let a = &*act.add(t * k + b);
-                            let s = _mm256_add_epi32(s0[h][t], s1[h][t]);
-                            let dd = _mm256_mul_ps(dx, _mm256_set1_ps(a.d));
-                            *acc_t = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(s), *acc_t);
-                        }
-                    }
+                    finish::<C, H, false>(&mut acc, &s0, &s1, db, act, k, b);
                 }
             }
             // SAFETY: as the caller guarantees.
