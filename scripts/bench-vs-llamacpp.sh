@@ -84,17 +84,13 @@ gen_cases=("$DIR/llama-3.2-1b-q4_0.gguf 32" "$DIR/llama-3.2-1b-q8_0.gguf 32")
 for c in "${gen_cases[@]}"; do
   set -- $c
   f=$1; n=$2; ljs=(); ajs=()
+  run_llama() { ljs+=("$("$LLAMA_BENCH" -m "$f" -t "$threads" -p 0 -n "$n" -r "$reps" -o json 2>/dev/null)"); }
+  run_airlock() { ajs+=("$($A bench -m "$f" -t "$threads" -p 0 -n "$n" -r "$reps" --json --ceiling 2>/dev/null)"); }
   for r in $(seq "$rounds"); do
-    # Odd rounds run llama-bench first, even rounds airlock first: whichever runs second
-    # measured a few per cent faster here (same binary, same settings), so a fixed order
+    # Odd rounds run llama-bench first, even rounds airlock first: in a fixed order the
+    # second slot sometimes measured faster here (same binary, same settings), which
     # would favour one engine.
-    if [ $((r % 2)) = 1 ]; then
-      ljs+=("$("$LLAMA_BENCH" -m "$f" -t "$threads" -p 0 -n "$n" -r "$reps" -o json 2>/dev/null)")
-      ajs+=("$($A bench -m "$f" -t "$threads" -p 0 -n "$n" -r "$reps" --json --ceiling 2>/dev/null)")
-    else
-      ajs+=("$($A bench -m "$f" -t "$threads" -p 0 -n "$n" -r "$reps" --json --ceiling 2>/dev/null)")
-      ljs+=("$("$LLAMA_BENCH" -m "$f" -t "$threads" -p 0 -n "$n" -r "$reps" -o json 2>/dev/null)")
-    fi
+    if [ $((r % 2)) = 1 ]; then run_llama; run_airlock; else run_airlock; run_llama; fi
   done
   python3 - "$f" "$n" "${#ljs[@]}" "${ljs[@]}" "${ajs[@]}" <<'PY'
 import json, os, sys
