@@ -3,10 +3,14 @@
 //! metadata and the same logits on the exact path; q8_0 and f16 conversions must agree with the
 //! original on the top token almost everywhere and still write readable text; the exported
 //! tokenizer.json must tokenize like the GGUF vocabulary (and like llama-tokenize).
+//!
+//! One test runs every step in turn, in one temporary directory that it owns: the f32 export and
+//! its f32 GGUF are about 540 MB each, so each GGUF is deleted once checked and the directory is
+//! removed at the end (a `static` would never be dropped and would leave 1.4 GB per run behind).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use airlock_engine::gguf::GgufFile;
 use airlock_engine::llama::{KvType, LlamaModel, Logits, Precision, Session};
@@ -44,46 +48,45 @@ fn ok(o: Output) -> Output {
     o
 }
 
-/// Everything made once for all tests: export (f32), and the f32, q8_0 and f16 conversions.
-struct Made {
-    _dir: tempfile::TempDir,
-    hf: PathBuf,
-    f32: PathBuf,
-    q8_0: PathBuf,
-    f16: PathBuf,
-    export_stderr: String,
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
 }
 
-fn made() -> &'static Made {
-    static MADE: OnceLock<Made> = OnceLock::new();
-    MADE.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let hf = dir.path().join("hf");
-        let s = |p: &Path| p.to_str().unwrap().to_string();
-        let o = ok(airlock(&[
-            "export",
-            &s(&model()),
-            "-o",
-            &s(&hf),
-            "--dtype",
-            "f32",
-        ]));
-        let export_stderr = String::from_utf8_lossy(&o.stderr).into_owned();
-        let mut out = Vec::new();
-        for ty in ["f32", "q8_0", "f16"] {
-            let p = dir.path().join(format!("smol.{ty}.gguf"));
-            ok(airlock(&["convert", &s(&hf), "-o", &s(&p), "--type", ty]));
-            out.push(p);
+#[test]
+fn export_then_convert_back_at_f32_q8_0_and_f16() {
+    let dir = tempfile::tempdir().unwrap();
+    let hf = dir.path().join("hf");
+    let o = ok(airlock(&[
+        "export",
+        s(&model()),
+        "-o",
+        s(&hf),
+        "--dtype",
+        "f32",
+    ]));
+    let export_stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(hf.join("model.safetensors").is_file());
+    assert!(
+        export_stderr.contains("wrote"),
+        "export said: {export_stderr}"
+    );
+    exported_config_agrees_with_the_reference_checkpoint(&hf);
+    exported_tokenizer_json_tokenizes_like_the_gguf_vocabulary(&hf);
+
+    let ids = fixture_ids("visible-3.json");
+    let (reference, vocab) = logits(&model(), &ids, Precision::Exact);
+    for ty in ["f32", "q8_0", "f16"] {
+        let gguf = dir.path().join(format!("smol.{ty}.gguf"));
+        ok(airlock(&["convert", s(&hf), "-o", s(&gguf), "--type", ty]));
+        if ty == "f32" {
+            f32_round_trip_is_bit_exact_with_the_same_metadata(&gguf);
+            f32_round_trip_logits_match_on_the_exact_path(&gguf, &ids, &reference, vocab);
+        } else {
+            conversion_agrees_on_the_top_token(&gguf, &ids, &reference, vocab);
         }
-        Made {
-            hf,
-            f32: out[0].clone(),
-            q8_0: out[1].clone(),
-            f16: out[2].clone(),
-            export_stderr,
-            _dir: dir,
-        }
-    })
+        converted_model_writes_readable_text(&gguf);
+        std::fs::remove_file(&gguf).unwrap();
+    }
 }
 
 fn dequantized(f: &GgufFile, name: &str) -> Vec<f32> {
@@ -93,17 +96,9 @@ fn dequantized(f: &GgufFile, name: &str) -> Vec<f32> {
     v
 }
 
-#[test]
-fn f32_round_trip_is_bit_exact_with_the_same_metadata() {
-    let m = made();
-    assert!(m.hf.join("model.safetensors").is_file());
-    assert!(
-        m.export_stderr.contains("wrote"),
-        "export said: {}",
-        m.export_stderr
-    );
+fn f32_round_trip_is_bit_exact_with_the_same_metadata(f32: &Path) {
     let a = GgufFile::open(model()).unwrap();
-    let b = GgufFile::open(&m.f32).unwrap();
+    let b = GgufFile::open(f32).unwrap();
     let names_a: Vec<&str> = a.tensors().iter().map(|t| t.name.as_str()).collect();
     let names_b: Vec<&str> = b.tensors().iter().map(|t| t.name.as_str()).collect();
     let (mut sa, mut sb) = (names_a.clone(), names_b.clone());
@@ -163,11 +158,8 @@ fn argmax(v: &[f32]) -> usize {
     best
 }
 
-#[test]
-fn f32_round_trip_logits_match_on_the_exact_path() {
-    let ids = fixture_ids("visible-3.json");
-    let (a, vocab) = logits(&model(), &ids, Precision::Exact);
-    let (b, _) = logits(&made().f32, &ids, Precision::Exact);
+fn f32_round_trip_logits_match_on_the_exact_path(f32: &Path, ids: &[u32], a: &[f32], vocab: usize) {
+    let (b, _) = logits(f32, ids, Precision::Exact);
     assert_eq!(a.len(), ids.len() * vocab);
     let max = a
         .iter()
@@ -177,61 +169,51 @@ fn f32_round_trip_logits_match_on_the_exact_path() {
     assert!(max <= 1e-4, "max |logit diff| = {max}");
 }
 
-#[test]
-fn q8_0_and_f16_conversions_agree_on_the_top_token() {
-    let ids = fixture_ids("visible-3.json");
-    let (a, vocab) = logits(&model(), &ids, Precision::Exact);
-    for path in [&made().q8_0, &made().f16] {
-        let f = GgufFile::open(path).unwrap();
-        // The policy: q8_0 everywhere 2-D; f16 everywhere 2-D; norms f32.
-        let embd = f.tensor("token_embd.weight").unwrap().ty;
-        assert!(matches!(embd.name(), "Q8_0" | "F16"), "{embd}");
-        assert_eq!(f.tensor("output_norm.weight").unwrap().ty.name(), "F32");
-        let (b, _) = logits(path, &ids, Precision::Exact);
-        let same = (0..ids.len())
-            .filter(|&p| {
-                argmax(&a[p * vocab..(p + 1) * vocab]) == argmax(&b[p * vocab..(p + 1) * vocab])
-            })
-            .count();
-        let rate = same as f64 / ids.len() as f64;
-        assert!(
-            rate >= 0.95,
-            "{}: top-1 agreement {same}/{} = {rate:.3}",
-            path.display(),
-            ids.len()
-        );
-    }
+fn conversion_agrees_on_the_top_token(path: &Path, ids: &[u32], a: &[f32], vocab: usize) {
+    let f = GgufFile::open(path).unwrap();
+    // The policy: q8_0 everywhere 2-D; f16 everywhere 2-D; norms f32.
+    let embd = f.tensor("token_embd.weight").unwrap().ty;
+    assert!(matches!(embd.name(), "Q8_0" | "F16"), "{embd}");
+    assert_eq!(f.tensor("output_norm.weight").unwrap().ty.name(), "F32");
+    let (b, _) = logits(path, ids, Precision::Exact);
+    let same = (0..ids.len())
+        .filter(|&p| {
+            argmax(&a[p * vocab..(p + 1) * vocab]) == argmax(&b[p * vocab..(p + 1) * vocab])
+        })
+        .count();
+    let rate = same as f64 / ids.len() as f64;
+    assert!(
+        rate >= 0.95,
+        "{}: top-1 agreement {same}/{} = {rate:.3}",
+        path.display(),
+        ids.len()
+    );
 }
 
-#[test]
-fn converted_models_write_readable_text() {
-    for path in [&made().f32, &made().q8_0, &made().f16] {
-        let o = ok(airlock(&[
-            "run",
-            "-m",
-            path.to_str().unwrap(),
-            "-p",
-            "The capital of France is",
-            "-n",
-            "32",
-            "--temp",
-            "0",
-        ]));
-        let text = String::from_utf8_lossy(&o.stdout).into_owned();
-        let letters = text.chars().filter(|c| c.is_ascii_alphabetic()).count();
-        assert!(
-            letters >= 10 && !text.contains('\u{FFFD}'),
-            "{}: not readable: {text:?}",
-            path.display()
-        );
-        assert!(text.contains("Paris"), "{}: {text:?}", path.display());
-    }
+fn converted_model_writes_readable_text(path: &Path) {
+    let o = ok(airlock(&[
+        "run",
+        "-m",
+        s(path),
+        "-p",
+        "The capital of France is",
+        "-n",
+        "32",
+        "--temp",
+        "0",
+    ]));
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    let letters = text.chars().filter(|c| c.is_ascii_alphabetic()).count();
+    assert!(
+        letters >= 10 && !text.contains('\u{FFFD}'),
+        "{}: not readable: {text:?}",
+        path.display()
+    );
+    assert!(text.contains("Paris"), "{}: {text:?}", path.display());
 }
 
-#[test]
-fn exported_tokenizer_json_tokenizes_like_the_gguf_vocabulary() {
-    let m = made();
-    let tj = m.hf.join("tokenizer.json");
+fn exported_tokenizer_json_tokenizes_like_the_gguf_vocabulary(hf: &Path) {
+    let tj = hf.join("tokenizer.json");
     let hf = tokenizers::Tokenizer::from_file(&tj).unwrap();
     let f = GgufFile::open(model()).unwrap();
     let spec = VocabSpec::from_gguf(&f).unwrap();
@@ -271,13 +253,11 @@ fn exported_tokenizer_json_tokenizes_like_the_gguf_vocabulary() {
     Tokenizer::from_tokenizer_json(&tj, &spec).unwrap();
 }
 
-#[test]
-fn exported_config_agrees_with_the_reference_checkpoint() {
-    let m = made();
+fn exported_config_agrees_with_the_reference_checkpoint(hf: &Path) {
     let read = |p: PathBuf| -> serde_json::Value {
         serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
     };
-    let ours = read(m.hf.join("config.json"));
+    let ours = read(hf.join("config.json"));
     let reference: serde_json::Value = serde_json::json!({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576,
         "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
@@ -289,7 +269,7 @@ fn exported_config_agrees_with_the_reference_checkpoint() {
     for (k, v) in reference.as_object().unwrap() {
         assert_eq!(&ours[k], v, "config.json {k}");
     }
-    let tc = read(m.hf.join("tokenizer_config.json"));
+    let tc = read(hf.join("tokenizer_config.json"));
     assert_eq!(tc["bos_token"], "<|im_start|>");
     assert_eq!(tc["eos_token"], "<|im_end|>");
     assert_eq!(tc["add_bos_token"], false);
@@ -297,6 +277,6 @@ fn exported_config_agrees_with_the_reference_checkpoint() {
         .as_str()
         .unwrap()
         .contains("You are a helpful AI assistant named SmolLM"));
-    let gen = read(m.hf.join("generation_config.json"));
+    let gen = read(hf.join("generation_config.json"));
     assert_eq!(gen["eos_token_id"], 2);
 }

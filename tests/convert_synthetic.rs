@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use airlock_convert::rope::Llama3Rope;
 use airlock_engine::gguf::{GgufFile, Value};
@@ -74,24 +74,22 @@ fn spec() -> Spec {
     }
 }
 
-/// A Llama 3 tokenizer directory: exported from the llama.cpp-made tiny Llama 3 fixture.
-fn llama3_tokenizer() -> &'static Path {
-    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    &DIR.get_or_init(|| {
-        let d = tempfile::tempdir().unwrap();
-        let out = d.path().join("hf");
-        let o = airlock(&[
-            "export",
-            s(&root().join("tests/fixtures/llama3/tiny-llama3-q8_0.gguf")),
-            "-o",
-            s(&out),
-            "--dtype",
-            "f32",
-        ]);
-        assert!(o.status.success(), "{}", stderr(&o));
-        (d, out)
-    })
-    .1
+/// A Llama 3 tokenizer directory inside `dir`: exported from the llama.cpp-made tiny Llama 3
+/// fixture, keeping only the tokenizer files. Made per test in the test's own temporary directory
+/// (a static would never be dropped, and each run would leave its files behind).
+fn llama3_tokenizer(dir: &Path) -> PathBuf {
+    let out = dir.join("hf");
+    let o = airlock(&[
+        "export",
+        s(&root().join("tests/fixtures/llama3/tiny-llama3-q8_0.gguf")),
+        "-o",
+        s(&out),
+        "--dtype",
+        "f32",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::fs::remove_file(out.join("model.safetensors")).unwrap();
+    out
 }
 
 fn values(seed: u64, n: usize, norm: bool, dtype: Dtype) -> Vec<f32> {
@@ -375,12 +373,13 @@ fn single_file_f32_tied_every_type() {
 #[test]
 fn sharded_bf16_untied_llama3_rope() {
     let d = tempfile::tempdir().unwrap();
+    let tok = tempfile::tempdir().unwrap();
     let sp = Spec {
         tied: false,
         dtype: Dtype::BF16,
         shards: 3,
         llama3_rope: true,
-        tokenizer: llama3_tokenizer().to_path_buf(),
+        tokenizer: llama3_tokenizer(tok.path()),
         vocab: 128256,
         ..spec()
     };
@@ -452,10 +451,11 @@ fn output_type_and_pure_flags() {
 #[test]
 fn quantize_and_export_round_trip_synthetic() {
     let d = tempfile::tempdir().unwrap();
+    let tok = tempfile::tempdir().unwrap();
     let sp = Spec {
         tied: false,
         llama3_rope: true,
-        tokenizer: llama3_tokenizer().to_path_buf(),
+        tokenizer: llama3_tokenizer(tok.path()),
         vocab: 128256,
         ..spec()
     };
