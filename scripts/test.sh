@@ -23,4 +23,6 @@ venv="${AIRLOCK_COMPAT_VENV:-target/compat-venv}"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "gguf==0.19.0" numpy pytest
 # target/debug/airlock is the binary `cargo test` just built for the integration tests.
-AIRLOCK_BIN="$PWD/target/debug/airlock" "$venv/bin/python" -m pytest -q tests/compat
+# --basetemp: pytest empties it at each start, where /tmp/pytest-of-$USER would keep three runs.
+AIRLOCK_BIN="$PWD/target/debug/airlock" "$venv/bin/python" -m pytest -q \
+  --basetemp="$PWD/target/pytest-tmp" tests/compat
