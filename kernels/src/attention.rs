@@ -399,22 +399,34 @@ unsafe fn task<L: Lanes, const QV: usize, const KJ: usize, const QT: usize, cons
                 m_new.store(m.as_mut_ptr().add(o));
                 c.store(corr.as_mut_ptr().add(o));
             }
-            // acc = acc * corr + P V.
+            // acc = acc * corr + P V, each query over the keys it sees: a masked key never
+            // enters, not even with probability 0, since 0 * inf is NaN and a non-finite value
+            // in V would then change a result that, fed token by token, never reads that key.
             let ndv = hdp / nl;
+            let seen = |q: usize| nb.min((pos[q] as usize + 1).saturating_sub(start));
             let mut q0 = 0;
             while q0 < nq {
                 let qt_n = (nq - q0).min(QT);
-                // Keys after the tile's last query are masked (probability 0): skip them.
-                let nb = nb.min((pos[q0 + qt_n - 1] as usize + 1).saturating_sub(start));
+                // Queries are in token order: the tile's first sees the fewest keys. The tile
+                // takes those, then each query its own rest; the store and reload between the
+                // two loops is exact, so every query adds its keys in one order either way.
+                let common = seen(q0);
                 let mut d0 = 0;
                 while d0 < ndv {
                     let dn = (ndv - d0).min(DV);
                     if qt_n == QT && dn == DV {
-                        pv::<L, QT, DV>(sc, nqp, vb, hdp, nb, acc, corr, q0, d0);
+                        pv::<L, QT, DV>(sc, nqp, vb, hdp, 0..common, true, acc, corr, q0, d0);
+                        for q in q0 + 1..q0 + QT {
+                            let keys = common..seen(q);
+                            if !keys.is_empty() {
+                                pv::<L, 1, DV>(sc, nqp, vb, hdp, keys, false, acc, corr, q, d0);
+                            }
+                        }
                     } else {
                         for q in q0..q0 + qt_n {
                             for d in d0..d0 + dn {
-                                pv::<L, 1, 1>(sc, nqp, vb, hdp, nb, acc, corr, q, d);
+                                let keys = 0..seen(q);
+                                pv::<L, 1, 1>(sc, nqp, vb, hdp, keys, true, acc, corr, q, d);
                             }
                         }
                     }
@@ -481,8 +493,9 @@ unsafe fn scores<L: Lanes, const QV: usize, const KJ: usize>(
     }
 }
 
-/// `acc[q] = acc[q] * corr[q] + sum_{j < nb} p[j][q] vb[j]` for queries q0..q0 + QT and
-/// head_dim vectors d0..d0 + DV.
+/// `acc[q] = acc[q] * corr[q] + sum_{j in keys} p[j][q] vb[j]` for queries q0..q0 + QT and
+/// head_dim vectors d0..d0 + DV, in key order; without the `* corr[q]` when `rescale` is false
+/// (a query's second range of keys in the same block).
 ///
 /// # Safety
 /// `L`'s features; the ranges in bounds of the buffers (see the caller).
@@ -493,7 +506,8 @@ unsafe fn pv<L: Lanes, const QT: usize, const DV: usize>(
     nqp: usize,
     vb: &[f32],
     hdp: usize,
-    nb: usize,
+    keys: std::ops::Range<usize>,
+    rescale: bool,
     acc: &mut [f32],
     corr: &[f32],
     q0: usize,
@@ -508,12 +522,13 @@ unsafe fn pv<L: Lanes, const QT: usize, const DV: usize>(
         for (i, row) in a.iter_mut().enumerate() {
             let c = L::splat(corr[q0 + i]);
             for (e, y) in row.iter_mut().enumerate() {
-                *y = L::mul(L::load(ap.add(i * hdp + e * nl)), c);
+                let x = L::load(ap.add(i * hdp + e * nl));
+                *y = if rescale { L::mul(x, c) } else { x };
             }
         }
         let vp = vb.as_ptr().add(d0 * nl);
         let pp = p.as_ptr().add(q0);
-        for j in 0..nb {
+        for j in keys {
             let mut vv = [zero; DV];
             for (e, y) in vv.iter_mut().enumerate() {
                 *y = L::load(vp.add(j * hdp + e * nl));
@@ -686,6 +701,53 @@ mod tests {
                 attention_with(path, st, qt, KvRows::F16(&k), KvRows::F16(&v), &mut one);
                 let d = max_diff(&one, &whole[t * row..(t + 1) * row]);
                 assert!(d == 0.0, "{path} token {t}: {d}");
+            }
+        }
+    }
+
+    #[test]
+    fn masked_non_finite_cache_values_never_reach_earlier_queries() {
+        // A chunk of tokens whose later positions hold inf and NaN in V (and inf in K): the
+        // queries before them must give the same bits as when fed token by token, where those
+        // positions are never read. With masked keys entering P V at weight 0, 0 * inf = NaN.
+        let (n_head, n_head_kv, hd) = (9, 3, 64);
+        let (row, kvd) = (n_head * hd, n_head_kv * hd);
+        for pos0 in [0, 21] {
+            let n = 75;
+            let s = AttentionShape {
+                n_head,
+                n_head_kv,
+                head_dim: hd,
+                pos0,
+            };
+            let rows = pos0 + n;
+            let q = rand_vec(n * row, 10, 2.0);
+            let mut k = rand_vec(rows * kvd, 11, 6.0);
+            let mut v = rand_vec(rows * kvd, 12, 1.0);
+            let poisoned = pos0 + 40;
+            v[poisoned * kvd + 5] = f32::INFINITY;
+            v[(poisoned + 9) * kvd + kvd - 1] = f32::NAN;
+            k[(poisoned + 3) * kvd + 7] = f32::INFINITY;
+            let k16: Vec<f16> = k.iter().map(|&x| f16::from_f32(x)).collect();
+            let v16: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
+            for path in SimdPath::available() {
+                for (kr, vr) in [
+                    (KvRows::F32(&k), KvRows::F32(&v)),
+                    (KvRows::F16(&k16), KvRows::F16(&v16)),
+                ] {
+                    let mut whole = vec![0.0; n * row];
+                    attention_with(path, s, &q, kr, vr, &mut whole);
+                    for t in 0..poisoned - pos0 {
+                        let mut one = vec![0.0; row];
+                        let st = AttentionShape { pos0: pos0 + t, ..s };
+                        let qt = &q[t * row..(t + 1) * row];
+                        attention_with(path, st, qt, kr, vr, &mut one);
+                        let got = &whole[t * row..(t + 1) * row];
+                        assert!(got.iter().all(|x| x.is_finite()), "{path} pos0 {pos0} t {t}");
+                        let same = one.iter().zip(got).all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(same, "{path} pos0 {pos0} token {t} differs from token by token");
+                    }
+                }
             }
         }
     }
