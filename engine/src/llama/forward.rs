@@ -1,14 +1,24 @@
-//! The batched forward pass: a whole prompt chunk goes through each matrix at once
-//! (matrix x matrix), and the KV cache keeps what earlier chunks and turns computed.
+//! The batched forward pass over many sequences at once.
 //!
-//! Per layer, for n tokens at positions pos..pos+n:
-//!   xn = rmsnorm(x)                      x (n, embd)
-//!   q, k, v = xn Wq, xn Wk, xn Wv        (n, q_dim), (n, kv_dim) x2
-//!   rope(q, k); cache[pos..pos+n] = k, v
-//!   att = softmax(q K^T / sqrt(hd)) V    causal, per head, GQA heads share K/V
-//!   x += att Wo
+//! A batch is a list of sequences, each with its own [`KvCache`] and the tokens it brings this
+//! step: one when decoding, many for a prompt chunk. Their rows are stacked into one activation
+//! matrix, so the embedding, the norms, every matmul and SwiGLU run once for the whole batch and
+//! each weight is read from memory once per step, not once per sequence. Only RoPE, the KV write
+//! and attention go sequence by sequence, each reading its own cache in place.
+//!
+//! Per layer, for N = n_1 + ... + n_S stacked rows (sequence s at positions pos_s..pos_s + n_s):
+//!   xn = rmsnorm(x)                      x (N, embd)
+//!   q, k, v = xn Wq, xn Wk, xn Wv        (N, q_dim), (N, kv_dim) x2
+//!   per sequence s:
+//!     rope(q_s, k_s); cache_s[pos_s..pos_s + n_s] = k_s, v_s
+//!     att_s = softmax(q_s K_s^T / sqrt(hd)) V_s    causal, GQA heads share K/V
+//!   x += att Wo                          att (N, q_dim)
 //!   x += (silu(xn' Wgate) * xn' Wup) Wdown, xn' = rmsnorm(x)
-//! then logits = rmsnorm(x) Wout for the positions asked for.
+//! then logits = rmsnorm(x) Wout for the rows each sequence asked for.
+//!
+//! Batch invariance: every kernel keeps one float accumulation order per (row, token) whatever
+//! the other rows are, the tile, the chunk or the thread count, so a sequence's logits are
+//! bit-identical alone or in any batch, and whatever the prompt's chunking.
 
 use airlock_kernels::attention::{attention, AttentionShape, KvRows};
 use airlock_kernels::ops;
@@ -40,11 +50,34 @@ impl KvType {
     }
 }
 
-/// Which positions of a batch need logits.
+/// Which of a sequence's tokens in a batch need logits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Logits {
+    /// None: a prompt chunk that is not the prompt's end.
+    None,
+    /// The last token's (prompt end, decoding).
     Last,
+    /// Every token's (teacher forcing).
     All,
+    /// The last n tokens' (perplexity scores only the second half of a chunk).
+    Tail(usize),
+}
+
+impl Logits {
+    /// The first of the rows wanted out of `n` tokens; rows first..n are returned.
+    fn first_row(self, n: usize) -> usize {
+        match self {
+            Logits::None => n,
+            Logits::Last => n.saturating_sub(1),
+            Logits::All => 0,
+            Logits::Tail(k) => n.saturating_sub(k),
+        }
+    }
+
+    /// How many logit rows a sequence bringing `n` tokens gets back.
+    pub fn rows(self, n: usize) -> usize {
+        n - self.first_row(n)
+    }
 }
 
 enum KvStore {
@@ -79,27 +112,108 @@ impl KvStore {
     }
 }
 
-/// One conversation's state: its KV cache, position, and the buffers the forward pass reuses.
-pub struct Session {
-    pub n_ctx: usize,
-    pub precision: Precision,
+/// One sequence's KV cache: the keys and values of every layer at positions 0..pos.
+pub struct KvCache {
+    n_ctx: usize,
     pos: usize,
     kv_type: KvType,
-    /// [layer][pos][kv_dim]
+    n_layers: usize,
+    kv_dim: usize,
+    /// [layer][position < n_ctx][kv_dim]
     k: KvStore,
     v: KvStore,
+}
+
+impl KvCache {
+    /// A cache of `n_ctx` positions for `model`, allocated (zeroed) now.
+    pub fn new(model: &LlamaModel, n_ctx: usize, kv_type: KvType) -> Self {
+        let (n_layers, kv_dim) = (model.config.n_layers, model.config.kv_dim());
+        let n = n_layers * n_ctx * kv_dim;
+        KvCache {
+            n_ctx,
+            pos: 0,
+            kv_type,
+            n_layers,
+            kv_dim,
+            k: KvStore::new(kv_type, n),
+            v: KvStore::new(kv_type, n),
+        }
+    }
+
+    /// Tokens in the cache.
+    pub fn pos(&self) -> usize {
+        self.pos
+    }
+
+    /// Positions the cache holds.
+    pub fn n_ctx(&self) -> usize {
+        self.n_ctx
+    }
+
+    pub fn kv_type(&self) -> KvType {
+        self.kv_type
+    }
+
+    /// Forget everything (the contents are simply overwritten later).
+    pub fn reset(&mut self) {
+        self.pos = 0;
+    }
+
+    /// Drop cached positions from `pos` on, e.g. to keep a shared prompt prefix.
+    pub fn truncate(&mut self, pos: usize) {
+        self.pos = self.pos.min(pos);
+    }
+
+    /// Store token `p`'s keys and values of layer `li`.
+    fn write(&mut self, li: usize, p: usize, k: &[f32], v: &[f32]) {
+        let at = (li * self.n_ctx + p) * self.kv_dim;
+        self.k.write(at, k);
+        self.v.write(at, v);
+    }
+
+    /// Layer `li`'s keys and values, all n_ctx positions.
+    fn layer(&self, li: usize) -> (KvRows<'_>, KvRows<'_>) {
+        let stride = self.n_ctx * self.kv_dim;
+        let r = li * stride..(li + 1) * stride;
+        (self.k.rows(r.clone()), self.v.rows(r))
+    }
+}
+
+/// One sequence's part of a batch: its cache, the tokens it brings (appended to the cache at
+/// its current position), and which of their logits it wants.
+pub struct BatchSeq<'a> {
+    pub cache: &'a mut KvCache,
+    pub tokens: &'a [u32],
+    pub logits: Logits,
+}
+
+/// The buffers a forward pass reuses from step to step, for whatever batch comes: one per
+/// thread that runs passes, not one per sequence. Grown to the largest batch seen.
+#[derive(Default)]
+pub struct Workspace {
+    /// (N, embd): the residual stream of every stacked row
     x: Vec<f32>,
+    /// (N, embd): normed rows
     xn: Vec<f32>,
+    /// (N, q_dim)
     q: Vec<f32>,
+    /// (N, kv_dim) x2: this step's keys and values before they go to the caches
     kb: Vec<f32>,
     vb: Vec<f32>,
+    /// (N, q_dim): attention output
     att: Vec<f32>,
+    /// (N, embd): a matmul's output before it is added to x
     tmp: Vec<f32>,
+    /// (N, n_ff) x2
     gate: Vec<f32>,
     up: Vec<f32>,
-    logits: Vec<f32>,
+    /// (N, rope_dim / 2) x2: each row's RoPE angles (they depend on its position only)
     rope_cos: Vec<f32>,
     rope_sin: Vec<f32>,
+    /// (rows wanted, vocab)
+    logits: Vec<f32>,
+    /// Indices into x of the rows whose logits are wanted, in batch order.
+    out_rows: Vec<usize>,
     scratch: MatmulScratch,
 }
 
@@ -131,7 +245,7 @@ fn matmuls<const N: usize>(
     Ok(())
 }
 
-/// y = W x on the session's precision: the packed copy when there is one (fast path only).
+/// y = W x on the pass's precision: the packed copy when there is one (fast path only).
 fn matmul(
     precision: Precision,
     f: &crate::gguf::GgufFile,
@@ -152,89 +266,71 @@ fn matmul(
     }
 }
 
-impl Session {
-    pub fn new(model: &LlamaModel, n_ctx: usize, kv_type: KvType, precision: Precision) -> Self {
-        let n = model.config.n_layers * n_ctx * model.config.kv_dim();
-        Session {
-            n_ctx,
-            precision,
-            pos: 0,
-            kv_type,
-            k: KvStore::new(kv_type, n),
-            v: KvStore::new(kv_type, n),
-            x: Vec::new(),
-            xn: Vec::new(),
-            q: Vec::new(),
-            kb: Vec::new(),
-            vb: Vec::new(),
-            att: Vec::new(),
-            tmp: Vec::new(),
-            gate: Vec::new(),
-            up: Vec::new(),
-            logits: Vec::new(),
-            rope_cos: Vec::new(),
-            rope_sin: Vec::new(),
-            scratch: MatmulScratch::default(),
+/// Run every sequence's tokens through the model in one pass and append them to its cache.
+/// Returns the logits wanted, (rows, vocab) row-major: each sequence's rows in batch order
+/// ([`Logits::rows`] of them), each sequence's in token order.
+///
+/// Nothing is written when an argument is refused (a full context, a token outside the
+/// vocabulary, a cache of another model). The pass runs on a thread of the rayon pool while
+/// the pool's other threads spin between its parallel regions instead of sleeping
+/// ([`with_spinning_pool`]).
+///
+/// [`with_spinning_pool`]: airlock_kernels::pool::with_spinning_pool
+pub fn forward_batch<'w>(
+    model: &LlamaModel,
+    precision: Precision,
+    ws: &'w mut Workspace,
+    seqs: &mut [BatchSeq],
+) -> Result<&'w [f32], ModelError> {
+    check_batch(model, seqs)?;
+    airlock_kernels::pool::with_spinning_pool(|| ws.forward(model, precision, seqs))?;
+    Ok(&ws.logits)
+}
+
+/// Refuse a batch that does not fit before anything is computed or written.
+fn check_batch(model: &LlamaModel, seqs: &[BatchSeq]) -> Result<(), ModelError> {
+    let c = &model.config;
+    for s in seqs {
+        if s.cache.n_layers != c.n_layers || s.cache.kv_dim != c.kv_dim() {
+            return Err(ModelError::CacheMismatch {
+                cache_layers: s.cache.n_layers,
+                cache_kv_dim: s.cache.kv_dim,
+                n_layers: c.n_layers,
+                kv_dim: c.kv_dim(),
+            });
+        }
+        let needed = s.cache.pos + s.tokens.len();
+        if needed > s.cache.n_ctx {
+            return Err(ModelError::ContextFull {
+                needed,
+                n_ctx: s.cache.n_ctx,
+            });
+        }
+        if let Some(&id) = s.tokens.iter().find(|&&id| id as usize >= c.vocab_size) {
+            return Err(ModelError::InvalidToken {
+                id,
+                vocab_size: c.vocab_size,
+            });
         }
     }
+    Ok(())
+}
 
-    /// Tokens in the cache so far.
-    pub fn pos(&self) -> usize {
-        self.pos
-    }
-
-    pub fn kv_type(&self) -> KvType {
-        self.kv_type
-    }
-
-    /// Forget everything (the cache contents are simply overwritten later).
-    pub fn reset(&mut self) {
-        self.pos = 0;
-    }
-
-    /// Drop cached positions from `pos` on, e.g. to re-use a shared prompt prefix.
-    pub fn truncate(&mut self, pos: usize) {
-        self.pos = self.pos.min(pos);
-    }
-
-    /// Run `tokens` through the model at the current position and append them to the cache.
-    /// Returns the logits of the last token (`Logits::Last`, vocab values) or of every token
-    /// (`Logits::All`, tokens.len() x vocab, row-major).
-    ///
-    /// The pass runs on a thread of the rayon pool while the pool's other threads spin
-    /// between its parallel regions instead of sleeping ([`with_spinning_pool`]).
-    ///
-    /// [`with_spinning_pool`]: airlock_kernels::pool::with_spinning_pool
-    pub fn forward(
+impl Workspace {
+    fn forward(
         &mut self,
         model: &LlamaModel,
-        tokens: &[u32],
-        which: Logits,
-    ) -> Result<&[f32], ModelError> {
-        airlock_kernels::pool::with_spinning_pool(|| self.forward_in_pool(model, tokens, which))?;
-        Ok(&self.logits)
-    }
-
-    fn forward_in_pool(
-        &mut self,
-        model: &LlamaModel,
-        tokens: &[u32],
-        which: Logits,
+        precision: Precision,
+        seqs: &mut [BatchSeq],
     ) -> Result<(), ModelError> {
         let c = &model.config;
         let w = &model.weights;
         let f = &*model.file;
-        let n = tokens.len();
+        let n: usize = seqs.iter().map(|s| s.tokens.len()).sum();
+        self.out_rows.clear();
+        self.logits.clear();
         if n == 0 {
-            self.logits.clear();
             return Ok(());
-        }
-        let needed = self.pos + n;
-        if needed > self.n_ctx {
-            return Err(ModelError::ContextFull {
-                needed,
-                n_ctx: self.n_ctx,
-            });
         }
         let (e, qd, kvd, ff, hd) = (c.n_embd, c.q_dim(), c.kv_dim(), c.n_ff, c.head_dim);
         resize(&mut self.x, n * e);
@@ -247,39 +343,30 @@ impl Session {
         resize(&mut self.gate, n * ff);
         resize(&mut self.up, n * ff);
 
-        // Embedding lookup: dequantize one row per token.
+        // Embedding lookup, one row per token (ids were checked), and each row's RoPE angles.
         let emb = w.token_embd.view(f);
         let rb = w.token_embd.row_bytes();
-        for (t, &id) in tokens.iter().enumerate() {
-            if id as usize >= c.vocab_size {
-                return Err(ModelError::InvalidToken {
-                    id,
-                    vocab_size: c.vocab_size,
-                });
-            }
-            let row = &emb.data[id as usize * rb..(id as usize + 1) * rb];
-            airlock_kernels::dequantize_row(emb.ty, row, &mut self.x[t * e..(t + 1) * e])?;
-        }
-
-        let precision = self.precision;
-        let mm = |wt: &Weight, x: &[f32], y: &mut [f32], scratch: &mut MatmulScratch| {
-            matmul(precision, f, wt, x, n, y, scratch)
-        };
-
-        // RoPE angles depend only on the position: once per token, shared by heads and layers.
         let half = model.rope_inv_freq.len();
         resize(&mut self.rope_cos, n * half);
         resize(&mut self.rope_sin, n * half);
-        for t in 0..n {
-            ops::rope_angles(
-                self.pos + t,
-                &model.rope_inv_freq,
-                &mut self.rope_cos[t * half..(t + 1) * half],
-                &mut self.rope_sin[t * half..(t + 1) * half],
-            );
+        let mut r = 0;
+        for s in seqs.iter() {
+            for (t, &id) in s.tokens.iter().enumerate() {
+                let row = &emb.data[id as usize * rb..(id as usize + 1) * rb];
+                airlock_kernels::dequantize_row(emb.ty, row, &mut self.x[r * e..(r + 1) * e])?;
+                ops::rope_angles(
+                    s.cache.pos + t,
+                    &model.rope_inv_freq,
+                    &mut self.rope_cos[r * half..(r + 1) * half],
+                    &mut self.rope_sin[r * half..(r + 1) * half],
+                );
+                r += 1;
+            }
         }
 
-        let layer_stride = self.n_ctx * kvd;
+        let mm = |wt: &Weight, x: &[f32], y: &mut [f32], scratch: &mut MatmulScratch| {
+            matmul(precision, f, wt, x, n, y, scratch)
+        };
         for (li, l) in w.layers.iter().enumerate() {
             norm_rows(&self.x, &l.attn_norm, c.rms_eps, &mut self.xn, e);
             matmuls(
@@ -294,36 +381,45 @@ impl Session {
                 n,
                 &mut self.scratch,
             )?;
-            for t in 0..n {
-                let p = self.pos + t;
-                let (cos, sin) = (
-                    &self.rope_cos[t * half..][..half],
-                    &self.rope_sin[t * half..][..half],
+            // Sequence by sequence: RoPE, the cache write, attention over that cache.
+            let mut r0 = 0;
+            for s in seqs.iter_mut() {
+                let rows = r0..r0 + s.tokens.len();
+                for r in rows.clone() {
+                    let (cos, sin) = (
+                        &self.rope_cos[r * half..][..half],
+                        &self.rope_sin[r * half..][..half],
+                    );
+                    for h in self.q[r * qd..(r + 1) * qd].chunks_exact_mut(hd) {
+                        ops::rope_rotate(h, cos, sin);
+                    }
+                    for h in self.kb[r * kvd..(r + 1) * kvd].chunks_exact_mut(hd) {
+                        ops::rope_rotate(h, cos, sin);
+                    }
+                    let p = s.cache.pos + (r - r0);
+                    s.cache.write(
+                        li,
+                        p,
+                        &self.kb[r * kvd..(r + 1) * kvd],
+                        &self.vb[r * kvd..(r + 1) * kvd],
+                    );
+                }
+                let shape = AttentionShape {
+                    n_head: c.n_head,
+                    n_head_kv: c.n_head_kv,
+                    head_dim: hd,
+                    pos0: s.cache.pos,
+                };
+                let (k, v) = s.cache.layer(li);
+                attention(
+                    shape,
+                    &self.q[rows.start * qd..rows.end * qd],
+                    k,
+                    v,
+                    &mut self.att[rows.start * qd..rows.end * qd],
                 );
-                for h in self.q[t * qd..(t + 1) * qd].chunks_exact_mut(hd) {
-                    ops::rope_rotate(h, cos, sin);
-                }
-                for h in self.kb[t * kvd..(t + 1) * kvd].chunks_exact_mut(hd) {
-                    ops::rope_rotate(h, cos, sin);
-                }
-                let at = li * layer_stride + p * kvd;
-                self.k.write(at, &self.kb[t * kvd..(t + 1) * kvd]);
-                self.v.write(at, &self.vb[t * kvd..(t + 1) * kvd]);
+                r0 = rows.end;
             }
-            let layer = li * layer_stride..(li + 1) * layer_stride;
-            let shape = AttentionShape {
-                n_head: c.n_head,
-                n_head_kv: c.n_head_kv,
-                head_dim: hd,
-                pos0: self.pos,
-            };
-            attention(
-                shape,
-                &self.q,
-                self.k.rows(layer.clone()),
-                self.v.rows(layer),
-                &mut self.att,
-            );
             mm(&l.wo, &self.att, &mut self.tmp, &mut self.scratch)?;
             ops::add_assign(&mut self.x, &self.tmp);
 
@@ -340,15 +436,27 @@ impl Session {
             mm(&l.w_down, &self.gate, &mut self.tmp, &mut self.scratch)?;
             ops::add_assign(&mut self.x, &self.tmp);
         }
-        self.pos += n;
 
         // Only the rows whose logits are wanted go through the (large) output matrix.
-        let (rows, first) = match which {
-            Logits::All => (n, 0),
-            Logits::Last => (1, n - 1),
-        };
-        let x = &self.x[first * e..];
-        norm_rows(x, &w.output_norm, c.rms_eps, &mut self.xn[..rows * e], e);
+        let mut r0 = 0;
+        for s in seqs.iter_mut() {
+            let nt = s.tokens.len();
+            self.out_rows.extend(r0 + s.logits.first_row(nt)..r0 + nt);
+            s.cache.pos += nt;
+            r0 += nt;
+        }
+        let rows = self.out_rows.len();
+        if rows == 0 {
+            return Ok(());
+        }
+        for (i, &r) in self.out_rows.iter().enumerate() {
+            ops::rms_norm(
+                &self.x[r * e..(r + 1) * e],
+                &w.output_norm,
+                c.rms_eps,
+                &mut self.xn[i * e..(i + 1) * e],
+            );
+        }
         resize(&mut self.logits, rows * c.vocab_size);
         matmul(
             precision,
@@ -360,6 +468,61 @@ impl Session {
             &mut self.scratch,
         )?;
         Ok(())
+    }
+}
+
+/// One conversation: its KV cache and a workspace, for front ends that run one sequence
+/// (`run`, `chat`, `bench`). [`forward_batch`] with a batch of one.
+pub struct Session {
+    pub n_ctx: usize,
+    pub precision: Precision,
+    cache: KvCache,
+    ws: Workspace,
+}
+
+impl Session {
+    pub fn new(model: &LlamaModel, n_ctx: usize, kv_type: KvType, precision: Precision) -> Self {
+        Session {
+            n_ctx,
+            precision,
+            cache: KvCache::new(model, n_ctx, kv_type),
+            ws: Workspace::default(),
+        }
+    }
+
+    /// Tokens in the cache so far.
+    pub fn pos(&self) -> usize {
+        self.cache.pos()
+    }
+
+    pub fn kv_type(&self) -> KvType {
+        self.cache.kv_type()
+    }
+
+    /// Forget everything (the cache contents are simply overwritten later).
+    pub fn reset(&mut self) {
+        self.cache.reset();
+    }
+
+    /// Drop cached positions from `pos` on, e.g. to re-use a shared prompt prefix.
+    pub fn truncate(&mut self, pos: usize) {
+        self.cache.truncate(pos);
+    }
+
+    /// Run `tokens` through the model at the current position and append them to the cache.
+    /// Returns the logits [`Logits`] asks for: (rows, vocab) row-major.
+    pub fn forward(
+        &mut self,
+        model: &LlamaModel,
+        tokens: &[u32],
+        which: Logits,
+    ) -> Result<&[f32], ModelError> {
+        let mut batch = [BatchSeq {
+            cache: &mut self.cache,
+            tokens,
+            logits: which,
+        }];
+        forward_batch(model, self.precision, &mut self.ws, &mut batch)
     }
 }
 

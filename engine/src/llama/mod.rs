@@ -2,7 +2,8 @@
 //!
 //! - [`config`]: hyperparameters from `llama.*` metadata, cross-checked.
 //! - [`weights`]: every matrix as a view into the GGUF map.
-//! - [`forward`]: the batched forward pass over a [`Session`]'s KV cache (fast or exact).
+//! - [`forward`]: the forward pass over a batch of sequences, each with its own [`KvCache`]
+//!   (fast or exact); [`Session`] is the one-sequence case.
 //! - [`reference`]: a slow, plain, one-token-at-a-time forward pass that the fast one is tested
 //!   against.
 
@@ -14,7 +15,9 @@ mod weights;
 use std::sync::Arc;
 
 pub use config::{LlamaConfig, MAX_HEAD_DIM};
-pub use forward::{KvType, Logits, Precision, Session};
+pub use forward::{
+    forward_batch, BatchSeq, KvCache, KvType, Logits, Precision, Session, Workspace,
+};
 pub use weights::{LayerWeights, LlamaWeights, Weight};
 
 use crate::gguf::GgufFile;
@@ -35,10 +38,18 @@ pub enum ModelError {
         "tensor {tensor} has type {ty}, which airlock cannot compute yet (type not supported yet)"
     )]
     UnsupportedTensorType { tensor: String, ty: &'static str },
-    #[error(
-        "context is full: {needed} tokens needed, the context holds {n_ctx} (raise -c/--ctx-size)"
-    )]
+    #[error("context is full: {needed} tokens needed, the context holds {n_ctx}")]
     ContextFull { needed: usize, n_ctx: usize },
+    #[error(
+        "KV cache of {cache_layers} layers x {cache_kv_dim} does not fit this model \
+         ({n_layers} layers x {kv_dim})"
+    )]
+    CacheMismatch {
+        cache_layers: usize,
+        cache_kv_dim: usize,
+        n_layers: usize,
+        kv_dim: usize,
+    },
     #[error("token id {id} is outside the vocabulary of {vocab_size}")]
     InvalidToken { id: u32, vocab_size: usize },
     #[error(transparent)]
