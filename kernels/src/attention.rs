@@ -105,61 +105,91 @@ pub fn attention_with(
     v: KvRows,
     out: &mut [f32],
 ) {
-    let hd = s.head_dim;
-    assert!(hd > 0 && hd <= MAX_HEAD_DIM && s.n_head.is_multiple_of(s.n_head_kv));
-    assert!(path.is_available(), "SIMD path {path} is not available");
-    let row = s.n_head * hd;
-    assert!(out.len().is_multiple_of(row) && q.len() == out.len());
-    let n = out.len() / row;
-    if n == 0 {
-        return;
-    }
-    let kvd = s.n_head_kv * hd;
-    let rows_needed = (s.pos0 + n) * kvd;
-    let kv_len = |r: &KvRows| match r {
-        KvRows::F16(x) => x.len(),
-        KvRows::F32(x) => x.len(),
-    };
-    assert!(kv_len(&k) >= rows_needed && kv_len(&v) >= rows_needed);
-    let group = s.n_head / s.n_head_kv;
-    let kernel = Kernel {
-        path,
-        s,
-        group,
+    let job = AttentionJob {
+        shape: s,
         q,
         k,
         v,
+        out,
     };
+    attention_batch_with(path, &mut [job])
+}
 
-    if n == 1 {
-        // Decode: one task per KV head, a contiguous slice of the output row; no allocation.
-        out.par_chunks_mut(group * hd)
-            .enumerate()
-            .for_each(|(h_kv, o)| kernel.run(0, 1, h_kv, &mut [o]));
-        return;
-    }
+/// One sequence's attention in a batch: its own shape (its `pos0`), queries, cache and output,
+/// as [`attention`] takes them.
+pub struct AttentionJob<'a> {
+    pub shape: AttentionShape,
+    pub q: &'a [f32],
+    pub k: KvRows<'a>,
+    pub v: KvRows<'a>,
+    pub out: &'a mut [f32],
+}
 
-    // Prompt: tasks are (chunk of tokens, KV head). Enough chunks to keep every thread busy
-    // (later chunks see more keys, so the work per task grows along the prompt), as few as
-    // that allows so each converted K/V block serves many queries.
-    let want_tasks = 8 * rayon::current_num_threads();
-    let n_chunks = want_tasks.div_ceil(s.n_head_kv).min(n);
-    let max_t = (MAX_QUERIES / group).max(1);
-    let min_t = 16usize.div_ceil(group).min(max_t);
-    let tc = n.div_ceil(n_chunks).clamp(min_t, max_t);
-    let n_chunks = n.div_ceil(tc);
-    let mut tasks: Vec<(usize, usize, Vec<&mut [f32]>)> = (0..n_chunks * s.n_head_kv)
-        .map(|i| (i / s.n_head_kv, i % s.n_head_kv, Vec::with_capacity(tc)))
-        .collect();
-    for (t, r) in out.chunks_mut(row).enumerate() {
-        for (h_kv, o) in r.chunks_mut(group * hd).enumerate() {
-            tasks[(t / tc) * s.n_head_kv + h_kv].2.push(o);
+/// [`attention`] for several sequences in one parallel region: the tasks of every job (per KV
+/// head, and per chunk of tokens for a prompt) share the pool, so a batch of decoding sequences
+/// keeps every thread busy even when one sequence has fewer KV heads than there are threads.
+/// Each job's numbers are the same as alone (a task's do not depend on the other tasks).
+pub fn attention_batch(jobs: &mut [AttentionJob]) {
+    attention_batch_with(simd_path().unwrap_or(SimdPath::Scalar), jobs)
+}
+
+/// [`attention_batch`] on a given path. Panics if the path is unavailable.
+pub fn attention_batch_with(path: SimdPath, jobs: &mut [AttentionJob]) {
+    assert!(path.is_available(), "SIMD path {path} is not available");
+    if let [job] = jobs {
+        let Some(kernel) = Kernel::new(path, job) else {
+            return;
+        };
+        if job.out.len() == job.shape.n_head * job.shape.head_dim {
+            // Decode of one sequence: one task per KV head, a contiguous slice of the output
+            // row; no allocation.
+            let (group, hd) = (kernel.group, kernel.s.head_dim);
+            job.out
+                .par_chunks_mut(group * hd)
+                .enumerate()
+                .for_each(|(h_kv, o)| kernel.run(0, 1, h_kv, &mut [o]));
+            return;
         }
     }
-    tasks.into_par_iter().for_each(|(c, h_kv, mut outs)| {
-        let n_t = outs.len();
-        kernel.run(c * tc, n_t, h_kv, &mut outs)
-    });
+    let kernels: Vec<Option<Kernel>> = jobs.iter().map(|j| Kernel::new(path, j)).collect();
+
+    // Tasks are (job, chunk of tokens, KV head). A prompt gets enough chunks to keep every
+    // thread busy (later chunks see more keys, so the work per task grows along the prompt), as
+    // few as that allows so each converted K/V block serves many queries.
+    let want_tasks = 8 * rayon::current_num_threads();
+    let mut tasks: Vec<(&Kernel, usize, usize, Vec<&mut [f32]>)> = Vec::new();
+    for (job, kernel) in jobs.iter_mut().zip(&kernels) {
+        let Some(kernel) = kernel else { continue };
+        let s = kernel.s;
+        let (group, hd) = (kernel.group, s.head_dim);
+        let row = s.n_head * hd;
+        let n = job.out.len() / row;
+        let max_t = (MAX_QUERIES / group).max(1);
+        let min_t = 16usize.div_ceil(group).min(max_t);
+        let tc = if n == 1 {
+            1
+        } else {
+            let n_chunks = want_tasks.div_ceil(s.n_head_kv).min(n);
+            n.div_ceil(n_chunks).clamp(min_t, max_t)
+        };
+        let first = tasks.len();
+        for c in 0..n.div_ceil(tc) {
+            for h_kv in 0..s.n_head_kv {
+                tasks.push((kernel, c * tc, h_kv, Vec::with_capacity(tc)));
+            }
+        }
+        for (t, r) in job.out.chunks_mut(row).enumerate() {
+            for (h_kv, o) in r.chunks_mut(group * hd).enumerate() {
+                tasks[first + (t / tc) * s.n_head_kv + h_kv].3.push(o);
+            }
+        }
+    }
+    tasks
+        .into_par_iter()
+        .for_each(|(kernel, t0, h_kv, mut outs)| {
+            let n_t = outs.len();
+            kernel.run(t0, n_t, h_kv, &mut outs)
+        });
 }
 
 /// Everything a task needs besides its own range.
@@ -177,7 +207,35 @@ thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-impl Kernel<'_> {
+impl<'a> Kernel<'a> {
+    /// Checks `job`'s shapes (panics on a caller's bug, as slicing would) and returns its
+    /// kernel, or None when it has no tokens.
+    fn new(path: SimdPath, job: &AttentionJob<'a>) -> Option<Self> {
+        let s = job.shape;
+        let hd = s.head_dim;
+        assert!(hd > 0 && hd <= MAX_HEAD_DIM && s.n_head.is_multiple_of(s.n_head_kv));
+        let row = s.n_head * hd;
+        assert!(job.out.len().is_multiple_of(row) && job.q.len() == job.out.len());
+        let n = job.out.len() / row;
+        if n == 0 {
+            return None;
+        }
+        let rows_needed = (s.pos0 + n) * s.n_head_kv * hd;
+        let kv_len = |r: &KvRows| match r {
+            KvRows::F16(x) => x.len(),
+            KvRows::F32(x) => x.len(),
+        };
+        assert!(kv_len(&job.k) >= rows_needed && kv_len(&job.v) >= rows_needed);
+        Some(Kernel {
+            path,
+            s,
+            group: s.n_head / s.n_head_kv,
+            q: job.q,
+            k: job.k,
+            v: job.v,
+        })
+    }
+
     /// Tokens t0..t0 + n_t of KV head h_kv; `outs[i]` is token t0 + i's output for the
     /// group's query heads (group x head_dim).
     fn run(&self, t0: usize, n_t: usize, h_kv: usize, outs: &mut [&mut [f32]]) {
@@ -739,15 +797,83 @@ mod tests {
                     attention_with(path, s, &q, kr, vr, &mut whole);
                     for t in 0..poisoned - pos0 {
                         let mut one = vec![0.0; row];
-                        let st = AttentionShape { pos0: pos0 + t, ..s };
+                        let st = AttentionShape {
+                            pos0: pos0 + t,
+                            ..s
+                        };
                         let qt = &q[t * row..(t + 1) * row];
                         attention_with(path, st, qt, kr, vr, &mut one);
                         let got = &whole[t * row..(t + 1) * row];
-                        assert!(got.iter().all(|x| x.is_finite()), "{path} pos0 {pos0} t {t}");
+                        assert!(
+                            got.iter().all(|x| x.is_finite()),
+                            "{path} pos0 {pos0} t {t}"
+                        );
                         let same = one.iter().zip(got).all(|(a, b)| a.to_bits() == b.to_bits());
-                        assert!(same, "{path} pos0 {pos0} token {t} differs from token by token");
+                        assert!(
+                            same,
+                            "{path} pos0 {pos0} token {t} differs from token by token"
+                        );
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn a_batch_of_sequences_gives_each_the_bits_it_gets_alone() {
+        // Decoding sequences at several depths and prompt chunks, in one parallel region.
+        let (n_head, n_head_kv, hd) = (9, 3, 64);
+        let (row, kvd) = (n_head * hd, n_head_kv * hd);
+        let seqs = [(1, 0), (1, 70), (40, 0), (1, 33), (17, 90), (0, 5)];
+        let data: Vec<_> = seqs
+            .iter()
+            .enumerate()
+            .map(|(i, &(n, pos0))| {
+                let seed = 20 + 3 * i as u32;
+                let q = rand_vec(n * row, seed, 2.0);
+                let k: Vec<f16> = rand_vec((pos0 + n) * kvd, seed + 1, 6.0)
+                    .iter()
+                    .map(|&x| f16::from_f32(x))
+                    .collect();
+                let v: Vec<f16> = rand_vec((pos0 + n) * kvd, seed + 2, 1.0)
+                    .iter()
+                    .map(|&x| f16::from_f32(x))
+                    .collect();
+                (n, pos0, q, k, v)
+            })
+            .collect();
+        let shape = |pos0| AttentionShape {
+            n_head,
+            n_head_kv,
+            head_dim: hd,
+            pos0,
+        };
+        for path in SimdPath::available() {
+            let alone: Vec<Vec<f32>> = data
+                .iter()
+                .map(|(n, pos0, q, k, v)| {
+                    let mut out = vec![0.0; n * row];
+                    let (k, v) = (KvRows::F16(k), KvRows::F16(v));
+                    attention_with(path, shape(*pos0), q, k, v, &mut out);
+                    out
+                })
+                .collect();
+            let mut outs: Vec<Vec<f32>> = data.iter().map(|d| vec![0.0; d.0 * row]).collect();
+            let mut jobs: Vec<AttentionJob> = data
+                .iter()
+                .zip(&mut outs)
+                .map(|((_, pos0, q, k, v), out)| AttentionJob {
+                    shape: shape(*pos0),
+                    q,
+                    k: KvRows::F16(k),
+                    v: KvRows::F16(v),
+                    out,
+                })
+                .collect();
+            attention_batch_with(path, &mut jobs);
+            for (i, (a, b)) in alone.iter().zip(&outs).enumerate() {
+                let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "{path}: sequence {i} differs in a batch");
             }
         }
     }

@@ -12,6 +12,7 @@
 //!   per sequence s:
 //!     rope(q_s, k_s); cache_s[pos_s..pos_s + n_s] = k_s, v_s
 //!     att_s = softmax(q_s K_s^T / sqrt(hd)) V_s    causal, GQA heads share K/V
+//!   (every sequence's attention tasks share one parallel region)
 //!   x += att Wo                          att (N, q_dim)
 //!   x += (silu(xn' Wgate) * xn' Wup) Wdown, xn' = rmsnorm(x)
 //! then logits = rmsnorm(x) Wout for the rows each sequence asked for.
@@ -20,7 +21,9 @@
 //! the other rows are, the tile, the chunk or the thread count, so a sequence's logits are
 //! bit-identical alone or in any batch, and whatever the prompt's chunking.
 
-use airlock_kernels::attention::{attention, AttentionShape, KvRows};
+use airlock_kernels::attention::{
+    attention, attention_batch, AttentionJob, AttentionShape, KvRows,
+};
 use airlock_kernels::ops;
 use half::f16;
 
@@ -381,11 +384,11 @@ impl Workspace {
                 n,
                 &mut self.scratch,
             )?;
-            // Sequence by sequence: RoPE, the cache write, attention over that cache.
+            // Sequence by sequence: RoPE and the cache write.
             let mut r0 = 0;
             for s in seqs.iter_mut() {
-                let rows = r0..r0 + s.tokens.len();
-                for r in rows.clone() {
+                for t in 0..s.tokens.len() {
+                    let r = r0 + t;
                     let (cos, sin) = (
                         &self.rope_cos[r * half..][..half],
                         &self.rope_sin[r * half..][..half],
@@ -396,29 +399,40 @@ impl Workspace {
                     for h in self.kb[r * kvd..(r + 1) * kvd].chunks_exact_mut(hd) {
                         ops::rope_rotate(h, cos, sin);
                     }
-                    let p = s.cache.pos + (r - r0);
-                    s.cache.write(
-                        li,
-                        p,
-                        &self.kb[r * kvd..(r + 1) * kvd],
-                        &self.vb[r * kvd..(r + 1) * kvd],
-                    );
+                    let (k, v) = (&self.kb[r * kvd..][..kvd], &self.vb[r * kvd..][..kvd]);
+                    s.cache.write(li, s.cache.pos + t, k, v);
                 }
-                let shape = AttentionShape {
-                    n_head: c.n_head,
-                    n_head_kv: c.n_head_kv,
-                    head_dim: hd,
-                    pos0: s.cache.pos,
-                };
+                r0 += s.tokens.len();
+            }
+            // Attention, each sequence over its own cache, all in one parallel region.
+            let shape = |pos0| AttentionShape {
+                n_head: c.n_head,
+                n_head_kv: c.n_head_kv,
+                head_dim: hd,
+                pos0,
+            };
+            if let [s] = &seqs[..] {
+                // One sequence: no job list, so a decode step allocates nothing.
                 let (k, v) = s.cache.layer(li);
-                attention(
-                    shape,
-                    &self.q[rows.start * qd..rows.end * qd],
-                    k,
-                    v,
-                    &mut self.att[rows.start * qd..rows.end * qd],
-                );
-                r0 = rows.end;
+                attention(shape(s.cache.pos), &self.q, k, v, &mut self.att);
+            } else {
+                let mut jobs = Vec::with_capacity(seqs.len());
+                let (mut q, mut att) = (&self.q[..], &mut self.att[..]);
+                for s in seqs.iter() {
+                    let rows = s.tokens.len() * qd;
+                    let (qs, q_rest) = q.split_at(rows);
+                    let (out, att_rest) = std::mem::take(&mut att).split_at_mut(rows);
+                    let (k, v) = s.cache.layer(li);
+                    jobs.push(AttentionJob {
+                        shape: shape(s.cache.pos),
+                        q: qs,
+                        k,
+                        v,
+                        out,
+                    });
+                    (q, att) = (q_rest, att_rest);
+                }
+                attention_batch(&mut jobs);
             }
             mm(&l.wo, &self.att, &mut self.tmp, &mut self.scratch)?;
             ops::add_assign(&mut self.x, &self.tmp);
