@@ -2,6 +2,7 @@
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
+mod batched_bench;
 mod bench;
 mod chat;
 mod convert_cmd;
@@ -46,6 +47,9 @@ enum Command {
     Export(convert_cmd::ExportArgs),
     /// Measure prompt and generation speed, like llama-bench
     Bench(bench::BenchArgs),
+    /// Measure many sequences decoded together (one forward pass for all), like llama-batched-bench
+    #[command(name = "batched-bench")]
+    BatchedBench(batched_bench::BatchedBenchArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -71,6 +75,7 @@ fn main() -> std::process::ExitCode {
         Command::Quantize(args) => convert_cmd::run_quantize(args),
         Command::Export(args) => convert_cmd::run_export(args),
         Command::Bench(args) => bench::run(args),
+        Command::BatchedBench(args) => batched_bench::run(args),
     };
     match result {
         Ok(code) => code,
