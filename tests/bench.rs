@@ -193,3 +193,56 @@ fn ceiling_is_read_bandwidth_over_the_weights_read_per_token() {
     let rows: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(rows[0].get("read_bytes_per_s").is_none(), "{rows}");
 }
+
+#[test]
+fn batched_bench_prints_llama_batched_bench_rows() {
+    let model = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        model.exists(),
+        "{} is missing: run scripts/fetch-models.sh",
+        model.display()
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(["batched-bench", "-m"])
+        .arg(&model)
+        .args(["--npp", "12,5", "--ntg", "3", "--npl", "1,3", "-b", "16"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let out = String::from_utf8_lossy(&o.stdout);
+    let rows: Vec<Vec<&str>> = out
+        .lines()
+        .filter(|l| l.starts_with('|') && !l.contains("---") && !l.contains("PP"))
+        .map(|l| l.trim_matches('|').split('|').map(str::trim).collect())
+        .collect();
+    // (pp 12, pp 5) x (tg 3) x (1, 3 sequences), in that order, with N_KV = B * (PP + TG).
+    let want = [(12, 1), (12, 3), (5, 1), (5, 3)];
+    assert_eq!(rows.len(), want.len(), "{out}");
+    for (r, (pp, b)) in rows.iter().zip(want) {
+        assert_eq!(r.len(), 10, "{out}");
+        assert_eq!(
+            r[..4],
+            [
+                pp.to_string(),
+                "3".into(),
+                b.to_string(),
+                (b * (pp + 3)).to_string()
+            ]
+        );
+        for v in &r[4..] {
+            let x: f64 = v.parse().unwrap();
+            assert!(x.is_finite() && x > 0.0, "{out}");
+        }
+    }
+
+    // A zero in a list is refused with the flag's name.
+    let o = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(["batched-bench", "-m"])
+        .arg(&model)
+        .args(["--npl", "0"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--npl"));
+}
