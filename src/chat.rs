@@ -9,7 +9,7 @@ use airlock_engine::generate::{GenerateParams, StopReason};
 use airlock_engine::sampling::Sampler;
 use anyhow::{Context, Result};
 
-use crate::load::{load, ModelArgs, SamplingArgs};
+use crate::load::{generate_to, load, ModelArgs, SamplingArgs};
 
 #[derive(clap::Args)]
 #[command(after_help = "In the chat: type a message and press Enter. \
@@ -102,19 +102,25 @@ pub fn run(args: ChatArgs) -> Result<ExitCode> {
         };
         let add_bos = session.pos() == 0 && tok.add_bos_default();
         let ids = tokenize_chat(tok, &segments, add_bos)?;
-        let outcome =
-            match loaded.generate_to(&mut session, &mut sampler, &ids, &params, &mut stdout) {
-                Ok(o) => o,
-                Err(e) => {
-                    // A full context ends this conversation, not the program.
-                    eprintln!("\nerror: {e}\n(conversation reset)");
-                    messages = start.clone();
-                    in_cache.clear();
-                    session.reset();
-                    sampler.reset();
-                    continue;
-                }
-            };
+        let outcome = match generate_to(
+            &loaded,
+            &mut session,
+            &mut sampler,
+            &ids,
+            &params,
+            &mut stdout,
+        ) {
+            Ok(o) => o,
+            Err(e) => {
+                // A full context ends this conversation, not the program.
+                eprintln!("\nerror: {e}\n(conversation reset)");
+                messages = start.clone();
+                in_cache.clear();
+                session.reset();
+                sampler.reset();
+                continue;
+            }
+        };
         writeln!(stdout)?;
         in_cache.push_str(&segments_to_string(&segments));
         in_cache.push_str(&outcome.text);

@@ -9,7 +9,7 @@ use airlock_engine::generate::{GenerateError, GenerateParams, StopReason};
 use airlock_engine::sampling::Sampler;
 use anyhow::{bail, Context, Result};
 
-use crate::load::{load, ModelArgs, SamplingArgs};
+use crate::load::{generate_to, load, ModelArgs, SamplingArgs};
 
 #[derive(clap::Args)]
 #[command(after_help = "Examples:\n  \
@@ -119,7 +119,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    let outcome = match loaded.generate_to(&mut session, &mut sampler, &ids, &params, &mut out) {
+    let outcome = match generate_to(&loaded, &mut session, &mut sampler, &ids, &params, &mut out) {
         Ok(o) => o,
         // The reader went away (`airlock run ... | head`): stop quietly, as Unix tools do.
         Err(GenerateError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
@@ -131,7 +131,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     drop(out);
     eprintln!(
         "\nload: {:.0} ms | prompt: {} tokens, {:.1} tokens/s | generated: {} tokens, {:.1} tokens/s{}",
-        loaded.load_time.as_secs_f64() * 1e3,
+        loaded.report.load_time.as_secs_f64() * 1e3,
         outcome.prompt_tokens,
         outcome.prompt_tps(),
         outcome.generated.len(),
