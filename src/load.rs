@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use airlock_engine::generate::{generate, GenerateError, GenerateOutcome, GenerateParams};
-use airlock_engine::llama::{KvType, Precision, Session};
+use airlock_engine::llama::{KvType, ModelError, Precision, Session};
 use airlock_engine::load::{LoadError, LoadOptions, LoadedModel};
 use airlock_engine::memory::human_bytes;
 use airlock_engine::sampling::{Sampler, SamplerConfig};
@@ -191,6 +191,24 @@ pub fn load_error(e: LoadError) -> anyhow::Error {
             anyhow!("--mlock failed (raise `ulimit -l` or run without --mlock): {error}")
         }
         e => e.into(),
+    }
+}
+
+/// The hint a generation error gets on the command line: a prompt or a conversation that
+/// outgrows the context needs a larger `-c`.
+pub fn context_hint(e: &GenerateError) -> Option<&'static str> {
+    match e {
+        GenerateError::PromptTooLong { .. }
+        | GenerateError::Model(ModelError::ContextFull { .. }) => Some("raise -c/--ctx-size"),
+        _ => None,
+    }
+}
+
+/// A generation error as the CLI reports it, with [`context_hint`]'s hint.
+pub fn generate_error(e: GenerateError) -> anyhow::Error {
+    match context_hint(&e) {
+        Some(hint) => anyhow!("{e} ({hint})"),
+        None => e.into(),
     }
 }
 

@@ -20,7 +20,9 @@ pub enum GenerateError {
     Tokenizer(#[from] TokenizerError),
     #[error("the prompt is empty: generation needs at least one prompt token")]
     EmptyPrompt,
-    #[error("prompt of {prompt} tokens does not fit the context: {free} of {n_ctx} positions free (raise -c/--ctx-size)")]
+    #[error(
+        "prompt of {prompt} tokens does not fit the context: {free} of {n_ctx} positions free"
+    )]
     PromptTooLong {
         prompt: usize,
         free: usize,
