@@ -205,7 +205,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     };
 
     let threads = if args.threads.is_empty() {
-        vec![crate::load::physical_cores()]
+        vec![airlock_engine::load::physical_cores()]
     } else {
         args.threads.clone()
     };

@@ -4,12 +4,14 @@
 use std::io::{BufRead, Write};
 use std::process::ExitCode;
 
-use airlock_engine::chat::{segments_to_string, tokenize_chat, ChatMessage, ChatTemplate};
+use airlock_engine::chat::{
+    segments_to_string, tokenize_chat, ChatError, ChatMessage, ChatTemplate,
+};
 use airlock_engine::generate::{GenerateParams, StopReason};
 use airlock_engine::sampling::Sampler;
 use anyhow::{Context, Result};
 
-use crate::load::{load, ModelArgs, SamplingArgs};
+use crate::load::{context_hint, generate_to, load, ModelArgs, SamplingArgs};
 
 #[derive(clap::Args)]
 #[command(after_help = "In the chat: type a message and press Enter. \
@@ -33,6 +35,15 @@ pub struct ChatArgs {
     pub sampling: SamplingArgs,
 }
 
+/// A chat-template error as the CLI reports it: a template airlock cannot use safely is
+/// replaced with `--chat-template`.
+pub fn template_error(e: ChatError) -> anyhow::Error {
+    match e {
+        ChatError::ContentTransformed => anyhow::anyhow!("{e} (--chat-template NAME)"),
+        e => e.into(),
+    }
+}
+
 pub fn run(args: ChatArgs) -> Result<ExitCode> {
     let max_tokens = match args.n_predict {
         n if n < -1 => anyhow::bail!("-n/--n-predict must be -1 or more"),
@@ -42,7 +53,8 @@ pub fn run(args: ChatArgs) -> Result<ExitCode> {
     let mut sampler = Sampler::new(args.sampling.config()).context("bad sampling options")?;
     let loaded = load(&args.model)?;
     let tok = &loaded.tokenizer;
-    let template = ChatTemplate::for_tokenizer(tok, args.chat_template.as_deref())?;
+    let template =
+        ChatTemplate::for_tokenizer(tok, args.chat_template.as_deref()).map_err(template_error)?;
     let mut session = loaded.session();
     let params = GenerateParams {
         max_tokens,
@@ -97,24 +109,35 @@ pub fn run(args: ChatArgs) -> Result<ExitCode> {
                 session.reset();
                 sampler.reset();
                 in_cache.clear();
-                template.render_segments(&messages, true)?
+                template
+                    .render_segments(&messages, true)
+                    .map_err(template_error)?
             }
         };
         let add_bos = session.pos() == 0 && tok.add_bos_default();
         let ids = tokenize_chat(tok, &segments, add_bos)?;
-        let outcome =
-            match loaded.generate_to(&mut session, &mut sampler, &ids, &params, &mut stdout) {
-                Ok(o) => o,
-                Err(e) => {
-                    // A full context ends this conversation, not the program.
-                    eprintln!("\nerror: {e}\n(conversation reset)");
-                    messages = start.clone();
-                    in_cache.clear();
-                    session.reset();
-                    sampler.reset();
-                    continue;
+        let outcome = match generate_to(
+            &loaded,
+            &mut session,
+            &mut sampler,
+            &ids,
+            &params,
+            &mut stdout,
+        ) {
+            Ok(o) => o,
+            Err(e) => {
+                // A full context ends this conversation, not the program.
+                match context_hint(&e) {
+                    Some(hint) => eprintln!("\nerror: {e} ({hint})\n(conversation reset)"),
+                    None => eprintln!("\nerror: {e}\n(conversation reset)"),
                 }
-            };
+                messages = start.clone();
+                in_cache.clear();
+                session.reset();
+                sampler.reset();
+                continue;
+            }
+        };
         writeln!(stdout)?;
         in_cache.push_str(&segments_to_string(&segments));
         in_cache.push_str(&outcome.text);

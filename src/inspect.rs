@@ -40,6 +40,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use airlock_engine::gguf::{Array, GgufError, GgufFile, TensorInfo, Value};
+use airlock_engine::load::{open_gguf, LoadError};
 use anyhow::Context;
 use serde_json::{json, Value as Json};
 
@@ -65,14 +66,14 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
     let file_size = std::fs::metadata(path)
         .with_context(|| format!("{}: cannot read", path.display()))?
         .len();
-    let f = match GgufFile::open(path) {
+    let f = match open_gguf(path, false) {
         Ok(f) => f,
-        Err(GgufError::Io { path, source }) => {
+        Err(LoadError::Open { path, error }) => {
             return Err(
-                anyhow::Error::new(source).context(format!("{}: cannot read", path.display()))
+                anyhow::Error::new(error).context(format!("{}: cannot read", path.display()))
             )
         }
-        Err(e) => {
+        Err(LoadError::Gguf { error: e, .. }) => {
             eprintln!("error: {}: invalid GGUF file: {e}", path.display());
             if args.json {
                 let doc = json!({
@@ -86,6 +87,8 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
             }
             return Ok(ExitCode::FAILURE);
         }
+        // open_gguf fails only with the two errors above.
+        Err(e) => return Err(e.into()),
     };
     let report = Report::new(&f);
     if args.json {

@@ -1,16 +1,15 @@
-//! Options every model-running command shares, and loading a model with them: open and
-//! validate the GGUF, check the memory it will need, build the tokenizer and thread pool.
+//! Options every model-running command shares, and loading a model with them through the
+//! engine (the server loads the same way): flags in, `-v` lines and errors with the flags that
+//! fix them out.
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use airlock_engine::gguf::{GgufError, GgufFile, OpenOptions};
-use airlock_engine::llama::{KvType, LlamaModel, Precision, Session};
-use airlock_engine::memory::{available_memory, human_bytes, MemoryEstimate};
-use airlock_engine::sampling::SamplerConfig;
-use airlock_engine::tokenizer::{Tokenizer, VocabSpec};
-use anyhow::{bail, Context, Result};
+use airlock_engine::generate::{generate, GenerateError, GenerateOutcome, GenerateParams};
+use airlock_engine::llama::{KvType, ModelError, Precision, Session};
+use airlock_engine::load::{LoadError, LoadOptions, LoadedModel};
+use airlock_engine::memory::human_bytes;
+use airlock_engine::sampling::{Sampler, SamplerConfig};
+use anyhow::{anyhow, Result};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct ModelArgs {
@@ -100,206 +99,139 @@ impl SamplingArgs {
     }
 }
 
-pub struct Loaded {
-    pub model: LlamaModel,
-    pub tokenizer: Tokenizer,
-    pub n_ctx: usize,
-    pub load_time: Duration,
-    pub args: ModelArgs,
-}
-
-impl Loaded {
-    pub fn session(&self) -> Session {
-        let kv = match self.args.kv_type {
-            KvTypeArg::F16 => KvType::F16,
-            KvTypeArg::F32 => KvType::F32,
-        };
-        let precision = if self.args.exact {
-            Precision::Exact
-        } else {
-            Precision::Fast
-        };
-        Session::new(&self.model, self.n_ctx, kv, precision)
-    }
-}
-
-/// Physical cores, from /proc/cpuinfo's (physical id, core id) pairs; logical CPUs otherwise.
-pub fn physical_cores() -> usize {
-    let logical = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") else {
-        return logical;
-    };
-    let mut cores = std::collections::HashSet::new();
-    let (mut phys, mut core) = (None, None);
-    for line in info.lines() {
-        let mut kv = line.splitn(2, ':').map(str::trim);
-        match (kv.next(), kv.next()) {
-            (Some("physical id"), Some(v)) => phys = Some(v.to_string()),
-            (Some("core id"), Some(v)) => core = Some(v.to_string()),
-            (Some(""), None) | (None, _) => {}
-            _ => {}
-        }
-        if line.trim().is_empty() {
-            if let (Some(p), Some(c)) = (phys.take(), core.take()) {
-                cores.insert((p, c));
-            }
+impl ModelArgs {
+    /// The engine's load options for these flags.
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            n_ctx: self.ctx_size,
+            kv_type: match self.kv_type {
+                KvTypeArg::F16 => KvType::F16,
+                KvTypeArg::F32 => KvType::F32,
+            },
+            precision: if self.exact {
+                Precision::Exact
+            } else {
+                Precision::Fast
+            },
+            mlock: self.mlock,
+            no_mmap: self.no_mmap,
+            repack: !self.no_repack,
+            force: self.force,
+            tokenizer_json: self.tokenizer.clone(),
+            batch: self.batch_size as usize,
         }
     }
-    if let (Some(p), Some(c)) = (phys, core) {
-        cores.insert((p, c));
-    }
-    if cores.is_empty() {
-        logical
-    } else {
-        cores.len().min(logical)
-    }
 }
 
-pub fn init_threads(threads: Option<usize>) -> Result<usize> {
-    let n = match threads {
-        Some(0) => bail!("-t/--threads must be at least 1"),
-        Some(n) => n,
-        None => physical_cores(),
-    };
-    // The global pool can only be built once; a second call (tests) keeps the first.
-    let _ = rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .build_global();
-    Ok(rayon::current_num_threads())
-}
-
-/// Open and validate a GGUF file; the error names the file once.
-pub fn open_gguf(path: &std::path::Path, no_mmap: bool) -> Result<GgufFile> {
-    match GgufFile::open_with(path, &OpenOptions { no_mmap }) {
-        Ok(f) => Ok(f),
-        // The I/O error already carries the path.
-        Err(GgufError::Io { path, source }) => bail!("cannot open {}: {source}", path.display()),
-        Err(e) => Err(e).with_context(|| format!("cannot load {}", path.display())),
-    }
-}
-
-pub fn load(args: &ModelArgs) -> Result<Loaded> {
-    let threads = init_threads(args.threads)?;
-    let t0 = Instant::now();
-    let path = &args.model;
-    let file = open_gguf(path, args.no_mmap)?;
-    let mut model = LlamaModel::load(Arc::new(file))
-        .with_context(|| format!("cannot run {}", path.display()))?;
-    if args.ctx_size == 0 {
-        bail!("-c/--ctx-size must be at least 1");
-    }
-    let n_ctx = args.ctx_size.min(model.config.n_ctx_train);
-    let kv = match args.kv_type {
-        KvTypeArg::F16 => KvType::F16,
-        KvTypeArg::F32 => KvType::F32,
-    };
-    // The exact path reads the map only, so packed copies would be dead weight.
-    let repack = !args.no_repack && !args.exact;
-    let est = MemoryEstimate::for_model(&model, n_ctx, kv, args.batch_size as usize, repack);
-    let avail = available_memory();
+/// Size the compute pool (`-t`, default the physical cores) and load the model, printing the
+/// `-v` details and any tokenizer warning to stderr.
+pub fn load(args: &ModelArgs) -> Result<LoadedModel> {
+    let threads = airlock_engine::load::init_threads(args.threads).map_err(load_error)?;
+    let loaded =
+        airlock_engine::load::load(&args.model, &args.load_options()).map_err(load_error)?;
+    let report = &loaded.report;
     if args.verbose {
+        let c = &loaded.model.config;
         eprintln!(
             "model: {} ({} layers, embd {}, heads {}/{} kv, vocab {}), threads {threads}",
-            path.display(),
-            model.config.n_layers,
-            model.config.n_embd,
-            model.config.n_head,
-            model.config.n_head_kv,
-            model.config.vocab_size
+            args.model.display(),
+            c.n_layers,
+            c.n_embd,
+            c.n_head,
+            c.n_head_kv,
+            c.vocab_size
         );
+        let est = &report.estimate;
         eprintln!(
             "memory: weights {} + KV cache {} ({} x {:?}) + buffers {} + repacked copies {} = {}; \
              available {}",
             human_bytes(est.weights),
             human_bytes(est.kv_cache),
-            n_ctx,
-            kv,
+            loaded.n_ctx,
+            loaded.kv_type,
             human_bytes(est.buffers),
             human_bytes(est.repacked_extra),
             human_bytes(est.total()),
-            avail.map_or("unknown".into(), human_bytes)
+            report.available.map_or("unknown".into(), human_bytes)
         );
-    }
-    if let Some(avail) = avail {
-        if est.total() > avail && !args.force {
-            bail!(
-                "{} needs about {} (weights {}, KV cache {} at -c {n_ctx}) but only {} is available; \
-                 lower -c/--ctx-size, or pass --force to try anyway",
-                path.display(),
-                human_bytes(est.total()),
-                human_bytes(est.weights),
-                human_bytes(est.kv_cache),
-                human_bytes(avail)
-            );
-        }
-    }
-    if args.mlock {
-        model
-            .file
-            .mlock()
-            .context("--mlock failed (raise `ulimit -l` or run without --mlock)")?;
-    }
-    if repack {
-        let t = Instant::now();
-        let bytes = model
-            .repack()
-            .with_context(|| format!("cannot repack {}", path.display()))?;
-        if args.verbose && bytes > 0 {
+        if report.repacked_bytes > 0 {
             eprintln!(
                 "repack: {} of Q4_0/Q4_1/Q8_0 weights into the packed layout in {:.2} s (--no-repack to keep pure mmap)",
-                human_bytes(bytes),
-                t.elapsed().as_secs_f64()
+                human_bytes(report.repacked_bytes),
+                report.repack_time.as_secs_f64()
             );
         }
     }
-    let spec = VocabSpec::from_gguf(&model.file)
-        .with_context(|| format!("cannot read the vocabulary of {}", path.display()))?;
-    let tokenizer = match &args.tokenizer {
-        Some(json) => Tokenizer::from_tokenizer_json(json, &spec)?,
-        None => Tokenizer::from_spec(&spec)?,
-    };
-    if let Some(w) = tokenizer.pre_tokenizer_warning() {
+    if let Some(w) = &report.pre_tokenizer_warning {
         eprintln!("warning: {w}");
     }
-    if tokenizer.vocab_size() != model.config.vocab_size {
-        bail!(
-            "the vocabulary has {} tokens but token_embd.weight has {} rows",
-            tokenizer.vocab_size(),
-            model.config.vocab_size
-        );
-    }
-    Ok(Loaded {
-        model,
-        tokenizer,
-        n_ctx,
-        load_time: t0.elapsed(),
-        args: args.clone(),
-    })
+    Ok(loaded)
 }
 
-impl Loaded {
-    /// Run `generate` on `session`, streaming text to `out` (flushed per piece, so it appears as
-    /// tokens come).
-    pub fn generate_to(
-        &self,
-        session: &mut Session,
-        sampler: &mut airlock_engine::sampling::Sampler,
-        ids: &[u32],
-        params: &airlock_engine::generate::GenerateParams,
-        out: &mut impl std::io::Write,
-    ) -> Result<airlock_engine::generate::GenerateOutcome, airlock_engine::generate::GenerateError>
-    {
-        airlock_engine::generate::generate(
-            &self.model,
-            session,
-            &self.tokenizer,
-            sampler,
-            ids,
-            params,
-            &mut |s: &str| {
-                out.write_all(s.as_bytes())?;
-                out.flush()
-            },
-        )
+/// A load error as the CLI reports it: where a flag changes the outcome, the message names it.
+pub fn load_error(e: LoadError) -> anyhow::Error {
+    match e {
+        LoadError::ZeroContext => anyhow!("-c/--ctx-size must be at least 1"),
+        LoadError::ZeroThreads => anyhow!("-t/--threads must be at least 1"),
+        LoadError::TooLarge {
+            path,
+            estimate,
+            n_ctx,
+            available,
+        } => anyhow!(
+            "{} needs about {} (weights {}, KV cache {} at -c {n_ctx}) but only {} is available; \
+             lower -c/--ctx-size, or pass --force to try anyway",
+            path.display(),
+            human_bytes(estimate.total()),
+            human_bytes(estimate.weights),
+            human_bytes(estimate.kv_cache),
+            human_bytes(available)
+        ),
+        LoadError::Mlock { error, .. } => {
+            anyhow!("--mlock failed (raise `ulimit -l` or run without --mlock): {error}")
+        }
+        e => e.into(),
     }
+}
+
+/// The hint a generation error gets on the command line: a prompt or a conversation that
+/// outgrows the context needs a larger `-c`.
+pub fn context_hint(e: &GenerateError) -> Option<&'static str> {
+    match e {
+        GenerateError::PromptTooLong { .. }
+        | GenerateError::Model(ModelError::ContextFull { .. }) => Some("raise -c/--ctx-size"),
+        _ => None,
+    }
+}
+
+/// A generation error as the CLI reports it, with [`context_hint`]'s hint.
+pub fn generate_error(e: GenerateError) -> anyhow::Error {
+    match context_hint(&e) {
+        Some(hint) => anyhow!("{e} ({hint})"),
+        None => e.into(),
+    }
+}
+
+/// Run `generate` on `session`, streaming text to `out` (flushed per piece, so it appears as
+/// tokens come).
+pub fn generate_to(
+    loaded: &LoadedModel,
+    session: &mut Session,
+    sampler: &mut Sampler,
+    ids: &[u32],
+    params: &GenerateParams,
+    out: &mut impl std::io::Write,
+) -> Result<GenerateOutcome, GenerateError> {
+    generate(
+        &loaded.model,
+        session,
+        &loaded.tokenizer,
+        sampler,
+        ids,
+        params,
+        &mut |s: &str| {
+            out.write_all(s.as_bytes())?;
+            out.flush()
+        },
+    )
 }

@@ -9,7 +9,8 @@ use airlock_engine::generate::{GenerateError, GenerateParams, StopReason};
 use airlock_engine::sampling::Sampler;
 use anyhow::{bail, Context, Result};
 
-use crate::load::{load, ModelArgs, SamplingArgs};
+use crate::chat::template_error;
+use crate::load::{generate_error, generate_to, load, ModelArgs, SamplingArgs};
 
 #[derive(clap::Args)]
 #[command(after_help = "Examples:\n  \
@@ -91,13 +92,16 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     let tok = &loaded.tokenizer;
 
     let ids = if args.chat || args.system.is_some() {
-        let template = ChatTemplate::for_tokenizer(tok, args.chat_template.as_deref())?;
+        let template = ChatTemplate::for_tokenizer(tok, args.chat_template.as_deref())
+            .map_err(template_error)?;
         let mut messages = Vec::new();
         if let Some(s) = &args.system {
             messages.push(ChatMessage::system(s.clone()));
         }
         messages.push(ChatMessage::user(prompt));
-        let segments = template.render_segments(&messages, true)?;
+        let segments = template
+            .render_segments(&messages, true)
+            .map_err(template_error)?;
         tokenize_chat(tok, &segments, tok.add_bos_default())?
     } else {
         tok.encode(&prompt, tok.add_bos_default(), !args.no_parse_special)?
@@ -119,19 +123,19 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    let outcome = match loaded.generate_to(&mut session, &mut sampler, &ids, &params, &mut out) {
+    let outcome = match generate_to(&loaded, &mut session, &mut sampler, &ids, &params, &mut out) {
         Ok(o) => o,
         // The reader went away (`airlock run ... | head`): stop quietly, as Unix tools do.
         Err(GenerateError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
             return Ok(ExitCode::SUCCESS)
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(generate_error(e)),
     };
     writeln!(out)?;
     drop(out);
     eprintln!(
         "\nload: {:.0} ms | prompt: {} tokens, {:.1} tokens/s | generated: {} tokens, {:.1} tokens/s{}",
-        loaded.load_time.as_secs_f64() * 1e3,
+        loaded.report.load_time.as_secs_f64() * 1e3,
         outcome.prompt_tokens,
         outcome.prompt_tps(),
         outcome.generated.len(),

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use airlock_engine::tokenizer::{Tokenizer, VocabSpec};
+use airlock_engine::load::{open_gguf, tokenizer_for};
 use anyhow::Result;
 
 #[derive(clap::Args)]
@@ -27,12 +27,8 @@ pub struct TokenizeArgs {
 }
 
 pub fn run(args: TokenizeArgs) -> Result<ExitCode> {
-    let f = crate::load::open_gguf(&args.model, false)?;
-    let spec = VocabSpec::from_gguf(&f)?;
-    let tok = match &args.tokenizer {
-        Some(json) => Tokenizer::from_tokenizer_json(json, &spec)?,
-        None => Tokenizer::from_spec(&spec)?,
-    };
+    let f = open_gguf(&args.model, false)?;
+    let tok = tokenizer_for(&f, &args.model, args.tokenizer.as_deref())?;
     let add_bos = tok.add_bos_default() && !args.no_bos;
     let ids = tok.encode(&args.text, add_bos, !args.no_parse_special)?;
     if args.ids {

@@ -91,7 +91,7 @@ pub enum ChatError {
     UnknownBuiltin(String),
     #[error(
         "the chat template transforms message contents in a way that cannot be separated from \
-         its framing; use a built-in template (--chat-template llama3|chatml)"
+         its framing; use a built-in template: llama3 or chatml"
     )]
     ContentTransformed,
     #[error(

@@ -1,6 +1,9 @@
-//! The generation loop: prompt in batches, then sample one token at a time until an
-//! end-of-generation token, a stop string, the token limit, or a full context.
+//! Generation: prompt in batches, then sample one token at a time until an end-of-generation
+//! token, a stop string, the token limit, or a full context. [`Generation`] is one request's
+//! state, stepped by its owner with each position's logits; [`generate`] drives one over a
+//! [`Session`].
 
+use std::borrow::BorrowMut;
 use std::time::{Duration, Instant};
 
 use crate::llama::{LlamaModel, Logits, ModelError, Session};
@@ -15,7 +18,11 @@ pub enum GenerateError {
     Sampling(#[from] SamplingError),
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
-    #[error("prompt of {prompt} tokens does not fit the context: {free} of {n_ctx} positions free (raise -c/--ctx-size)")]
+    #[error("the prompt is empty: generation needs at least one prompt token")]
+    EmptyPrompt,
+    #[error(
+        "prompt of {prompt} tokens does not fit the context: {free} of {n_ctx} positions free"
+    )]
     PromptTooLong {
         prompt: usize,
         free: usize,
@@ -115,6 +122,157 @@ pub fn eval_prompt<'s>(
     Ok(session.forward(model, &[], Logits::Last)?)
 }
 
+/// What one [`Generation::step`] produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Feed `token` to the model, then step again with the logits that follow it. `text` can
+    /// be shown now: it is complete UTF-8 and cannot be the start of a stop string (often
+    /// empty, while a character or a possible stop string is incomplete).
+    Token { token: u32, text: String },
+    /// Generation is over; `text` is the rest of the output (possibly empty).
+    Done { reason: StopReason, text: String },
+}
+
+/// One request's generation, stepped by its owner: each [`step`](Self::step) samples from the
+/// logits it is given, checks the stop conditions and says what text is ready. It runs no
+/// forward pass, so a scheduler can feed many of them from one batched pass; [`generate`] is
+/// the one-sequence driver.
+///
+/// `S` is the sampler, owned (a request's own) or borrowed (`&mut Sampler`, a conversation's
+/// that outlives one reply).
+#[derive(Debug)]
+pub struct Generation<S: BorrowMut<Sampler> = Sampler> {
+    sampler: S,
+    decoder: TokenStreamDecoder,
+    stop: Vec<String>,
+    max_tokens: Option<usize>,
+    ignore_eos: bool,
+    /// Text decoded but not yet emitted because it may begin a stop string.
+    held: String,
+    generated: Vec<u32>,
+    /// Text emitted so far.
+    text: String,
+    done: Option<StopReason>,
+}
+
+impl<S: BorrowMut<Sampler>> Generation<S> {
+    /// Starts a generation after `prompt`, whose tokens the sampler accepts (the repeat
+    /// penalty sees them). `params.batch` is the driver's and unused here.
+    pub fn new(mut sampler: S, params: &GenerateParams, prompt: &[u32]) -> Self {
+        for &t in prompt {
+            sampler.borrow_mut().accept(t);
+        }
+        Generation {
+            sampler,
+            decoder: TokenStreamDecoder::new(params.render_special),
+            stop: params.stop.clone(),
+            max_tokens: params.max_tokens,
+            ignore_eos: params.ignore_eos,
+            held: String::new(),
+            generated: Vec::new(),
+            text: String::new(),
+            done: None,
+        }
+    }
+
+    /// Advances by one token. `logits` are the model's for the position after the last token
+    /// fed (the prompt's last, then each [`Step::Token`]'s); they are not read when the token
+    /// limit is already reached. `room` says whether the sequence's cache has a position left
+    /// for the token this step samples: without one, the step ends with
+    /// [`StopReason::ContextFull`] after that token's text.
+    ///
+    /// The checks run in this order: token limit, sample, end of generation, stop string
+    /// (text before it is emitted, the rest dropped), hold back a possible stop-string
+    /// prefix, room. Once done, every further step returns the same [`Step::Done`] with no
+    /// text.
+    pub fn step(
+        &mut self,
+        tok: &Tokenizer,
+        logits: &[f32],
+        room: bool,
+    ) -> Result<Step, GenerateError> {
+        if let Some(reason) = self.done {
+            return Ok(Step::Done {
+                reason,
+                text: String::new(),
+            });
+        }
+        if self.max_tokens.is_some_and(|m| self.generated.len() >= m) {
+            return Ok(self.finish(StopReason::MaxTokens, String::new()));
+        }
+        let sampler = self.sampler.borrow_mut();
+        let id = sampler.sample(logits)?;
+        sampler.accept(id);
+        if tok.is_eog(id) && !self.ignore_eos {
+            return Ok(self.finish(StopReason::EndOfGeneration, String::new()));
+        }
+        self.generated.push(id);
+        let piece = self.decoder.push(tok, id)?;
+        self.held.push_str(&piece);
+        if let Some(at) = self
+            .stop
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
+        {
+            // A stop string ends the output where it starts; what the decoder still holds
+            // comes after it, so it is dropped rather than flushed.
+            self.held.truncate(at);
+            let text = std::mem::take(&mut self.held);
+            self.text.push_str(&text);
+            self.done = Some(StopReason::StopString);
+            return Ok(Step::Done {
+                reason: StopReason::StopString,
+                text,
+            });
+        }
+        let keep = longest_stop_prefix_suffix(&self.held, &self.stop);
+        let ready = self.held.len() - keep;
+        let text: String = self.held.drain(..ready).collect();
+        self.text.push_str(&text);
+        if !room {
+            return Ok(self.finish(StopReason::ContextFull, text));
+        }
+        Ok(Step::Token { token: id, text })
+    }
+
+    /// Ends with `reason`: flushes the held text and the decoder's incomplete bytes after
+    /// `text` (what this step already made ready).
+    fn finish(&mut self, reason: StopReason, mut text: String) -> Step {
+        self.held.push_str(&self.decoder.finish());
+        text.push_str(&self.held);
+        self.text.push_str(&self.held);
+        self.held.clear();
+        self.done = Some(reason);
+        Step::Done { reason, text }
+    }
+
+    /// Why generation ended; None while it goes on.
+    pub fn stop_reason(&self) -> Option<StopReason> {
+        self.done
+    }
+
+    /// The tokens sampled so far (an end-of-generation token that ended it excluded).
+    pub fn generated(&self) -> &[u32] {
+        &self.generated
+    }
+
+    /// The text emitted so far (a stop string excluded).
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    pub fn sampler(&self) -> &Sampler {
+        self.sampler.borrow()
+    }
+
+    /// The sampled tokens and the emitted text, consuming the generation.
+    pub fn into_output(self) -> (Vec<u32>, String) {
+        (self.generated, self.text)
+    }
+}
+
 /// Run the prompt, then generate, calling `emit` with each piece of text as soon as it is
 /// complete UTF-8 and cannot be the start of a stop string.
 pub fn generate(
@@ -127,72 +285,37 @@ pub fn generate(
     emit: &mut dyn FnMut(&str) -> std::io::Result<()>,
 ) -> Result<GenerateOutcome, GenerateError> {
     if prompt.is_empty() {
-        return Err(GenerateError::PromptTooLong {
-            prompt: 0,
-            free: session.n_ctx - session.pos(),
-            n_ctx: session.n_ctx,
-        });
+        return Err(GenerateError::EmptyPrompt);
     }
-    for &t in prompt {
-        sampler.accept(t);
-    }
+    let mut generation = Generation::new(sampler, params, prompt);
     let t0 = Instant::now();
     let mut logits = eval_prompt(model, session, prompt, params.batch)?.to_vec();
     let prompt_time = t0.elapsed();
 
     let t1 = Instant::now();
-    let mut decoder = TokenStreamDecoder::new(params.render_special);
-    let mut generated = Vec::new();
-    let mut text = String::new();
-    // Text decoded but not yet emitted because it may begin a stop string.
-    let mut held = String::new();
     let stop = loop {
-        if params.max_tokens.is_some_and(|m| generated.len() >= m) {
-            break StopReason::MaxTokens;
+        let room = session.pos() < session.n_ctx;
+        match generation.step(tok, &logits, room)? {
+            Step::Token { token, text } => {
+                if !text.is_empty() {
+                    emit(&text)?;
+                }
+                logits.clear();
+                logits.extend_from_slice(session.forward(model, &[token], Logits::Last)?);
+            }
+            Step::Done { reason, text } => {
+                emit(&text)?;
+                break reason;
+            }
         }
-        let id = sampler.sample(&logits)?;
-        sampler.accept(id);
-        if tok.is_eog(id) && !params.ignore_eos {
-            break StopReason::EndOfGeneration;
-        }
-        generated.push(id);
-        held.push_str(&decoder.push(tok, id)?);
-        if let Some(at) = params
-            .stop
-            .iter()
-            .filter(|s| !s.is_empty())
-            .filter_map(|s| held.find(s.as_str()))
-            .min()
-        {
-            held.truncate(at);
-            emit(&held)?;
-            text.push_str(&held);
-            held.clear();
-            break StopReason::StopString;
-        }
-        let keep = longest_stop_prefix_suffix(&held, &params.stop);
-        let ready = held.len() - keep;
-        if ready > 0 {
-            emit(&held[..ready])?;
-            text.push_str(&held[..ready]);
-            held.drain(..ready);
-        }
-        if session.pos() >= session.n_ctx {
-            break StopReason::ContextFull;
-        }
-        logits.clear();
-        logits.extend_from_slice(session.forward(model, &[id], Logits::Last)?);
     };
-    if stop != StopReason::StopString {
-        held.push_str(&decoder.finish());
-        emit(&held)?;
-        text.push_str(&held);
-    }
+    let gen_time = t1.elapsed();
+    let (generated, text) = generation.into_output();
     Ok(GenerateOutcome {
         prompt_tokens: prompt.len(),
         prompt_time,
         generated,
-        gen_time: t1.elapsed(),
+        gen_time,
         stop,
         text,
     })

@@ -5,13 +5,17 @@
 //! - [`tokenizer`]: byte-level BPE built from GGUF metadata, ids equal to llama.cpp's.
 //! - [`chat`]: sandboxed chat templates that keep user text apart from control tokens.
 //! - [`sampling`]: llama.cpp's sampler chain and flag semantics.
-//! - [`generate`]: the prompt-then-sample loop with stop conditions.
+//! - [`generate`]: per-request generation state stepped by its owner (sample, stop checks,
+//!   text to emit), and the prompt-then-sample loop over one session built on it.
+//! - [`load`]: loading a model to run, as every front end does it: open, memory check,
+//!   repack, tokenizer.
 //! - [`memory`]: the memory a run will need, checked before loading.
 
 pub mod chat;
 pub mod generate;
 pub mod gguf;
 pub mod llama;
+pub mod load;
 pub mod memory;
 pub mod sampling;
 pub mod tokenizer;

@@ -1,0 +1,325 @@
+//! Loading a model for running: open and validate the GGUF, check the memory the run will
+//! need, lock and repack the weights, build the tokenizer. Every front end (the CLI, the server)
+//! loads through [`load`], so they refuse the same files with the same errors; the front end
+//! adds its own hints (flag names) and prints the [`LoadReport`] as it likes.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::gguf::{GgufError, GgufFile, OpenOptions};
+use crate::llama::{KvType, LlamaModel, ModelError, Precision, Session};
+use crate::memory::{available_memory, human_bytes, MemoryEstimate};
+use crate::tokenizer::{Tokenizer, TokenizerError, VocabSpec};
+
+/// Why a model could not be loaded. Each variant names the file; none names a front end's
+/// option, so the CLI and the server can each add their own remedy.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The cause is part of the message (not a `source`), so a front end that prints the
+    /// error chain does not print it twice.
+    #[error("cannot open {}: {error}", path.display())]
+    Open {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("cannot load {}: {error}", path.display())]
+    Gguf { path: PathBuf, error: GgufError },
+    #[error("cannot run {}: {error}", path.display())]
+    Model { path: PathBuf, error: ModelError },
+    #[error("context size must be at least 1")]
+    ZeroContext,
+    #[error("thread count must be at least 1")]
+    ZeroThreads,
+    #[error(
+        "{} needs about {} (weights {}, KV cache {} at context {n_ctx}) but only {} is \
+         available; lower the context size, or force the load",
+        path.display(),
+        human_bytes(estimate.total()),
+        human_bytes(estimate.weights),
+        human_bytes(estimate.kv_cache),
+        human_bytes(*available)
+    )]
+    TooLarge {
+        path: PathBuf,
+        estimate: MemoryEstimate,
+        n_ctx: usize,
+        available: u64,
+    },
+    #[error(
+        "cannot lock {} in memory: {error} (raise the locked-memory limit, RLIMIT_MEMLOCK)",
+        path.display()
+    )]
+    Mlock {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("cannot repack {}: {error}", path.display())]
+    Repack { path: PathBuf, error: ModelError },
+    #[error("cannot read the vocabulary of {}: {error}", path.display())]
+    Vocabulary {
+        path: PathBuf,
+        error: TokenizerError,
+    },
+    #[error("cannot build the tokenizer of {}: {error}", path.display())]
+    Tokenizer {
+        path: PathBuf,
+        error: TokenizerError,
+    },
+    /// A tokenizer.json given instead of the GGUF's vocabulary, which keeps the GGUF's special
+    /// tokens.
+    #[error(
+        "cannot use {} as the tokenizer of {}: {error}",
+        json.display(),
+        path.display()
+    )]
+    TokenizerJson {
+        path: PathBuf,
+        json: PathBuf,
+        error: TokenizerError,
+    },
+    #[error(
+        "{}: the vocabulary has {vocab} tokens but token_embd.weight has {rows} rows",
+        path.display()
+    )]
+    VocabularyMismatch {
+        path: PathBuf,
+        vocab: usize,
+        rows: usize,
+    },
+}
+
+/// How to load a model. [`Default`] gives the CLI's defaults.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Context size requested, in tokens; capped at the model's training context. At least 1.
+    pub n_ctx: usize,
+    pub kv_type: KvType,
+    pub precision: Precision,
+    /// Lock the mapped pages in memory (no swapping).
+    pub mlock: bool,
+    /// Read the file into memory instead of mapping it.
+    pub no_mmap: bool,
+    /// Copy Q4_0/Q4_1/Q8_0 matrices into the packed layout where the SIMD path has packed
+    /// kernels. Ignored on the exact path, which reads the map only.
+    pub repack: bool,
+    /// Load even when the memory estimate exceeds what is available.
+    pub force: bool,
+    /// A tokenizer.json to use instead of the GGUF's vocabulary.
+    pub tokenizer_json: Option<PathBuf>,
+    /// Prompt tokens per forward pass, for the estimate of the activation buffers.
+    pub batch: usize,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            n_ctx: 4096,
+            kv_type: KvType::F16,
+            precision: Precision::Fast,
+            mlock: false,
+            no_mmap: false,
+            repack: true,
+            force: false,
+            tokenizer_json: None,
+            batch: 512,
+        }
+    }
+}
+
+/// What loading found and did, for a front end to print.
+#[derive(Clone, Debug)]
+pub struct LoadReport {
+    /// The memory the run was estimated to need.
+    pub estimate: MemoryEstimate,
+    /// Memory available when the estimate was checked; None where it cannot be read.
+    pub available: Option<u64>,
+    /// Bytes of packed copies made (0 without repacking, or on a path without packed kernels).
+    pub repacked_bytes: u64,
+    pub repack_time: Duration,
+    /// From opening the file to the tokenizer being ready.
+    pub load_time: Duration,
+    /// Why the tokenizer may split text differently from the model's own (an unknown
+    /// pre-tokenizer), if it may.
+    pub pre_tokenizer_warning: Option<String>,
+}
+
+/// A model ready to run: weights, tokenizer, and the settings its sessions use.
+pub struct LoadedModel {
+    pub path: PathBuf,
+    pub model: LlamaModel,
+    pub tokenizer: Tokenizer,
+    /// Context size of each session: the request capped at the model's training context.
+    pub n_ctx: usize,
+    pub kv_type: KvType,
+    pub precision: Precision,
+    pub report: LoadReport,
+}
+
+impl LoadedModel {
+    /// A new session (KV cache and buffers) with the loaded settings.
+    pub fn session(&self) -> Session {
+        Session::new(&self.model, self.n_ctx, self.kv_type, self.precision)
+    }
+}
+
+/// Open and validate a GGUF file.
+pub fn open_gguf(path: &Path, no_mmap: bool) -> Result<GgufFile, LoadError> {
+    GgufFile::open_with(path, &OpenOptions { no_mmap }).map_err(|e| match e {
+        GgufError::Io { path, source } => LoadError::Open {
+            path,
+            error: source,
+        },
+        error => LoadError::Gguf {
+            path: path.to_path_buf(),
+            error,
+        },
+    })
+}
+
+/// The tokenizer of an opened GGUF (`path` names it in errors), or of `json` built on the
+/// GGUF's special tokens when given.
+pub fn tokenizer_for(
+    file: &GgufFile,
+    path: &Path,
+    json: Option<&Path>,
+) -> Result<Tokenizer, LoadError> {
+    let spec = VocabSpec::from_gguf(file).map_err(|error| LoadError::Vocabulary {
+        path: path.to_path_buf(),
+        error,
+    })?;
+    match json {
+        Some(json) => {
+            Tokenizer::from_tokenizer_json(json, &spec).map_err(|error| LoadError::TokenizerJson {
+                path: path.to_path_buf(),
+                json: json.to_path_buf(),
+                error,
+            })
+        }
+        None => Tokenizer::from_spec(&spec).map_err(|error| LoadError::Tokenizer {
+            path: path.to_path_buf(),
+            error,
+        }),
+    }
+}
+
+/// Load the model at `path` for running: open and validate it, cap the context at the model's,
+/// check the memory estimate against what is available (unless forced), lock and repack the
+/// weights as asked, and build the tokenizer, checking that it matches the embedding table.
+pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, LoadError> {
+    let t0 = Instant::now();
+    if opts.n_ctx == 0 {
+        return Err(LoadError::ZeroContext);
+    }
+    let file = open_gguf(path, opts.no_mmap)?;
+    let mut model = LlamaModel::load(Arc::new(file)).map_err(|error| LoadError::Model {
+        path: path.to_path_buf(),
+        error,
+    })?;
+    // The config refuses a training context of 0, so n_ctx stays at least 1.
+    let n_ctx = opts.n_ctx.min(model.config.n_ctx_train);
+    // The exact path reads the map only, so packed copies would be dead weight.
+    let repack = opts.repack && opts.precision == Precision::Fast;
+    let estimate = MemoryEstimate::for_model(&model, n_ctx, opts.kv_type, opts.batch, repack);
+    let available = available_memory();
+    if let Some(avail) = available {
+        if estimate.total() > avail && !opts.force {
+            return Err(LoadError::TooLarge {
+                path: path.to_path_buf(),
+                estimate,
+                n_ctx,
+                available: avail,
+            });
+        }
+    }
+    if opts.mlock {
+        model.file.mlock().map_err(|error| LoadError::Mlock {
+            path: path.to_path_buf(),
+            error,
+        })?;
+    }
+    let t = Instant::now();
+    let repacked_bytes = if repack {
+        model.repack().map_err(|error| LoadError::Repack {
+            path: path.to_path_buf(),
+            error,
+        })?
+    } else {
+        0
+    };
+    let repack_time = t.elapsed();
+    let tokenizer = tokenizer_for(&model.file, path, opts.tokenizer_json.as_deref())?;
+    if tokenizer.vocab_size() != model.config.vocab_size {
+        return Err(LoadError::VocabularyMismatch {
+            path: path.to_path_buf(),
+            vocab: tokenizer.vocab_size(),
+            rows: model.config.vocab_size,
+        });
+    }
+    let pre_tokenizer_warning = tokenizer.pre_tokenizer_warning().map(str::to_string);
+    Ok(LoadedModel {
+        path: path.to_path_buf(),
+        model,
+        tokenizer,
+        n_ctx,
+        kv_type: opts.kv_type,
+        precision: opts.precision,
+        report: LoadReport {
+            estimate,
+            available,
+            repacked_bytes,
+            repack_time,
+            load_time: t0.elapsed(),
+            pre_tokenizer_warning,
+        },
+    })
+}
+
+/// Physical cores, from /proc/cpuinfo's (physical id, core id) pairs; logical CPUs otherwise.
+/// The default thread count: compute threads spin during a forward pass, so two on one core's
+/// hyperthreads only contend.
+pub fn physical_cores() -> usize {
+    let logical = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") else {
+        return logical;
+    };
+    let mut cores = std::collections::HashSet::new();
+    let (mut phys, mut core) = (None, None);
+    for line in info.lines() {
+        let mut kv = line.splitn(2, ':').map(str::trim);
+        match (kv.next(), kv.next()) {
+            (Some("physical id"), Some(v)) => phys = Some(v.to_string()),
+            (Some("core id"), Some(v)) => core = Some(v.to_string()),
+            _ => {}
+        }
+        if line.trim().is_empty() {
+            if let (Some(p), Some(c)) = (phys.take(), core.take()) {
+                cores.insert((p, c));
+            }
+        }
+    }
+    if let (Some(p), Some(c)) = (phys, core) {
+        cores.insert((p, c));
+    }
+    if cores.is_empty() {
+        logical
+    } else {
+        cores.len().min(logical)
+    }
+}
+
+/// Size the process-wide compute pool (rayon's global pool) at `threads`, or at the physical
+/// cores when None; returns the pool's size. The thread count is the front end's decision for
+/// the whole process, so only the first call takes effect: a later one keeps the first pool.
+pub fn init_threads(threads: Option<usize>) -> Result<usize, LoadError> {
+    let n = match threads {
+        Some(0) => return Err(LoadError::ZeroThreads),
+        Some(n) => n,
+        None => physical_cores(),
+    };
+    // Fails only when the pool already exists (see above).
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global();
+    Ok(rayon::current_num_threads())
+}
