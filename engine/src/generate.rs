@@ -117,7 +117,8 @@ pub fn eval_prompt<'s>(
         if i + 1 == n_chunks {
             return Ok(session.forward(model, chunk, Logits::Last)?);
         }
-        session.forward(model, chunk, Logits::Last)?;
+        // Only the last chunk's last token needs logits: the others skip the output matrix.
+        session.forward(model, chunk, Logits::None)?;
     }
     Ok(session.forward(model, &[], Logits::Last)?)
 }
