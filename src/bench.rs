@@ -212,6 +212,13 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     if threads.contains(&0) {
         bail!("-t/--threads must be at least 1");
     }
+    let max = airlock_engine::load::MAX_THREADS;
+    if let Some(t) = threads.iter().find(|&&t| t > max) {
+        bail!("-t/--threads {t} is above the cap of {max}");
+    }
+    if let Some(&t) = threads.iter().max() {
+        crate::load::warn_oversubscribed(t);
+    }
     let max_ctx = (args.n_prompt.iter().max().copied().unwrap_or(0))
         .saturating_add(args.n_gen.iter().max().copied().unwrap_or(0));
     let model_args = ModelArgs {

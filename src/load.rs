@@ -127,6 +127,7 @@ impl ModelArgs {
 /// `-v` details and any tokenizer warning to stderr.
 pub fn load(args: &ModelArgs) -> Result<LoadedModel> {
     let threads = airlock_engine::load::init_threads(args.threads).map_err(load_error)?;
+    warn_oversubscribed(threads);
     let loaded =
         airlock_engine::load::load(&args.model, &args.load_options()).map_err(load_error)?;
     let report = &loaded.report;
@@ -168,11 +169,26 @@ pub fn load(args: &ModelArgs) -> Result<LoadedModel> {
     Ok(loaded)
 }
 
+/// Threads beyond the CPUs this process may use each take a spinning core from the others.
+pub fn warn_oversubscribed(threads: usize) {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if threads > cpus {
+        eprintln!(
+            "warning: -t {threads} is more than the {cpus} CPUs available; the compute threads \
+             spin during a forward pass, so extra threads make it slower"
+        );
+    }
+}
+
 /// A load error as the CLI reports it: where a flag changes the outcome, the message names it.
 pub fn load_error(e: LoadError) -> anyhow::Error {
     match e {
         LoadError::ZeroContext => anyhow!("-c/--ctx-size must be at least 1"),
         LoadError::ZeroThreads => anyhow!("-t/--threads must be at least 1"),
+        LoadError::TooManyThreads { threads, max } => anyhow!(
+            "-t/--threads {threads} is above the cap of {max} (the compute threads spin during \
+             a forward pass: give at most the cores you can spare)"
+        ),
         LoadError::TooLarge {
             path,
             estimate,

@@ -426,6 +426,19 @@ fn errors_are_one_clear_line_and_nonzero() {
         ],
         "threads",
     );
+    // Above llama.cpp's cap of 512: refused at once, not minutes of spinning threads.
+    check(
+        &[
+            "run",
+            "-m",
+            tiny_llama3().to_str().unwrap(),
+            "-t",
+            "10000",
+            "-p",
+            "hi",
+        ],
+        "above the cap of 512",
+    );
 }
 
 #[test]

@@ -31,6 +31,13 @@ pub enum LoadError {
     ZeroContext,
     #[error("thread count must be at least 1")]
     ZeroThreads,
+    #[error("thread count {threads} is above the cap of {max}")]
+    TooManyThreads { threads: usize, max: usize },
+    #[error("cannot start {threads} compute threads: {error}")]
+    ThreadPool {
+        threads: usize,
+        error: std::io::Error,
+    },
     #[error(
         "{} needs about {} (weights {}, KV cache {} at context {n_ctx}) but only {} is \
          available; lower the context size, or force the load",
@@ -314,12 +321,35 @@ pub fn physical_cores() -> usize {
 pub fn init_threads(threads: Option<usize>) -> Result<usize, LoadError> {
     let n = match threads {
         Some(0) => return Err(LoadError::ZeroThreads),
+        Some(n) if n > MAX_THREADS => {
+            return Err(LoadError::TooManyThreads {
+                threads: n,
+                max: MAX_THREADS,
+            })
+        }
         Some(n) => n,
         None => physical_cores(),
     };
-    // Fails only when the pool already exists (see above).
-    let _ = rayon::ThreadPoolBuilder::new()
+    match rayon::ThreadPoolBuilder::new()
         .num_threads(n)
-        .build_global();
+        .build_global()
+    {
+        Ok(()) => {}
+        // rayon gives the I/O error of a thread it could not start as the source; without
+        // one, the pool already exists (an earlier call), which is fine.
+        Err(e) => {
+            use std::error::Error;
+            if let Some(io) = e.source().and_then(|s| s.downcast_ref::<std::io::Error>()) {
+                return Err(LoadError::ThreadPool {
+                    threads: n,
+                    error: std::io::Error::new(io.kind(), io.to_string()),
+                });
+            }
+        }
+    }
     Ok(rayon::current_num_threads())
 }
+
+/// Most compute threads a pool may have, as llama.cpp's `GGML_MAX_N_THREADS`. The threads
+/// spin through a forward pass, so many more than the cores only makes every pass slower.
+pub const MAX_THREADS: usize = 512;

@@ -264,3 +264,16 @@ fn a_zero_thread_count_is_refused() {
     assert_names_no_flag(&e.to_string());
     assert!(airlock_engine::load::physical_cores() >= 1);
 }
+
+#[test]
+fn a_thread_count_above_the_cap_is_refused_before_any_thread_starts() {
+    let max = airlock_engine::load::MAX_THREADS;
+    let e = airlock_engine::load::init_threads(Some(max + 1))
+        .err()
+        .unwrap();
+    assert!(
+        matches!(e, LoadError::TooManyThreads { threads, max: m } if threads == max + 1 && m == max),
+        "{e}"
+    );
+    assert_names_no_flag(&e.to_string());
+}
