@@ -41,7 +41,7 @@ pub struct RunArgs {
     /// System message (implies --chat)
     #[arg(long, value_name = "TEXT")]
     pub system: Option<String>,
-    /// Built-in chat template to use instead of the model's: llama3 or chatml
+    /// Built-in chat template to use instead of the model's: llama3 or chatml (implies --chat)
     #[arg(long = "chat-template", value_name = "NAME")]
     pub chat_template: Option<String>,
     /// Stop when the output contains this text (repeatable)
@@ -91,7 +91,9 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     let loaded = load(&args.model)?;
     let tok = &loaded.tokenizer;
 
-    let ids = if args.chat || args.system.is_some() {
+    // --system and --chat-template only mean something in a chat: each implies --chat rather
+    // than being ignored.
+    let ids = if args.chat || args.system.is_some() || args.chat_template.is_some() {
         let template = ChatTemplate::for_tokenizer(tok, args.chat_template.as_deref())
             .map_err(template_error)?;
         let mut messages = Vec::new();

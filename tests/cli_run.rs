@@ -173,6 +173,31 @@ fn chat_run_answers_and_stops_at_end_of_turn() {
 }
 
 #[test]
+fn chat_template_implies_chat_instead_of_being_ignored() {
+    let model = smollm2();
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            "-m",
+            model.to_str().unwrap(),
+            "-n",
+            "12",
+            "--temp",
+            "0",
+        ];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["-p", "What is phishing?"]);
+        let o = airlock(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        stdout(&o)
+    };
+    let implied = run(&["--chat-template", "chatml"]);
+    assert_eq!(implied, run(&["--chat", "--chat-template", "chatml"]));
+    // And it is not the raw prompt's continuation.
+    assert_ne!(implied, run(&[]));
+}
+
+#[test]
 fn stop_string_ends_generation_and_is_not_printed() {
     let model = smollm2();
     let o = airlock(&[
