@@ -81,6 +81,8 @@ pub fn run(args: ChatArgs) -> Result<ExitCode> {
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
     let mut stdout = std::io::stdout();
+    // A script piping turns in learns from the exit status whether any of them failed.
+    let (mut turns, mut failed) = (0usize, 0usize);
     loop {
         write!(stdout, "\n> ")?;
         stdout.flush()?;
@@ -100,6 +102,7 @@ pub fn run(args: ChatArgs) -> Result<ExitCode> {
             }
             _ => {}
         }
+        turns += 1;
         messages.push(ChatMessage::user(input));
         // Only the new part of the rendering is processed; a template that re-renders earlier
         // turns differently (not prefix-stable) makes us re-process the whole conversation.
@@ -126,6 +129,7 @@ pub fn run(args: ChatArgs) -> Result<ExitCode> {
         ) {
             Ok(o) => o,
             Err(e) => {
+                failed += 1;
                 // A full context ends this conversation, not the program.
                 match context_hint(&e) {
                     Some(hint) => eprintln!("\nerror: {e} ({hint})\n(conversation reset)"),
@@ -160,6 +164,10 @@ pub fn run(args: ChatArgs) -> Result<ExitCode> {
             session.reset();
             sampler.reset();
         }
+    }
+    if failed > 0 {
+        eprintln!("error: {failed} of {turns} turns failed");
+        return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
 }

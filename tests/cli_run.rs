@@ -287,6 +287,39 @@ fn prompt_from_file_and_stdin() {
 }
 
 #[test]
+fn piped_chat_exits_nonzero_when_a_turn_failed() {
+    let model = smollm2();
+    let chat = |input: &[u8]| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_airlock"))
+            .args([
+                "chat",
+                "-m",
+                model.to_str().unwrap(),
+                "--temp",
+                "0",
+                "-n",
+                "4",
+            ])
+            .args(["-c", "48"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    // Every turn is longer than the 48-token context: each fails, and so does the run.
+    let long = "tell me about phishing ".repeat(20);
+    let o = chat(format!("{long}\n{long}\n").as_bytes());
+    assert!(!o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("2 of 2 turns failed"), "{}", stderr(&o));
+    // Turns that fit: exit 0.
+    let o = chat(b"Hi\n");
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
 fn chat_repl_keeps_history_and_exits_cleanly() {
     let model = smollm2();
     let mut child = Command::new(env!("CARGO_BIN_EXE_airlock"))
