@@ -178,6 +178,9 @@ pub struct VocabSpec {
     pub eot: Option<u32>,
     pub eom: Option<u32>,
     pub pad: Option<u32>,
+    /// `tokenizer.ggml.unknown_token_id`: byte-level BPE never emits it, but a file that names
+    /// a token outside its vocabulary is inconsistent and refused like any other special id.
+    pub unk: Option<u32>,
     pub add_bos: bool,
     pub add_eos: bool,
     pub chat_template: Option<String>,
@@ -258,6 +261,7 @@ impl VocabSpec {
             eot: id("tokenizer.ggml.eot_token_id")?,
             eom: id("tokenizer.ggml.eom_token_id")?,
             pad: id("tokenizer.ggml.padding_token_id")?,
+            unk: id("tokenizer.ggml.unknown_token_id")?,
             add_bos: flag("tokenizer.ggml.add_bos_token", llama3)?,
             add_eos: flag("tokenizer.ggml.add_eos_token", false)?,
             chat_template,
@@ -470,6 +474,7 @@ impl Tokenizer {
         let eot = check("EOT", spec.eot)?;
         let eom = check("EOM", spec.eom)?;
         let pad = check("padding", spec.pad)?;
+        check("unknown", spec.unk)?;
 
         let mut piece_bytes = Vec::new();
         let mut piece_ends = Vec::with_capacity(n);
@@ -958,6 +963,18 @@ mod tests {
             Tokenizer::from_spec(&s),
             Err(TokenizerError::SpecialIdOutOfRange { name: "BOS", .. })
         ));
+        let mut s = tiny_spec();
+        s.unk = Some(9);
+        assert!(matches!(
+            Tokenizer::from_spec(&s),
+            Err(TokenizerError::SpecialIdOutOfRange {
+                name: "unknown",
+                id: 9,
+                ..
+            })
+        ));
+        s.unk = Some(8);
+        assert!(Tokenizer::from_spec(&s).is_ok());
         let mut s = tiny_spec();
         s.model = "llama".into();
         let e = Tokenizer::from_spec(&s).unwrap_err();
