@@ -1,9 +1,10 @@
 //! `airlock run`: one prompt in, streamed text out, timings on stderr.
 
-use std::io::{IsTerminal, Read, Write};
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use airlock_engine::bounded::{read_bounded_string, read_stdin_bounded};
 use airlock_engine::chat::{tokenize_chat, ChatMessage, ChatTemplate};
 use airlock_engine::generate::{GenerateError, GenerateParams, StopReason};
 use airlock_engine::sampling::Sampler;
@@ -57,26 +58,25 @@ pub struct RunArgs {
     pub sampling: SamplingArgs,
 }
 
+/// The longest prompt file read: far beyond any context (128k tokens are about 0.5 MB of
+/// text), so a longer one, or an endless one such as /dev/zero, is a mistake, not a prompt.
+const MAX_PROMPT_BYTES: u64 = 64 << 20;
+
 fn read_prompt(args: &RunArgs) -> Result<String> {
     if let Some(p) = &args.prompt {
         return Ok(p.clone());
     }
-    let mut text = String::new();
     match &args.file {
-        Some(f) if f.as_os_str() != "-" => {
-            text = std::fs::read_to_string(f)
-                .with_context(|| format!("cannot read prompt file {}", f.display()))?;
-        }
+        Some(f) if f.as_os_str() != "-" => read_bounded_string(f, MAX_PROMPT_BYTES)
+            .with_context(|| format!("cannot read prompt file {}", f.display())),
         _ => {
             if args.file.is_none() && std::io::stdin().is_terminal() {
                 bail!("no prompt: give -p TEXT, -f FILE, or pipe text on stdin");
             }
-            std::io::stdin()
-                .read_to_string(&mut text)
-                .context("cannot read the prompt from stdin (is it UTF-8?)")?;
+            read_stdin_bounded(MAX_PROMPT_BYTES)
+                .context("cannot read the prompt from stdin (is it UTF-8?)")
         }
     }
-    Ok(text)
 }
 
 pub fn run(args: RunArgs) -> Result<ExitCode> {

@@ -484,6 +484,21 @@ fn errors_are_one_clear_line_and_nonzero() {
         ],
         "threads",
     );
+    // Endless inputs are read up to a limit, never until memory runs out.
+    let model = smollm2();
+    let m = model.to_str().unwrap();
+    check(
+        &["run", "-m", m, "-f", "/dev/zero"],
+        "holds more than the limit",
+    );
+    check(
+        &["run", "-m", m, "--tokenizer", "/dev/zero", "-p", "hi"],
+        "holds more than the limit",
+    );
+    check(
+        &["run", "-m", "/dev/zero", "--no-mmap", "-p", "hi"],
+        "not a regular file",
+    );
     // Above llama.cpp's cap of 512: refused at once, not minutes of spinning threads.
     check(
         &[

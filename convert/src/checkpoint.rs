@@ -21,16 +21,12 @@ const MAX_HEADER: u64 = 100_000_000;
 
 /// Reads and parses a JSON file, bounded in size.
 pub fn read_json(path: &Path) -> Result<Json> {
-    let meta = std::fs::metadata(path).map_err(|source| io_or_missing(path, source, "JSON"))?;
-    if meta.len() > MAX_JSON_BYTES {
-        return Err(ConvertError::json(
-            path,
-            format!("{} bytes is too large for a JSON file", meta.len()),
-        ));
-    }
-    let bytes = std::fs::read(path).map_err(|source| ConvertError::Io {
-        path: path.into(),
-        source,
+    let bytes = airlock_engine::bounded::read_bounded(path, MAX_JSON_BYTES).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::InvalidData {
+            ConvertError::json(path, format!("too large for a JSON file: {source}"))
+        } else {
+            io_or_missing(path, source, "JSON")
+        }
     })?;
     serde_json::from_slice(&bytes).map_err(|e| ConvertError::json(path, format!("not JSON: {e}")))
 }

@@ -9,8 +9,10 @@
 //!   text to emit), and the prompt-then-sample loop over one session built on it.
 //! - [`load`]: loading a model to run, as every front end does it: open, memory check,
 //!   repack, tokenizer.
+//! - [`bounded`]: reading whole files without trusting their reported size.
 //! - [`memory`]: the memory a run will need, checked before loading.
 
+pub mod bounded;
 pub mod chat;
 pub mod generate;
 pub mod gguf;

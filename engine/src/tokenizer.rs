@@ -393,13 +393,8 @@ impl Tokenizer {
             path: path.display().to_string(),
             msg,
         };
-        let len = std::fs::metadata(path)
-            .map_err(|e| jerr(e.to_string()))?
-            .len();
-        if len > MAX_TOKENIZER_JSON_BYTES {
-            return Err(jerr(format!("file is too large ({len} bytes)")));
-        }
-        let bytes = std::fs::read(path).map_err(|e| jerr(e.to_string()))?;
+        let bytes = crate::bounded::read_bounded(path, MAX_TOKENIZER_JSON_BYTES)
+            .map_err(|e| jerr(e.to_string()))?;
         let mut hf = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| jerr(e.to_string()))?;
         if !matches!(hf.get_model(), ModelWrapper::BPE(_)) {
             return Err(jerr("only BPE models are supported".into()));

@@ -143,7 +143,16 @@ impl GgufFile {
             source,
         };
         let source = if opts.no_mmap {
-            Source::Owned(std::fs::read(path).map_err(io)?)
+            // Exactly the length the file reports: a device such as /dev/zero reports 0 and
+            // would otherwise be read until memory runs out.
+            let meta = std::fs::metadata(path).map_err(io)?;
+            if !meta.is_file() {
+                return Err(io(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "not a regular file, so its size is unknown and it cannot be read whole",
+                )));
+            }
+            Source::Owned(crate::bounded::read_bounded(path, meta.len()).map_err(io)?)
         } else {
             let file = File::open(path).map_err(io)?;
             // SAFETY: the map is read-only. Another process truncating or rewriting the file while
