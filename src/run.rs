@@ -90,6 +90,16 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     let mut sampler = Sampler::new(sampler_cfg).context("bad sampling options")?;
     let loaded = load(&args.model)?;
     let tok = &loaded.tokenizer;
+    // Refused before tokenizing: a prompt that cannot fit is not worth megabytes of BPE.
+    let at_least = tok.min_tokens(&prompt);
+    if at_least > loaded.n_ctx {
+        bail!(
+            "prompt of {} bytes is at least {at_least} tokens and does not fit the context of {} \
+             (raise -c/--ctx-size)",
+            prompt.len(),
+            loaded.n_ctx
+        );
+    }
 
     // --system and --chat-template only mean something in a chat: each implies --chat rather
     // than being ignored.

@@ -484,6 +484,21 @@ fn errors_are_one_clear_line_and_nonzero() {
         ],
         "threads",
     );
+    // A prompt far larger than the context is refused before it is tokenized.
+    let big = dir.path().join("big-prompt.txt");
+    std::fs::write(&big, "x".repeat(8 << 20)).unwrap();
+    check(
+        &[
+            "run",
+            "-m",
+            tiny_llama3().to_str().unwrap(),
+            "-c",
+            "64",
+            "-f",
+            big.to_str().unwrap(),
+        ],
+        "does not fit the context of 64",
+    );
     // Endless inputs are read up to a limit, never until memory runs out.
     let model = smollm2();
     let m = model.to_str().unwrap();

@@ -642,6 +642,24 @@ impl Tokenizer {
         frags
     }
 
+    /// A lower bound on the tokens `text` becomes: no token stands for more bytes than the
+    /// longest piece of the vocabulary. Lets a front end refuse a prompt that cannot fit a
+    /// context before tokenizing megabytes of it.
+    pub fn min_tokens(&self, text: &str) -> usize {
+        let longest = self
+            .piece_ends
+            .iter()
+            .scan(0, |start, &end| {
+                let len = end - *start;
+                *start = end;
+                Some(len)
+            })
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        text.len().div_ceil(longest)
+    }
+
     /// The raw bytes token `id` stands for (control tokens: their text).
     pub fn token_piece(&self, id: u32) -> Option<&[u8]> {
         let i = id as usize;
@@ -888,6 +906,18 @@ mod tests {
             eos: Some(5),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn min_tokens_is_a_lower_bound() {
+        let t = Tokenizer::from_spec(&tiny_spec()).unwrap();
+        // The longest piece is "<|x|>" (5 bytes).
+        for text in ["", "a", "ab ab", "<|x|><|x|>", "ab ab ab ab <|x|>ab"] {
+            let n = t.encode(text, false, true).unwrap().len();
+            assert!(t.min_tokens(text) <= n, "{text:?}");
+        }
+        assert_eq!(t.min_tokens("<|x|><|x|>"), 2);
+        assert_eq!(t.min_tokens("abcdef"), 2);
     }
 
     #[test]
