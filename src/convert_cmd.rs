@@ -50,6 +50,10 @@ pub struct ConvertArgs {
     /// Foundation-sec-8b, smollm for SmolLM2)
     #[arg(long, value_name = "NAME")]
     pub pre: Option<String>,
+    /// Write tensors that hold NaN or infinities instead of refusing them (by default such a
+    /// tensor stops the run, naming it: a model with one computes NaN)
+    #[arg(long = "allow-nonfinite")]
+    pub allow_nonfinite: bool,
     /// No progress bar
     #[arg(short = 'q', long)]
     pub quiet: bool,
@@ -76,6 +80,10 @@ pub struct QuantizeArgs {
     /// twice); tensors already in their target type are copied unchanged either way
     #[arg(long = "allow-requantize")]
     pub allow_requantize: bool,
+    /// Write tensors that hold NaN or infinities instead of refusing them (by default such a
+    /// tensor stops the run, naming it: a model with one computes NaN)
+    #[arg(long = "allow-nonfinite")]
+    pub allow_nonfinite: bool,
     /// No progress bar
     #[arg(short = 'q', long)]
     pub quiet: bool,
@@ -163,6 +171,7 @@ pub fn run_convert(args: ConvertArgs) -> anyhow::Result<ExitCode> {
         },
         pre: args.pre,
         progress: progress(args.quiet),
+        allow_nonfinite: args.allow_nonfinite,
     };
     finish(airlock_convert::convert(&opts), &opts.output)
 }
@@ -179,6 +188,7 @@ pub fn run_quantize(args: QuantizeArgs) -> anyhow::Result<ExitCode> {
         },
         allow_requantize: args.allow_requantize,
         progress: progress(args.quiet),
+        allow_nonfinite: args.allow_nonfinite,
     };
     finish(airlock_convert::quantize(&opts), &opts.output)
 }

@@ -957,3 +957,71 @@ fn default_bf16_export_converts_and_runs() {
     let l = sess.forward(&model, &[128000, 9906], Logits::Last).unwrap();
     assert!(l.iter().all(|x| x.is_finite()));
 }
+
+/// Overwrites value `i` of tensor `name` (f32) in a safetensors file with `v`.
+fn poke_f32(path: &Path, name: &str, i: usize, v: f32) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let h: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    assert_eq!(h[name]["dtype"], "F32", "{name}");
+    let start = h[name]["data_offsets"][0].as_u64().unwrap() as usize + 8 + n + 4 * i;
+    bytes[start..start + 4].copy_from_slice(&v.to_le_bytes());
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn non_finite_weights_are_refused_naming_the_tensor_unless_allowed() {
+    let d = tempfile::tempdir().unwrap();
+    let ck = d.path().join("ck");
+    write_checkpoint(&ck, &spec());
+    let st = ck.join("model.safetensors");
+    // Row 1, column 3 of layer 0's K projection (64 columns).
+    poke_f32(
+        &st,
+        "model.layers.0.self_attn.k_proj.weight",
+        64 + 3,
+        f32::NAN,
+    );
+    fails(&ck, &["blk.0.attn_k.weight", "non-finite", "NaN"]);
+
+    // Allowed: the file is written, NaN and all (f32 keeps it as it is).
+    let nan_gguf = d.path().join("nan.f32.gguf");
+    let o = airlock(&["convert", s(&ck), "-o", s(&nan_gguf), "--type", "f32"]);
+    assert!(!o.status.success());
+    let o = airlock(&[
+        "convert",
+        s(&ck),
+        "-o",
+        s(&nan_gguf),
+        "--type",
+        "f32",
+        "--allow-nonfinite",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // quantize refuses the same tensor from a GGUF, and leaves nothing at OUT.
+    let q = d.path().join("q.gguf");
+    let o = airlock(&["quantize", s(&nan_gguf), "-o", s(&q), "--type", "q8_0"]);
+    let err = stderr(&o);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("blk.0.attn_k.weight") && err.contains("non-finite"),
+        "{err}"
+    );
+    assert!(!q.exists());
+    let o = airlock(&[
+        "quantize",
+        s(&nan_gguf),
+        "-o",
+        s(&q),
+        "--type",
+        "q8_0",
+        "--allow-nonfinite",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // An infinity is refused the same way.
+    write_checkpoint(&ck, &spec());
+    poke_f32(&st, "model.embed_tokens.weight", 5, f32::INFINITY);
+    fails(&ck, &["token_embd.weight", "non-finite", "inf"]);
+}

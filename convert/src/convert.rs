@@ -28,6 +28,8 @@ pub struct ConvertOptions {
     pub pre: Option<String>,
     /// Show the progress bar (the CLI passes "stderr is a terminal").
     pub progress: bool,
+    /// Convert tensors holding NaN or infinities instead of refusing them.
+    pub allow_nonfinite: bool,
 }
 
 /// What a finished conversion did.
@@ -155,6 +157,7 @@ fn plan<'w>(
     w: &'w Weights,
     policy: &Policy,
     rope_freqs: Option<Vec<f32>>,
+    finite: bool,
 ) -> Result<Vec<TensorJob<'w>>> {
     let mut jobs = Vec::new();
     let mut used = BTreeSet::new();
@@ -165,6 +168,7 @@ fn plan<'w>(
             out: GgmlType::F32,
             src: Source::Values(f),
             rows: RowMap::Identity,
+            finite,
         });
     }
     let (h, v) = (c.hidden as u64, c.vocab_size as u64);
@@ -180,6 +184,7 @@ fn plan<'w>(
                 data: t.data,
             },
             rows,
+            finite,
         };
         job.validate()
             .map_err(|m| ConvertError::tensor(t.file, hf, m))?;
@@ -390,7 +395,13 @@ pub fn convert(opts: &ConvertOptions) -> Result<Report> {
             Json::Object(rs.clone())
         ));
     }
-    let jobs = plan(&c, &weights, &opts.policy, rope_freqs)?;
+    let jobs = plan(
+        &c,
+        &weights,
+        &opts.policy,
+        rope_freqs,
+        !opts.allow_nonfinite,
+    )?;
     let meta = metadata(
         &c,
         &vocab,

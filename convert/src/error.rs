@@ -52,6 +52,17 @@ pub enum ConvertError {
     /// Ctrl-C (or another cancellation) stopped the work; nothing was left at the output path.
     #[error("interrupted; nothing was written to {0}")]
     Interrupted(PathBuf),
+    /// A tensor holds NaN or an infinity (refused unless the caller allows it).
+    #[error(
+        "tensor {tensor} holds a non-finite value ({value}) at row {row}, column {col}; \
+         a model with it would compute NaN"
+    )]
+    NonFinite {
+        tensor: String,
+        row: usize,
+        col: usize,
+        value: f32,
+    },
     /// An internal invariant broke (a bug, reported instead of panicking).
     #[error("internal error: {0}")]
     Internal(String),

@@ -236,6 +236,8 @@ pub fn export(opts: &ExportOptions) -> Result<Report> {
                 data: f.tensor_data(t),
             },
             rows,
+            // Export passes the model through as it is; `run` reads such a file too.
+            finite: false,
         });
     }
     let tied = f.tensor("output.weight").is_none();

@@ -21,6 +21,8 @@ pub struct QuantizeOptions {
     /// Accept already-quantized tensors (dequantized to f32 first, then quantized again).
     pub allow_requantize: bool,
     pub progress: bool,
+    /// Write tensors holding NaN or infinities instead of refusing them.
+    pub allow_nonfinite: bool,
 }
 
 pub(crate) fn open_gguf(path: &std::path::Path) -> Result<GgufFile> {
@@ -71,6 +73,7 @@ pub fn quantize(opts: &QuantizeOptions) -> Result<Report> {
                 data: f.tensor_data(t),
             },
             rows: RowMap::Identity,
+            finite: !opts.allow_nonfinite,
         });
     }
     let mut meta: Vec<(String, Value)> = Vec::new();

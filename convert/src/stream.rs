@@ -100,6 +100,9 @@ pub struct TensorJob<'a> {
     pub out: GgmlType,
     pub src: Source<'a>,
     pub rows: RowMap,
+    /// Refuse the tensor if any value is NaN or infinite (a corrupt or hostile checkpoint
+    /// would otherwise convert without a word).
+    pub finite: bool,
 }
 
 impl TensorJob<'_> {
@@ -248,37 +251,60 @@ impl<'s> ChunkWriter<'s> {
     }
 }
 
+/// Why a chunk of rows could not be converted.
+enum RowError {
+    Kernel(String),
+    NonFinite { row: usize, col: usize, value: f32 },
+}
+
 /// Converts rows `[r0, r1)` of `job` into `dst` (exactly their output bytes).
-fn convert_rows(job: &TensorJob, r0: usize, dst: &mut [u8]) -> std::result::Result<(), String> {
+fn convert_rows(job: &TensorJob, r0: usize, dst: &mut [u8]) -> std::result::Result<(), RowError> {
     let row_len = job.row_len();
     let n_rows = job.n_rows();
     let out_row = job.out.row_bytes(row_len as u64).unwrap_or(0) as usize;
     if out_row == 0 {
-        return Err("empty rows".into());
+        return Err(RowError::Kernel("empty rows".into()));
     }
-    let result: std::result::Result<(), airlock_kernels::KernelError> =
-        dst.par_chunks_mut(out_row).enumerate().try_for_each_init(
-            || vec![0f32; row_len],
-            |scratch, (k, out)| {
-                let src_row = job.rows.source_row(r0 + k, n_rows);
-                match &job.src {
-                    Source::Bytes { ty, data } => {
-                        let in_row = ty.row_bytes(row_len as u64).unwrap_or(0) as usize;
-                        let bytes = &data[src_row * in_row..(src_row + 1) * in_row];
-                        if *ty == job.out {
-                            out.copy_from_slice(bytes);
-                            return Ok(());
-                        }
-                        dequantize_row(*ty, bytes, scratch)?;
+    let kernel = |e: airlock_kernels::KernelError| RowError::Kernel(e.to_string());
+    dst.par_chunks_mut(out_row).enumerate().try_for_each_init(
+        || vec![0f32; row_len],
+        |scratch, (k, out)| {
+            let src_row = job.rows.source_row(r0 + k, n_rows);
+            let copy = match &job.src {
+                Source::Bytes { ty, data } => {
+                    let in_row = ty.row_bytes(row_len as u64).unwrap_or(0) as usize;
+                    let bytes = &data[src_row * in_row..(src_row + 1) * in_row];
+                    if *ty == job.out && !job.finite {
+                        out.copy_from_slice(bytes);
+                        return Ok(());
                     }
-                    Source::Values(v) => {
-                        scratch.copy_from_slice(&v[src_row * row_len..(src_row + 1) * row_len])
-                    }
+                    dequantize_row(*ty, bytes, scratch).map_err(kernel)?;
+                    (*ty == job.out).then_some(bytes)
                 }
-                quantize_row(job.out, scratch, out)
-            },
-        );
-    result.map_err(|e| e.to_string())
+                Source::Values(v) => {
+                    scratch.copy_from_slice(&v[src_row * row_len..(src_row + 1) * row_len]);
+                    None
+                }
+            };
+            if job.finite {
+                if let Some(col) = scratch.iter().position(|x| !x.is_finite()) {
+                    let value = scratch[col];
+                    return Err(RowError::NonFinite {
+                        row: src_row,
+                        col,
+                        value,
+                    });
+                }
+            }
+            match copy {
+                Some(bytes) => {
+                    out.copy_from_slice(bytes);
+                    Ok(())
+                }
+                None => quantize_row(job.out, scratch, out).map_err(kernel),
+            }
+        },
+    )
 }
 
 /// Streams the data of every job, in order, to `out`, each followed by `pad(n_bytes)` zero bytes.
@@ -315,8 +341,17 @@ pub fn stream_tensors<W: Write + Send>(
                     let mut buf = writer.buffer();
                     buf.clear();
                     buf.resize((r1 - r0) * out_row, 0);
-                    convert_rows(job, r0, &mut buf)
-                        .map_err(|m| ConvertError::Internal(format!("tensor {}: {m}", job.name)))?;
+                    convert_rows(job, r0, &mut buf).map_err(|e| match e {
+                        RowError::Kernel(m) => {
+                            ConvertError::Internal(format!("tensor {}: {m}", job.name))
+                        }
+                        RowError::NonFinite { row, col, value } => ConvertError::NonFinite {
+                            tensor: job.name.clone(),
+                            row,
+                            col,
+                            value,
+                        },
+                    })?;
                     writer.send(buf).map_err(write_err)?;
                     progress.inc(in_per_row * (r1 - r0) as u64);
                     r0 = r1;
