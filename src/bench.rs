@@ -68,6 +68,15 @@ pub struct BenchArgs {
         default_value = "128"
     )]
     pub n_gen: Vec<usize>,
+    /// Fill the KV cache with this many tokens before each test, then measure on top of them
+    /// (comma-separated; llama-bench's -d): how speed holds up deep into a long context
+    #[arg(
+        short = 'd',
+        long = "n-depth",
+        value_delimiter = ',',
+        default_value = "0"
+    )]
+    pub n_depth: Vec<usize>,
     /// Thread counts to test (comma-separated; default: physical cores)
     #[arg(short = 't', long = "threads", value_delimiter = ',')]
     pub threads: Vec<usize>,
@@ -92,6 +101,7 @@ pub struct BenchArgs {
 struct Row {
     n_prompt: usize,
     n_gen: usize,
+    n_depth: usize,
     threads: usize,
     samples_ns: Vec<u64>,
     /// Read bandwidth at this thread count, bytes/s (`--ceiling`).
@@ -100,11 +110,21 @@ struct Row {
 
 impl Row {
     fn test_name(&self) -> String {
-        match (self.n_prompt, self.n_gen) {
+        let test = match (self.n_prompt, self.n_gen) {
             (p, 0) => format!("pp{p}"),
             (0, g) => format!("tg{g}"),
             (p, g) => format!("pp{p}+tg{g}"),
+        };
+        match self.n_depth {
+            0 => test,
+            d => format!("{test} @ d{d}"),
         }
+    }
+
+    /// Bytes a generation test reads per token: every weight once, plus the KV cache of the
+    /// positions before it (on average, depth + (n_gen + 1) / 2 of them).
+    fn bytes_per_token(&self, weights: f64, kv_per_position: f64) -> f64 {
+        weights + kv_per_position * (self.n_depth as f64 + (self.n_gen as f64 + 1.0) / 2.0)
     }
 
     fn samples_ts(&self) -> Vec<f64> {
@@ -220,7 +240,8 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         crate::load::warn_oversubscribed(t);
     }
     let max_ctx = (args.n_prompt.iter().max().copied().unwrap_or(0))
-        .saturating_add(args.n_gen.iter().max().copied().unwrap_or(0));
+        .saturating_add(args.n_gen.iter().max().copied().unwrap_or(0))
+        .saturating_add(args.n_depth.iter().max().copied().unwrap_or(0));
     let model_args = ModelArgs {
         model: model_path.clone(),
         ctx_size: max_ctx.max(1),
@@ -254,20 +275,24 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     let vocab = model.config.vocab_size as u64;
 
     let mut tests = vec![];
-    for &p in &args.n_prompt {
-        if p > 0 {
-            tests.push((p, 0));
+    for &d in &args.n_depth {
+        for &p in &args.n_prompt {
+            if p > 0 {
+                tests.push((p, 0, d));
+            }
         }
-    }
-    for &g in &args.n_gen {
-        if g > 0 {
-            tests.push((0, g));
+        for &g in &args.n_gen {
+            if g > 0 {
+                tests.push((0, g, d));
+            }
         }
     }
     let mut rows = vec![];
     let mut rng = Rng::new(1234);
-    // Weights only: the KV cache a token also reads is small beside them at bench lengths.
+    // Every weight once per token, plus the f16 K and V of every position before it (small
+    // beside the weights at short lengths, not at depth).
     let bytes_per_token = model.weights.bytes_per_token() as f64;
+    let kv_per_position = model.kv_cache_bytes(1, airlock_engine::llama::KvType::F16) as f64;
     for &t in &threads {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(t)
@@ -281,12 +306,21 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         } else {
             None
         };
-        for &(n_prompt, n_gen) in &tests {
+        for &(n_prompt, n_gen, n_depth) in &tests {
             let mut session = loaded.session();
             let mut samples = vec![];
             // One warm-up run (pages in the weights, warms caches), then the timed ones.
             for rep in 0..=args.repetitions {
                 session.reset();
+                if n_depth > 0 {
+                    // The context before the test, not timed (as llama-bench's -d).
+                    let fill: Vec<u32> = (0..n_depth)
+                        .map(|_| (rng.next_u64() % vocab) as u32)
+                        .collect();
+                    pool.install(|| {
+                        eval_prompt(model, &mut session, &fill, args.batch_size as usize)
+                    })?;
+                }
                 let tokens: Vec<u32> = (0..n_prompt.max(1))
                     .map(|_| (rng.next_u64() % vocab) as u32)
                     .collect();
@@ -309,6 +343,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
             rows.push(Row {
                 n_prompt,
                 n_gen,
+                n_depth,
                 threads: t,
                 samples_ns: samples,
                 read_bps,
@@ -342,6 +377,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
                     "type_v": "f16",
                     "n_prompt": r.n_prompt,
                     "n_gen": r.n_gen,
+                    "n_depth": r.n_depth,
                     "avg_ns": avg_ns as u64,
                     "stddev_ns": stddev_ns as u64,
                     "avg_ts": avg_ts,
@@ -353,7 +389,9 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
                     row["read_bytes_per_s"] = json!(read);
                     row["weight_bytes_per_token"] = json!(bytes_per_token);
                     if r.n_gen > 0 && r.n_prompt == 0 {
-                        row["ceiling_ts"] = json!(read / bytes_per_token);
+                        let bytes = r.bytes_per_token(bytes_per_token, kv_per_position);
+                        row["kv_bytes_per_token"] = json!(bytes - bytes_per_token);
+                        row["ceiling_ts"] = json!(read / bytes);
                     }
                 }
                 row
@@ -379,7 +417,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
             let (avg, std) = mean_std(&r.samples_ts());
             let ceiling = match r.read_bps {
                 Some(read) if r.n_gen > 0 && r.n_prompt == 0 => {
-                    let c = read / bytes_per_token;
+                    let c = read / r.bytes_per_token(bytes_per_token, kv_per_position);
                     format!(" {:.1} | {c:.2} | {:.0}% |", read / 1e9, 100.0 * avg / c)
                 }
                 Some(read) => format!(" {:.1} | - | - |", read / 1e9),
@@ -398,8 +436,10 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         }
         if args.ceiling {
             println!(
-                "\nceiling = read bandwidth / {:.3} GB of weights read per token (every matrix once)",
-                bytes_per_token / 1e9
+                "\nceiling = read bandwidth / bytes read per token: {:.3} GB of weights (every \
+                 matrix once) + {:.3} MB of KV cache per position before it",
+                bytes_per_token / 1e9,
+                kv_per_position / 1e6
             );
         }
     }

@@ -177,8 +177,19 @@ fn ceiling_is_read_bandwidth_over_the_weights_read_per_token() {
     let read = tg["read_bytes_per_s"].as_f64().unwrap();
     // Any machine this runs on reads faster than 100 MB/s and slower than 10 TB/s.
     assert!((1e8..1e13).contains(&read), "{read}");
+    // Plus the f16 K and V of the positions before each generated token: (n_gen + 1) / 2 of
+    // them on average from an empty cache.
+    let u = |k: &str| f.get_u32(k).unwrap() as f64;
+    let kv_dim = u("llama.embedding_length") / u("llama.attention.head_count")
+        * u("llama.attention.head_count_kv");
+    let n_gen = tg["n_gen"].as_f64().unwrap();
+    let kv = 2.0 * u("llama.block_count") * kv_dim * 2.0 * (n_gen + 1.0) / 2.0;
+    assert_eq!(tg["kv_bytes_per_token"].as_f64(), Some(kv), "{tg}");
     let ceiling = tg["ceiling_ts"].as_f64().unwrap();
-    assert!((ceiling * want as f64 / read - 1.0).abs() < 1e-9, "{tg}");
+    assert!(
+        (ceiling * (want as f64 + kv) / read - 1.0).abs() < 1e-9,
+        "{tg}"
+    );
     assert_eq!(pp["read_bytes_per_s"].as_f64(), Some(read));
     assert!(pp.get("ceiling_ts").is_none(), "{pp}");
 
@@ -245,4 +256,57 @@ fn batched_bench_prints_llama_batched_bench_rows() {
         .unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--npl"));
+}
+
+#[test]
+fn bench_depth_measures_on_top_of_a_filled_cache_with_llama_bench_fields() {
+    let model = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        model.exists(),
+        "{} is missing: run scripts/fetch-models.sh",
+        model.display()
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(["bench", "-m"])
+        .arg(&model)
+        .args([
+            "-p",
+            "4",
+            "-n",
+            "2",
+            "-d",
+            "0,40",
+            "-r",
+            "1",
+            "--json",
+            "--ceiling",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let rows: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let got: Vec<(u64, u64, u64)> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let n = |k: &str| r[k].as_u64().unwrap();
+            (n("n_prompt"), n("n_gen"), n("n_depth"))
+        })
+        .collect();
+    assert_eq!(got, [(4, 0, 0), (0, 2, 0), (4, 0, 40), (0, 2, 40)]);
+    // At depth the ceiling counts the KV cache read per token beside the weights.
+    let kv = |i: usize| rows[i]["kv_bytes_per_token"].as_f64().unwrap();
+    assert!(kv(3) > kv(1) && kv(1) > 0.0, "{rows}");
+
+    // The table names a depth test as llama-bench does.
+    let o = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(["bench", "-m"])
+        .arg(&model)
+        .args(["-p", "0", "-n", "2", "-d", "16", "-r", "1"])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stdout).contains("| tg2 @ d16 |"));
 }
