@@ -146,29 +146,17 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
+/// The synthetic model's type: the converter's own parser, so the names are the same.
 fn parse_type(s: &str) -> Result<GgmlType> {
-    Ok(match s.to_ascii_lowercase().as_str() {
-        "q4_0" => GgmlType::Q4_0,
-        "q4_1" => GgmlType::Q4_1,
-        "q8_0" => GgmlType::Q8_0,
-        "f16" => GgmlType::F16,
-        "bf16" => GgmlType::BF16,
-        "f32" => GgmlType::F32,
-        _ => bail!("--type {s:?}: choose q4_0, q4_1, q8_0, f16, bf16 or f32"),
-    })
+    airlock_convert::OutType::parse(s)
+        .map(|t| t.ggml())
+        .map_err(|e| anyhow::anyhow!("--type: {e}"))
 }
 
-/// llama.cpp's name for a file type (general.file_type).
+/// llama.cpp's name for a file type (general.file_type), as llama-bench prints it.
 fn ftype_name(id: Option<u32>) -> &'static str {
-    match id {
-        Some(0) => "all F32",
-        Some(1) => "F16",
-        Some(2) => "Q4_0",
-        Some(3) => "Q4_1",
-        Some(7) => "Q8_0",
-        Some(32) => "BF16",
-        _ => "?",
-    }
+    id.and_then(airlock_engine::gguf::FileType::from_id)
+        .map_or("?", |f| f.label)
 }
 
 fn size_label(params: u64) -> String {

@@ -86,17 +86,9 @@ pub fn shape(name: &str) -> Result<Shape> {
         })
 }
 
-/// llama.cpp's LLAMA_FTYPE for a file mostly of `ty`.
+/// llama.cpp's LLAMA_FTYPE for a file mostly of `ty` (ALL_F32 for a type without one).
 fn file_type(ty: GgmlType) -> u32 {
-    match ty {
-        GgmlType::F32 => 0,
-        GgmlType::F16 => 1,
-        GgmlType::Q4_0 => 2,
-        GgmlType::Q4_1 => 3,
-        GgmlType::Q8_0 => 7,
-        GgmlType::BF16 => 32,
-        _ => 0,
-    }
+    airlock_engine::gguf::FileType::single(ty).map_or(0, |f| f.id)
 }
 
 /// Llama 3 rope scaling as the converter writes it (llama.cpp's defaults: low_freq_factor 1,

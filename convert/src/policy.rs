@@ -57,14 +57,9 @@ impl OutType {
 
     /// `general.file_type` (llama.cpp's `LLAMA_FTYPE_*`).
     pub fn file_type(self) -> u32 {
-        match self {
-            OutType::F32 => 0,
-            OutType::F16 => 1,
-            OutType::Q4_0 => 2,
-            OutType::Q4_1 => 3,
-            OutType::Q8_0 => 7,
-            OutType::BF16 => 32,
-        }
+        airlock_engine::gguf::FileType::single(self.ggml())
+            .expect("every output type has a single-type llama_ftype (tested)")
+            .id
     }
 
     pub fn name(self) -> &'static str {
@@ -151,6 +146,18 @@ impl Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_output_type_parses_from_its_name_and_has_a_file_type() {
+        for name in OUT_TYPE_NAMES.split(", ") {
+            let t = OutType::parse(name).unwrap();
+            assert_eq!(t.name(), name);
+            assert_eq!(OutType::parse(&name.to_uppercase()).unwrap(), t);
+            let ft = airlock_engine::gguf::FileType::from_id(t.file_type()).unwrap();
+            assert_eq!(ft.single, Some(t.ggml()), "{name}");
+        }
+        assert!(OutType::parse("q4_k").is_err());
+    }
 
     #[test]
     fn policy_table() {

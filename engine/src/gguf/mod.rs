@@ -6,11 +6,13 @@
 //! (default 32), then the tensor data, each tensor at its offset from the data section's start.
 
 mod error;
+mod ftype;
 mod reader;
 mod value;
 mod writer;
 
 pub use error::{GgufError, Result};
+pub use ftype::{FileType, FILE_TYPES};
 pub use reader::{
     GgufFile, MetadataEntry, OpenOptions, Source, TensorInfo, DEFAULT_ALIGNMENT, GGUF_MAGIC,
     MAX_ALIGNMENT, MAX_ARRAY_DEPTH, MAX_DIMS, MAX_KEY_LEN, MAX_PLAUSIBLE_BYTES, MAX_STRING_LEN,
