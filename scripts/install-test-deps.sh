@@ -246,7 +246,7 @@ fi
 probe_all
 if [ ${#missing[@]} -ne 0 ]; then
   echo "error: still missing after the install:" >&2
-  for i in "${missing[@]}"; do echo "  ${names[$i]} (probe: ${probes[$i]:-the venv's list})" >&2; done
+  for i in "${missing[@]}"; do echo "  ${names[$i]} (probe: ${probes[$i]:-the list in $stamp})" >&2; done
   exit 1
 fi
 echo "ok: all ${#sel[@]} test dependencies present"
