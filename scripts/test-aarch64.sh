@@ -5,21 +5,16 @@
 # FEAT_DotProd, so both `neon` and `neon-dotprod` run; QEMU_CPU=cortex-a72 emulates a CPU
 # without it (then only `neon`).
 #
-# Needs (Debian): dpkg --add-architecture arm64; apt-get install rustc-web libstd-rust-web-dev:arm64
-#                 gcc-aarch64-linux-gnu qemu-user libc6:arm64
-# scripts/install-test-deps.sh installs them (root); .ci/run calls it.
+# Needs the components rustc-aarch64, gcc-aarch64, qemu-user and libc6-arm64 (Debian packages),
+# declared in scripts/install-test-deps.sh, which installs them (scripts/test.sh runs it first).
 # Traps seen here: adding -L /usr/aarch64-linux-gnu to the runner mixes the cross loader with
 # libc6:arm64 and hangs at the first thread; doctests fail because rustdoc comes from the other
 # toolchain, hence --lib --tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-for tool in /usr/bin/rustc aarch64-linux-gnu-gcc qemu-aarch64; do
-  command -v "$tool" >/dev/null || {
-    echo "error: $tool is missing; run scripts/install-test-deps.sh (Debian, root)" >&2
-    exit 1
-  }
-done
+# Missing ones stop the run here, named, with the command that installs them.
+scripts/install-test-deps.sh --check rustc-aarch64 gcc-aarch64 qemu-user libc6-arm64 >/dev/null
 
 export RUSTC=/usr/bin/rustc
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc

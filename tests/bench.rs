@@ -5,6 +5,8 @@ use std::process::Command;
 
 use airlock_engine::gguf::GgufFile;
 
+mod support;
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -138,7 +140,7 @@ fn unknown_synthetic_shape_is_refused_with_the_known_ones_listed() {
 /// the file here independently of the engine.
 #[test]
 fn ceiling_is_read_bandwidth_over_the_weights_read_per_token() {
-    let model = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let model = support::model();
     let o = Command::new(env!("CARGO_BIN_EXE_airlock"))
         .args([
             "bench",
