@@ -7,6 +7,7 @@
 //! still queued it never runs, and when it holds a slot the slot is freed before the next
 //! step's batch is built.
 
+use std::ops::Range;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 use std::time::Instant;
@@ -137,37 +138,18 @@ pub fn run(loaded: Arc<LoadedModel>, n_slots: usize, batch: usize, queue: Receiv
         }
 
         // This step's work: every decoding slot's token, then prompt chunks in admission order.
-        let mut plan: Vec<(usize, std::ops::Range<usize>, Logits)> = Vec::new();
-        for (i, slot) in slots.iter().enumerate() {
-            if let Some(a) = &slot.active {
-                if a.next.is_some() {
-                    plan.push((i, 0..1, Logits::Last));
-                }
-            }
-        }
-        let mut prefill: Vec<usize> = slots
+        let views: Vec<Option<SlotView>> = slots
             .iter()
-            .enumerate()
-            .filter(|(_, s)| s.active.as_ref().is_some_and(|a| a.next.is_none()))
-            .map(|(i, _)| i)
+            .map(|s| {
+                s.active.as_ref().map(|a| SlotView {
+                    fed: a.fed,
+                    prompt_len: a.job.prompt.len(),
+                    decoding: a.next.is_some(),
+                    admitted: a.admitted,
+                })
+            })
             .collect();
-        prefill.sort_by_key(|&i| slots[i].active.as_ref().map(|a| a.admitted));
-        let mut budget = batch;
-        for i in prefill {
-            let a = slots[i].active.as_ref().expect("filtered");
-            let n = (a.job.prompt.len() - a.fed).min(budget);
-            if n == 0 {
-                break;
-            }
-            budget -= n;
-            let end = a.fed + n;
-            let logits = if end == a.job.prompt.len() {
-                Logits::Last
-            } else {
-                Logits::None
-            };
-            plan.push((i, a.fed..end, logits));
-        }
+        let plan = plan_step(&views, batch);
 
         // One forward pass for all of them.
         let result = {
@@ -248,5 +230,117 @@ pub fn run(loaded: Arc<LoadedModel>, n_slots: usize, batch: usize, queue: Receiv
                 }
             }
         }
+    }
+}
+
+/// What the step planner needs to know of a busy slot.
+#[derive(Clone, Copy, Debug)]
+struct SlotView {
+    /// Prompt tokens already in the cache.
+    fed: usize,
+    prompt_len: usize,
+    /// The prompt is in and the slot brings one sampled token per step.
+    decoding: bool,
+    admitted: u64,
+}
+
+/// One step's batch: (slot, the prompt range it brings or 0..1 for a decoding slot's token,
+/// which logits it wants). Every decoding slot brings its token (those do not count against
+/// `batch`); then the slots still reading their prompts get up to `batch` prompt tokens in
+/// all, earliest admitted first, so a long prompt goes in chunks and delays the running
+/// streams by at most one chunk per step. Only a chunk that ends its prompt wants logits.
+fn plan_step(slots: &[Option<SlotView>], batch: usize) -> Vec<(usize, Range<usize>, Logits)> {
+    let mut plan = Vec::new();
+    for (i, s) in slots.iter().enumerate() {
+        if s.is_some_and(|s| s.decoding) {
+            plan.push((i, 0..1, Logits::Last));
+        }
+    }
+    let mut prefill: Vec<(usize, SlotView)> = slots
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| s.filter(|s| !s.decoding).map(|s| (i, s)))
+        .collect();
+    prefill.sort_by_key(|(_, s)| s.admitted);
+    let mut budget = batch.max(1);
+    for (i, s) in prefill {
+        let n = (s.prompt_len - s.fed).min(budget);
+        if n == 0 {
+            break;
+        }
+        budget -= n;
+        let end = s.fed + n;
+        let logits = if end == s.prompt_len {
+            Logits::Last
+        } else {
+            Logits::None
+        };
+        plan.push((i, s.fed..end, logits));
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prefill(fed: usize, prompt_len: usize, admitted: u64) -> Option<SlotView> {
+        Some(SlotView {
+            fed,
+            prompt_len,
+            decoding: false,
+            admitted,
+        })
+    }
+
+    fn decoding(admitted: u64) -> Option<SlotView> {
+        Some(SlotView {
+            fed: 5,
+            prompt_len: 5,
+            decoding: true,
+            admitted,
+        })
+    }
+
+    #[test]
+    fn decoding_slots_always_go_and_a_long_prompt_is_chunked() {
+        // Two streams decode while a 40-token prompt arrives, with -b 16.
+        let mut slots = vec![decoding(1), None, prefill(0, 40, 3), decoding(2)];
+        let mut chunks = Vec::new();
+        for _ in 0..10 {
+            let plan = plan_step(&slots, 16);
+            // The streams get their token every step.
+            assert_eq!(plan[0], (0, 0..1, Logits::Last));
+            assert_eq!(plan[1], (3, 0..1, Logits::Last));
+            let (2, r, l) = plan[2].clone() else {
+                panic!("{plan:?}")
+            };
+            assert!(r.len() <= 16);
+            chunks.push((r.clone(), l));
+            if l == Logits::Last {
+                break;
+            }
+            slots[2] = prefill(r.end, 40, 3);
+        }
+        assert_eq!(
+            chunks,
+            vec![
+                (0..16, Logits::None),
+                (16..32, Logits::None),
+                (32..40, Logits::Last)
+            ]
+        );
+    }
+
+    #[test]
+    fn prompts_share_the_budget_earliest_admitted_first() {
+        let slots = vec![prefill(0, 10, 7), prefill(4, 10, 5), None];
+        // Slot 1 was admitted first: its 6 remaining tokens, then 6 of slot 0's.
+        assert_eq!(
+            plan_step(&slots, 12),
+            vec![(1, 4..10, Logits::Last), (0, 0..6, Logits::None)]
+        );
+        assert_eq!(plan_step(&slots, 6), vec![(1, 4..10, Logits::Last)]);
+        assert!(plan_step(&[None, None], 8).is_empty());
     }
 }
