@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use airlock_engine::memory::human_bytes;
 use airlock_server::{read_key_file, ServerConfig};
 use anyhow::Result;
 
@@ -96,6 +97,24 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     // Refuse an unsafe bind, or a busy port, before spending time on the load.
     let listener = cfg.bind()?;
     let loaded = load(&args.model)?;
+    // The load checked one context's KV cache; the server holds one per slot.
+    let est = &loaded.report.estimate;
+    let slots = args.parallel as u64;
+    let need = est.total() + est.kv_cache * (slots - 1);
+    if let Some(avail) = loaded.report.available {
+        if need > avail && !args.model.force {
+            anyhow::bail!(
+                "{} slots need about {} (weights {}, KV cache {} per slot at -c {}) but only {} is \
+                 available; lower --parallel or -c/--ctx-size, or pass --force to try anyway",
+                slots,
+                human_bytes(need),
+                human_bytes(est.weights),
+                human_bytes(est.kv_cache),
+                loaded.n_ctx,
+                human_bytes(avail)
+            );
+        }
+    }
     airlock_server::serve(listener, loaded, cfg)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -714,3 +714,76 @@ fn sigterm_finishes_in_flight_requests_and_exits_zero() {
     assert!(status.success(), "{status:?}\n{}", server.log());
     assert!(TcpStream::connect(a).is_err());
 }
+
+#[test]
+fn a_non_streaming_client_that_hangs_up_frees_its_slot() {
+    let server = Server::start(&["--parallel", "1", "-c", "4096"]);
+    let a = server.addr;
+    // No max_tokens and no end: it would run for seconds, to the end of the context.
+    let body =
+        json!({"prompt": "Once upon a time", "temperature": 0, "ignore_eos": true}).to_string();
+    let mut s = TcpStream::connect(a).unwrap();
+    s.write_all(&request_bytes(
+        a,
+        "POST",
+        "/v1/completions",
+        &[],
+        body.as_bytes(),
+    ))
+    .unwrap();
+    server.wait_log("completion queued", Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(200));
+    drop(s);
+    server.wait_log("client left after", Duration::from_secs(10));
+    let r = http(
+        a,
+        "POST",
+        "/v1/completions",
+        &[],
+        b"{\"prompt\": \"Hi\", \"max_tokens\": 2}",
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+}
+
+#[test]
+fn requests_still_running_when_the_grace_period_ends_are_cut_off() {
+    // A context of 4096 tokens takes many seconds to fill: the grace period ends first.
+    let mut server = Server::start(&["--grace", "0.5", "-c", "4096", "--parallel", "1"]);
+    let a = server.addr;
+    let body =
+        json!({"prompt": "Once upon a time", "temperature": 0, "ignore_eos": true, "stream": true})
+            .to_string();
+    let mut s = TcpStream::connect(a).unwrap();
+    s.write_all(&request_bytes(
+        a,
+        "POST",
+        "/v1/completions",
+        &[],
+        body.as_bytes(),
+    ))
+    .unwrap();
+    read_until(&mut s, "\"text\":\"");
+    let t0 = Instant::now();
+    let kill = Command::new("kill")
+        .args(["-INT", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = loop {
+        if let Some(st) = server.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "still running");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}\n{}", server.log());
+    assert!(
+        server.log().contains("grace period over"),
+        "{}",
+        server.log()
+    );
+    // The stream ended without its [DONE].
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    assert!(!String::from_utf8_lossy(&rest).contains("[DONE]"));
+}

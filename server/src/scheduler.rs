@@ -168,7 +168,7 @@ pub fn run(loaded: Arc<LoadedModel>, n_slots: usize, batch: usize, queue: Receiv
                     logits: *logits,
                 });
             }
-            forward_batch(model, loaded.precision, &mut ws, &mut seqs).map(|l| l.to_vec())
+            forward_batch(model, loaded.precision, &mut ws, &mut seqs)
         };
         let logits = match result {
             Ok(l) => l,
