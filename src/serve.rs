@@ -45,7 +45,7 @@ pub struct ServeArgs {
     #[arg(long = "insecure-no-auth")]
     pub insecure_no_auth: bool,
     /// Requests generating at once (slots); each has its own KV cache of -c tokens
-    #[arg(long = "parallel", short = 'P', default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    #[arg(long = "parallel", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub parallel: u32,
     /// Requests that may wait for a free slot; more get 503 with Retry-After
     #[arg(long = "queue", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
