@@ -517,6 +517,11 @@ fn client_mistakes_get_openai_errors_and_the_server_goes_on() {
     );
     field_error(
         "/v1/completions",
+        json!({"prompt": "x", "stop": ["y".repeat(300)]}),
+        "`stop`",
+    );
+    field_error(
+        "/v1/completions",
         json!({"prompt": "x", "top_p": 0.0}),
         "`top_p`",
     );
@@ -786,4 +791,39 @@ fn requests_still_running_when_the_grace_period_ends_are_cut_off() {
     let mut rest = Vec::new();
     let _ = s.read_to_end(&mut rest);
     assert!(!String::from_utf8_lossy(&rest).contains("[DONE]"));
+}
+
+#[test]
+fn a_prompt_read_in_small_chunks_beside_a_running_stream_gives_the_same_text() {
+    // -b 8: the long prompt goes in over several steps, each beside the stream's token.
+    let server = Server::start(&["-b", "8", "--parallel", "2"]);
+    let a = server.addr;
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 200, "temperature": 0, "ignore_eos": true, "stream": true}).to_string();
+    let mut s = TcpStream::connect(a).unwrap();
+    s.write_all(&request_bytes(
+        a,
+        "POST",
+        "/v1/completions",
+        &[],
+        body.as_bytes(),
+    ))
+    .unwrap();
+    read_until(&mut s, "\"text\":\"");
+    let prompt = "An analyst reviewing firewall logs notices repeated outbound connections to an \
+                  unfamiliar address on port 4444 at three in the morning. The first step is";
+    let r = server.post(
+        "/v1/completions",
+        &json!({"prompt": prompt, "max_tokens": 24, "temperature": 0}),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let v = r.json();
+    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 24);
+    assert_eq!(
+        v["choices"][0]["text"].as_str().unwrap(),
+        airlock_run(&["-p", prompt, "-n", "24"])
+    );
+    // The stream was still running beside it.
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).unwrap();
+    assert!(String::from_utf8_lossy(&rest).contains("[DONE]"));
 }

@@ -66,6 +66,10 @@ impl AppState {
 
 type AppStateRef = Arc<AppState>;
 
+/// Most stop strings a request may give, and the longest one in bytes.
+const MAX_STOP: usize = 16;
+const MAX_STOP_BYTES: usize = 256;
+
 pub fn router(state: AppStateRef, max_body: usize) -> Router {
     Router::new()
         .route("/health", get(health))
@@ -436,6 +440,12 @@ fn parse_request(m: &Map<String, Value>, kind: Kind, st: &AppState) -> Result<Pa
             ))
         }
     };
+    // Each generated token is checked against every stop string's prefixes: bound that work.
+    if stop.len() > MAX_STOP || stop.iter().any(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(ApiError::bad(format!(
+            "`stop` may hold at most {MAX_STOP} strings of at most {MAX_STOP_BYTES} bytes each"
+        )));
+    }
     let stream = opt_bool(m, "stream")?.unwrap_or(false);
     let include_usage = match field(m, "stream_options") {
         None => false,
