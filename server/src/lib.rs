@@ -242,3 +242,56 @@ async fn shutdown_signal() -> &'static str {
 pub(crate) fn is_draining(flag: &AtomicBool) -> bool {
     flag.load(Ordering::SeqCst)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(host: &str, keys: &[&str], insecure: bool) -> ServerConfig {
+        ServerConfig {
+            host: host.into(),
+            port: 0,
+            api_keys: keys.iter().map(|k| k.to_string()).collect(),
+            insecure_no_auth: insecure,
+            parallel: 4,
+            queue: 64,
+            batch: 512,
+            max_body: 1 << 20,
+            grace: Duration::from_secs(10),
+            model_name: "m".into(),
+            defaults: SamplerConfig::default(),
+            chat_template: None,
+        }
+    }
+
+    #[test]
+    fn only_loopback_binds_go_without_a_key() {
+        for host in ["127.0.0.1", "localhost", "::1", "[::1]", "127.0.0.2"] {
+            assert!(cfg(host, &[], false).check().is_ok(), "{host}");
+        }
+        for host in ["0.0.0.0", "::", "192.168.1.10"] {
+            let err = cfg(host, &[], false).check().unwrap_err().to_string();
+            assert!(
+                err.contains("--api-key") && err.contains("--insecure-no-auth"),
+                "{err}"
+            );
+            assert!(cfg(host, &["k"], false).check().is_ok());
+            assert!(cfg(host, &[], true).check().is_ok());
+        }
+        // No name lookups: only addresses and localhost.
+        assert!(cfg("example.com", &["k"], false).check().is_err());
+        assert!(cfg("127.0.0.1", &[""], false).check().is_err());
+    }
+
+    #[test]
+    fn key_files_hold_one_key_per_line() {
+        let dir = std::env::temp_dir().join(format!("airlock-keys-{}", std::process::id()));
+        std::fs::write(&dir, "  alpha \n\nbeta\n").unwrap();
+        let keys = read_key_file(&dir);
+        std::fs::write(&dir, "\n \n").unwrap();
+        let empty = read_key_file(&dir);
+        std::fs::remove_file(&dir).unwrap();
+        assert_eq!(keys.unwrap(), vec!["alpha", "beta"]);
+        assert!(empty.unwrap_err().to_string().contains("holds no key"));
+    }
+}
