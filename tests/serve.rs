@@ -611,10 +611,10 @@ fn queue_full_and_disconnects_free_slots() {
             long.as_bytes(),
         ))
         .unwrap();
-    server.wait_log("completion queued", Duration::from_secs(10));
+    server.wait_log("completion queued", Duration::from_secs(30));
     let t0 = Instant::now();
     while server.log().matches("completion queued").count() < 2 {
-        assert!(t0.elapsed() < Duration::from_secs(10));
+        assert!(t0.elapsed() < Duration::from_secs(30));
         std::thread::sleep(Duration::from_millis(20));
     }
     // The third finds the queue full.
@@ -631,8 +631,8 @@ fn queue_full_and_disconnects_free_slots() {
     drop(queued);
     // Hanging up mid-stream frees the slot at the next step.
     drop(holder);
-    server.wait_log("client left after", Duration::from_secs(10));
-    server.wait_log("client left before it ran", Duration::from_secs(10));
+    server.wait_log("client left after", Duration::from_secs(30));
+    server.wait_log("client left before it ran", Duration::from_secs(30));
     let r = http(
         a,
         "POST",
@@ -641,7 +641,7 @@ fn queue_full_and_disconnects_free_slots() {
         b"{\"prompt\": \"Hi\", \"max_tokens\": 3}",
     );
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    server.wait_log(": done (", Duration::from_secs(10));
+    server.wait_log(": done (", Duration::from_secs(30));
     // Only this request finished: the first was cut off and the queued one never ran.
     assert_eq!(
         server.log().matches(": done (").count(),
@@ -701,7 +701,7 @@ fn sigterm_finishes_in_flight_requests_and_exits_zero() {
         .status()
         .unwrap();
     assert!(kill.success());
-    server.wait_log("SIGTERM", Duration::from_secs(10));
+    server.wait_log("SIGTERM", Duration::from_secs(30));
     // The stream in flight runs to its end.
     s.read_to_end(&mut got).unwrap();
     let resp = parse_response(&got);
@@ -736,10 +736,10 @@ fn a_non_streaming_client_that_hangs_up_frees_its_slot() {
         body.as_bytes(),
     ))
     .unwrap();
-    server.wait_log("completion queued", Duration::from_secs(10));
+    server.wait_log("started in slot", Duration::from_secs(30));
     std::thread::sleep(Duration::from_millis(200));
     drop(s);
-    server.wait_log("client left after", Duration::from_secs(10));
+    server.wait_log("client left after", Duration::from_secs(30));
     let r = http(
         a,
         "POST",
@@ -778,7 +778,7 @@ fn requests_still_running_when_the_grace_period_ends_are_cut_off() {
         if let Some(st) = server.child.try_wait().unwrap() {
             break st;
         }
-        assert!(t0.elapsed() < Duration::from_secs(10), "still running");
+        assert!(t0.elapsed() < Duration::from_secs(30), "still running");
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success(), "{status:?}\n{}", server.log());
@@ -826,4 +826,23 @@ fn a_prompt_read_in_small_chunks_beside_a_running_stream_gives_the_same_text() {
     let mut rest = Vec::new();
     s.read_to_end(&mut rest).unwrap();
     assert!(String::from_utf8_lossy(&rest).contains("[DONE]"));
+}
+
+#[test]
+fn sigterm_right_after_the_listening_line_still_exits_zero() {
+    let mut server = Server::start(&["-c", "64", "--parallel", "1"]);
+    let kill = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = server.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "still running");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}\n{}", server.log());
 }

@@ -155,6 +155,7 @@ pub fn serve(listener: TcpListener, loaded: LoadedModel, cfg: ServerConfig) -> R
         .context("cannot start the HTTP runtime")?;
     let drained = rt.block_on(async {
         let listener = tokio::net::TcpListener::from_std(listener)?;
+        let signal = shutdown_signal()?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(async move {
             axum::serve(listener, app)
@@ -172,7 +173,6 @@ pub fn serve(listener: TcpListener, loaded: LoadedModel, cfg: ServerConfig) -> R
             cfg.model_name,
             if cfg.api_keys.is_empty() { "off" } else { "on" }
         );
-        let signal = shutdown_signal();
         tokio::pin!(signal);
         let mut server = server;
         tokio::select! {
@@ -214,27 +214,28 @@ pub fn serve(listener: TcpListener, loaded: LoadedModel, cfg: ServerConfig) -> R
     Ok(())
 }
 
-/// Resolves on the first SIGINT or SIGTERM, with the signal's name.
-async fn shutdown_signal() -> &'static str {
+/// Installs the SIGINT and SIGTERM handlers now (so a signal that comes right after the
+/// "listening" line is not lost to the default action) and returns a future that resolves on
+/// the first, with its name.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = &'static str>> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        let mut term = match signal(SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                return "SIGINT";
+        let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+        let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+        Ok(async move {
+            tokio::select! {
+                _ = int.recv() => "SIGINT",
+                _ = term.recv() => "SIGTERM",
             }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => "SIGINT",
-            _ = term.recv() => "SIGTERM",
-        }
+        })
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
-        "Ctrl-C"
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+            "Ctrl-C"
+        })
     }
 }
 

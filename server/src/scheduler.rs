@@ -103,6 +103,7 @@ pub fn run(loaded: Arc<LoadedModel>, n_slots: usize, batch: usize, queue: Receiv
                 eprintln!("{}: client left before it ran", job.id);
                 continue;
             }
+            eprintln!("{}: started in slot {free}", job.id);
             let slot = &mut slots[free];
             slot.cache.reset();
             admitted += 1;
