@@ -9,6 +9,7 @@ mod convert_cmd;
 mod inspect;
 mod load;
 mod run;
+mod serve;
 mod synthetic;
 mod tokenize;
 
@@ -35,6 +36,9 @@ enum Command {
     Run(run::RunArgs),
     /// Chat interactively; history stays in the KV cache
     Chat(chat::ChatArgs),
+    /// Serve the model over HTTP with OpenAI's API (chat and text completions, streaming),
+    /// batching concurrent requests into one forward pass per step
+    Serve(serve::ServeArgs),
     /// Show the token ids of a text, as llama-tokenize does
     Tokenize(tokenize::TokenizeArgs),
     /// Show a GGUF file's header, metadata and tensor table, and validate it
@@ -69,6 +73,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Chat(args) => chat::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Tokenize(args) => tokenize::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Convert(args) => convert_cmd::run_convert(args),

@@ -1,0 +1,298 @@
+//! `airlock serve`: an OpenAI-compatible HTTP server over one loaded model.
+//!
+//! The HTTP side runs on a small tokio runtime; one scheduler thread ([`scheduler`]) owns the
+//! model and runs one batched forward pass per step for every request that holds a slot. The
+//! engine itself has no async runtime.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use airlock_engine::chat::ChatTemplate;
+use airlock_engine::load::LoadedModel;
+use airlock_engine::sampling::SamplerConfig;
+use anyhow::{anyhow, bail, Context, Result};
+
+mod api;
+pub mod scheduler;
+
+/// Everything `airlock serve` is told, apart from the model.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Address to bind: an IP address or `localhost`.
+    pub host: String,
+    /// Port; 0 picks a free one (the bound address is printed).
+    pub port: u16,
+    /// Bearer keys; empty = no authentication.
+    pub api_keys: Vec<String>,
+    /// Allow a non-loopback bind without keys.
+    pub insecure_no_auth: bool,
+    /// Slots: requests generating at once, each with its own KV cache of the model's n_ctx.
+    pub parallel: usize,
+    /// Requests that may wait for a slot; more get 503.
+    pub queue: usize,
+    /// Prompt tokens per step.
+    pub batch: usize,
+    /// Largest request body in bytes.
+    pub max_body: usize,
+    /// How long in-flight requests may run after SIGINT/SIGTERM.
+    pub grace: Duration,
+    /// The model name responses carry and /v1/models lists.
+    pub model_name: String,
+    /// Sampling defaults for fields a request leaves out.
+    pub defaults: SamplerConfig,
+    /// A built-in chat template to use instead of the model's.
+    pub chat_template: Option<String>,
+}
+
+/// The address `host` names: an IP address or `localhost` (no name lookups: the server makes
+/// no network requests of its own).
+pub fn parse_host(host: &str) -> Result<IpAddr> {
+    if host.eq_ignore_ascii_case("localhost") {
+        return Ok(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    }
+    host.trim_matches(|c| c == '[' || c == ']')
+        .parse()
+        .map_err(|_| anyhow!("--host {host:?} is not an IP address (or localhost)"))
+}
+
+/// Reads `--api-key-file`: one key per line; blank lines and surrounding spaces are ignored.
+pub fn read_key_file(path: &std::path::Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read --api-key-file {}", path.display()))?;
+    let keys: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect();
+    if keys.is_empty() {
+        bail!("--api-key-file {} holds no key", path.display());
+    }
+    Ok(keys)
+}
+
+impl ServerConfig {
+    /// Checks the settings that need no model, so a refused start costs no load: the bind
+    /// address's safety and the limits.
+    pub fn check(&self) -> Result<SocketAddr> {
+        let ip = parse_host(&self.host)?;
+        if !ip.is_loopback() && self.api_keys.is_empty() && !self.insecure_no_auth {
+            bail!(
+                "refusing to listen on {ip} without an API key: anyone who can reach this \
+                 address could use the model. Give --api-key KEY or --api-key-file FILE (clients \
+                 send `Authorization: Bearer KEY`), bind to 127.0.0.1, or pass \
+                 --insecure-no-auth if the network is trusted"
+            );
+        }
+        if self.parallel == 0 {
+            bail!("--parallel must be at least 1");
+        }
+        if self.queue == 0 {
+            bail!("--queue must be at least 1");
+        }
+        if self.api_keys.iter().any(|k| k.is_empty()) {
+            bail!("an API key must not be empty");
+        }
+        Ok(SocketAddr::new(ip, self.port))
+    }
+
+    /// Binds the listening socket (before the model loads, so a busy port fails at once).
+    pub fn bind(&self) -> Result<TcpListener> {
+        let addr = self.check()?;
+        TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))
+    }
+}
+
+/// Serves `loaded` on `listener` until SIGINT or SIGTERM, then lets in-flight requests finish
+/// for `cfg.grace` and returns.
+pub fn serve(listener: TcpListener, loaded: LoadedModel, cfg: ServerConfig) -> Result<()> {
+    cfg.check()?;
+    let template =
+        match ChatTemplate::for_tokenizer(&loaded.tokenizer, cfg.chat_template.as_deref()) {
+            Ok(t) => Some(t),
+            Err(e) if cfg.chat_template.is_none() => {
+                eprintln!(
+                "warning: the model's chat template cannot be used ({e}); /v1/chat/completions \
+                 will refuse requests (restart with --chat-template llama3|chatml)"
+            );
+                None
+            }
+            Err(e) => return Err(anyhow!("--chat-template: {e}")),
+        };
+    let fingerprint = match airlock_kernels::simd::simd_path() {
+        Ok(p) => format!("airlock-{}-{}", env!("CARGO_PKG_VERSION"), p.name()),
+        Err(e) => bail!("no usable kernel path: {e}"),
+    };
+    let loaded = Arc::new(loaded);
+    let (queue_tx, queue_rx) = std::sync::mpsc::sync_channel(cfg.queue);
+    let scheduler = {
+        let loaded = loaded.clone();
+        let (parallel, batch) = (cfg.parallel, cfg.batch);
+        std::thread::Builder::new()
+            .name("airlock-scheduler".into())
+            .spawn(move || scheduler::run(loaded, parallel, batch, queue_rx))
+            .context("cannot start the scheduler thread")?
+    };
+
+    let local = listener.local_addr()?;
+    listener.set_nonblocking(true)?;
+    let state = Arc::new(api::AppState::new(
+        loaded.clone(),
+        template,
+        queue_tx,
+        &cfg,
+        fingerprint,
+    ));
+    let app = api::router(state.clone(), cfg.max_body);
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("airlock-http")
+        .enable_all()
+        .build()
+        .context("cannot start the HTTP runtime")?;
+    let drained = rt.block_on(async {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let signal = shutdown_signal()?;
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stop_rx.await;
+                })
+                .await
+        });
+        eprintln!(
+            "airlock serve: listening on http://{local} ({} slots of {} tokens, queue {}, \
+             model {:?}, auth {})",
+            cfg.parallel,
+            loaded.n_ctx,
+            cfg.queue,
+            cfg.model_name,
+            if cfg.api_keys.is_empty() { "off" } else { "on" }
+        );
+        tokio::pin!(signal);
+        let mut server = server;
+        tokio::select! {
+            r = &mut server => {
+                r.context("the HTTP server task failed")?.context("the HTTP server failed")?;
+                return Ok::<bool, anyhow::Error>(true);
+            }
+            name = &mut signal => {
+                eprintln!(
+                    "airlock serve: {name}: no longer accepting connections; finishing in-flight \
+                     requests (up to {} s)",
+                    cfg.grace.as_secs_f64()
+                );
+            }
+        }
+        state.draining.store(true, Ordering::SeqCst);
+        let _ = stop_tx.send(());
+        match tokio::time::timeout(cfg.grace, &mut server).await {
+            Ok(r) => {
+                r.context("the HTTP server task failed")?
+                    .context("the HTTP server failed")?;
+                Ok(true)
+            }
+            Err(_) => {
+                eprintln!("airlock serve: grace period over; cancelling what is still running");
+                server.abort();
+                Ok(false)
+            }
+        }
+    })?;
+    // Dropping the runtime drops every handler, and with them the queue's senders: the
+    // scheduler frees their slots and returns.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    drop(state);
+    if drained {
+        let _ = scheduler.join();
+    }
+    eprintln!("airlock serve: stopped");
+    Ok(())
+}
+
+/// Installs the SIGINT and SIGTERM handlers now (so a signal that comes right after the
+/// "listening" line is not lost to the default action) and returns a future that resolves on
+/// the first, with its name.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = &'static str>> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+        let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+        Ok(async move {
+            tokio::select! {
+                _ = int.recv() => "SIGINT",
+                _ = term.recv() => "SIGTERM",
+            }
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+            "Ctrl-C"
+        })
+    }
+}
+
+/// Is the server draining (after a signal)? /health answers 503 then.
+pub(crate) fn is_draining(flag: &AtomicBool) -> bool {
+    flag.load(Ordering::SeqCst)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(host: &str, keys: &[&str], insecure: bool) -> ServerConfig {
+        ServerConfig {
+            host: host.into(),
+            port: 0,
+            api_keys: keys.iter().map(|k| k.to_string()).collect(),
+            insecure_no_auth: insecure,
+            parallel: 4,
+            queue: 64,
+            batch: 512,
+            max_body: 1 << 20,
+            grace: Duration::from_secs(10),
+            model_name: "m".into(),
+            defaults: SamplerConfig::default(),
+            chat_template: None,
+        }
+    }
+
+    #[test]
+    fn only_loopback_binds_go_without_a_key() {
+        for host in ["127.0.0.1", "localhost", "::1", "[::1]", "127.0.0.2"] {
+            assert!(cfg(host, &[], false).check().is_ok(), "{host}");
+        }
+        for host in ["0.0.0.0", "::", "192.168.1.10"] {
+            let err = cfg(host, &[], false).check().unwrap_err().to_string();
+            assert!(
+                err.contains("--api-key") && err.contains("--insecure-no-auth"),
+                "{err}"
+            );
+            assert!(cfg(host, &["k"], false).check().is_ok());
+            assert!(cfg(host, &[], true).check().is_ok());
+        }
+        // No name lookups: only addresses and localhost.
+        assert!(cfg("example.com", &["k"], false).check().is_err());
+        assert!(cfg("127.0.0.1", &[""], false).check().is_err());
+    }
+
+    #[test]
+    fn key_files_hold_one_key_per_line() {
+        let dir = std::env::temp_dir().join(format!("airlock-keys-{}", std::process::id()));
+        std::fs::write(&dir, "  alpha \n\nbeta\n").unwrap();
+        let keys = read_key_file(&dir);
+        std::fs::write(&dir, "\n \n").unwrap();
+        let empty = read_key_file(&dir);
+        std::fs::remove_file(&dir).unwrap();
+        assert_eq!(keys.unwrap(), vec!["alpha", "beta"]);
+        assert!(empty.unwrap_err().to_string().contains("holds no key"));
+    }
+}

@@ -1,0 +1,120 @@
+//! `airlock serve`: flags in, the server library (`airlock-server`) does the rest.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use airlock_engine::memory::human_bytes;
+use airlock_server::{read_key_file, ServerConfig};
+use anyhow::Result;
+
+use crate::load::{load, ModelArgs, SamplingArgs};
+
+#[derive(clap::Args)]
+#[command(after_help = "Examples:\n  \
+    airlock serve -m models/SmolLM2-135M-Instruct.Q4_1.gguf\n  \
+    curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\\n    \
+      -d '{\"messages\": [{\"role\": \"user\", \"content\": \"What is phishing?\"}]}'\n  \
+    airlock serve -m model.gguf --host 0.0.0.0 --api-key-file keys.txt --parallel 8 -c 8192\n\n\
+    Endpoints: POST /v1/chat/completions, POST /v1/completions (OpenAI's API, streaming with \
+    \"stream\": true), GET /v1/models, GET /health.\n\
+    Each of the --parallel slots has its own context of -c tokens; requests beyond the slots wait \
+    in a queue of --queue, and beyond that get 503. All generating requests share one forward \
+    pass per step. The sampling flags set the defaults for fields a request leaves out.\n\
+    Keys (--api-key, --api-key-file) are sent as `Authorization: Bearer KEY`; /health needs none. \
+    Prefer --api-key-file: a key on the command line shows in the process list.\n\
+    SIGINT/SIGTERM stop accepting connections, let running requests finish for --grace seconds \
+    and exit 0.")]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to listen on: an IP address or localhost. Anything but loopback needs an API key
+    /// (or --insecure-no-auth)
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on; 0 picks a free one (the address is printed on stderr)
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// API key clients must send as `Authorization: Bearer KEY` (repeatable)
+    #[arg(long = "api-key", value_name = "KEY")]
+    pub api_key: Vec<String>,
+    /// File of API keys, one per line
+    #[arg(long = "api-key-file", value_name = "FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// Allow listening on a non-loopback address with no API key
+    #[arg(long = "insecure-no-auth")]
+    pub insecure_no_auth: bool,
+    /// Requests generating at once (slots); each has its own KV cache of -c tokens
+    #[arg(long = "parallel", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub parallel: u32,
+    /// Requests that may wait for a free slot; more get 503 with Retry-After
+    #[arg(long = "queue", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub queue: u32,
+    /// Largest request body in bytes (413 beyond it)
+    #[arg(long = "max-body", default_value_t = 1 << 20, value_name = "BYTES")]
+    pub max_body: usize,
+    /// Seconds that running requests may take to finish after SIGINT/SIGTERM
+    #[arg(long = "grace", default_value_t = 10.0, value_name = "SECONDS")]
+    pub grace: f64,
+    /// Model name to report in /v1/models and responses (default: the file's name)
+    #[arg(long = "alias", value_name = "NAME")]
+    pub alias: Option<String>,
+    /// Built-in chat template to use instead of the model's: llama3 or chatml
+    #[arg(long = "chat-template", value_name = "NAME")]
+    pub chat_template: Option<String>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+pub fn run(args: ServeArgs) -> Result<ExitCode> {
+    let mut api_keys = args.api_key.clone();
+    if let Some(f) = &args.api_key_file {
+        api_keys.extend(read_key_file(f)?);
+    }
+    if !(args.grace.is_finite() && args.grace >= 0.0) {
+        anyhow::bail!("--grace must be a number of seconds, 0 or more");
+    }
+    let model_name = args.alias.clone().unwrap_or_else(|| {
+        args.model
+            .model
+            .file_name()
+            .map_or("model".into(), |n| n.to_string_lossy().into_owned())
+    });
+    let cfg = ServerConfig {
+        host: args.host.clone(),
+        port: args.port,
+        api_keys,
+        insecure_no_auth: args.insecure_no_auth,
+        parallel: args.parallel as usize,
+        queue: args.queue as usize,
+        batch: args.model.batch_size as usize,
+        max_body: args.max_body,
+        grace: Duration::from_secs_f64(args.grace),
+        model_name,
+        defaults: args.sampling.config(),
+        chat_template: args.chat_template.clone(),
+    };
+    // Refuse an unsafe bind, or a busy port, before spending time on the load.
+    let listener = cfg.bind()?;
+    let loaded = load(&args.model)?;
+    // The load checked one context's KV cache; the server holds one per slot.
+    let est = &loaded.report.estimate;
+    let slots = args.parallel as u64;
+    let need = est.total() + est.kv_cache * (slots - 1);
+    if let Some(avail) = loaded.report.available {
+        if need > avail && !args.model.force {
+            anyhow::bail!(
+                "{} slots need about {} (weights {}, KV cache {} per slot at -c {}) but only {} is \
+                 available; lower --parallel or -c/--ctx-size, or pass --force to try anyway",
+                slots,
+                human_bytes(need),
+                human_bytes(est.weights),
+                human_bytes(est.kv_cache),
+                loaded.n_ctx,
+                human_bytes(avail)
+            );
+        }
+    }
+    airlock_server::serve(listener, loaded, cfg)?;
+    Ok(ExitCode::SUCCESS)
+}
