@@ -8,6 +8,7 @@ mod chat;
 mod convert_cmd;
 mod inspect;
 mod load;
+mod perplexity;
 mod run;
 mod serve;
 mod synthetic;
@@ -54,6 +55,8 @@ enum Command {
     /// Measure many sequences decoded together (one forward pass for all), like llama-batched-bench
     #[command(name = "batched-bench")]
     BatchedBench(batched_bench::BatchedBenchArgs),
+    /// Measure a model's perplexity on a text, as llama-perplexity does
+    Perplexity(perplexity::PerplexityArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -81,6 +84,7 @@ fn main() -> std::process::ExitCode {
         Command::Export(args) => convert_cmd::run_export(args),
         Command::Bench(args) => bench::run(args),
         Command::BatchedBench(args) => batched_bench::run(args),
+        Command::Perplexity(args) => perplexity::run(args),
     };
     match result {
         Ok(code) => code,

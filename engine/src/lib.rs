@@ -10,6 +10,7 @@
 //! - [`load`]: loading a model to run, as every front end does it: open, memory check,
 //!   repack, tokenizer.
 //! - [`bounded`]: reading whole files without trusting their reported size.
+//! - [`perplexity`]: llama-perplexity's measurement, several chunks per forward pass.
 //! - [`memory`]: the memory a run will need, checked before loading.
 
 pub mod bounded;
@@ -19,5 +20,6 @@ pub mod gguf;
 pub mod llama;
 pub mod load;
 pub mod memory;
+pub mod perplexity;
 pub mod sampling;
 pub mod tokenizer;
