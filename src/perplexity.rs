@@ -16,7 +16,7 @@ const MAX_TEXT_BYTES: u64 = 256 << 20;
 
 #[derive(clap::Args)]
 #[command(after_help = "Example:\n  \
-    airlock perplexity -m models/SmolLM2-135M-Instruct.Q4_1.gguf -f ../shared/fixtures/text/eval.txt\n\n\
+    airlock perplexity -m models/SmolLM2-135M-Instruct.Q4_1.gguf -f tests/fixtures/text/eval.txt\n\n\
     llama-perplexity's method, so the figures compare: the text is tokenized once and cut into \
     chunks of -c tokens; when the model adds a BOS token each chunk starts with it; the second \
     half of each chunk is scored. Prints the running value after each chunk ([1]12.3456,[2]...) \
