@@ -8,7 +8,7 @@ use std::time::Instant;
 use airlock_engine::llama::{forward_batch, BatchSeq, KvCache, Logits, Workspace};
 use anyhow::{bail, Result};
 
-use crate::load::{load, KvTypeArg, ModelArgs};
+use crate::load::{load, ModelArgs};
 
 #[derive(clap::Args, Debug)]
 #[command(after_help = "Columns, as llama-batched-bench prints them:\n  \
@@ -57,18 +57,12 @@ pub fn run(args: BatchedBenchArgs) -> Result<std::process::ExitCode> {
     }
     let max_len = args.npp.iter().max().unwrap() + args.ntg.iter().max().unwrap();
     let model_args = ModelArgs {
-        model: args.model.clone(),
         ctx_size: max_len,
         threads: args.threads,
         batch_size: args.batch_size,
-        kv_type: KvTypeArg::F16,
-        exact: false,
-        mlock: false,
-        no_mmap: false,
         no_repack: args.no_repack,
         force: args.force,
-        tokenizer: None,
-        verbose: false,
+        ..ModelArgs::new(args.model.clone())
     };
     let loaded = load(&model_args)?;
     if loaded.n_ctx < max_len {

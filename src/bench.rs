@@ -14,7 +14,7 @@ use airlock_kernels::GgmlType;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
-use crate::load::{load, KvTypeArg, ModelArgs};
+use crate::load::{load, ModelArgs};
 use crate::synthetic;
 
 #[derive(clap::Args)]
@@ -231,18 +231,10 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         .saturating_add(args.n_gen.iter().max().copied().unwrap_or(0))
         .saturating_add(args.n_depth.iter().max().copied().unwrap_or(0));
     let model_args = ModelArgs {
-        model: model_path.clone(),
         ctx_size: max_ctx.max(1),
-        threads: None,
         batch_size: args.batch_size,
-        kv_type: KvTypeArg::F16,
-        exact: false,
-        mlock: false,
-        no_mmap: false,
         no_repack: args.no_repack,
-        force: false,
-        tokenizer: None,
-        verbose: false,
+        ..ModelArgs::new(model_path.clone())
     };
     let loaded = load(&model_args)?;
     if loaded.n_ctx < max_ctx {

@@ -100,6 +100,25 @@ impl SamplingArgs {
 }
 
 impl ModelArgs {
+    /// The flags' defaults for `model`: for commands with flags of their own (bench,
+    /// batched-bench, perplexity) that set a few fields and keep the rest.
+    pub fn new(model: PathBuf) -> Self {
+        ModelArgs {
+            model,
+            ctx_size: 4096,
+            threads: None,
+            batch_size: 512,
+            kv_type: KvTypeArg::F16,
+            exact: false,
+            mlock: false,
+            no_mmap: false,
+            no_repack: false,
+            force: false,
+            tokenizer: None,
+            verbose: false,
+        }
+    }
+
     /// The engine's load options for these flags.
     pub fn load_options(&self) -> LoadOptions {
         LoadOptions {

@@ -62,18 +62,14 @@ pub fn run(args: PerplexityArgs) -> Result<ExitCode> {
     let text = read_bounded_string(&args.file, MAX_TEXT_BYTES)
         .with_context(|| format!("cannot read {}", args.file.display()))?;
     let model_args = ModelArgs {
-        model: args.model.clone(),
         ctx_size: args.ctx_size,
         threads: args.threads,
         batch_size: args.batch_size,
         kv_type: args.kv_type,
         exact: args.exact,
-        mlock: false,
-        no_mmap: false,
         no_repack: args.no_repack,
         force: args.force,
-        tokenizer: None,
-        verbose: false,
+        ..ModelArgs::new(args.model.clone())
     };
     let loaded = load(&model_args)?;
     if loaded.n_ctx < args.ctx_size {

@@ -209,12 +209,7 @@ fn ceiling_is_read_bandwidth_over_the_weights_read_per_token() {
 
 #[test]
 fn batched_bench_prints_llama_batched_bench_rows() {
-    let model = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        model.exists(),
-        "{} is missing: run scripts/fetch-models.sh",
-        model.display()
-    );
+    let model = support::model();
     let o = Command::new(env!("CARGO_BIN_EXE_airlock"))
         .args(["batched-bench", "-m"])
         .arg(&model)
@@ -262,12 +257,7 @@ fn batched_bench_prints_llama_batched_bench_rows() {
 
 #[test]
 fn bench_depth_measures_on_top_of_a_filled_cache_with_llama_bench_fields() {
-    let model = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        model.exists(),
-        "{} is missing: run scripts/fetch-models.sh",
-        model.display()
-    );
+    let model = support::model();
     let o = Command::new(env!("CARGO_BIN_EXE_airlock"))
         .args(["bench", "-m"])
         .arg(&model)
