@@ -5,7 +5,8 @@
 //! token (`n_ctx - 1 - n_ctx/2` predictions per chunk), as `-log softmax` in f64.
 //!
 //! Several chunks go through one forward pass when the batch allows (`batch / n_ctx` of them,
-//! each its own sequence), and only the scored rows go through the output matrix.
+//! each its own sequence), only the scored rows go through the output matrix, and their
+//! log-likelihoods are summed from the pass's logits in place.
 
 use std::time::{Duration, Instant};
 
@@ -86,6 +87,13 @@ impl Nll {
         self.count += 1;
     }
 
+    /// Adds a chunk's sums (chunks are merged in order, so -b changes nothing).
+    fn merge(&mut self, part: &Nll) {
+        self.sum += part.sum;
+        self.sum2 += part.sum2;
+        self.count += part.count;
+    }
+
     fn estimate(&self, chunks: usize) -> Estimate {
         let n = self.count as f64;
         let mean = self.sum / n;
@@ -157,11 +165,13 @@ pub fn perplexity(
         for cache in caches.iter_mut() {
             cache.reset();
         }
-        // The scored rows of every chunk of the group, (chunk, n_ctx - first, vocab).
-        let mut scored: Vec<Vec<f32>> = vec![Vec::new(); chunks.len()];
+        // Each chunk's sums, taken straight from the pass's logits (no copy of the rows):
+        // position pos predicts the token after it; the last position has none.
+        let mut parts: Vec<Nll> = group.clone().map(|_| Nll::default()).collect();
         for a in (0..n_ctx).step_by(piece) {
             let b = (a + piece).min(n_ctx);
-            let want = b - a.max(first).min(b);
+            let from = a.max(first).min(b);
+            let want = b - from;
             let mut batch: Vec<BatchSeq> = caches
                 .iter_mut()
                 .zip(&chunks)
@@ -179,16 +189,19 @@ pub fn perplexity(
             if want == 0 {
                 continue;
             }
-            for (k, rows) in logits.chunks_exact(want * vocab).enumerate() {
-                scored[k].extend_from_slice(rows);
+            for ((rows, part), c) in logits
+                .chunks_exact(want * vocab)
+                .zip(&mut parts)
+                .zip(group.clone())
+            {
+                let next = &tokens[c * n_ctx + from + 1..(c + 1) * n_ctx];
+                for (row, &t) in rows.chunks_exact(vocab).zip(next) {
+                    part.add(row, t);
+                }
             }
         }
-        for (k, c) in group.enumerate() {
-            // Row r of the scored ones is position first + r, which predicts the token after it.
-            let next = &tokens[c * n_ctx + first + 1..(c + 1) * n_ctx];
-            for (row, &t) in scored[k].chunks_exact(vocab).zip(next) {
-                nll.add(row, t);
-            }
+        for (part, c) in parts.iter().zip(group) {
+            nll.merge(part);
             on_chunk(&nll.estimate(c + 1));
         }
     }
