@@ -59,7 +59,8 @@ pub fn parse_host(host: &str) -> Result<IpAddr> {
 
 /// Reads `--api-key-file`: one key per line; blank lines and surrounding spaces are ignored.
 pub fn read_key_file(path: &std::path::Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path)
+    // Bounded: a key file is small, and /dev/zero must not be read until memory runs out.
+    let text = airlock_engine::bounded::read_bounded_string(path, 1 << 20)
         .with_context(|| format!("cannot read --api-key-file {}", path.display()))?;
     let keys: Vec<String> = text
         .lines()
@@ -294,5 +295,11 @@ mod tests {
         std::fs::remove_file(&dir).unwrap();
         assert_eq!(keys.unwrap(), vec!["alpha", "beta"]);
         assert!(empty.unwrap_err().to_string().contains("holds no key"));
+        // An endless file is read up to the limit, not until memory runs out.
+        let e = read_key_file(std::path::Path::new("/dev/zero")).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("holds more than the limit"),
+            "{e:#}"
+        );
     }
 }
