@@ -1,5 +1,6 @@
 //! Attention: prompt batches (SmolLM2 and 8B shapes) and single-token decode
-//! (8B shape) at several context lengths, f16 KV cache as the engine uses.
+//! (1B/8B shapes) at several context lengths, f16 and Q8_0 KV caches as the
+//! engine stores them.
 //! Run short on a shared machine:
 //!
 //! `cargo bench -p airlock-kernels --bench attention -- --warm-up-time 1 --measurement-time 3`
@@ -9,10 +10,9 @@
 //! across shapes.
 
 mod common;
-use airlock_kernels::attention::{attention, AttentionShape, KvRows};
+use airlock_kernels::attention::{attention, AttentionShape, KvStore, KvType};
 use common::values;
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use half::f16;
 
 struct Case {
     name: &'static str,
@@ -21,6 +21,7 @@ struct Case {
     head_dim: usize,
     pos0: usize,
     n_tokens: usize,
+    kv: KvType,
 }
 
 fn run(c: &mut Criterion, group: &str, cases: &[Case]) {
@@ -30,14 +31,12 @@ fn run(c: &mut Criterion, group: &str, cases: &[Case]) {
         let kvd = cs.n_head_kv * cs.head_dim;
         let rows = cs.pos0 + cs.n_tokens;
         let q = values(cs.n_tokens * cs.n_head * cs.head_dim, 1);
-        let k: Vec<f16> = values(rows * kvd, 2)
-            .iter()
-            .map(|&x| f16::from_f32(x * 4.0))
-            .collect();
-        let v: Vec<f16> = values(rows * kvd, 3)
-            .iter()
-            .map(|&x| f16::from_f32(x))
-            .collect();
+        let k: Vec<f32> = values(rows * kvd, 2).iter().map(|&x| x * 4.0).collect();
+        let v = values(rows * kvd, 3);
+        let mut store = KvStore::new(cs.kv, 1, cs.n_head_kv, cs.head_dim, rows);
+        for p in 0..rows {
+            store.write(0, p, &k[p * kvd..][..kvd], &v[p * kvd..][..kvd]);
+        }
         let mut out = vec![0.0f32; q.len()];
         let s = AttentionShape {
             n_head: cs.n_head,
@@ -49,7 +48,7 @@ fn run(c: &mut Criterion, group: &str, cases: &[Case]) {
         let pairs: usize = (0..cs.n_tokens).map(|t| cs.pos0 + t + 1).sum();
         g.throughput(Throughput::Elements((pairs * cs.n_head) as u64));
         g.bench_function(BenchmarkId::from_parameter(cs.name), |b| {
-            b.iter(|| attention(s, black_box(&q), KvRows::F16(&k), KvRows::F16(&v), &mut out))
+            b.iter(|| attention(s, black_box(&q), store.layer(0), &mut out))
         });
     }
     g.finish();
@@ -63,6 +62,7 @@ fn prompt(c: &mut Criterion) {
         head_dim: 64,
         pos0,
         n_tokens,
+        kv: KvType::F16,
     };
     let b8 = |name, pos0, n_tokens| Case {
         name,
@@ -71,6 +71,7 @@ fn prompt(c: &mut Criterion) {
         head_dim: 128,
         pos0,
         n_tokens,
+        kv: KvType::F16,
     };
     run(
         c,
@@ -85,13 +86,23 @@ fn prompt(c: &mut Criterion) {
 }
 
 fn decode(c: &mut Criterion) {
-    let b8 = |name, pos0| Case {
+    let b8 = |name, pos0, kv| Case {
         name,
         n_head: 32,
         n_head_kv: 8,
         head_dim: 128,
         pos0,
         n_tokens: 1,
+        kv,
+    };
+    let b1 = |name, pos0, kv| Case {
+        name,
+        n_head: 32,
+        n_head_kv: 8,
+        head_dim: 64,
+        pos0,
+        n_tokens: 1,
+        kv,
     };
     let sm = |name, pos0| Case {
         name,
@@ -100,14 +111,19 @@ fn decode(c: &mut Criterion) {
         head_dim: 64,
         pos0,
         n_tokens: 1,
+        kv: KvType::F16,
     };
     run(
         c,
         "attention_decode",
         &[
-            b8("8b_ctx256", 255),
-            b8("8b_ctx1024", 1023),
-            b8("8b_ctx4096", 4095),
+            b8("8b_ctx256", 255, KvType::F16),
+            b8("8b_ctx1024", 1023, KvType::F16),
+            b8("8b_ctx4096", 4095, KvType::F16),
+            b8("8b_ctx4096_q8_0", 4095, KvType::Q8_0),
+            b1("1b_ctx4096", 4095, KvType::F16),
+            b1("1b_ctx4096_q8_0", 4095, KvType::Q8_0),
+            b1("1b_ctx16384", 16383, KvType::F16),
             sm("smollm2_ctx512", 511),
         ],
     );

@@ -22,10 +22,9 @@
 //! bit-identical alone or in any batch, and whatever the prompt's chunking.
 
 use airlock_kernels::attention::{
-    attention, attention_batch, AttentionJob, AttentionShape, KvRows,
+    attention, attention_batch, AttentionJob, AttentionShape, KvLayer, KvStore,
 };
 use airlock_kernels::ops;
-use half::f16;
 
 use super::{LlamaModel, ModelError, Weight};
 
@@ -38,20 +37,8 @@ pub enum Precision {
     Exact,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum KvType {
-    F16,
-    F32,
-}
-
-impl KvType {
-    pub fn bytes_per_value(self) -> usize {
-        match self {
-            KvType::F16 => 2,
-            KvType::F32 => 4,
-        }
-    }
-}
+/// The KV cache's element type (`--kv-type`): f32, f16 or Q8_0, as llama.cpp's `-ctk/-ctv`.
+pub use airlock_kernels::attention::KvType;
 
 /// Which of a sequence's tokens in a batch need logits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,63 +70,30 @@ impl Logits {
     }
 }
 
-enum KvStore {
-    F16(Vec<f16>),
-    F32(Vec<f32>),
-}
-
-impl KvStore {
-    fn new(ty: KvType, n: usize) -> Self {
-        match ty {
-            KvType::F16 => KvStore::F16(vec![f16::ZERO; n]),
-            KvType::F32 => KvStore::F32(vec![0.0; n]),
-        }
-    }
-
-    fn rows(&self, r: std::ops::Range<usize>) -> KvRows<'_> {
-        match self {
-            KvStore::F16(v) => KvRows::F16(&v[r]),
-            KvStore::F32(v) => KvRows::F32(&v[r]),
-        }
-    }
-
-    fn write(&mut self, at: usize, src: &[f32]) {
-        match self {
-            KvStore::F16(v) => {
-                for (d, &s) in v[at..at + src.len()].iter_mut().zip(src) {
-                    *d = f16::from_f32(s);
-                }
-            }
-            KvStore::F32(v) => v[at..at + src.len()].copy_from_slice(src),
-        }
-    }
-}
-
-/// One sequence's KV cache: the keys and values of every layer at positions 0..pos.
+/// One sequence's KV cache: the keys and values of every layer at positions 0..pos, laid out
+/// per layer and KV head as attention reads them ([`KvStore`]).
 pub struct KvCache {
     n_ctx: usize,
     pos: usize,
-    kv_type: KvType,
     n_layers: usize,
     kv_dim: usize,
-    /// [layer][position < n_ctx][kv_dim]
-    k: KvStore,
-    v: KvStore,
+    store: KvStore,
 }
 
 impl KvCache {
     /// A cache of `n_ctx` positions for `model`, allocated (zeroed) now.
+    ///
+    /// # Panics
+    /// When `kv_type` cannot hold the model's heads ([`KvType::fits_head_dim`]: Q8_0 needs a
+    /// head size that is a multiple of 32); [`crate::load::load`] refuses such a pair first.
     pub fn new(model: &LlamaModel, n_ctx: usize, kv_type: KvType) -> Self {
-        let (n_layers, kv_dim) = (model.config.n_layers, model.config.kv_dim());
-        let n = n_layers * n_ctx * kv_dim;
+        let c = &model.config;
         KvCache {
             n_ctx,
             pos: 0,
-            kv_type,
-            n_layers,
-            kv_dim,
-            k: KvStore::new(kv_type, n),
-            v: KvStore::new(kv_type, n),
+            n_layers: c.n_layers,
+            kv_dim: c.kv_dim(),
+            store: KvStore::new(kv_type, c.n_layers, c.n_head_kv, c.head_dim, n_ctx),
         }
     }
 
@@ -154,7 +108,12 @@ impl KvCache {
     }
 
     pub fn kv_type(&self) -> KvType {
-        self.kv_type
+        self.store.ty()
+    }
+
+    /// Bytes the cache holds allocated.
+    pub fn bytes(&self) -> u64 {
+        self.store.bytes()
     }
 
     /// Forget everything (the contents are simply overwritten later).
@@ -169,16 +128,12 @@ impl KvCache {
 
     /// Store token `p`'s keys and values of layer `li`.
     fn write(&mut self, li: usize, p: usize, k: &[f32], v: &[f32]) {
-        let at = (li * self.n_ctx + p) * self.kv_dim;
-        self.k.write(at, k);
-        self.v.write(at, v);
+        self.store.write(li, p, k, v);
     }
 
-    /// Layer `li`'s keys and values, all n_ctx positions.
-    fn layer(&self, li: usize) -> (KvRows<'_>, KvRows<'_>) {
-        let stride = self.n_ctx * self.kv_dim;
-        let r = li * stride..(li + 1) * stride;
-        (self.k.rows(r.clone()), self.v.rows(r))
+    /// Layer `li`'s keys and values.
+    fn layer(&self, li: usize) -> KvLayer<'_> {
+        self.store.layer(li)
     }
 }
 
@@ -413,8 +368,12 @@ impl Workspace {
             };
             if let [s] = &seqs[..] {
                 // One sequence: no job list, so a decode step allocates nothing.
-                let (k, v) = s.cache.layer(li);
-                attention(shape(s.cache.pos), &self.q, k, v, &mut self.att);
+                attention(
+                    shape(s.cache.pos),
+                    &self.q,
+                    s.cache.layer(li),
+                    &mut self.att,
+                );
             } else {
                 let mut jobs = Vec::with_capacity(seqs.len());
                 let (mut q, mut att) = (&self.q[..], &mut self.att[..]);
@@ -422,12 +381,10 @@ impl Workspace {
                     let rows = s.tokens.len() * qd;
                     let (qs, q_rest) = q.split_at(rows);
                     let (out, att_rest) = std::mem::take(&mut att).split_at_mut(rows);
-                    let (k, v) = s.cache.layer(li);
                     jobs.push(AttentionJob {
                         shape: shape(s.cache.pos),
                         q: qs,
-                        k,
-                        v,
+                        kv: s.cache.layer(li),
                         out,
                     });
                     (q, att) = (q_rest, att_rest);

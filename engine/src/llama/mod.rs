@@ -105,9 +105,23 @@ impl LlamaModel {
         }
     }
 
-    /// Bytes a KV cache of `n_ctx` positions takes.
+    /// Bytes a KV cache of `n_ctx` positions takes (K and V, every layer; the positions
+    /// rounded up to whole tiles of 32, as allocated).
     pub fn kv_cache_bytes(&self, n_ctx: usize, kv: KvType) -> u64 {
         let c = &self.config;
-        2 * c.n_layers as u64 * n_ctx as u64 * c.kv_dim() as u64 * kv.bytes_per_value() as u64
+        airlock_kernels::attention::KvStore::bytes_for(
+            kv,
+            c.n_layers,
+            c.n_head_kv,
+            c.head_dim,
+            n_ctx,
+        )
+    }
+
+    /// Bytes of K and V one position takes in every layer: what a decoding token reads per
+    /// position of context.
+    pub fn kv_bytes_per_position(&self, kv: KvType) -> u64 {
+        let c = &self.config;
+        c.n_layers as u64 * c.n_head_kv as u64 * kv.head_position_bytes(c.head_dim)
     }
 }

@@ -25,12 +25,14 @@ pub(crate) trait Lanes: Copy {
     unsafe fn select_gt(a: Self, b: Self, x: Self, y: Self) -> Self;
     /// Lane-wise [`crate::attention::exp::exp_scalar`].
     unsafe fn exp(x: Self) -> Self;
-    /// `dst[i] = src[i]` as f32, for equal lengths.
-    unsafe fn f16_to_f32(src: &[f16], dst: &mut [f32]);
+    /// `LANES` f16s from `p`, as f32.
+    unsafe fn load_f16(p: *const f16) -> Self;
+    /// `LANES` i8s from `p`, as f32.
+    unsafe fn load_i8(p: *const i8) -> Self;
     /// `[base[idx[0]], .., base[idx[LANES - 1]]]`; every `base + idx[i]` must be valid.
     unsafe fn gather(base: *const f32, idx: &[i32; 16]) -> Self;
-    /// Hint that the cache line at `p` will be read soon (any address is allowed).
-    unsafe fn prefetch(p: *const u8);
+    /// Lane 0.
+    unsafe fn first(self) -> f32;
 }
 
 /// The portable twin: eight lanes that the compiler may vectorize, with `a * b + c` rounded
@@ -96,9 +98,14 @@ impl Lanes for Scalar8 {
         Scalar8(x.0.map(crate::attention::exp::exp_scalar))
     }
     #[inline(always)]
-    unsafe fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
-        use half::slice::HalfFloatSliceExt;
-        src.convert_to_f32_slice(dst);
+    unsafe fn load_f16(p: *const f16) -> Self {
+        // SAFETY: the caller guarantees p is valid for 8 f16s.
+        Scalar8(std::array::from_fn(|i| unsafe { *p.add(i) }.to_f32()))
+    }
+    #[inline(always)]
+    unsafe fn load_i8(p: *const i8) -> Self {
+        // SAFETY: the caller guarantees p is valid for 8 i8s.
+        Scalar8(std::array::from_fn(|i| unsafe { *p.add(i) } as f32))
     }
     #[inline(always)]
     unsafe fn gather(base: *const f32, idx: &[i32; 16]) -> Self {
@@ -108,7 +115,9 @@ impl Lanes for Scalar8 {
         }))
     }
     #[inline(always)]
-    unsafe fn prefetch(_: *const u8) {}
+    unsafe fn first(self) -> f32 {
+        self.0[0]
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -184,21 +193,16 @@ mod x86 {
             Ymm(unsafe { exp_avx2(x.0) })
         }
         #[inline(always)]
-        unsafe fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
-            let n = src.len().min(dst.len());
-            let mut i = 0;
-            while i + 8 <= n {
-                // SAFETY: see the impl comment; i + 8 <= n, so 8 f16s are read from src and
-                // 8 f32s written to dst in bounds.
-                unsafe {
-                    let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
-                    _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
-                }
-                i += 8;
-            }
-            for j in i..n {
-                dst[j] = src[j].to_f32();
-            }
+        unsafe fn load_f16(p: *const f16) -> Self {
+            // SAFETY: see the impl comment (p valid for 8 f16s).
+            Ymm(unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) })
+        }
+        #[inline(always)]
+        unsafe fn load_i8(p: *const i8) -> Self {
+            // SAFETY: see the impl comment (p valid for 8 i8s: a 64-bit load).
+            Ymm(unsafe {
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
+            })
         }
         #[inline(always)]
         unsafe fn gather(base: *const f32, idx: &[i32; 16]) -> Self {
@@ -208,9 +212,9 @@ mod x86 {
             })
         }
         #[inline(always)]
-        unsafe fn prefetch(p: *const u8) {
-            // SAFETY: a prefetch never faults, whatever the address.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) }
+        unsafe fn first(self) -> f32 {
+            // SAFETY: see the impl comment.
+            unsafe { _mm256_cvtss_f32(self.0) }
         }
     }
 
@@ -273,21 +277,16 @@ mod x86 {
             Zmm(unsafe { exp_avx512(x.0) })
         }
         #[inline(always)]
-        unsafe fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
-            let n = src.len().min(dst.len());
-            let mut i = 0;
-            while i + 16 <= n {
-                // SAFETY: see the impl comment on `Ymm`; i + 16 <= n, so 16 f16s are read
-                // from src and 16 f32s written to dst in bounds.
-                unsafe {
-                    let h = _mm256_loadu_si256(src.as_ptr().add(i) as *const __m256i);
-                    _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_cvtph_ps(h));
-                }
-                i += 16;
-            }
-            for j in i..n {
-                dst[j] = src[j].to_f32();
-            }
+        unsafe fn load_f16(p: *const f16) -> Self {
+            // SAFETY: see the impl comment on `Ymm` (p valid for 16 f16s).
+            Zmm(unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) })
+        }
+        #[inline(always)]
+        unsafe fn load_i8(p: *const i8) -> Self {
+            // SAFETY: see the impl comment on `Ymm` (p valid for 16 i8s).
+            Zmm(unsafe {
+                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)))
+            })
         }
         #[inline(always)]
         unsafe fn gather(base: *const f32, idx: &[i32; 16]) -> Self {
@@ -298,9 +297,9 @@ mod x86 {
             })
         }
         #[inline(always)]
-        unsafe fn prefetch(p: *const u8) {
-            // SAFETY: a prefetch never faults, whatever the address.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) }
+        unsafe fn first(self) -> f32 {
+            // SAFETY: see the impl comment on `Ymm`.
+            unsafe { _mm512_cvtss_f32(self.0) }
         }
     }
 }
