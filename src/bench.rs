@@ -14,7 +14,7 @@ use airlock_kernels::GgmlType;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
-use crate::load::{load, ModelArgs};
+use crate::load::{load, KvTypeArg, ModelArgs};
 use crate::synthetic;
 
 #[derive(clap::Args)]
@@ -93,9 +93,13 @@ pub struct BenchArgs {
     #[arg(long = "no-repack")]
     pub no_repack: bool,
     /// Also measure the machine's read bandwidth (512 MiB, median of 9, per thread count) and show
-    /// each generation test against its ceiling: read bandwidth / weight bytes per token
+    /// each generation test against its ceiling: read bandwidth / bytes read per token (every
+    /// weight, plus the KV cache of the positions before it)
     #[arg(long)]
     pub ceiling: bool,
+    /// KV cache element type, for K and V (llama-bench's -ctk/-ctv)
+    #[arg(long = "kv-type", value_enum, default_value_t = KvTypeArg::F16)]
+    pub kv_type: KvTypeArg,
 }
 
 struct Row {
@@ -234,6 +238,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         ctx_size: max_ctx.max(1),
         batch_size: args.batch_size,
         no_repack: args.no_repack,
+        kv_type: args.kv_type,
         ..ModelArgs::new(model_path.clone())
     };
     let loaded = load(&model_args)?;
@@ -269,10 +274,11 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     }
     let mut rows = vec![];
     let mut rng = Rng::new(1234);
-    // Every weight once per token, plus the f16 K and V of every position before it (small
+    // Every weight once per token, plus the K and V of every position before it (small
     // beside the weights at short lengths, not at depth).
+    let kv_type = loaded.kv_type;
     let bytes_per_token = model.weights.bytes_per_token() as f64;
-    let kv_per_position = model.kv_cache_bytes(1, airlock_engine::llama::KvType::F16) as f64;
+    let kv_per_position = model.kv_bytes_per_position(kv_type) as f64;
     for &t in &threads {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(t)
@@ -289,18 +295,17 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         for &(n_prompt, n_gen, n_depth) in &tests {
             let mut session = loaded.session();
             let mut samples = vec![];
+            if n_depth > 0 {
+                // The context before the test, not timed (as llama-bench's -d). Filled once:
+                // each repetition drops what the one before added on top of it.
+                let fill: Vec<u32> = (0..n_depth)
+                    .map(|_| (rng.next_u64() % vocab) as u32)
+                    .collect();
+                pool.install(|| eval_prompt(model, &mut session, &fill, args.batch_size as usize))?;
+            }
             // One warm-up run (pages in the weights, warms caches), then the timed ones.
             for rep in 0..=args.repetitions {
-                session.reset();
-                if n_depth > 0 {
-                    // The context before the test, not timed (as llama-bench's -d).
-                    let fill: Vec<u32> = (0..n_depth)
-                        .map(|_| (rng.next_u64() % vocab) as u32)
-                        .collect();
-                    pool.install(|| {
-                        eval_prompt(model, &mut session, &fill, args.batch_size as usize)
-                    })?;
-                }
+                session.truncate(n_depth);
                 let tokens: Vec<u32> = (0..n_prompt.max(1))
                     .map(|_| (rng.next_u64() % vocab) as u32)
                     .collect();
@@ -353,8 +358,8 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
                     "model_n_params": params,
                     "n_batch": args.batch_size,
                     "n_threads": r.threads,
-                    "type_k": "f16",
-                    "type_v": "f16",
+                    "type_k": kv_type.name(),
+                    "type_v": kv_type.name(),
                     "n_prompt": r.n_prompt,
                     "n_gen": r.n_gen,
                     "n_depth": r.n_depth,
@@ -417,9 +422,10 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         if args.ceiling {
             println!(
                 "\nceiling = read bandwidth / bytes read per token: {:.3} GB of weights (every \
-                 matrix once) + {:.3} MB of KV cache per position before it",
+                 matrix once) + {:.3} MB of {} KV cache per position before it",
                 bytes_per_token / 1e9,
-                kv_per_position / 1e6
+                kv_per_position / 1e6,
+                kv_type.name()
             );
         }
     }

@@ -29,6 +29,16 @@ pub enum LoadError {
     Model { path: PathBuf, error: ModelError },
     #[error("context size must be at least 1")]
     ZeroContext,
+    #[error(
+        "{}: a {} KV cache cannot hold heads of {head_dim} values (Q8_0 needs a multiple of 32)",
+        path.display(),
+        kv_type.name()
+    )]
+    KvTypeHeadDim {
+        path: PathBuf,
+        kv_type: KvType,
+        head_dim: usize,
+    },
     #[error("thread count must be at least 1")]
     ZeroThreads,
     #[error("thread count {threads} is above the cap of {max}")]
@@ -225,6 +235,13 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, LoadError> {
     })?;
     // The config refuses a training context of 0, so n_ctx stays at least 1.
     let n_ctx = opts.n_ctx.min(model.config.n_ctx_train);
+    if !opts.kv_type.fits_head_dim(model.config.head_dim) {
+        return Err(LoadError::KvTypeHeadDim {
+            path: path.to_path_buf(),
+            kv_type: opts.kv_type,
+            head_dim: model.config.head_dim,
+        });
+    }
     // The exact path reads the map only, so packed copies would be dead weight.
     let repack = opts.repack && opts.precision == Precision::Fast;
     let estimate = MemoryEstimate::for_model(&model, n_ctx, opts.kv_type, opts.batch, repack);
