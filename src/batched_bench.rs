@@ -57,7 +57,7 @@ pub fn run(args: BatchedBenchArgs) -> Result<std::process::ExitCode> {
     }
     let max_len = args.npp.iter().max().unwrap() + args.ntg.iter().max().unwrap();
     let model_args = ModelArgs {
-        ctx_size: max_len,
+        ctx_size: Some(max_len),
         threads: args.threads,
         batch_size: args.batch_size,
         no_repack: args.no_repack,

@@ -100,6 +100,10 @@ pub struct BenchArgs {
     /// KV cache element type, for K and V (llama-bench's -ctk/-ctv)
     #[arg(long = "kv-type", value_enum, default_value_t = KvTypeArg::F16)]
     pub kv_type: KvTypeArg,
+    /// Allow tests longer than the model's training context (and a memory estimate above what
+    /// is available)
+    #[arg(long)]
+    pub force: bool,
 }
 
 struct Row {
@@ -235,10 +239,11 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         .saturating_add(args.n_gen.iter().max().copied().unwrap_or(0))
         .saturating_add(args.n_depth.iter().max().copied().unwrap_or(0));
     let model_args = ModelArgs {
-        ctx_size: max_ctx.max(1),
+        ctx_size: Some(max_ctx.max(1)),
         batch_size: args.batch_size,
         no_repack: args.no_repack,
         kv_type: args.kv_type,
+        force: args.force,
         ..ModelArgs::new(model_path.clone())
     };
     let loaded = load(&model_args)?;

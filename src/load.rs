@@ -11,14 +11,19 @@ use airlock_engine::memory::human_bytes;
 use airlock_engine::sampling::{Sampler, SamplerConfig};
 use anyhow::{anyhow, Result};
 
+/// `-c` when none is given (capped at the model's training context).
+pub const DEFAULT_CTX: usize = 4096;
+
 #[derive(clap::Args, Clone, Debug)]
 pub struct ModelArgs {
     /// GGUF model file
     #[arg(short = 'm', long = "model", value_name = "FILE")]
     pub model: PathBuf,
-    /// Context size in tokens (capped at the model's context_length)
-    #[arg(short = 'c', long = "ctx-size", default_value_t = 4096)]
-    pub ctx_size: usize,
+    /// Context size in tokens [default: 4096, capped at the model's context_length]. A value
+    /// above the model's context_length (the positions it was trained on) is refused unless
+    /// --force
+    #[arg(short = 'c', long = "ctx-size")]
+    pub ctx_size: Option<usize>,
     /// Threads for compute (default: physical cores). During a forward pass they spin
     /// between steps rather than sleep, so give no more than the cores you can spare
     #[arg(short = 't', long = "threads")]
@@ -44,7 +49,8 @@ pub struct ModelArgs {
     /// kernels read (anonymous memory, about the size of those tensors)
     #[arg(long = "no-repack")]
     pub no_repack: bool,
-    /// Run even when the estimated memory exceeds what is available
+    /// Run even when the estimated memory exceeds what is available, or with a -c above the
+    /// model's training context
     #[arg(long)]
     pub force: bool,
     /// Use this tokenizer.json instead of the GGUF's vocabulary
@@ -118,7 +124,7 @@ impl ModelArgs {
     pub fn new(model: PathBuf) -> Self {
         ModelArgs {
             model,
-            ctx_size: 4096,
+            ctx_size: None,
             threads: None,
             batch_size: 512,
             kv_type: KvTypeArg::F16,
@@ -135,7 +141,8 @@ impl ModelArgs {
     /// The engine's load options for these flags.
     pub fn load_options(&self) -> LoadOptions {
         LoadOptions {
-            n_ctx: self.ctx_size,
+            n_ctx: self.ctx_size.unwrap_or(DEFAULT_CTX),
+            ctx_explicit: self.ctx_size.is_some(),
             kv_type: self.kv_type.kv_type(),
             precision: if self.exact {
                 Precision::Exact
@@ -213,6 +220,16 @@ pub fn warn_oversubscribed(threads: usize) {
 pub fn load_error(e: LoadError) -> anyhow::Error {
     match e {
         LoadError::ZeroContext => anyhow!("-c/--ctx-size must be at least 1"),
+        LoadError::ContextAboveTraining {
+            path,
+            requested,
+            trained,
+        } => anyhow!(
+            "-c/--ctx-size {requested} is above the {trained} tokens of context {} was trained \
+             on (positions past it are untested and usually give garbage); lower -c, or pass \
+             --force to use {requested} anyway",
+            path.display()
+        ),
         LoadError::KvTypeHeadDim { .. } => anyhow!("{e} (--kv-type f16)"),
         LoadError::ZeroThreads => anyhow!("-t/--threads must be at least 1"),
         LoadError::TooManyThreads { threads, max } => anyhow!(

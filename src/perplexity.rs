@@ -62,7 +62,7 @@ pub fn run(args: PerplexityArgs) -> Result<ExitCode> {
     let text = read_bounded_string(&args.file, MAX_TEXT_BYTES)
         .with_context(|| format!("cannot read {}", args.file.display()))?;
     let model_args = ModelArgs {
-        ctx_size: args.ctx_size,
+        ctx_size: Some(args.ctx_size),
         threads: args.threads,
         batch_size: args.batch_size,
         kv_type: args.kv_type,

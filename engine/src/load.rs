@@ -30,6 +30,15 @@ pub enum LoadError {
     #[error("context size must be at least 1")]
     ZeroContext,
     #[error(
+        "context size {requested} is above the {trained} tokens {} was trained on",
+        path.display()
+    )]
+    ContextAboveTraining {
+        path: PathBuf,
+        requested: usize,
+        trained: usize,
+    },
+    #[error(
         "{}: a {} KV cache cannot hold heads of {head_dim} values (Q8_0 needs a multiple of 32)",
         path.display(),
         kv_type.name()
@@ -109,8 +118,12 @@ pub enum LoadError {
 /// How to load a model. [`Default`] gives the CLI's defaults.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
-    /// Context size requested, in tokens; capped at the model's training context. At least 1.
+    /// Context size requested, in tokens; capped at the model's training context unless
+    /// `ctx_explicit`. At least 1.
     pub n_ctx: usize,
+    /// `n_ctx` was asked for explicitly: above the model's training context it is refused
+    /// (used as given with `force`) instead of capped.
+    pub ctx_explicit: bool,
     pub kv_type: KvType,
     pub precision: Precision,
     /// Lock the mapped pages in memory (no swapping).
@@ -120,7 +133,8 @@ pub struct LoadOptions {
     /// Copy Q4_0/Q4_1/Q8_0 matrices into the packed layout where the SIMD path has packed
     /// kernels. Ignored on the exact path, which reads the map only.
     pub repack: bool,
-    /// Load even when the memory estimate exceeds what is available.
+    /// Load even when the memory estimate exceeds what is available, or an explicit context
+    /// exceeds the model's training context.
     pub force: bool,
     /// A tokenizer.json to use instead of the GGUF's vocabulary.
     pub tokenizer_json: Option<PathBuf>,
@@ -132,6 +146,7 @@ impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
             n_ctx: 4096,
+            ctx_explicit: false,
             kv_type: KvType::F16,
             precision: Precision::Fast,
             mlock: false,
@@ -166,7 +181,8 @@ pub struct LoadedModel {
     pub path: PathBuf,
     pub model: LlamaModel,
     pub tokenizer: Tokenizer,
-    /// Context size of each session: the request capped at the model's training context.
+    /// Context size of each session: the request, capped at the model's training context
+    /// unless it was explicit and forced.
     pub n_ctx: usize,
     pub kv_type: KvType,
     pub precision: Precision,
@@ -234,7 +250,18 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, LoadError> {
         error,
     })?;
     // The config refuses a training context of 0, so n_ctx stays at least 1.
-    let n_ctx = opts.n_ctx.min(model.config.n_ctx_train);
+    let trained = model.config.n_ctx_train;
+    let n_ctx = match opts.n_ctx > trained && opts.ctx_explicit {
+        false => opts.n_ctx.min(trained),
+        true if opts.force => opts.n_ctx,
+        true => {
+            return Err(LoadError::ContextAboveTraining {
+                path: path.to_path_buf(),
+                requested: opts.n_ctx,
+                trained,
+            })
+        }
+    };
     if !opts.kv_type.fits_head_dim(model.config.head_dim) {
         return Err(LoadError::KvTypeHeadDim {
             path: path.to_path_buf(),
