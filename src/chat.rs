@@ -7,7 +7,9 @@ use std::process::ExitCode;
 use airlock_engine::chat::{
     segments_to_string, tokenize_chat, ChatError, ChatMessage, ChatTemplate,
 };
+use airlock_engine::context_shift::{trim_history, TrimError};
 use airlock_engine::generate::{GenerateParams, StopReason};
+use airlock_engine::load::LoadedModel;
 use airlock_engine::sampling::Sampler;
 use anyhow::{Context, Result};
 
@@ -44,6 +46,61 @@ pub fn template_error(e: ChatError) -> anyhow::Error {
     }
 }
 
+/// A conversation that outgrew the context keeps its system prompt and its newest turns, in
+/// at most half the context (so it can grow again for a while before the next shift), or all
+/// of it when the newest turn alone needs more. `reply` holds the tokens of a reply under way
+/// (counted, and appended by the caller). Drops the rest from `messages`, says so once on
+/// stderr, and returns the kept conversation's prompt tokens and text; None when there is
+/// nothing left to drop.
+fn shift(
+    loaded: &LoadedModel,
+    template: &ChatTemplate,
+    messages: &mut Vec<ChatMessage>,
+    reply: &[u32],
+    args: &ModelArgs,
+) -> Result<Option<(Vec<u32>, String)>> {
+    let (tok, n_ctx) = (&loaded.tokenizer, loaded.n_ctx);
+    let count = |m: &[ChatMessage]| -> Result<usize> {
+        let segments = template.render_segments(m, true).map_err(template_error)?;
+        Ok(tokenize_chat(tok, &segments, tok.add_bos_default())?.len() + reply.len())
+    };
+    let trimmed = trim_history(messages, n_ctx / 2, n_ctx - 1, count).map_err(|e| match e {
+        TrimError::Count(e) => e,
+        e => anyhow::anyhow!("{e}"),
+    })?;
+    if trimmed.dropped_messages() == 0 {
+        return Ok(None);
+    }
+    *messages = trimmed.kept(messages);
+    let segments = template
+        .render_segments(messages, true)
+        .map_err(template_error)?;
+    let ids = tokenize_chat(tok, &segments, tok.add_bos_default())?;
+    let kept_turns = messages.iter().filter(|m| m.role == "user").count();
+    eprintln!(
+        "\n(context full: dropped the oldest {} turn{} ({} messages){}; evaluating the {} tokens \
+         left again{})",
+        trimmed.dropped_turns,
+        if trimmed.dropped_turns == 1 { "" } else { "s" },
+        trimmed.dropped_messages(),
+        if trimmed.system > 0 {
+            ", kept the system prompt"
+        } else {
+            ""
+        },
+        trimmed.tokens,
+        if args.verbose {
+            format!(
+                ", {kept_turns} turn{} kept",
+                if kept_turns == 1 { "" } else { "s" }
+            )
+        } else {
+            String::new()
+        }
+    );
+    Ok(Some((ids, segments_to_string(&segments))))
+}
+
 pub fn run(args: ChatArgs) -> Result<ExitCode> {
     let max_tokens = match args.n_predict {
         n if n < -1 => anyhow::bail!("-n/--n-predict must be -1 or more"),
@@ -71,6 +128,7 @@ pub fn run(args: ChatArgs) -> Result<ExitCode> {
     let mut messages = start.clone();
     // The text whose tokens are in the KV cache: earlier prompts and replies as generated.
     let mut in_cache = String::new();
+    let n_ctx = loaded.n_ctx;
 
     eprintln!(
         "airlock chat: {} (template {}, context {}). /reset forgets, /exit or Ctrl-D quits.",
@@ -118,34 +176,91 @@ pub fn run(args: ChatArgs) -> Result<ExitCode> {
             }
         };
         let add_bos = session.pos() == 0 && tok.add_bos_default();
-        let ids = tokenize_chat(tok, &segments, add_bos)?;
-        let outcome = match generate_to(
-            &loaded,
-            &mut session,
-            &mut sampler,
-            &ids,
-            &params,
-            &mut stdout,
-        ) {
-            Ok(o) => o,
-            Err(e) => {
-                failed += 1;
-                // A full context ends this conversation, not the program.
-                match context_hint(&e) {
-                    Some(hint) => eprintln!("\nerror: {e} ({hint})\n(conversation reset)"),
-                    None => eprintln!("\nerror: {e}\n(conversation reset)"),
-                }
-                messages = start.clone();
-                in_cache.clear();
-                session.reset();
-                sampler.reset();
-                continue;
-            }
-        };
-        writeln!(stdout)?;
+        let mut ids = tokenize_chat(tok, &segments, add_bos)?;
         in_cache.push_str(&segments_to_string(&segments));
-        in_cache.push_str(&outcome.text);
-        messages.push(ChatMessage::assistant(outcome.text.clone()));
+        // The new prompt must leave room for at least one token of reply; otherwise the oldest
+        // turns go (the prompt is then the whole kept conversation).
+        if session.pos() + ids.len() >= n_ctx {
+            let shifted = shift(&loaded, &template, &mut messages, &[], &args.model)
+                .and_then(|s| s.ok_or_else(|| anyhow::anyhow!("nothing to drop")));
+            match shifted {
+                Ok((prompt, text)) => {
+                    (ids, in_cache) = (prompt, text);
+                    session.reset();
+                    sampler.reset();
+                }
+                Err(e) => {
+                    failed += 1;
+                    eprintln!("error: {e} (raise -c/--ctx-size)");
+                    messages.pop();
+                    // The cache holds the conversation before this message: re-render it next.
+                    session.reset();
+                    in_cache.clear();
+                    continue;
+                }
+            }
+        }
+        // The reply, continued across context shifts.
+        let (mut reply, mut reply_ids) = (String::new(), Vec::<u32>::new());
+        let mut last;
+        loop {
+            let params = GenerateParams {
+                max_tokens: max_tokens.map(|m| m - reply_ids.len()),
+                ..params.clone()
+            };
+            let outcome = match generate_to(
+                &loaded,
+                &mut session,
+                &mut sampler,
+                &ids,
+                &params,
+                &mut stdout,
+            ) {
+                Ok(o) => o,
+                Err(e) => {
+                    failed += 1;
+                    match context_hint(&e) {
+                        Some(hint) => eprintln!("\nerror: {e} ({hint})\n(conversation reset)"),
+                        None => eprintln!("\nerror: {e}\n(conversation reset)"),
+                    }
+                    messages = start.clone();
+                    in_cache.clear();
+                    session.reset();
+                    sampler.reset();
+                    last = None;
+                    break;
+                }
+            };
+            reply.push_str(&outcome.text);
+            reply_ids.extend_from_slice(&outcome.generated);
+            let full = outcome.stop == StopReason::ContextFull;
+            last = Some(outcome);
+            if !full {
+                break;
+            }
+            // The context filled up mid-reply: drop the oldest turns and go on from the reply
+            // so far, unless this turn is all there is.
+            match shift(&loaded, &template, &mut messages, &reply_ids, &args.model) {
+                Ok(Some((mut prompt, text))) => {
+                    prompt.extend_from_slice(&reply_ids);
+                    in_cache = text;
+                    ids = prompt;
+                    session.reset();
+                    sampler.reset();
+                }
+                Ok(None) | Err(_) => {
+                    eprintln!(
+                        "\n(context full: this turn alone fills the {n_ctx} tokens of context, so \
+                         the reply stops here; raise -c for longer replies)"
+                    );
+                    break;
+                }
+            }
+        }
+        let Some(outcome) = last else { continue };
+        writeln!(stdout)?;
+        in_cache.push_str(&reply);
+        messages.push(ChatMessage::assistant(reply));
         if args.model.verbose {
             eprintln!(
                 "[{} new prompt tokens at {:.1} t/s, {} generated at {:.1} t/s, {} of {} context used]",
@@ -156,13 +271,6 @@ pub fn run(args: ChatArgs) -> Result<ExitCode> {
                 session.pos(),
                 session.n_ctx
             );
-        }
-        if outcome.stop == StopReason::ContextFull {
-            eprintln!("(context full: conversation reset; raise -c for longer chats)");
-            messages = start.clone();
-            in_cache.clear();
-            session.reset();
-            sampler.reset();
         }
     }
     if failed > 0 {

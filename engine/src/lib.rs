@@ -4,6 +4,7 @@
 //! - [`llama`]: hyperparameters, weights as views into the map, the forward pass.
 //! - [`tokenizer`]: byte-level BPE built from GGUF metadata, ids equal to llama.cpp's.
 //! - [`chat`]: sandboxed chat templates that keep user text apart from control tokens.
+//! - [`context_shift`]: which turns a conversation that outgrew the context keeps.
 //! - [`sampling`]: llama.cpp's sampler chain and flag semantics.
 //! - [`generate`]: per-request generation state stepped by its owner (sample, stop checks,
 //!   text to emit), and the prompt-then-sample loop over one session built on it.
@@ -15,6 +16,7 @@
 
 pub mod bounded;
 pub mod chat;
+pub mod context_shift;
 pub mod generate;
 pub mod gguf;
 pub mod llama;
