@@ -166,10 +166,12 @@ pub fn serve(listener: TcpListener, loaded: LoadedModel, cfg: ServerConfig) -> R
                 .await
         });
         eprintln!(
-            "airlock serve: listening on http://{local} ({} slots of {} tokens, queue {}, \
-             model {:?}, auth {})",
+            "airlock serve: listening on http://{local} ({} slots of {} tokens, KV cache {} of \
+             {} per slot, queue {}, model {:?}, auth {})",
             cfg.parallel,
             loaded.n_ctx,
+            airlock_engine::memory::human_bytes(loaded.report.estimate.kv_cache),
+            loaded.kv_type.name(),
             cfg.queue,
             cfg.model_name,
             if cfg.api_keys.is_empty() { "off" } else { "on" }
