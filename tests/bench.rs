@@ -292,6 +292,34 @@ fn bench_depth_measures_on_top_of_a_filled_cache_with_llama_bench_fields() {
     let kv = |i: usize| rows[i]["kv_bytes_per_token"].as_f64().unwrap();
     assert!(kv(3) > kv(1) && kv(1) > 0.0, "{rows}");
 
+    // A Q8_0 cache (llama-bench's -ctk/-ctv q8_0): named in the row, and each position costs
+    // 34 bytes per 32 values where f16 takes 64 (SmolLM2's heads of 64: 136 of 256 bytes).
+    let o = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(["bench", "-m"])
+        .arg(&model)
+        .args([
+            "-p",
+            "0",
+            "-n",
+            "2",
+            "-d",
+            "40",
+            "-r",
+            "1",
+            "--json",
+            "--ceiling",
+        ])
+        .args(["--kv-type", "q8_0"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let q8: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(q8[0]["type_k"], "q8_0");
+    assert_eq!(q8[0]["type_v"], "q8_0");
+    assert_eq!(rows[3]["type_k"], "f16");
+    let ratio = q8[0]["kv_bytes_per_token"].as_f64().unwrap() / kv(3);
+    assert!((ratio - 136.0 / 256.0).abs() < 1e-9, "{ratio}");
+
     // The table names a depth test as llama-bench does.
     let o = Command::new(env!("CARGO_BIN_EXE_airlock"))
         .args(["bench", "-m"])

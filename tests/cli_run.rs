@@ -574,3 +574,197 @@ fn memory_estimate_refuses_what_does_not_fit_unless_forced() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("KV cache 16.00 KiB"), "{}", stderr(&o));
 }
+
+#[test]
+fn ctx_size_above_the_training_context_is_refused_unless_forced() {
+    let dir = tempfile::tempdir().unwrap();
+    // A model trained on 64 positions.
+    let short = rewrite_tiny(dir.path(), "ctx64.gguf", |meta, _| {
+        for (k, v) in meta.iter_mut() {
+            if k == "llama.context_length" {
+                *v = Value::U32(64);
+            }
+        }
+    });
+    let m = short.to_str().unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", "-m", m, "-v", "-p", "hi", "-n", "1"];
+        args.extend_from_slice(extra);
+        airlock(&args)
+    };
+    // No -c: the default (4096) is capped at the model's 64, as before.
+    let o = run(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("(64 positions of f16)"),
+        "{}",
+        stderr(&o)
+    );
+    // An explicit -c above it: refused with both numbers and the way out.
+    let o = run(&["-c", "100"]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("-c/--ctx-size 100 is above the 64 tokens") && err.contains("--force"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    // Forced: used as given.
+    let o = run(&["-c", "100", "--force"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("(100 positions of f16)"),
+        "{}",
+        stderr(&o)
+    );
+    // At or below it: as asked.
+    let o = run(&["-c", "64"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn q8_0_kv_cache_runs_with_half_the_memory_and_is_refused_for_odd_heads() {
+    let model = smollm2();
+    let m = model.to_str().unwrap();
+    let run = |kv: &str| {
+        airlock(&[
+            "run",
+            "-m",
+            m,
+            "-v",
+            "-c",
+            "512",
+            "--kv-type",
+            kv,
+            "--temp",
+            "0",
+            "-n",
+            "12",
+            "-p",
+            "The capital of France is",
+        ])
+    };
+    let (f16, q8) = (run("f16"), run("q8_0"));
+    assert!(
+        f16.status.success() && q8.status.success(),
+        "{}",
+        stderr(&q8)
+    );
+    // SmolLM2: 30 layers x 3 KV heads x 64, K and V, 512 positions: 11.25 MiB in f16;
+    // Q8_0 stores 34 bytes per 32 values instead of 64.
+    assert!(
+        stderr(&f16).contains("KV cache 11.25 MiB (512 positions of f16)"),
+        "{}",
+        stderr(&f16)
+    );
+    assert!(
+        stderr(&q8).contains("KV cache 5.98 MiB (512 positions of q8_0)"),
+        "{}",
+        stderr(&q8)
+    );
+    // Greedy text of a short prompt: the quantized cache starts the same answer.
+    let (a, b) = (stdout(&f16), stdout(&q8));
+    assert!(!b.trim().is_empty());
+    assert_eq!(
+        a.split_whitespace().next(),
+        b.split_whitespace().next(),
+        "{a:?} vs {b:?}"
+    );
+    // The tiny Llama 3 has heads of 16 values: not whole Q8_0 blocks of 32.
+    let o = airlock(&[
+        "run",
+        "-m",
+        tiny_llama3().to_str().unwrap(),
+        "--kv-type",
+        "q8_0",
+        "-p",
+        "hi",
+    ]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("heads of 16 values") && err.contains("--kv-type f16"),
+        "{err}"
+    );
+}
+
+#[test]
+fn chat_outgrowing_a_small_context_keeps_answering_with_the_system_prompt() {
+    let model = smollm2();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args([
+            "chat",
+            "-m",
+            model.to_str().unwrap(),
+            "--temp",
+            "0",
+            "-n",
+            "24",
+            "-v",
+        ])
+        .args(["-c", "160", "--system", "You are a geography teacher."])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let questions = [
+        "What is the capital of France?",
+        "And of Germany?",
+        "And of Italy?",
+        "And of Spain?",
+        "And of Portugal?",
+    ];
+    let input: String = questions.iter().map(|q| format!("{q}\n")).collect();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    let err = stderr(&o);
+    // Five turns of about 40 tokens each do not fit 160: the chat shifts instead of resetting
+    // or failing, and every turn gets an answer.
+    assert!(o.status.success(), "{err}");
+    assert!(
+        !err.contains("conversation reset") && !err.contains("error"),
+        "{err}"
+    );
+    let shifts: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("(context full:"))
+        .collect();
+    assert!(!shifts.is_empty(), "{err}");
+    for s in &shifts {
+        assert!(
+            s.contains("dropped the oldest") && s.contains("kept the system prompt"),
+            "{s}"
+        );
+    }
+    let stats = err.lines().filter(|l| l.starts_with('[')).count();
+    assert_eq!(stats, questions.len(), "{err}");
+    let answers = stdout(&o);
+    let answered = answers
+        .split("> ")
+        .skip(1)
+        .filter(|a| !a.trim().is_empty())
+        .count();
+    assert_eq!(answered, questions.len(), "{answers}");
+    // The context in use never reaches 160, and drops after a shift.
+    let used: Vec<usize> = err
+        .lines()
+        .filter(|l| l.starts_with('['))
+        .filter_map(|l| {
+            l.split(", ")
+                .last()?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert_eq!(used.len(), questions.len(), "{err}");
+    assert!(used.iter().all(|&u| u < 160), "{used:?}");
+    assert!(used.windows(2).any(|w| w[1] < w[0]), "{used:?}");
+}
