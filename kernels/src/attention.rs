@@ -272,8 +272,18 @@ struct Kernel<'a> {
 /// `L`'s features; `t < n_tiles`, `d < head_dim`, `v < TILE / L::LANES`, `j < TILE`,
 /// `(e + 1) * L::LANES <= hdv` (the padded V row).
 trait Head: Copy {
+    /// Scales of keys `t * TILE + v * LANES ..` for dimensions `32 * b ..` (Q8_0), to give
+    /// [`Head::k_scaled`]; anything for the float types, which ignore it.
+    unsafe fn k_scale<L: Lanes>(self, t: usize, b: usize, v: usize) -> L;
+    /// K of keys `t * TILE + v * LANES ..` at dimension `d`, given [`Head::k_scale`] of d's
+    /// block of 32.
+    unsafe fn k_scaled<L: Lanes>(self, t: usize, d: usize, v: usize, scale: L) -> L;
     /// K of keys `t * TILE + v * LANES ..` at dimension `d`.
-    unsafe fn k<L: Lanes>(self, t: usize, d: usize, v: usize) -> L;
+    #[inline(always)]
+    unsafe fn k<L: Lanes>(self, t: usize, d: usize, v: usize) -> L {
+        // SAFETY: the caller's contract; d / 32 is d's block.
+        unsafe { self.k_scaled(t, d, v, self.k_scale::<L>(t, d / 32, v)) }
+    }
     /// V of key `t * TILE + j`, dimensions `e * LANES ..`.
     unsafe fn v<L: Lanes>(self, t: usize, j: usize, e: usize) -> L;
 }
@@ -307,7 +317,12 @@ struct Q8Head {
 
 impl Head for F32Head {
     #[inline(always)]
-    unsafe fn k<L: Lanes>(self, t: usize, d: usize, v: usize) -> L {
+    unsafe fn k_scale<L: Lanes>(self, _: usize, _: usize, _: usize) -> L {
+        // SAFETY: no memory is read.
+        unsafe { L::splat(1.0) }
+    }
+    #[inline(always)]
+    unsafe fn k_scaled<L: Lanes>(self, t: usize, d: usize, v: usize, _: L) -> L {
         // SAFETY: the trait's contract keeps the offset inside the head's tiles.
         unsafe { L::load(self.k.add(t * TILE * self.hd + d * TILE + v * L::LANES)) }
     }
@@ -320,7 +335,12 @@ impl Head for F32Head {
 
 impl Head for F16Head {
     #[inline(always)]
-    unsafe fn k<L: Lanes>(self, t: usize, d: usize, v: usize) -> L {
+    unsafe fn k_scale<L: Lanes>(self, _: usize, _: usize, _: usize) -> L {
+        // SAFETY: no memory is read.
+        unsafe { L::splat(1.0) }
+    }
+    #[inline(always)]
+    unsafe fn k_scaled<L: Lanes>(self, t: usize, d: usize, v: usize, _: L) -> L {
         // SAFETY: the trait's contract keeps the offset inside the head's tiles.
         unsafe { L::load_f16(self.k.add(t * TILE * self.hd + d * TILE + v * L::LANES)) }
     }
@@ -333,16 +353,18 @@ impl Head for F16Head {
 
 impl Head for Q8Head {
     #[inline(always)]
-    unsafe fn k<L: Lanes>(self, t: usize, d: usize, v: usize) -> L {
-        // SAFETY: the trait's contract keeps the offsets inside the head's tiles; scales are
-        // [nb][TILE] per tile. Lanes (8 or 16) divide 32, so a vector has one scale per lane.
+    unsafe fn k_scale<L: Lanes>(self, t: usize, b: usize, v: usize) -> L {
+        // SAFETY: the trait's contract keeps the offset inside the head's tiles (b < nb);
+        // scales are [nb][TILE] per tile, one per lane.
+        unsafe { L::load_f16(self.kd.add(t * TILE * self.nb + b * TILE + v * L::LANES)) }
+    }
+    #[inline(always)]
+    unsafe fn k_scaled<L: Lanes>(self, t: usize, d: usize, v: usize, scale: L) -> L {
+        // SAFETY: the trait's contract keeps the offset inside the head's tiles. The product
+        // is exact (an f16 times an i8), whatever computes it.
         unsafe {
             let q = L::load_i8(self.kq.add(t * TILE * self.hd + d * TILE + v * L::LANES));
-            let s = L::load_f16(
-                self.kd
-                    .add(t * TILE * self.nb + (d / 32) * TILE + v * L::LANES),
-            );
-            L::mul(q, s)
+            L::mul(q, scale)
         }
     }
     #[inline(always)]
@@ -351,8 +373,10 @@ impl Head for Q8Head {
         // scales are [TILE][nb] per tile; a vector lies inside one block of 32.
         unsafe {
             let q = L::load_i8(self.vq.add((t * TILE + j) * self.hd + e * L::LANES));
-            let s = (*self.vd.add((t * TILE + j) * self.nb + e * L::LANES / 32)).to_f32();
-            L::mul(q, L::splat(s))
+            L::mul(
+                q,
+                L::splat_f16(self.vd.add((t * TILE + j) * self.nb + e * L::LANES / 32)),
+            )
         }
     }
 }
@@ -869,15 +893,22 @@ unsafe fn scores_keys<L: Lanes, H: Head, const QD: usize, const NV: usize>(
     unsafe {
         let zero = L::splat(0.0);
         let mut a = [[zero; NV]; QD];
-        for d in 0..hd {
-            let mut kv = [zero; NV];
-            for (v, y) in kv.iter_mut().enumerate() {
-                *y = h.k::<L>(t, d, v);
+        // By blocks of 32 dimensions, which share a Q8_0 scale per key.
+        for d0 in (0..hd).step_by(32) {
+            let mut scale = [zero; NV];
+            for (v, y) in scale.iter_mut().enumerate() {
+                *y = h.k_scale::<L>(t, d0 / 32, v);
             }
-            for (i, row) in a.iter_mut().enumerate() {
-                let q = L::splat(*qs.add((i0 + i) * hd + d));
-                for (v, y) in row.iter_mut().enumerate() {
-                    *y = L::mul_add(q, kv[v], *y);
+            for d in d0..(d0 + 32).min(hd) {
+                let mut kv = [zero; NV];
+                for (v, y) in kv.iter_mut().enumerate() {
+                    *y = h.k_scaled::<L>(t, d, v, scale[v]);
+                }
+                for (i, row) in a.iter_mut().enumerate() {
+                    let q = L::splat(*qs.add((i0 + i) * hd + d));
+                    for (v, y) in row.iter_mut().enumerate() {
+                        *y = L::mul_add(q, kv[v], *y);
+                    }
                 }
             }
         }

@@ -29,6 +29,8 @@ pub(crate) trait Lanes: Copy {
     unsafe fn load_f16(p: *const f16) -> Self;
     /// `LANES` i8s from `p`, as f32.
     unsafe fn load_i8(p: *const i8) -> Self;
+    /// The f16 at `p` as f32, in every lane.
+    unsafe fn splat_f16(p: *const f16) -> Self;
     /// `[base[idx[0]], .., base[idx[LANES - 1]]]`; every `base + idx[i]` must be valid.
     unsafe fn gather(base: *const f32, idx: &[i32; 16]) -> Self;
     /// Lane 0.
@@ -106,6 +108,11 @@ impl Lanes for Scalar8 {
     unsafe fn load_i8(p: *const i8) -> Self {
         // SAFETY: the caller guarantees p is valid for 8 i8s.
         Scalar8(std::array::from_fn(|i| unsafe { *p.add(i) } as f32))
+    }
+    #[inline(always)]
+    unsafe fn splat_f16(p: *const f16) -> Self {
+        // SAFETY: the caller guarantees p is valid.
+        Scalar8([unsafe { *p }.to_f32(); 8])
     }
     #[inline(always)]
     unsafe fn gather(base: *const f32, idx: &[i32; 16]) -> Self {
@@ -205,6 +212,12 @@ mod x86 {
             })
         }
         #[inline(always)]
+        unsafe fn splat_f16(p: *const f16) -> Self {
+            // SAFETY: see the impl comment (p valid for one f16). F16C here, not half's
+            // to_f32, which checks the CPU at run time on every call.
+            Ymm(unsafe { _mm256_cvtph_ps(_mm_set1_epi16((*p).to_bits() as i16)) })
+        }
+        #[inline(always)]
         unsafe fn gather(base: *const f32, idx: &[i32; 16]) -> Self {
             // SAFETY: see the impl comment; the caller guarantees every base + idx[i] is valid.
             Ymm(unsafe {
@@ -287,6 +300,11 @@ mod x86 {
             Zmm(unsafe {
                 _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)))
             })
+        }
+        #[inline(always)]
+        unsafe fn splat_f16(p: *const f16) -> Self {
+            // SAFETY: see the impl comment on `Ymm` (p valid for one f16).
+            Zmm(unsafe { _mm512_cvtph_ps(_mm256_set1_epi16((*p).to_bits() as i16)) })
         }
         #[inline(always)]
         unsafe fn gather(base: *const f32, idx: &[i32; 16]) -> Self {
