@@ -17,7 +17,10 @@ use crate::load::{context_hint, generate_to, load, ModelArgs, SamplingArgs};
 
 #[derive(clap::Args)]
 #[command(after_help = "In the chat: type a message and press Enter. \
-    /reset forgets the conversation, /exit or Ctrl-D quits.")]
+    /reset forgets the conversation, /exit or Ctrl-D quits.\n\n\
+    When the conversation outgrows the context (-c), the oldest turns after the system prompt \
+    are dropped until it takes at most half the context, the rest is evaluated again (one line \
+    on stderr says so) and the chat goes on, a reply under way included.")]
 pub struct ChatArgs {
     #[command(flatten)]
     pub model: ModelArgs,
