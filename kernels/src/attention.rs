@@ -183,13 +183,15 @@ pub fn attention_batch_with(path: SimdPath, jobs: &mut [AttentionJob]) {
         let s = kernel.s;
         let (group, hd) = (kernel.group, s.head_dim);
         if kernel.n == 1 {
+            // Several (head, span) units per task, as for one sequence alone.
             let n_spans = kernel.n_keys().div_ceil(SPAN);
-            for h_kv in 0..s.n_head_kv {
-                for span in 0..n_spans {
-                    let (p, r) = std::mem::take(&mut rest).split_at_mut(kernel.partial_len());
-                    rest = r;
-                    tasks.push(Task::Span(kernel, h_kv, span, p));
-                }
+            let units = s.n_head_kv * n_spans;
+            let per_task = units.div_ceil(want_tasks / 2).max(1);
+            for u0 in (0..units).step_by(per_task) {
+                let nu = per_task.min(units - u0);
+                let (p, r) = std::mem::take(&mut rest).split_at_mut(nu * kernel.partial_len());
+                rest = r;
+                tasks.push(Task::Spans(kernel, n_spans, u0, p));
             }
             folds.push((kernel, n_spans, &mut *job.out));
             continue;
@@ -218,7 +220,12 @@ pub fn attention_batch_with(path: SimdPath, jobs: &mut [AttentionJob]) {
     }
     tasks.into_par_iter().for_each(|task| match task {
         Task::Chunk(kernel, t0, h_kv, mut outs) => kernel.prompt(t0, h_kv, &mut outs),
-        Task::Span(kernel, h_kv, span, p) => kernel.decode(h_kv, span, Dest::Partial(p)),
+        Task::Spans(kernel, n_spans, u0, ps) => {
+            for (i, p) in ps.chunks_exact_mut(kernel.partial_len()).enumerate() {
+                let u = u0 + i;
+                kernel.decode(u / n_spans, u % n_spans, Dest::Partial(p));
+            }
+        }
     });
     // Fold each decoding job's spans, per KV head, in span order.
     let mut heads: Vec<(&Kernel, &[f32], &mut [f32])> = Vec::new();
@@ -232,9 +239,15 @@ pub fn attention_batch_with(path: SimdPath, jobs: &mut [AttentionJob]) {
             heads.push((kernel, p, o));
         }
     }
-    heads
-        .into_par_iter()
-        .for_each(|(kernel, p, o)| kernel.fold(p, o));
+    if partial_total >= 1 << 16 {
+        heads
+            .into_par_iter()
+            .for_each(|(kernel, p, o)| kernel.fold(p, o));
+    } else {
+        for (kernel, p, o) in heads {
+            kernel.fold(p, o);
+        }
+    }
 }
 
 /// One task of a batch.
@@ -242,8 +255,9 @@ enum Task<'k, 'o> {
     /// Tokens t0..t0 + outs.len() of a prompt job, KV head h_kv: `outs[i]` is token t0 + i's
     /// output for the group's query heads.
     Chunk(&'k Kernel<'k>, usize, usize, Vec<&'o mut [f32]>),
-    /// One span of one KV head of a decoding job, into its partial state.
-    Span(&'k Kernel<'k>, usize, usize, &'o mut [f32]),
+    /// (head, span) units u0.. of a decoding job with n_spans spans per head (unit u is head
+    /// u / n_spans, span u % n_spans), each into its partial state.
+    Spans(&'k Kernel<'k>, usize, usize, &'o mut [f32]),
 }
 
 /// Where a decode task's state goes.
