@@ -11,7 +11,8 @@ use airlock_convert::{
 };
 use airlock_kernels::GgmlType;
 
-const POLICY: &str = "Type policy (llama.cpp's llama-quantize rules, so the files hold the same mix):
+const POLICY: &str =
+    "Type policy (llama.cpp's llama-quantize rules, so the files hold the same mix):
   --type names a llama.cpp file type; general.file_type is written as its LLAMA_FTYPE id:
     f32 (0), f16 (1), bf16 (32), q8_0 (7), q4_0 (2), q4_1 (3), q5_0 (8), q5_1 (9), q2_k (10),
     q3_k_s (11), q3_k_m (12), q3_k_l (13), q4_k_s (14), q4_k_m (15), q5_k_s (16), q5_k_m (17),

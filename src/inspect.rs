@@ -324,7 +324,11 @@ impl Report {
                 "  tensor types airlock cannot compute yet: {} (running this file will say \"type not supported yet\")",
                 self.unsupported.join(", ")
             );
-            let names: Vec<&str> = self.unsupported_tensors.iter().map(String::as_str).collect();
+            let names: Vec<&str> = self
+                .unsupported_tensors
+                .iter()
+                .map(String::as_str)
+                .collect();
             let _ = writeln!(
                 o,
                 "  tensors of those types ({}): {}",

@@ -211,7 +211,12 @@ fn plan<'w>(
         RowMap::Identity,
     )?;
     if !c.tied {
-        add("lm_head.weight", "output.weight", vec![v, h], RowMap::Identity)?;
+        add(
+            "lm_head.weight",
+            "output.weight",
+            vec![v, h],
+            RowMap::Identity,
+        )?;
     }
     for name in w.index.keys() {
         if used.contains(name) || name.ends_with("rotary_emb.inv_freq") {

@@ -443,9 +443,10 @@ mod tests {
             assert_eq!(t.name(), name);
             assert_eq!(OutType::parse(&name.to_uppercase()).unwrap(), t);
             let ft = FileType::from_id(t.file_type()).unwrap();
-            assert_eq!(ft.name.to_ascii_lowercase().rsplit_once("y_").map(|x| x.1), {
-                (t != OutType::F32).then_some(name)
-            });
+            assert_eq!(
+                ft.name.to_ascii_lowercase().rsplit_once("y_").map(|x| x.1),
+                { (t != OutType::F32).then_some(name) }
+            );
             // Single-type recipes are exactly the ones the ftype table says have one type.
             if let Some(s) = ft.single {
                 assert_eq!(s, t.ggml(), "{name}");
@@ -478,7 +479,10 @@ mod tests {
     fn use_more_bits_is_llama_cpps() {
         // n = 32 (Llama-3.1-8B): the first 4, the last 4, and every third from layer 6.
         let more: Vec<i64> = (0..32).filter(|&i| use_more_bits(i, 32)).collect();
-        assert_eq!(more, [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]);
+        assert_eq!(
+            more,
+            [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+        );
         let more: Vec<i64> = (0..16).filter(|&i| use_more_bits(i, 16)).collect();
         assert_eq!(more, [0, 1, 4, 7, 10, 13, 14, 15]);
     }
@@ -557,7 +561,11 @@ mod tests {
         assert_eq!(ty(&p, "token_embd.weight"), G::Q4_K);
         assert_eq!(ty(&p, "blk.0.attn_norm.weight"), G::F32);
         for i in 0..16 {
-            let want = if use_more_bits(i, 16) { G::Q6_K } else { G::Q4_K };
+            let want = if use_more_bits(i, 16) {
+                G::Q6_K
+            } else {
+                G::Q4_K
+            };
             assert_eq!(ty(&p, &format!("blk.{i}.attn_v.weight")), want, "{i}");
             assert_eq!(ty(&p, &format!("blk.{i}.ffn_down.weight")), want, "{i}");
             assert_eq!(ty(&p, &format!("blk.{i}.attn_q.weight")), G::Q4_K);
@@ -576,7 +584,9 @@ mod tests {
             ..Policy::new(OutType::Q4_K_M)
         };
         let pp = plan_of(&pure, &m, &ts);
-        assert!(pp.iter().all(|(n, t)| *t == G::Q4_K || n.ends_with("norm.weight")));
+        assert!(pp
+            .iter()
+            .all(|(n, t)| *t == G::Q4_K || n.ends_with("norm.weight")));
         let o = Policy {
             output_ty: Some(G::Q8_0),
             ..Policy::new(OutType::Q4_K_M)

@@ -173,9 +173,12 @@ fn model_facts(path: &std::path::Path, f: &GgufFile, policy: &Policy) -> Result<
         ));
     }
     let key = |k: &str| {
-        f.get_u32(k)
-            .map(u64::from)
-            .ok_or_else(|| bad(format!("{k} is missing or not a u32 (--type {} needs it)", policy.ty)))
+        f.get_u32(k).map(u64::from).ok_or_else(|| {
+            bad(format!(
+                "{k} is missing or not a u32 (--type {} needs it)",
+                policy.ty
+            ))
+        })
     };
     let n_head = key("llama.attention.head_count")?;
     Ok(ModelFacts {
