@@ -173,14 +173,14 @@ fn values(ti: u64, spec: &TensorSpec) -> Vec<f32> {
     }
     let mut v = vec![0f32; n as usize];
     for (r, row) in v.chunks_mut(row_len).enumerate() {
-        let rkey = seed ^ (r as u64) << 20 ^ 0xABCD;
+        let rkey = seed ^ ((r as u64) << 20) ^ 0xABCD;
         let k = splitmix(rkey) % 7;
         let mut scale = 0.02 * (1u64 << k) as f64 / 8.0;
         if r == 3 {
             scale = 1e-18;
         }
         for (c, x) in row.iter_mut().enumerate() {
-            let key = seed ^ ((r as u64) * row_len as u64 + c as u64) * 8;
+            let key = seed ^ (((r as u64) * row_len as u64 + c as u64) * 8);
             let g = (unit(key) + unit(key + 1) + unit(key + 2) + unit(key + 3) - 2.0) * 1.7320508;
             let mut y = scale * g;
             if unit(key + 4) < 0.005 {
