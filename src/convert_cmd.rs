@@ -35,6 +35,8 @@ const POLICY: &str =
     (80-layer grouped-query models, llama.cpp's 70B, also get attn_v Q5_K instead of
     Q3_K/Q4_K.) q3_k_s, q5_k_s, q6_k and the single types add nothing.
   - --pure: no head or mix rule; every 2-D tensor in the base type.
+  - quantize applies these rules to llama files only (they read llama.block_count and the
+    head counts); give other architectures --pure.
   - Rows that do not fit a type's blocks (256 values for the K types, 32 for the others) fall
     back as llama.cpp's: Q2_K, Q3_K -> Q4_0; Q4_K -> Q5_0; Q5_K -> Q5_1; Q6_K -> Q8_0; and F16
     when even 32 does not divide the row.
