@@ -192,15 +192,15 @@ fn a_k_quant_file_is_listed_and_valid() {
         "256 x 4",
         "MOSTLY_Q4_K_M (15)",
         "verdict: valid",
-        "cannot compute yet: Q4_K, Q6_K",
+        "airlock can compute every tensor type in this file",
     ] {
         assert!(out.contains(needle), "output lacks {needle:?}:\n{out}");
     }
     let j = json(&inspect(&p, true));
     assert_eq!(j["valid"], true);
-    assert_eq!(j["unsupported_types"], serde_json::json!(["Q4_K", "Q6_K"]));
-    assert_eq!(j["tensors"][0]["computable"], false);
-    assert_eq!(j["tensors"][2]["computable"], true);
+    assert_eq!(j["unsupported_types"], serde_json::json!([]));
+    assert_eq!(j["tensors"][0]["computable"], true);
+    assert_eq!(j["tensors"][1]["computable"], true);
 }
 
 #[test]
