@@ -10,7 +10,6 @@ use airlock_engine::generate::eval_prompt;
 use airlock_engine::llama::Logits;
 use airlock_engine::sampling::Rng;
 use airlock_kernels::bandwidth::ReadBuffer;
-use airlock_kernels::GgmlType;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
@@ -39,7 +38,8 @@ pub struct BenchArgs {
     /// Benchmark a random-weight model of this shape: llama-3.1-8b, llama-3.2-1b, smollm2-135m
     #[arg(long, value_name = "SHAPE", conflicts_with = "model")]
     pub synthetic: Option<String>,
-    /// Weight type of the synthetic model
+    /// File type of the synthetic model, as `airlock convert --type` (q4_0, q4_k_m, q6_k, q8_0,
+    /// bf16, ...): the same per-tensor mix the converter and llama-quantize write
     #[arg(long = "type", default_value = "q4_0", value_name = "TYPE")]
     pub ty: String,
     /// Keep the synthetic model at this path (default: a temporary file, removed afterwards)
@@ -146,11 +146,10 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
-/// The synthetic model's type: the converter's own parser, so the names are the same.
-fn parse_type(s: &str) -> Result<GgmlType> {
-    airlock_convert::OutType::parse(s)
-        .map(|t| t.ggml())
-        .map_err(|e| anyhow::anyhow!("--type: {e}"))
+/// The synthetic model's type: the converter's own parser and mix, so the names and the files
+/// are the same.
+fn parse_type(s: &str) -> Result<airlock_convert::OutType> {
+    airlock_convert::OutType::parse(s).map_err(|e| anyhow::anyhow!("--type: {e}"))
 }
 
 /// llama.cpp's name for a file type (general.file_type), as llama-bench prints it.

@@ -9,16 +9,39 @@ use airlock_convert::{
     ConvertError, ConvertOptions, ExportDtype, ExportOptions, OutType, Policy, QuantizeOptions,
     Report,
 };
+use airlock_kernels::GgmlType;
 
-const POLICY: &str = "Type policy:
-  - 1-D tensors (norms, rope_freqs) stay F32.
-  - With --type q4_0 or q4_1 the output head (output.weight, or token_embd.weight when the
-    embeddings are tied) is Q8_0, as llama-quantize keeps a higher-precision type there;
-    with the other types it is --type. --output-type TYPE sets it; --pure puts it in --type.
-  - Every other 2-D tensor gets --type.
-  - A tensor whose row length is not a multiple of the type's block size (32 for q8_0, q4_0,
-    q4_1) is written as F16 (F32 with --type f32).
-  Quantized blocks are byte-identical to llama.cpp's reference quantizers.
+const POLICY: &str =
+    "Type policy (llama.cpp's llama-quantize rules, so the files hold the same mix):
+  --type names a llama.cpp file type; general.file_type is written as its LLAMA_FTYPE id:
+    f32 (0), f16 (1), bf16 (32), q8_0 (7), q4_0 (2), q4_1 (3), q5_0 (8), q5_1 (9), q2_k (10),
+    q3_k_s (11), q3_k_m (12), q3_k_l (13), q4_k_s (14), q4_k_m (15), q5_k_s (16), q5_k_m (17),
+    q6_k (18); q3_k, q4_k, q5_k mean the _m mixes, as in llama-quantize.
+  - 1-D tensors (norms, rope_freqs) are F32. Every 2-D tensor gets the type's base type
+    (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K or Q6_K), except:
+  - The output head (output.weight, or token_embd.weight when the embeddings are tied) is
+    Q6_K for every quantized type but q8_0 (Q8_0), or Q8_0 if its rows do not fit the base
+    type's blocks. --output-type TYPE sets it (q8_0, q6_k, q5_k, q5_1, q5_0, q4_k, q4_1, q4_0,
+    q3_k, q2_k, f16, bf16, f32).
+  - The mixes raise some tensors. use_more_bits(i, n) is i < n/8 || i >= 7n/8 ||
+    (i - n/8) % 3 == 2 for layer i of n:
+      q4_k_m, q5_k_m  attn_v and ffn_down Q6_K where use_more_bits(i, n)
+      q4_k_s          attn_v Q5_K in layers 0-3, ffn_down Q5_K in layers below n/8
+      q3_k_m          attn_v Q5_K in layers 0-1 then Q4_K; attn_output Q4_K;
+                      ffn_down Q5_K below n/16 then Q4_K
+      q3_k_l          attn_v, attn_output, ffn_down Q5_K
+      q2_k            attn_v Q4_K (Q3_K with under 4 query heads per KV head);
+                      attn_output, ffn_down Q3_K
+    (80-layer grouped-query models, llama.cpp's 70B, also get attn_v Q5_K instead of
+    Q3_K/Q4_K.) q3_k_s, q5_k_s, q6_k and the single types add nothing.
+  - --pure: no head or mix rule; every 2-D tensor in the base type.
+  - quantize applies these rules to llama files only (they read llama.block_count and the
+    head counts); give other architectures --pure.
+  - Rows that do not fit a type's blocks (256 values for the K types, 32 for the others) fall
+    back as llama.cpp's: Q2_K, Q3_K -> Q4_0; Q4_K -> Q5_0; Q5_K -> Q5_1; Q6_K -> Q8_0; and F16
+    when even 32 does not divide the row.
+  Quantized blocks are byte-identical to llama.cpp's reference quantizers (no importance
+  matrix). `airlock inspect FILE` shows the mix a file holds.
 
 The output appears only when complete: it is written to a temporary file next to OUT
 (.NAME.tmp.PID.N), fsynced and renamed. On any error or Ctrl-C nothing is left at OUT (a
@@ -26,6 +49,10 @@ second Ctrl-C exits at once and may leave the clearly named temporary file).";
 
 fn out_type(s: &str) -> Result<OutType, String> {
     OutType::parse(s).map_err(|e| e.to_string())
+}
+
+fn tensor_type(s: &str) -> Result<GgmlType, String> {
+    airlock_convert::parse_tensor_type(s).map_err(|e| e.to_string())
 }
 
 #[derive(clap::Args)]
@@ -37,13 +64,14 @@ pub struct ConvertArgs {
     /// Output GGUF file
     #[arg(short = 'o', long = "output", value_name = "OUT.gguf")]
     pub output: PathBuf,
-    /// Tensor type: q8_0, q4_0, q4_1, f16, bf16 or f32 (see the policy below)
+    /// File type: q8_0, q6_k, q5_k_m, q5_k_s, q5_1, q5_0, q4_k_m, q4_k_s, q4_1, q4_0, q3_k_l,
+    /// q3_k_m, q3_k_s, q2_k, f16, bf16 or f32 (llama-quantize's mixes; see the policy below)
     #[arg(long = "type", value_name = "TYPE", value_parser = out_type)]
     pub ty: OutType,
-    /// Type of the output head (and of a tied token embedding)
-    #[arg(long = "output-type", value_name = "TYPE", value_parser = out_type)]
-    pub output_type: Option<OutType>,
-    /// Every 2-D tensor in --type (no higher-precision output head)
+    /// Tensor type of the output head (and of a tied token embedding), e.g. q8_0 or q6_k
+    #[arg(long = "output-type", value_name = "TYPE", value_parser = tensor_type)]
+    pub output_type: Option<GgmlType>,
+    /// Every 2-D tensor in --type's base type (no output-head or mix rule)
     #[arg(long)]
     pub pure: bool,
     /// tokenizer.ggml.pre to write instead of detecting it (llama-bpe for Llama 3 / 3.1 /
@@ -67,13 +95,14 @@ pub struct QuantizeArgs {
     /// Output GGUF file
     #[arg(short = 'o', long = "output", value_name = "OUT.gguf")]
     pub output: PathBuf,
-    /// Tensor type: q8_0, q4_0, q4_1, f16, bf16 or f32 (see the policy below)
+    /// File type: q8_0, q6_k, q5_k_m, q5_k_s, q5_1, q5_0, q4_k_m, q4_k_s, q4_1, q4_0, q3_k_l,
+    /// q3_k_m, q3_k_s, q2_k, f16, bf16 or f32 (llama-quantize's mixes; see the policy below)
     #[arg(long = "type", value_name = "TYPE", value_parser = out_type)]
     pub ty: OutType,
-    /// Type of the output head (and of a tied token embedding)
-    #[arg(long = "output-type", value_name = "TYPE", value_parser = out_type)]
-    pub output_type: Option<OutType>,
-    /// Every 2-D tensor in --type (no higher-precision output head)
+    /// Tensor type of the output head (and of a tied token embedding), e.g. q8_0 or q6_k
+    #[arg(long = "output-type", value_name = "TYPE", value_parser = tensor_type)]
+    pub output_type: Option<GgmlType>,
+    /// Every 2-D tensor in --type's base type (no output-head or mix rule)
     #[arg(long)]
     pub pure: bool,
     /// Accept already-quantized tensors: dequantize them and quantize again (loses precision

@@ -24,9 +24,12 @@
 //!                  "n_elements", "n_bytes", "offset" (relative to the data section),
 //!                  "file_offset" (absolute), "computable": bool } ],
 //!   "totals": { "parameters", "tensor_bytes", "bits_per_weight",
-//!               "file_type": null | { "id", "name": "<llama.cpp LLAMA_FTYPE_* suffix> | null" },
-//!               "types": [ { "type", "tensors", "n_elements", "n_bytes" } ] },
+//!               "file_type": null | { "id", "name": "<llama.cpp LLAMA_FTYPE_* suffix> | null",
+//!                                     "label": "<llama.cpp's name, e.g. Q4_K - Medium> | null" },
+//!               // the mix: one entry per tensor type, by type name
+//!               "types": [ { "type", "tensors", "n_elements", "n_bytes", "bits_per_weight" } ] },
 //!   "unsupported_types": [ "<ggml type airlock cannot compute yet>" ],
+//!   "unsupported_tensors": [ "<name of each tensor of those types, in file order>" ],
 //!   "warnings": [ "<llama.cpp compatibility notes>" ]
 //! }
 //! ```
@@ -39,7 +42,7 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use airlock_engine::gguf::{Array, GgufError, GgufFile, TensorInfo, Value};
+use airlock_engine::gguf::{Array, FileType, GgufError, GgufFile, TensorInfo, Value};
 use airlock_engine::load::{open_gguf, LoadError};
 use anyhow::Context;
 use serde_json::{json, Value as Json};
@@ -124,6 +127,29 @@ pub fn file_type_name(id: u32) -> Option<&'static str> {
     airlock_engine::gguf::FileType::from_id(id).map(|f| f.name)
 }
 
+/// Bits per weight of `bytes` holding `elements` values (0 for none).
+fn bpw(bytes: u64, elements: u64) -> f64 {
+    if elements == 0 {
+        0.0
+    } else {
+        bytes as f64 * 8.0 / elements as f64
+    }
+}
+
+/// Tensor names, the first `shown` and a count of the rest.
+fn name_list(names: &[&str], shown: usize) -> String {
+    let mut s = names
+        .iter()
+        .take(shown)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > shown {
+        let _ = write!(s, " and {} more", names.len() - shown);
+    }
+    s
+}
+
 /// Per-type tallies, totals and compatibility notes computed once for both outputs.
 struct Report {
     parameters: u64,
@@ -131,6 +157,8 @@ struct Report {
     /// Type name -> (tensors, elements, bytes), sorted by name.
     types: BTreeMap<&'static str, (usize, u64, u64)>,
     unsupported: Vec<&'static str>,
+    /// Tensors of the unsupported types, in file order.
+    unsupported_tensors: Vec<String>,
     file_type: Option<u32>,
     warnings: Vec<String>,
 }
@@ -155,6 +183,12 @@ impl Report {
             .collect();
         unsupported.sort_unstable();
         unsupported.dedup();
+        let unsupported_tensors = f
+            .tensors()
+            .iter()
+            .filter(|t| !t.ty.can_compute())
+            .map(|t| t.name.clone())
+            .collect();
         let mut warnings = Vec::new();
         let mut expect = 0u64;
         for t in f.tensors() {
@@ -182,17 +216,14 @@ impl Report {
             tensor_bytes,
             types,
             unsupported,
+            unsupported_tensors,
             file_type: f.get_u32("general.file_type"),
             warnings,
         }
     }
 
     fn bits_per_weight(&self) -> f64 {
-        if self.parameters == 0 {
-            0.0
-        } else {
-            self.tensor_bytes as f64 * 8.0 / self.parameters as f64
-        }
+        bpw(self.tensor_bytes, self.parameters)
     }
 
     fn text(&self, path: &std::path::Path, f: &GgufFile) -> String {
@@ -263,15 +294,24 @@ impl Report {
             human(self.tensor_bytes)
         );
         let _ = writeln!(o, "  bits per weight: {:.2}", self.bits_per_weight());
-        let ft = match self.file_type {
+        let ft = match self.file_type.map(|id| (id, FileType::from_id(id))) {
             None => "not given".to_string(),
-            Some(id) => format!("{} ({id})", file_type_name(id).unwrap_or("unknown")),
+            Some((id, None)) => format!("unknown ({id})"),
+            Some((id, Some(f))) => format!("{} ({id}), llama.cpp's \"{}\"", f.name, f.label),
         };
         let _ = writeln!(o, "  file type:       {ft}");
+        let _ = writeln!(o, "  mix (bytes and bits per weight of each tensor type):");
         for (name, (n, elems, bytes)) in &self.types {
+            let share = if self.tensor_bytes == 0 {
+                0.0
+            } else {
+                *bytes as f64 * 100.0 / self.tensor_bytes as f64
+            };
             let _ = writeln!(
                 o,
-                "  {name:8} {n:>5} tensors  {elems:>14} elements  {bytes:>14} bytes"
+                "    {name:8} {n:>5} tensors  {elems:>14} elements  {bytes:>14} bytes  {:>10}  {share:5.1}%  {:5.2} bits/weight",
+                human(*bytes),
+                bpw(*bytes, *elems)
             );
         }
 
@@ -283,6 +323,17 @@ impl Report {
                 o,
                 "  tensor types airlock cannot compute yet: {} (running this file will say \"type not supported yet\")",
                 self.unsupported.join(", ")
+            );
+            let names: Vec<&str> = self
+                .unsupported_tensors
+                .iter()
+                .map(String::as_str)
+                .collect();
+            let _ = writeln!(
+                o,
+                "  tensors of those types ({}): {}",
+                names.len(),
+                name_list(&names, 10)
             );
         }
         for w in &self.warnings {
@@ -334,7 +385,8 @@ impl Report {
             .types
             .iter()
             .map(|(name, (n, elems, bytes))| {
-                json!({ "type": name, "tensors": n, "n_elements": elems, "n_bytes": bytes })
+                json!({ "type": name, "tensors": n, "n_elements": elems, "n_bytes": bytes,
+                        "bits_per_weight": bpw(*bytes, *elems) })
             })
             .collect();
         json!({
@@ -356,10 +408,15 @@ impl Report {
                 "parameters": self.parameters,
                 "tensor_bytes": self.tensor_bytes,
                 "bits_per_weight": self.bits_per_weight(),
-                "file_type": self.file_type.map(|id| json!({ "id": id, "name": file_type_name(id) })),
+                "file_type": self.file_type.map(|id| json!({
+                    "id": id,
+                    "name": file_type_name(id),
+                    "label": FileType::from_id(id).map(|f| f.label),
+                })),
                 "types": types,
             },
             "unsupported_types": self.unsupported,
+            "unsupported_tensors": self.unsupported_tensors,
             "warnings": self.warnings,
         })
     }

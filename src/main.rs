@@ -46,7 +46,7 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Convert a Hugging Face Llama checkpoint (safetensors) to GGUF
     Convert(convert_cmd::ConvertArgs),
-    /// Re-type a GGUF file (f32/f16/bf16 to q8_0, q4_0, ...) under the same policy as convert
+    /// Re-type a GGUF file (f32/f16/bf16 to q4_k_m, q8_0, ...) under the same policy as convert
     Quantize(convert_cmd::QuantizeArgs),
     /// Write a GGUF model back out as a Hugging Face checkpoint directory
     Export(convert_cmd::ExportArgs),

@@ -273,6 +273,8 @@ fn expected_type(name: &str, dims: &[u64], ty: &str, tied: bool) -> GgmlType {
     }
     let head = name == "output.weight" || (tied && name == "token_embd.weight");
     let t = match (ty, head) {
+        // llama-quantize's head rule: Q6_K, or Q8_0 where rows do not fit 256.
+        ("q4_0" | "q4_1", true) if dims[0].is_multiple_of(256) => GgmlType::Q6_K,
         ("q4_0" | "q4_1", true) => GgmlType::Q8_0,
         ("q4_0", false) => GgmlType::Q4_0,
         ("q4_1", false) => GgmlType::Q4_1,
@@ -894,6 +896,52 @@ fn ctrl_c_leaves_nothing() {
     assert!(err.contains("interrupted"), "{err}");
     assert!(!out.exists());
     assert_eq!(std::fs::read_dir(outdir.path()).unwrap().count(), 0);
+}
+
+/// `convert --type q4_k_m` (and q3_k_m) writes the file `convert --type f32` then `quantize` does:
+/// the mix follows the same model facts whichever way in. Needs the K-quant quantizers.
+#[test]
+fn k_mixes_convert_as_they_quantize() {
+    let d = tempfile::tempdir().unwrap();
+    let sp = Spec {
+        layers: 8,
+        hidden: 256,
+        heads: 4,
+        kv_heads: 1,
+        ffn: 512,
+        tied: false,
+        ..spec()
+    };
+    write_checkpoint(&d.path().join("ckpt"), &sp);
+    let ckpt = d.path().join("ckpt");
+    let f32 = d.path().join("m.f32.gguf");
+    let o = airlock(&["convert", s(&ckpt), "-o", s(&f32), "--type", "f32"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for ty in ["q4_k_m", "q3_k_m"] {
+        let direct = d.path().join(format!("m.{ty}.gguf"));
+        let via = d.path().join(format!("m.{ty}-from-f32.gguf"));
+        let o = airlock(&["convert", s(&ckpt), "-o", s(&direct), "--type", ty]);
+        assert!(o.status.success(), "{ty}: {}", stderr(&o));
+        let o = airlock(&["quantize", s(&f32), "-o", s(&via), "--type", ty]);
+        assert!(o.status.success(), "{ty}: {}", stderr(&o));
+        assert!(
+            std::fs::read(&direct).unwrap() == std::fs::read(&via).unwrap(),
+            "{ty}: convert and quantize differ"
+        );
+        let f = GgufFile::open(&direct).unwrap();
+        let ty_of = |n: &str| f.tensor(n).unwrap().ty;
+        assert_eq!(ty_of("output.weight"), GgmlType::Q6_K, "{ty}");
+        let (v0, v7) = match ty {
+            "q4_k_m" => (GgmlType::Q6_K, GgmlType::Q6_K),
+            _ => (GgmlType::Q5_K, GgmlType::Q4_K),
+        };
+        assert_eq!(ty_of("blk.0.attn_v.weight"), v0, "{ty}");
+        assert_eq!(ty_of("blk.7.attn_v.weight"), v7, "{ty}");
+        assert_eq!(
+            f.get_u32("general.file_type"),
+            Some(if ty == "q4_k_m" { 15 } else { 12 })
+        );
+    }
 }
 
 #[test]

@@ -265,3 +265,75 @@ fn a_missing_file_is_an_error() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("/nonexistent/x.gguf"), "{}", stderr(&o));
 }
+
+/// The mix: each type's tensors, bytes and bits per weight; and which tensors have types airlock
+/// cannot compute.
+#[test]
+fn the_mix_and_the_uncomputable_tensors_are_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let metadata = vec![
+        (
+            "general.architecture".to_string(),
+            Value::String("llama".into()),
+        ),
+        ("general.file_type".to_string(), Value::U32(30)),
+    ];
+    let t = |name: &str, dims: &[u64], ty| TensorSpec {
+        name: name.into(),
+        dims: dims.to_vec(),
+        ty,
+    };
+    let specs = vec![
+        t("blk.0.attn_q.weight", &[256, 8], GgmlType::IQ4_XS),
+        t("blk.0.attn_k.weight", &[256, 8], GgmlType::IQ4_XS),
+        t("blk.0.attn_v.weight", &[256, 4], GgmlType::Q8_0),
+        t("output_norm.weight", &[256], GgmlType::F32),
+    ];
+    let mut w = GgufWriter::new(Vec::new(), &metadata, &specs).unwrap();
+    for s in &specs {
+        let n: u64 = s.dims.iter().product();
+        w.write_tensor_data(&vec![0u8; s.ty.row_bytes(n).unwrap() as usize])
+            .unwrap();
+    }
+    let p = dir.path().join("iq4xs.gguf");
+    std::fs::write(&p, w.finish().unwrap()).unwrap();
+
+    let o = inspect(&p, false);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    // IQ4_XS: 2 x 2048 values in 2 x 8 x 136 bytes = 4.25 bits per weight.
+    let iq = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("IQ4_XS"))
+        .unwrap();
+    for needle in [
+        "2 tensors",
+        "4096 elements",
+        "2176 bytes",
+        "4.25 bits/weight",
+    ] {
+        assert!(iq.contains(needle), "{needle:?} not in {iq:?}");
+    }
+    let q8 = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("Q8_0"))
+        .unwrap();
+    assert!(q8.contains("8.50 bits/weight"), "{q8}");
+    for needle in [
+        "MOSTLY_IQ4_XS (30), llama.cpp's \"IQ4_XS - 4.25 bpw\"",
+        "cannot compute yet: IQ4_XS",
+        "tensors of those types (2): blk.0.attn_q.weight, blk.0.attn_k.weight",
+    ] {
+        assert!(out.contains(needle), "output lacks {needle:?}:\n{out}");
+    }
+    let j = json(&inspect(&p, true));
+    let types = j["totals"]["types"].as_array().unwrap();
+    let iq = types.iter().find(|t| t["type"] == "IQ4_XS").unwrap();
+    assert_eq!(iq["bits_per_weight"], 4.25);
+    assert_eq!(iq["n_bytes"], 2176);
+    assert_eq!(j["totals"]["file_type"]["label"], "IQ4_XS - 4.25 bpw");
+    assert_eq!(
+        j["unsupported_tensors"],
+        serde_json::json!(["blk.0.attn_q.weight", "blk.0.attn_k.weight"])
+    );
+}

@@ -11,7 +11,7 @@ use serde_json::{Map, Value as Json};
 
 use crate::checkpoint::{rope_type_of, HfConfig, Weights};
 use crate::error::{ConvertError, Result};
-use crate::policy::{Policy, Role};
+use crate::policy::{ModelFacts, Policy};
 use crate::rope::Llama3Rope;
 use crate::stream::{write_gguf, Progress, RowMap, Source, TensorJob};
 use crate::vocab::HfVocab;
@@ -172,12 +172,13 @@ fn plan<'w>(
         });
     }
     let (h, v) = (c.hidden as u64, c.vocab_size as u64);
-    let mut add = |hf: &str, gguf: &str, shape: Vec<u64>, rows: RowMap, role: Role| -> Result<()> {
+    // Types are chosen below, once every tensor is known (llama.cpp's rules count layers).
+    let mut add = |hf: &str, gguf: &str, shape: Vec<u64>, rows: RowMap| -> Result<()> {
         let t = w.get(hf, &shape)?;
         let dims: Vec<u64> = shape.iter().rev().copied().collect();
         let job = TensorJob {
             name: gguf.to_string(),
-            out: policy.choose(&dims, role),
+            out: t.ty,
             dims,
             src: Source::Bytes {
                 ty: t.ty,
@@ -192,21 +193,15 @@ fn plan<'w>(
         jobs.push(job);
         Ok(())
     };
-    let embd_role = if c.tied {
-        Role::OutputHead
-    } else {
-        Role::Other
-    };
     add(
         "model.embed_tokens.weight",
         "token_embd.weight",
         vec![v, h],
         RowMap::Identity,
-        embd_role,
     )?;
     for i in 0..c.n_layers {
         for (hf, gguf, shape, rows) in layer_tensors(c, i) {
-            add(&hf, &gguf, shape, rows, Role::Other)?;
+            add(&hf, &gguf, shape, rows)?;
         }
     }
     add(
@@ -214,7 +209,6 @@ fn plan<'w>(
         "output_norm.weight",
         vec![h],
         RowMap::Identity,
-        Role::Other,
     )?;
     if !c.tied {
         add(
@@ -222,7 +216,6 @@ fn plan<'w>(
             "output.weight",
             vec![v, h],
             RowMap::Identity,
-            Role::OutputHead,
         )?;
     }
     for name in w.index.keys() {
@@ -241,6 +234,19 @@ fn plan<'w>(
                 c.n_layers
             ),
         ));
+    }
+    let facts = ModelFacts {
+        n_layer: c.n_layers as u64,
+        n_head: c.n_head as u64,
+        n_head_kv: c.n_head_kv as u64,
+    };
+    let list: Vec<(&str, &[u64], GgmlType)> = jobs
+        .iter()
+        .map(|j| (j.name.as_str(), j.dims.as_slice(), j.out))
+        .collect();
+    let types = policy.plan(&facts, &list);
+    for (j, t) in jobs.iter_mut().zip(types) {
+        j.out = t;
     }
     Ok(jobs)
 }

@@ -164,6 +164,7 @@ fn pretty(v: &Json) -> Vec<u8> {
 pub fn export(opts: &ExportOptions) -> Result<Report> {
     let start = Instant::now();
     let f = open_gguf(&opts.input)?;
+    crate::quantize::check_readable(&opts.input, &f)?;
     let gerr = |msg: String| ConvertError::BadGguf {
         path: opts.input.clone(),
         msg,
@@ -220,13 +221,6 @@ pub fn export(opts: &ExportOptions) -> Result<Report> {
                 "not a Llama tensor export knows how to name",
             )
         })?;
-        if !airlock_kernels::quant::has_row_codec(t.ty) {
-            return Err(ConvertError::tensor(
-                &opts.input,
-                t.name.clone(),
-                format!("type {} cannot be dequantized by airlock", t.ty),
-            ));
-        }
         jobs.push(TensorJob {
             name,
             dims: t.dims.clone(),

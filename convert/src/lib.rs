@@ -23,7 +23,7 @@ pub mod vocab;
 pub use convert::{convert, ConvertOptions, Report, ROPE_SCALING_PREFIX};
 pub use error::{ConvertError, Result};
 pub use export::{export, ExportDtype, ExportOptions, DEFAULT_SHARD_BYTES};
-pub use policy::{OutType, Policy, Role};
+pub use policy::{parse_tensor_type, ModelFacts, OutType, Policy};
 pub use quantize::{quantize, QuantizeOptions};
 
 /// Makes Ctrl-C stop a running conversion cleanly: the work stops at the next chunk, the
