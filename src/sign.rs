@@ -3,7 +3,7 @@
 //! `signature` module computes it). Verification lives in the engine; see `verify.rs`.
 
 use std::fs::OpenOptions;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -159,6 +159,11 @@ impl SigningKey {
                     bad(e.to_string())
                 }
             })?
+        } else if raw[126..].iter().all(|&b| b == 0) {
+            // The `minisign` tool's unencrypted keys (-W) carry no checksum, which the crate's
+            // reader insists on. Signing checks the result against the public half, so a
+            // damaged key still fails, at the first signature.
+            SecretKey::from_bytes(&raw).map_err(|e| bad(e.to_string()))?
         } else {
             SecretKey::from_unencrypted_box(skbox).map_err(|e| bad(e.to_string()))?
         };
@@ -205,6 +210,10 @@ fn check_password(pw: String, from: &str) -> Result<String> {
 }
 
 fn prompt_password(prompt: &str) -> Result<String> {
+    // A script with redirected input gets an error, not a prompt on a terminal it cannot see.
+    if !std::io::stdin().is_terminal() {
+        bail!("no terminal to ask the password on (standard input is not one); use --password-file FILE");
+    }
     let pw = rpassword::prompt_password(prompt).map_err(|e| {
         anyhow!("cannot read a password from the terminal ({e}); use --password-file FILE")
     })?;
