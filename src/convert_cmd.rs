@@ -5,6 +5,8 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crate::load::SignatureArgs;
+use crate::sign::{sign_and_report, SignWithArgs, SigningKey};
 use airlock_convert::{
     ConvertError, ConvertOptions, ExportDtype, ExportOptions, OutType, Policy, QuantizeOptions,
     Report,
@@ -82,6 +84,8 @@ pub struct ConvertArgs {
     /// tensor stops the run, naming it: a model with one computes NaN)
     #[arg(long = "allow-nonfinite")]
     pub allow_nonfinite: bool,
+    #[command(flatten)]
+    pub sign: SignWithArgs,
     /// No progress bar
     #[arg(short = 'q', long)]
     pub quiet: bool,
@@ -113,6 +117,10 @@ pub struct QuantizeArgs {
     /// tensor stops the run, naming it: a model with one computes NaN)
     #[arg(long = "allow-nonfinite")]
     pub allow_nonfinite: bool,
+    #[command(flatten)]
+    pub signature: SignatureArgs,
+    #[command(flatten)]
+    pub sign: SignWithArgs,
     /// No progress bar
     #[arg(short = 'q', long)]
     pub quiet: bool,
@@ -162,6 +170,8 @@ pub struct ExportArgs {
     /// Largest safetensors shard (e.g. 5GB, 500MB)
     #[arg(long = "max-shard-size", value_name = "SIZE", default_value = "5GB", value_parser = byte_size)]
     pub max_shard_size: u64,
+    #[command(flatten)]
+    pub signature: SignatureArgs,
     /// No progress bar
     #[arg(short = 'q', long)]
     pub quiet: bool,
@@ -184,11 +194,32 @@ fn finish(result: Result<Report, ConvertError>, out: &std::path::Path) -> anyhow
     }
 }
 
+/// [`finish`], then sign the output when it was written and a key was given.
+fn finish_signed(
+    result: Result<Report, ConvertError>,
+    out: &std::path::Path,
+    key: Option<SigningKey>,
+) -> anyhow::Result<ExitCode> {
+    let written = result.is_ok();
+    let code = finish(result, out)?;
+    if let (true, Some(key)) = (written, key) {
+        use anyhow::Context;
+        sign_and_report(out, &key).with_context(|| {
+            format!(
+                "{} was written but not signed (sign it with `airlock sign`)",
+                out.display()
+            )
+        })?;
+    }
+    Ok(code)
+}
+
 fn progress(quiet: bool) -> bool {
     !quiet && std::io::stderr().is_terminal()
 }
 
 pub fn run_convert(args: ConvertArgs) -> anyhow::Result<ExitCode> {
+    let key = args.sign.open()?;
     airlock_convert::install_interrupt_handler();
     let opts = ConvertOptions {
         input: args.input,
@@ -202,10 +233,11 @@ pub fn run_convert(args: ConvertArgs) -> anyhow::Result<ExitCode> {
         progress: progress(args.quiet),
         allow_nonfinite: args.allow_nonfinite,
     };
-    finish(airlock_convert::convert(&opts), &opts.output)
+    finish_signed(airlock_convert::convert(&opts), &opts.output, key)
 }
 
 pub fn run_quantize(args: QuantizeArgs) -> anyhow::Result<ExitCode> {
+    let key = args.sign.open()?;
     airlock_convert::install_interrupt_handler();
     let opts = QuantizeOptions {
         input: args.input,
@@ -218,8 +250,9 @@ pub fn run_quantize(args: QuantizeArgs) -> anyhow::Result<ExitCode> {
         allow_requantize: args.allow_requantize,
         progress: progress(args.quiet),
         allow_nonfinite: args.allow_nonfinite,
+        require_signature: args.signature.require_signature,
     };
-    finish(airlock_convert::quantize(&opts), &opts.output)
+    finish_signed(airlock_convert::quantize(&opts), &opts.output, key)
 }
 
 pub fn run_export(args: ExportArgs) -> anyhow::Result<ExitCode> {
@@ -230,6 +263,7 @@ pub fn run_export(args: ExportArgs) -> anyhow::Result<ExitCode> {
         dtype: args.dtype,
         max_shard_bytes: args.max_shard_size,
         progress: progress(args.quiet),
+        require_signature: args.signature.require_signature,
     };
     finish(airlock_convert::export(&opts), &opts.output)
 }

@@ -11,8 +11,10 @@ mod load;
 mod perplexity;
 mod run;
 mod serve;
+mod sign;
 mod synthetic;
 mod tokenize;
+mod verify;
 
 #[derive(Parser)]
 #[command(
@@ -57,6 +59,14 @@ enum Command {
     BatchedBench(batched_bench::BatchedBenchArgs),
     /// Measure a model's perplexity on a text, as llama-perplexity does
     Perplexity(perplexity::PerplexityArgs),
+    /// Make a minisign key pair for signing models (NAME.pub, NAME.key)
+    Keygen(sign::KeygenArgs),
+    /// Sign a model: a minisign signature and a signed per-tensor manifest beside it
+    Sign(sign::SignArgs),
+    /// Check a model against its signed manifest, naming any tensor whose bytes differ
+    Verify(verify::VerifyArgs),
+    /// Print a model's SHA-256 digests (whole file, and each tensor and the metadata)
+    Hash(verify::HashArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -85,6 +95,10 @@ fn main() -> std::process::ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::BatchedBench(args) => batched_bench::run(args),
         Command::Perplexity(args) => perplexity::run(args),
+        Command::Keygen(args) => sign::run_keygen(args),
+        Command::Sign(args) => sign::run_sign(args),
+        Command::Verify(args) => verify::run_verify(args),
+        Command::Hash(args) => verify::run_hash(args),
     };
     match result {
         Ok(code) => code,

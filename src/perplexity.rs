@@ -9,7 +9,7 @@ use airlock_engine::bounded::read_bounded_string;
 use airlock_engine::perplexity::{perplexity, PerplexityParams};
 use anyhow::{bail, Context, Result};
 
-use crate::load::{load, KvTypeArg, ModelArgs};
+use crate::load::{load, KvTypeArg, ModelArgs, SignatureArgs};
 
 /// The longest text read: far more than any evaluation needs.
 const MAX_TEXT_BYTES: u64 = 256 << 20;
@@ -53,6 +53,8 @@ pub struct PerplexityArgs {
     /// Run even when the estimated memory exceeds what is available
     #[arg(long)]
     pub force: bool,
+    #[command(flatten)]
+    pub signature: SignatureArgs,
 }
 
 pub fn run(args: PerplexityArgs) -> Result<ExitCode> {
@@ -69,6 +71,7 @@ pub fn run(args: PerplexityArgs) -> Result<ExitCode> {
         exact: args.exact,
         no_repack: args.no_repack,
         force: args.force,
+        signature: args.signature.clone(),
         ..ModelArgs::new(args.model.clone())
     };
     let loaded = load(&model_args)?;

@@ -36,6 +36,9 @@ pub enum ConvertError {
     /// A GGUF input could not be read or is not something this command handles.
     #[error("{path}: {msg}")]
     BadGguf { path: PathBuf, msg: String },
+    /// A signature was required of the input and it is missing, wrong or does not match.
+    #[error(transparent)]
+    Signature(#[from] airlock_engine::signature::SignatureError),
     /// Bad command-line choices (types, names).
     #[error("{0}")]
     Usage(String),

@@ -77,6 +77,9 @@ pub struct ExportOptions {
     /// Largest safetensors shard; one `model.safetensors` when everything fits.
     pub max_shard_bytes: u64,
     pub progress: bool,
+    /// A minisign public key the input's signed manifest must be signed by (the host policy
+    /// applies whatever this says).
+    pub require_signature: Option<PathBuf>,
 }
 
 /// A safetensors header for `(name, dtype, HF shape, n_bytes)` entries laid out back to back:
@@ -163,7 +166,7 @@ fn pretty(v: &Json) -> Vec<u8> {
 
 pub fn export(opts: &ExportOptions) -> Result<Report> {
     let start = Instant::now();
-    let f = open_gguf(&opts.input)?;
+    let f = open_gguf(&opts.input, opts.require_signature.as_deref())?;
     crate::quantize::check_readable(&opts.input, &f)?;
     let gerr = |msg: String| ConvertError::BadGguf {
         path: opts.input.clone(),

@@ -24,24 +24,47 @@ pub struct QuantizeOptions {
     pub progress: bool,
     /// Write tensors holding NaN or infinities instead of refusing them.
     pub allow_nonfinite: bool,
+    /// A minisign public key the input's signed manifest must be signed by (the host policy
+    /// applies whatever this says).
+    pub require_signature: Option<std::path::PathBuf>,
 }
 
-pub(crate) fn open_gguf(path: &std::path::Path) -> Result<GgufFile> {
+/// Open the input GGUF, checking its signed manifest first when the host policy or
+/// `require_signature` asks for one.
+pub(crate) fn open_gguf(
+    path: &std::path::Path,
+    require_signature: Option<&std::path::Path>,
+) -> Result<GgufFile> {
+    use airlock_engine::load::{open_gguf_checked, LoadError};
+    use airlock_engine::signature::Requirement;
     if !path.exists() {
         return Err(ConvertError::MissingFile {
             path: path.into(),
             what: "GGUF file".into(),
         });
     }
-    GgufFile::open(path).map_err(|e| ConvertError::BadGguf {
-        path: path.into(),
-        msg: e.to_string(),
-    })
+    let req = Requirement::for_host(require_signature)?;
+    match open_gguf_checked(path, false, &req) {
+        Ok((f, _)) => Ok(f),
+        Err(LoadError::Signature(e)) => Err(e.into()),
+        Err(LoadError::Open { error, .. }) => Err(ConvertError::BadGguf {
+            path: path.into(),
+            msg: error.to_string(),
+        }),
+        Err(LoadError::Gguf { error, .. }) => Err(ConvertError::BadGguf {
+            path: path.into(),
+            msg: error.to_string(),
+        }),
+        Err(e) => Err(ConvertError::BadGguf {
+            path: path.into(),
+            msg: e.to_string(),
+        }),
+    }
 }
 
 pub fn quantize(opts: &QuantizeOptions) -> Result<Report> {
     let start = Instant::now();
-    let f = open_gguf(&opts.input)?;
+    let f = open_gguf(&opts.input, opts.require_signature.as_deref())?;
     check_output_file(&opts.output)?;
     check_readable(&opts.input, &f)?;
     let facts = model_facts(&opts.input, &f, &opts.policy)?;

@@ -10,6 +10,7 @@
 //! - [`load`]: loading a model to run, as every front end does it: open, memory check,
 //!   repack, tokenizer.
 //! - [`bounded`]: reading whole files without trusting their reported size.
+//! - [`signature`]: signed per-tensor manifests, checked against the mapped bytes on load.
 //! - [`perplexity`]: llama-perplexity's measurement, several chunks per forward pass.
 //! - [`memory`]: the memory a run will need, checked before loading.
 
@@ -22,4 +23,5 @@ pub mod load;
 pub mod memory;
 pub mod perplexity;
 pub mod sampling;
+pub mod signature;
 pub mod tokenizer;

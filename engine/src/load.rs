@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use crate::gguf::{GgufError, GgufFile, OpenOptions};
 use crate::llama::{KvType, LlamaModel, ModelError, Precision, Session};
 use crate::memory::{available_memory, human_bytes, MemoryEstimate};
+use crate::signature::{self, Requirement, SignatureError, Verified};
 use crate::tokenizer::{Tokenizer, TokenizerError, VocabSpec};
 
 /// Why a model could not be loaded. Each variant names the file; none names a front end's
@@ -94,6 +95,10 @@ pub enum LoadError {
         vocab: usize,
         rows: usize,
     },
+    /// A signature was required and is missing, wrong or does not match (or the host policy
+    /// is broken).
+    #[error(transparent)]
+    Signature(#[from] SignatureError),
 }
 
 /// How to load a model. [`Default`] gives the CLI's defaults.
@@ -116,6 +121,9 @@ pub struct LoadOptions {
     pub tokenizer_json: Option<PathBuf>,
     /// Prompt tokens per forward pass, for the estimate of the activation buffers.
     pub batch: usize,
+    /// A minisign public key the model's signed manifest must be signed by. The host policy
+    /// ([`signature::HostPolicy::system`]) is enforced whatever this says.
+    pub require_signature: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
@@ -130,6 +138,7 @@ impl Default for LoadOptions {
             force: false,
             tokenizer_json: None,
             batch: 512,
+            require_signature: None,
         }
     }
 }
@@ -149,6 +158,8 @@ pub struct LoadReport {
     /// Why the tokenizer may split text differently from the model's own (an unknown
     /// pre-tokenizer), if it may.
     pub pre_tokenizer_warning: Option<String>,
+    /// The signed manifest the bytes were checked against, when a signature was required.
+    pub signature: Option<Verified>,
 }
 
 /// A model ready to run: weights, tokenizer, and the settings its sessions use.
@@ -172,7 +183,12 @@ impl LoadedModel {
 
 /// Open and validate a GGUF file.
 pub fn open_gguf(path: &Path, no_mmap: bool) -> Result<GgufFile, LoadError> {
-    GgufFile::open_with(path, &OpenOptions { no_mmap }).map_err(|e| match e {
+    GgufFile::open_with(path, &OpenOptions { no_mmap }).map_err(|e| gguf_error(path, e))
+}
+
+/// A reader error as a load error: an I/O error names the file it could not open.
+pub(crate) fn gguf_error(path: &Path, e: GgufError) -> LoadError {
+    match e {
         GgufError::Io { path, source } => LoadError::Open {
             path,
             error: source,
@@ -181,27 +197,59 @@ pub fn open_gguf(path: &Path, no_mmap: bool) -> Result<GgufFile, LoadError> {
             path: path.to_path_buf(),
             error,
         },
-    })
+    }
+}
+
+/// Open a GGUF file under `req`: when a signature is required, the signed manifest beside it is
+/// checked against the bytes (mapped, or read with `no_mmap`) before the reader parses them,
+/// then against the parsed tensor table. Returns the manifest that held, if one was required.
+pub fn open_gguf_checked(
+    path: &Path,
+    no_mmap: bool,
+    req: &Requirement,
+) -> Result<(GgufFile, Option<Verified>), LoadError> {
+    if !req.is_required() {
+        return Ok((open_gguf(path, no_mmap)?, None));
+    }
+    let source =
+        GgufFile::read_source(path, &OpenOptions { no_mmap }).map_err(|e| gguf_error(path, e))?;
+    let verified = signature::check_signed_bytes(path, &source, req.keys())?;
+    let file = GgufFile::from_source(source).map_err(|e| gguf_error(path, e))?;
+    verified.check_layout(path, &file)?;
+    Ok((file, Some(verified)))
 }
 
 /// The tokenizer of an opened GGUF (`path` names it in errors), or of `json` built on the
-/// GGUF's special tokens when given.
+/// GGUF's special tokens when given. Under a signature requirement `json` must be signed too
+/// (`JSON.minisig` by every required key); it is read once and checked before it is parsed.
 pub fn tokenizer_for(
     file: &GgufFile,
     path: &Path,
     json: Option<&Path>,
+    req: &Requirement,
 ) -> Result<Tokenizer, LoadError> {
     let spec = VocabSpec::from_gguf(file).map_err(|error| LoadError::Vocabulary {
         path: path.to_path_buf(),
         error,
     })?;
+    let json_err = |json: &Path, error| LoadError::TokenizerJson {
+        path: path.to_path_buf(),
+        json: json.to_path_buf(),
+        error,
+    };
     match json {
+        Some(json) if req.is_required() => {
+            let bytes = signature::read_signed(
+                json,
+                crate::tokenizer::MAX_TOKENIZER_JSON_BYTES,
+                "tokenizer override",
+                req.keys(),
+            )?;
+            Tokenizer::from_tokenizer_json_bytes(json, &bytes, &spec)
+                .map_err(|error| json_err(json, error))
+        }
         Some(json) => {
-            Tokenizer::from_tokenizer_json(json, &spec).map_err(|error| LoadError::TokenizerJson {
-                path: path.to_path_buf(),
-                json: json.to_path_buf(),
-                error,
-            })
+            Tokenizer::from_tokenizer_json(json, &spec).map_err(|error| json_err(json, error))
         }
         None => Tokenizer::from_spec(&spec).map_err(|error| LoadError::Tokenizer {
             path: path.to_path_buf(),
@@ -213,12 +261,26 @@ pub fn tokenizer_for(
 /// Load the model at `path` for running: open and validate it, cap the context at the model's,
 /// check the memory estimate against what is available (unless forced), lock and repack the
 /// weights as asked, and build the tokenizer, checking that it matches the embedding table.
+///
+/// A signature is required when `opts.require_signature` names a key or the host policy file
+/// exists; the check runs before any tensor or metadata value is used.
 pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, LoadError> {
+    let req = Requirement::for_host(opts.require_signature.as_deref())?;
+    load_with(path, opts, &req)
+}
+
+/// [`load`] under an explicit requirement instead of this host's (tests, or a front end that
+/// resolved it already).
+pub fn load_with(
+    path: &Path,
+    opts: &LoadOptions,
+    req: &Requirement,
+) -> Result<LoadedModel, LoadError> {
     let t0 = Instant::now();
     if opts.n_ctx == 0 {
         return Err(LoadError::ZeroContext);
     }
-    let file = open_gguf(path, opts.no_mmap)?;
+    let (file, signature) = open_gguf_checked(path, opts.no_mmap, req)?;
     let mut model = LlamaModel::load(Arc::new(file)).map_err(|error| LoadError::Model {
         path: path.to_path_buf(),
         error,
@@ -255,7 +317,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, LoadError> {
         0
     };
     let repack_time = t.elapsed();
-    let tokenizer = tokenizer_for(&model.file, path, opts.tokenizer_json.as_deref())?;
+    let tokenizer = tokenizer_for(&model.file, path, opts.tokenizer_json.as_deref(), req)?;
     if tokenizer.vocab_size() != model.config.vocab_size {
         return Err(LoadError::VocabularyMismatch {
             path: path.to_path_buf(),
@@ -278,6 +340,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, LoadError> {
             repack_time,
             load_time: t0.elapsed(),
             pre_tokenizer_warning,
+            signature,
         },
     })
 }

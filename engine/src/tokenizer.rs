@@ -389,13 +389,23 @@ impl Tokenizer {
     /// special ids, `add_bos`/`add_eos` and the chat template come from `base`
     /// (the model file's metadata). Only byte-level BPE files are supported.
     pub fn from_tokenizer_json(path: &Path, base: &VocabSpec) -> Result<Self> {
+        let bytes = crate::bounded::read_bounded(path, MAX_TOKENIZER_JSON_BYTES).map_err(|e| {
+            TokenizerError::TokenizerJson {
+                path: path.display().to_string(),
+                msg: e.to_string(),
+            }
+        })?;
+        Self::from_tokenizer_json_bytes(path, &bytes, base)
+    }
+
+    /// [`Self::from_tokenizer_json`] on bytes already read (and, under a signature requirement,
+    /// verified), so the file is not read a second time; `path` names them in errors.
+    pub fn from_tokenizer_json_bytes(path: &Path, bytes: &[u8], base: &VocabSpec) -> Result<Self> {
         let jerr = |msg: String| TokenizerError::TokenizerJson {
             path: path.display().to_string(),
             msg,
         };
-        let bytes = crate::bounded::read_bounded(path, MAX_TOKENIZER_JSON_BYTES)
-            .map_err(|e| jerr(e.to_string()))?;
-        let mut hf = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| jerr(e.to_string()))?;
+        let mut hf = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| jerr(e.to_string()))?;
         if !matches!(hf.get_model(), ModelWrapper::BPE(_)) {
             return Err(jerr("only BPE models are supported".into()));
         }
