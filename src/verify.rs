@@ -34,7 +34,7 @@ pub struct VerifyArgs {
 #[derive(clap::Args)]
 #[command(
     after_help = "Prints the whole-file SHA-256 (the digest Hugging Face lists, in \
-    sha256sum's format) and the SHA-256 of each byte range: offset, length, what it holds. \
+    sha256sum's format), then the SHA-256 of each byte range and what it holds. \
     --json prints the manifest exactly as `airlock sign` writes it, unsigned."
 )]
 pub struct HashArgs {

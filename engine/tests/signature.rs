@@ -538,3 +538,48 @@ fn the_built_in_policy_path_is_the_documented_one() {
     assert_eq!(p.owner, 0);
     assert_eq!(p.path, Path::new(airlock_engine::signature::POLICY_PATH));
 }
+
+mod hostile_manifests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Hashed once for all cases.
+    fn valid_json() -> &'static str {
+        static JSON: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        JSON.get_or_init(|| {
+            let f = GgufFile::open(tiny_llama3()).unwrap();
+            Manifest::compute("m.gguf", &f).to_json()
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Any bytes: a manifest or a `Malformed` error naming the file, never a panic.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            match Manifest::parse(Path::new("x.manifest.json"), &bytes) {
+                Ok(_) => {}
+                Err(e) => prop_assert!(e.to_string().contains("x.manifest.json")),
+            }
+        }
+
+        /// A valid manifest with bytes changed: parsed or refused, and a parsed one still covers
+        /// its size exactly and checks any data without panicking.
+        #[test]
+        fn mutated_manifests_never_panic(
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8)
+        ) {
+            let mut text = valid_json().as_bytes().to_vec();
+            for (at, b) in edits {
+                let i = at.index(text.len());
+                text[i] = b;
+            }
+            if let Ok(m) = Manifest::parse(Path::new("x.manifest.json"), &text) {
+                prop_assert_eq!(m.ranges.iter().map(|r| r.length).sum::<u64>(), m.size);
+                let data = vec![0u8; 4096];
+                let _ = m.check_bytes(Path::new("x"), &data);
+            }
+        }
+    }
+}
