@@ -77,17 +77,20 @@ pub struct LlamaWeights {
 
 impl LlamaWeights {
     pub fn from_gguf(f: &GgufFile, c: &LlamaConfig) -> Result<Self, ModelError> {
+        // Every matrix of a type airlock cannot compute, named in one error, before anything else.
+        let unsupported: Vec<(String, &'static str)> = matrix_names(c.n_layers)
+            .filter_map(|n| f.tensor(&n).map(|t| (n, t.ty)))
+            .filter(|(_, ty)| !ty.can_compute())
+            .map(|(n, ty)| (n, ty.name()))
+            .collect();
+        if !unsupported.is_empty() {
+            return Err(ModelError::UnsupportedTensorTypes(unsupported));
+        }
         let matrix = |name: &str, rows: usize, cols: usize| -> Result<Weight, ModelError> {
             let t = f
                 .tensor(name)
                 .ok_or_else(|| ModelError::MissingTensor(name.into()))?;
             expect_shape(t, &[cols as u64, rows as u64])?;
-            if !t.ty.can_compute() {
-                return Err(ModelError::UnsupportedTensorType {
-                    tensor: name.into(),
-                    ty: t.ty.name(),
-                });
-            }
             Ok(Weight {
                 name: name.into(),
                 ty: t.ty,
@@ -185,8 +188,8 @@ impl LlamaWeights {
             .sum()
     }
 
-    /// Copies every Q4_0/Q4_1/Q8_0 matrix into the packed layout of `kernels`; returns the bytes
-    /// allocated. The forward pass then reads the packed copies on the fast path.
+    /// Copies every matrix of a type the packed kernels take (Q4_0, Q4_1, Q8_0, Q5_0, Q4_K,
+    /// Q6_K) into the packed layout of `kernels`; returns the bytes allocated. The forward pass then reads the packed copies on the fast path.
     pub fn repack(
         &mut self,
         f: &crate::gguf::GgufFile,
@@ -218,6 +221,22 @@ impl LlamaWeights {
     pub fn bytes_per_token(&self) -> usize {
         self.matrices().map(|w| w.n_bytes()).sum()
     }
+}
+
+/// The names of the matrices a Llama model multiplies by (and the embedding), in file order.
+fn matrix_names(n_layers: usize) -> impl Iterator<Item = String> {
+    const LAYER: [&str; 7] = [
+        "attn_q",
+        "attn_k",
+        "attn_v",
+        "attn_output",
+        "ffn_gate",
+        "ffn_up",
+        "ffn_down",
+    ];
+    std::iter::once("token_embd.weight".to_string())
+        .chain((0..n_layers).flat_map(|i| LAYER.iter().map(move |m| format!("blk.{i}.{m}.weight"))))
+        .chain(std::iter::once("output.weight".to_string()))
 }
 
 fn expect_shape(t: &TensorInfo, want: &[u64]) -> Result<(), ModelError> {
