@@ -448,7 +448,11 @@ async fn tokenize_route(
     let st2 = st.clone();
     let ids = tokio::task::spawn_blocking(move || {
         let tok = &st2.loaded.tokenizer;
-        tok.encode(&content, add_special && tok.add_bos_default(), parse_special)
+        tok.encode(
+            &content,
+            add_special && tok.add_bos_default(),
+            parse_special,
+        )
     })
     .await
     .map_err(|e| ApiError::internal(format!("tokenizing failed: {e}")))?
@@ -638,9 +642,7 @@ fn parse_request(m: &Map<String, Value>, kind: Kind, st: &AppState) -> Result<Pa
             let top = opt_u64(m, "top_logprobs")?;
             match (on, top) {
                 (false, Some(_)) => {
-                    return Err(ApiError::bad(
-                        "`top_logprobs` needs `logprobs`: true",
-                    ))
+                    return Err(ApiError::bad("`top_logprobs` needs `logprobs`: true"))
                 }
                 (false, None) => None,
                 (true, top) => Some(top_range("top_logprobs", top.unwrap_or(0))?),
@@ -907,8 +909,10 @@ fn usage(prompt: usize, cached: usize, completion: usize) -> Value {
     })
 }
 
-fn queue_timeout(id: &str, timeout: Option<Duration>) -> ApiError {
+fn queue_timeout(st: &AppState, id: &str) -> ApiError {
     eprintln!("{id}: timed out waiting for a slot (--timeout)");
+    st.stats.timed_out.fetch_add(1, Ordering::Relaxed);
+    let timeout = st.timeout;
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         "server_error",
@@ -1012,7 +1016,7 @@ async fn complete(
     let first = match deadline {
         Some(d) => match tokio::time::timeout_at(d.into(), rx.recv()).await {
             Ok(ev) => ev,
-            Err(_) => return Err(queue_timeout(&id, st.timeout)),
+            Err(_) => return Err(queue_timeout(&st, &id)),
         },
         None => rx.recv().await,
     };
@@ -1021,7 +1025,7 @@ async fn complete(
         Some(Event::Error(e)) => return Err(ApiError::internal(e)),
         Some(_) => return Err(ApiError::internal("the scheduler skipped the start")),
         None if deadline.is_some_and(|d| Instant::now() >= d) => {
-            return Err(queue_timeout(&id, st.timeout))
+            return Err(queue_timeout(&st, &id))
         }
         None => {
             return Err(ApiError::new(

@@ -333,7 +333,13 @@ mod tests {
         for ok in ["*", "https://soc.example", "http://127.0.0.1:3000"] {
             assert!(with(&[ok], &[]).is_ok(), "{ok}");
         }
-        for bad in ["soc.example", "https://soc.example/", "https://", "https://a b", ""] {
+        for bad in [
+            "soc.example",
+            "https://soc.example/",
+            "https://",
+            "https://a b",
+            "",
+        ] {
             let e = with(&[bad], &[]).unwrap_err().to_string();
             assert!(e.contains("--cors-origin"), "{bad}: {e}");
         }

@@ -82,15 +82,18 @@ pub struct TokenLogprob {
 /// The log-softmax of `logits` at `token`, and its `n` largest entries. NaN reads as -inf and
 /// +inf as the largest float, as the sampler reads them. Accumulated in f64, in id order.
 pub fn logprobs(logits: &[f32], token: u32, n: usize) -> TokenLogprob {
-    let clean = |l: f32| if l.is_nan() { f32::NEG_INFINITY } else { l.min(f32::MAX) };
+    let clean = |l: f32| {
+        if l.is_nan() {
+            f32::NEG_INFINITY
+        } else {
+            l.min(f32::MAX)
+        }
+    };
     let max = logits
         .iter()
         .map(|&l| clean(l))
         .fold(f32::NEG_INFINITY, f32::max) as f64;
-    let sum: f64 = logits
-        .iter()
-        .map(|&l| (clean(l) as f64 - max).exp())
-        .sum();
+    let sum: f64 = logits.iter().map(|&l| (clean(l) as f64 - max).exp()).sum();
     let lse = max + sum.ln();
     let lp = |l: f32| (clean(l) as f64 - lse) as f32;
     let mut top: Vec<(u32, f32)> = Vec::with_capacity(n + 1);
@@ -108,7 +111,9 @@ pub fn logprobs(logits: &[f32], token: u32, n: usize) -> TokenLogprob {
     }
     TokenLogprob {
         token,
-        logprob: logits.get(token as usize).map_or(f32::NEG_INFINITY, |&l| lp(l)),
+        logprob: logits
+            .get(token as usize)
+            .map_or(f32::NEG_INFINITY, |&l| lp(l)),
         top: top.into_iter().map(|(id, l)| (id, lp(l))).collect(),
     }
 }
@@ -201,7 +206,11 @@ fn choose_slot(
             continue;
         }
         let shared = if cache_prompt {
-            tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count()
+            tokens
+                .iter()
+                .zip(prompt)
+                .take_while(|(a, b)| a == b)
+                .count()
         } else {
             0
         };
@@ -263,15 +272,14 @@ pub fn run(
                 }
             };
             stats.queued.fetch_sub(1, Ordering::Relaxed);
+            if job.deadline.is_some_and(|d| Instant::now() >= d) {
+                // Its handler gives up at the deadline too, answers 503 and counts it.
+                eprintln!("{}: timed out before it ran (--timeout)", job.id);
+                continue;
+            }
             if job.events.is_closed() {
                 eprintln!("{}: client left before it ran", job.id);
                 stats.cancelled.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            if job.deadline.is_some_and(|d| Instant::now() >= d) {
-                // Its handler gives up at the deadline too and answers 503.
-                eprintln!("{}: timed out before it ran (--timeout)", job.id);
-                stats.timed_out.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             let views: Vec<(bool, &[u32], u64)> = slots
@@ -479,7 +487,9 @@ pub fn run(
                 }
             }
         }
-        stats.prompt_tokens.fetch_add(prompt_rows, Ordering::Relaxed);
+        stats
+            .prompt_tokens
+            .fetch_add(prompt_rows, Ordering::Relaxed);
         if prompt_rows > 0 {
             stats.prompt_nanos.fetch_add(elapsed, Ordering::Relaxed);
         }
@@ -612,7 +622,12 @@ mod tests {
         let b: &[u32] = &[1, 2, 9];
         let empty: &[u32] = &[];
         // Slot 0 is busy (its match does not count); slot 1 shares 4 tokens, slot 2 two.
-        let slots = [(true, a, 1), (false, a, 5), (false, b, 2), (false, empty, 0)];
+        let slots = [
+            (true, a, 1),
+            (false, a, 5),
+            (false, b, 2),
+            (false, empty, 0),
+        ];
         assert_eq!(choose_slot(&slots, &[1, 2, 3, 4, 7], true), Some((1, 4)));
         assert_eq!(choose_slot(&slots, &[1, 2, 9, 9], true), Some((2, 3)));
         // No shared prefix: the least recently used free slot.
@@ -640,10 +655,13 @@ mod tests {
         let ids: Vec<u32> = lp.top.iter().map(|t| t.0).collect();
         assert_eq!(ids, vec![1, 3, 0]);
         for (id, l) in &lp.top {
-            assert!((l - want(logits[*id as usize] as f64)).abs() < 1e-6, "{lp:?}");
+            assert!(
+                (l - want(logits[*id as usize] as f64)).abs() < 1e-6,
+                "{lp:?}"
+            );
         }
-        let total: f64 = lp.top.iter().map(|t| (t.1 as f64).exp()).sum::<f64>()
-            + (lp.logprob as f64).exp();
+        let total: f64 =
+            lp.top.iter().map(|t| (t.1 as f64).exp()).sum::<f64>() + (lp.logprob as f64).exp();
         assert!((total - 1.0).abs() < 1e-5, "{total}");
         assert_eq!(logprobs(&logits, 2, 0).logprob, f32::NEG_INFINITY);
         assert!(logprobs(&logits, 2, 0).top.is_empty());

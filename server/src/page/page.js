@@ -71,6 +71,11 @@
     const system = $('system').value.trim();
     if (system) messages.push({ role: 'system', content: system });
     messages.push(...history);
+    const request = { messages, stream: true, stream_options: { include_usage: true } };
+    const maxTokens = parseInt($('maxtokens').value, 10);
+    if (maxTokens > 0) request.max_tokens = maxTokens;
+    const temperature = parseFloat($('temperature').value);
+    if (temperature >= 0) request.temperature = temperature;
     controller = new AbortController();
     setBusy(true);
     $('stats').textContent = 'waiting\u2026';
@@ -88,7 +93,7 @@
       const r = await fetch('v1/chat/completions', {
         method: 'POST',
         headers: headers(),
-        body: JSON.stringify({ messages, stream: true, stream_options: { include_usage: true } }),
+        body: JSON.stringify(request),
         signal: controller.signal,
       });
       if (!r.ok) {
