@@ -7,7 +7,9 @@
 #     /v1/completions, temperature 0, ignore_eos, --tokens (64) each, distinct prompts (so no
 #     prompt cache helps), --requests (2) per client, back to back;
 #   - time to first token of a ~512-token streamed prompt on the idle server, and again while
-#     4 other streams decode (the target: at most 2x the idle figure).
+#     4 other streams decode (the target: at most 2x the idle figure);
+#   - how long GET /health takes while the most clients run (is the HTTP side responsive
+#     while the compute threads are busy?).
 #
 #   scripts/bench-serve.sh MODEL.gguf [-t THREADS] [--rounds 2] [--clients 1,2,4,8] [--tokens 64]
 #                          [--requests 2] [--ctx 1024]
@@ -93,10 +95,26 @@ for c in map(int, clients.split(",")):
                       "temperature": 0, "ignore_eos": True})
             done.append(r["usage"]["completion_tokens"])
     ts = [threading.Thread(target=client, args=(k,)) for k in range(c)]
+    # While the most clients run, GET /health every 100 ms: does the HTTP side stay
+    # responsive while the compute threads (as many as the cores) are busy?
+    probe_stop, lat = threading.Event(), []
+    def probe():
+        while not probe_stop.is_set():
+            t1 = time.time()
+            urllib.request.urlopen(base + "/health", timeout=60).read()
+            lat.append(time.time() - t1)
+            probe_stop.wait(0.1)
+    pt = threading.Thread(target=probe)
     t = time.time()
     for th in ts: th.start()
+    if c == max(map(int, clients.split(","))): pt.start()
     for th in ts: th.join()
     wall = time.time() - t
+    probe_stop.set()
+    if pt.is_alive() or lat:
+        pt.join()
+        lat.sort()
+        result["health_ms"] = [1000 * lat[len(lat) // 2], 1000 * lat[-1], len(lat)]
     assert sum(done) == c * requests * tokens, done
     result["throughput"][c] = sum(done) / wall
 
@@ -167,6 +185,13 @@ for c in res["airlock"][0]["throughput"]:
     a = [r["throughput"][c] for r in res["airlock"]]
     print(f"| {c} | {', '.join(f'{x:.1f}' for x in l)} | {', '.join(f'{x:.1f}' for x in a)} | "
           f"{st.mean(a) / st.mean(l):.2f}x | {st.mean(a) / a1:.2f}x |")
+print()
+print("| GET /health while the most clients run | median (ms) | max (ms) | probes |")
+print("| --- | ---: | ---: | ---: |")
+for name in ("llama", "airlock"):
+    h = [r["health_ms"] for r in res[name]]
+    print(f"| {'llama-server' if name == 'llama' else 'airlock'} | {st.median(x[0] for x in h):.1f} | "
+          f"{max(x[1] for x in h):.1f} | {sum(x[2] for x in h)} |")
 print()
 n = res["airlock"][0]["ttft_prompt_tokens"]
 print(f"| time to first token, {n}-token prompt | idle (s) | while 4 streams decode (s) | busy / idle |")
