@@ -641,10 +641,10 @@ fn parse_request(m: &Map<String, Value>, kind: Kind, st: &AppState) -> Result<Pa
             let on = opt_bool(m, "logprobs")?.unwrap_or(false);
             let top = opt_u64(m, "top_logprobs")?;
             match (on, top) {
+                (false, None | Some(0)) => None,
                 (false, Some(_)) => {
                     return Err(ApiError::bad("`top_logprobs` needs `logprobs`: true"))
                 }
-                (false, None) => None,
                 (true, top) => Some(top_range("top_logprobs", top.unwrap_or(0))?),
             }
         }
@@ -968,6 +968,7 @@ async fn complete(
         events: tx,
         cache_prompt: parsed.cache_prompt,
         logprobs: parsed.logprobs,
+        max_tokens: parsed.params.max_tokens,
         penalties: parsed.penalties,
         deadline,
         log_text: st.log_prompts,

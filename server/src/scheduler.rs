@@ -37,6 +37,8 @@ pub struct Job {
     pub cache_prompt: bool,
     /// Report each sampled token's log-probability and this many alternatives.
     pub logprobs: Option<usize>,
+    /// The generation's token limit (it ends the moment the last token is sampled).
+    pub max_tokens: Option<usize>,
     pub penalties: Penalties,
     /// When the request must end (`--timeout`): a running request stops there with what it has.
     pub deadline: Option<Instant>,
@@ -450,6 +452,24 @@ pub fn run(
                     lp.push(logprobs(raw, t, n));
                 }
             }
+            let step = match step {
+                // The limit is reached: end now rather than feed the token for a step that
+                // would only say so (Generation reads no logits then).
+                Ok(Step::Token { text, .. })
+                    if a.job
+                        .max_tokens
+                        .is_some_and(|m| a.job.generation.generated().len() >= m) =>
+                {
+                    match a.job.generation.step(tok, &[], room) {
+                        Ok(Step::Done { reason, text: rest }) => Ok(Step::Done {
+                            reason,
+                            text: text + &rest,
+                        }),
+                        other => other,
+                    }
+                }
+                s => s,
+            };
             match step {
                 Ok(Step::Token { token, text }) => {
                     a.next = Some(token);
