@@ -12,16 +12,17 @@
 #     while the compute threads are busy?).
 #
 #   scripts/bench-serve.sh MODEL.gguf [-t THREADS] [--rounds 2] [--clients 1,2,4,8] [--tokens 64]
-#                          [--requests 2] [--ctx 1024]
+#                          [--requests 2] [--ctx 1024] [--airlock-only]
 #
+# --airlock-only measures airlock alone (no llama-server needed; no ratios between servers).
 # llama-server comes from ../shared/tools/llama-cpp-anchor.sh (or LLAMA_SERVER=path).
 # The issue's file, Llama-3.2-1B-shaped Q4_0 with random weights:
 #   target/release/airlock bench --synthetic llama-3.2-1b --type q4_0 --save /tmp/l1b-q4_0.gguf -p 1 -n 0 -r 1
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ $# -ge 1 ] || { sed -n 2,19p "$0" >&2; exit 2; }
+[ $# -ge 1 ] || { sed -n 2,20p "$0" >&2; exit 2; }
 model=$1; shift
-threads=$(nproc); rounds=2; clients=1,2,4,8; tokens=64; requests=2; ctx=1024
+threads=$(nproc); rounds=2; clients=1,2,4,8; tokens=64; requests=2; ctx=1024; servers="llama airlock"
 while [ $# -gt 0 ]; do
   case "$1" in
     -t) threads=$2; shift ;;
@@ -30,12 +31,13 @@ while [ $# -gt 0 ]; do
     --tokens) tokens=$2; shift ;;
     --requests) requests=$2; shift ;;
     --ctx) ctx=$2; shift ;;
+    --airlock-only) servers=airlock ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
   shift
 done
 LS=${LLAMA_SERVER:-$HOME/.cache/llama-cpp-anchor/build/bin/llama-server}
-[ -x "$LS" ] || { echo "llama-server not found: run ../shared/tools/llama-cpp-anchor.sh or set LLAMA_SERVER" >&2; exit 1; }
+[ "$servers" = airlock ] || [ -x "$LS" ] || { echo "llama-server not found: run ../shared/tools/llama-cpp-anchor.sh or set LLAMA_SERVER" >&2; exit 1; }
 cargo build --release --quiet
 A=target/release/airlock
 slots=8
@@ -165,17 +167,21 @@ PY
 }
 
 run_airlock() { measure airlock "$1" "$A" serve -m "$model" -t "$threads" --parallel "$slots" -c "$ctx"; }
-run_llama() { measure llama "$1" "$LS" -m "$model" -t "$threads" -np "$slots" -c $((slots * ctx)) --host 127.0.0.1; }
+run_llama() { [ "$servers" = airlock ] || measure llama "$1" "$LS" -m "$model" -t "$threads" -np "$slots" -c $((slots * ctx)) --host 127.0.0.1; }
 
 echo "model $model, $threads threads, $slots slots of $ctx tokens, $tokens tokens per request, $requests requests per client, $rounds rounds; $(lscpu | sed -n 's/^Model name:[[:space:]]*//p'); $(date -u '+%Y-%m-%d %H:%M UTC')"
 for r in $(seq 1 "$rounds"); do
   if [ $((r % 2)) = 1 ]; then run_llama "$r"; run_airlock "$r"; else run_airlock "$r"; run_llama "$r"; fi
 done
 
-python3 - "$out" "$rounds" <<'PY'
+python3 - "$out" "$rounds" "$servers" <<'PY'
 import json, sys, statistics as st
-out, rounds = sys.argv[1], int(sys.argv[2])
-res = {n: [json.load(open(f"{out}/{n}.{r}.json")) for r in range(1, rounds + 1)] for n in ("llama", "airlock")}
+out, rounds, servers = sys.argv[1], int(sys.argv[2]), sys.argv[3].split()
+res = {n: [json.load(open(f"{out}/{n}.{r}.json")) for r in range(1, rounds + 1)] for n in servers}
+nan = float("nan")
+if "llama" not in res:
+    res["llama"] = [{"throughput": {c: nan for c in r["throughput"]}, "ttft": {"idle": nan, "busy": nan},
+                     "health_ms": [nan, nan, 0]} for r in res["airlock"]]
 print()
 print("| clients | llama-server tok/s per round | airlock tok/s per round | airlock / llama-server (means) | airlock / its 1 client |")
 print("| ---: | --- | --- | ---: | ---: |")

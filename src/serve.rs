@@ -132,14 +132,16 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     };
     // Refuse an unsafe bind, or a busy port, before spending time on the load.
     let listener = cfg.bind()?;
-    let loaded = load(&args.model)?;
-    // The load checked one context's KV cache; the server holds one per slot.
-    let est = &loaded.report.estimate;
-    let slots = args.parallel as u64;
-    let need = est.total() + est.kv_cache * (slots - 1);
-    if let Some(avail) = loaded.report.available {
-        if need > avail && !args.model.force {
-            anyhow::bail!(
+    // Until the model is loaded, every request gets 503 (/health says "loading").
+    airlock_server::serve_after_load(listener, cfg, || {
+        let loaded = load(&args.model)?;
+        // The load checked one context's KV cache; the server holds one per slot.
+        let est = &loaded.report.estimate;
+        let slots = args.parallel as u64;
+        let need = est.total() + est.kv_cache * (slots - 1);
+        if let Some(avail) = loaded.report.available {
+            if need > avail && !args.model.force {
+                anyhow::bail!(
                 "{} slots need about {} (weights {}, KV cache {} per slot at -c {}) but only {} is \
                  available; lower --parallel or -c/--ctx-size, or pass --force to try anyway",
                 slots,
@@ -149,8 +151,9 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
                 loaded.n_ctx,
                 human_bytes(avail)
             );
+            }
         }
-    }
-    airlock_server::serve(listener, loaded, cfg)?;
+        Ok(loaded)
+    })?;
     Ok(ExitCode::SUCCESS)
 }

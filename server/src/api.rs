@@ -121,6 +121,33 @@ pub fn router(state: AppStateRef, max_body: usize) -> Router {
         .with_state(state)
 }
 
+/// What answers while the model loads: 503 everywhere (`/health` says "loading"), so a load
+/// balancer or a client sees the server is coming rather than a hanging connection.
+pub fn loading_router() -> Router {
+    Router::new()
+        .route(
+            "/health",
+            get(|| async {
+                let mut r = (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Json(json!({"status": "loading"})),
+                )
+                    .into_response();
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                r
+            }),
+        )
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("loading"),
+                "the model is still loading; retry shortly".into(),
+            )
+        })
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

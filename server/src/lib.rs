@@ -4,6 +4,7 @@
 //! model and runs one batched forward pass per step for every request that holds a slot. The
 //! engine itself has no async runtime.
 
+use std::future::IntoFuture;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -151,6 +152,56 @@ impl ServerConfig {
         let addr = self.check()?;
         TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))
     }
+}
+
+/// Runs `load` while `listener` already answers: 503 to every request (`/health` says
+/// "loading"). Then serves what it loaded, as [`serve`] does.
+pub fn serve_after_load(
+    listener: TcpListener,
+    cfg: ServerConfig,
+    load: impl FnOnce() -> Result<LoadedModel>,
+) -> Result<()> {
+    cfg.check()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the HTTP runtime")?;
+    // A second handle on the same socket: connections that arrive while this one is being
+    // closed wait in the backlog for the real server.
+    let during = listener
+        .try_clone()
+        .context("cannot share the listening socket")?;
+    during.set_nonblocking(true)?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let answering = std::thread::Builder::new()
+        .name("airlock-loading".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let Ok(l) = tokio::net::TcpListener::from_std(during) else {
+                    return;
+                };
+                let (grace_tx, grace_rx) = tokio::sync::oneshot::channel::<()>();
+                let server = axum::serve(l, api::loading_router())
+                    .with_graceful_shutdown(async {
+                        let _ = grace_rx.await;
+                    })
+                    .into_future();
+                tokio::pin!(server);
+                tokio::select! {
+                    _ = &mut server => return,
+                    _ = stop_rx => {}
+                }
+                let _ = grace_tx.send(());
+                // A connection still busy a moment later is cut: it only ever got 503s.
+                let _ = tokio::time::timeout(Duration::from_secs(1), server).await;
+            });
+            rt.shutdown_timeout(Duration::from_millis(500));
+        })
+        .context("cannot start the loading responder")?;
+    let loaded = load();
+    let _ = stop_tx.send(());
+    let _ = answering.join();
+    serve(listener, loaded?, cfg)
 }
 
 /// Serves `loaded` on `listener` until SIGINT or SIGTERM, then lets in-flight requests finish
