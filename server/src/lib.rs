@@ -162,10 +162,8 @@ pub fn serve_after_load(
     load: impl FnOnce() -> Result<LoadedModel>,
 ) -> Result<()> {
     cfg.check()?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the HTTP runtime")?;
+    // One runtime for both phases (the server's own, started early).
+    let rt = http_runtime()?;
     // A second handle on the same socket: connections that arrive while this one is being
     // closed wait in the backlog for the real server.
     let during = listener
@@ -173,40 +171,52 @@ pub fn serve_after_load(
         .context("cannot share the listening socket")?;
     during.set_nonblocking(true)?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let answering = std::thread::Builder::new()
-        .name("airlock-loading".into())
-        .spawn(move || {
-            rt.block_on(async move {
-                let Ok(l) = tokio::net::TcpListener::from_std(during) else {
-                    return;
-                };
-                let (grace_tx, grace_rx) = tokio::sync::oneshot::channel::<()>();
-                let server = axum::serve(l, api::loading_router())
-                    .with_graceful_shutdown(async {
-                        let _ = grace_rx.await;
-                    })
-                    .into_future();
-                tokio::pin!(server);
-                tokio::select! {
-                    _ = &mut server => return,
-                    _ = stop_rx => {}
-                }
-                let _ = grace_tx.send(());
-                // A connection still busy a moment later is cut: it only ever got 503s.
-                let _ = tokio::time::timeout(Duration::from_secs(1), server).await;
-            });
-            rt.shutdown_timeout(Duration::from_millis(500));
-        })
-        .context("cannot start the loading responder")?;
+    let answering = rt.spawn(async move {
+        let Ok(l) = tokio::net::TcpListener::from_std(during) else {
+            return;
+        };
+        let (grace_tx, grace_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = axum::serve(l, api::loading_router())
+            .with_graceful_shutdown(async {
+                let _ = grace_rx.await;
+            })
+            .into_future();
+        tokio::pin!(server);
+        tokio::select! {
+            _ = &mut server => return,
+            _ = stop_rx => {}
+        }
+        let _ = grace_tx.send(());
+        // A connection still busy a moment later is cut: it only ever got 503s.
+        let _ = tokio::time::timeout(Duration::from_secs(1), server).await;
+    });
     let loaded = load();
     let _ = stop_tx.send(());
-    let _ = answering.join();
-    serve(listener, loaded?, cfg)
+    let _ = rt.block_on(answering);
+    serve_on(rt, listener, loaded?, cfg)
+}
+
+fn http_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("airlock-http")
+        .enable_all()
+        .build()
+        .context("cannot start the HTTP runtime")
 }
 
 /// Serves `loaded` on `listener` until SIGINT or SIGTERM, then lets in-flight requests finish
 /// for `cfg.grace` and returns.
 pub fn serve(listener: TcpListener, loaded: LoadedModel, cfg: ServerConfig) -> Result<()> {
+    serve_on(http_runtime()?, listener, loaded, cfg)
+}
+
+fn serve_on(
+    rt: tokio::runtime::Runtime,
+    listener: TcpListener,
+    loaded: LoadedModel,
+    cfg: ServerConfig,
+) -> Result<()> {
     cfg.check()?;
     let template =
         match ChatTemplate::for_tokenizer(&loaded.tokenizer, cfg.chat_template.as_deref()) {
@@ -250,12 +260,6 @@ pub fn serve(listener: TcpListener, loaded: LoadedModel, cfg: ServerConfig) -> R
     ));
     let app = api::router(state.clone(), cfg.max_body);
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("airlock-http")
-        .enable_all()
-        .build()
-        .context("cannot start the HTTP runtime")?;
     let drained = rt.block_on(async {
         let listener = tokio::net::TcpListener::from_std(listener)?;
         let signal = shutdown_signal()?;
