@@ -11,12 +11,14 @@
 //!   repack, tokenizer.
 //! - [`bounded`]: reading whole files without trusting their reported size.
 //! - [`perplexity`]: llama-perplexity's measurement, several chunks per forward pass.
+//! - [`kld`]: KL divergence against a base model, in llama-perplexity's base-file format.
 //! - [`memory`]: the memory a run will need, checked before loading.
 
 pub mod bounded;
 pub mod chat;
 pub mod generate;
 pub mod gguf;
+pub mod kld;
 pub mod llama;
 pub mod load;
 pub mod memory;
