@@ -5,7 +5,9 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 mod batched_bench;
 mod bench;
 mod chat;
+mod compare;
 mod convert_cmd;
+mod eval;
 mod inspect;
 mod load;
 mod perplexity;
@@ -57,6 +59,11 @@ enum Command {
     BatchedBench(batched_bench::BatchedBenchArgs),
     /// Measure a model's perplexity on a text, as llama-perplexity does
     Perplexity(perplexity::PerplexityArgs),
+    /// Score multiple-choice tasks (JSONL, CTIBench cti-mcq.tsv, HellaSwag) by log-likelihood
+    Eval(eval::EvalArgs),
+    /// Compare a model with its quantized variants: size, memory, perplexity, KL divergence,
+    /// accuracy and speed in one report (report.md, report.json, report.svg)
+    Compare(compare::CompareArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -85,6 +92,8 @@ fn main() -> std::process::ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::BatchedBench(args) => batched_bench::run(args),
         Command::Perplexity(args) => perplexity::run(args),
+        Command::Eval(args) => eval::run(args),
+        Command::Compare(args) => compare::run(args),
     };
     match result {
         Ok(code) => code,
