@@ -2,6 +2,7 @@
 //! drawn with plotters' SVG backend (plain SVG, readable in any viewer, no browser needed).
 
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::compare::Report;
 
@@ -55,22 +56,41 @@ fn draw<DB: DrawingBackend>(
         .y_desc("perplexity (lower is better)")
         .light_line_style(WHITE.mix(0.0))
         .draw()?;
-    let style = ("sans-serif", 13).into_font();
     for (i, row) in r.rows.iter().enumerate() {
         let color = if row.is_base { &RED } else { &BLUE };
         let at = (sizes[i], ppls[i]);
         chart.draw_series(std::iter::once(Circle::new(at, 5, color.filled())))?;
-        let mut label = format!(
-            "{}: {:.3}, {:.1} t/s gen",
-            row.name, row.ppl, row.gen_tokens_per_s
+        let mut detail = format!(
+            "PPL {:.3}, {:.1} t/s generated",
+            row.ppl, row.gen_tokens_per_s
         );
         if let Some(k) = row.kld_mean {
-            label.push_str(&format!(", KLD {k:.4}"));
+            detail.push_str(&format!(", KLD {k:.4}"));
         }
-        // Alternate above and below so neighbours do not overprint.
-        let dy = if i % 2 == 0 { -18 } else { 8 };
+        let name = if row.is_base {
+            format!("{} (base)", row.name)
+        } else {
+            row.name.clone()
+        };
+        // Labels left of points in the right half, so they stay inside the chart; alternate
+        // above and below so neighbours do not overprint.
+        let right_half = sizes[i] > max_x / 2.0;
+        let (hpos, dx) = if right_half {
+            (HPos::Right, -9)
+        } else {
+            (HPos::Left, 9)
+        };
+        let dy = if i % 2 == 0 { -26 } else { 6 };
+        let style = |size| {
+            ("sans-serif", size)
+                .into_font()
+                .color(&BLACK)
+                .pos(Pos::new(hpos, VPos::Top))
+        };
         chart.draw_series(std::iter::once(
-            EmptyElement::at(at) + Text::new(label, (8, dy), style.clone()),
+            EmptyElement::at(at)
+                + Text::new(name, (dx, dy), style(14))
+                + Text::new(detail, (dx, dy + 14), style(12)),
         ))?;
     }
     Ok(())
