@@ -5,7 +5,9 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 mod batched_bench;
 mod bench;
 mod chat;
+mod compare;
 mod convert_cmd;
+mod eval;
 mod inspect;
 mod load;
 mod perplexity;
@@ -67,6 +69,11 @@ enum Command {
     Verify(verify::VerifyArgs),
     /// Print a model's SHA-256 digests (whole file, and each tensor and the metadata)
     Hash(verify::HashArgs),
+    /// Score multiple-choice tasks (JSONL, CTIBench cti-mcq.tsv, HellaSwag) by log-likelihood
+    Eval(eval::EvalArgs),
+    /// Compare a model with its quantized variants: size, memory, perplexity, KL divergence,
+    /// accuracy and speed in one report (report.md, report.json, report.svg)
+    Compare(compare::CompareArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -99,6 +106,8 @@ fn main() -> std::process::ExitCode {
         Command::Sign(args) => sign::run_sign(args),
         Command::Verify(args) => verify::run_verify(args),
         Command::Hash(args) => verify::run_hash(args),
+        Command::Eval(args) => eval::run(args),
+        Command::Compare(args) => compare::run(args),
     };
     match result {
         Ok(code) => code,

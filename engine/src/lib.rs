@@ -12,12 +12,14 @@
 //! - [`bounded`]: reading whole files without trusting their reported size.
 //! - [`signature`]: signed per-tensor manifests, checked against the mapped bytes on load.
 //! - [`perplexity`]: llama-perplexity's measurement, several chunks per forward pass.
+//! - [`kld`]: KL divergence against a base model, in llama-perplexity's base-file format.
 //! - [`memory`]: the memory a run will need, checked before loading.
 
 pub mod bounded;
 pub mod chat;
 pub mod generate;
 pub mod gguf;
+pub mod kld;
 pub mod llama;
 pub mod load;
 pub mod memory;

@@ -327,3 +327,60 @@ fn a_refused_batch_writes_nothing() {
     assert_eq!(l.len(), vocab);
     assert_eq!(roomy.pos(), 5);
 }
+
+#[test]
+fn a_copied_prefix_continues_with_the_same_bits() {
+    // Multiple-choice scoring computes a question once and continues each option in a copy of
+    // its cache: the options' logits must be those of running each whole sequence alone.
+    for (name, model, p) in variants() {
+        let vocab = model.config.vocab_size;
+        let prefix = ids(21, 7, vocab);
+        let options = [ids(5, 8, vocab), ids(3, 9, vocab), ids(1, 10, vocab)];
+        let mut ws = Workspace::default();
+        let mut shared = KvCache::new(&model, 64, KvType::F16);
+        forward_batch(
+            &model,
+            p,
+            &mut ws,
+            &mut [BatchSeq {
+                cache: &mut shared,
+                tokens: &prefix,
+                logits: Logits::None,
+            }],
+        )
+        .unwrap();
+        // Copies into caches of other sizes (the strides differ), all options in one pass.
+        let mut caches: Vec<KvCache> = options
+            .iter()
+            .map(|o| {
+                let mut c = KvCache::new(&model, prefix.len() + o.len() + 3, KvType::F16);
+                c.copy_prefix_from(&shared, prefix.len()).unwrap();
+                assert_eq!(c.pos(), prefix.len());
+                c
+            })
+            .collect();
+        let mut batch: Vec<BatchSeq> = caches
+            .iter_mut()
+            .zip(&options)
+            .map(|(cache, o)| BatchSeq {
+                cache,
+                tokens: o,
+                logits: Logits::All,
+            })
+            .collect();
+        let got = rows(
+            forward_batch(&model, p, &mut ws, &mut batch).unwrap(),
+            vocab,
+        );
+        let mut at = 0;
+        for o in &options {
+            let whole: Vec<u32> = prefix.iter().chain(o).copied().collect();
+            let want = alone(&model, p, &whole, &[]);
+            assert_eq!(got[at..at + o.len()], want[prefix.len()..], "{name}");
+            at += o.len();
+        }
+        // A prefix longer than the source holds is refused.
+        let mut c = KvCache::new(&model, 64, KvType::F16);
+        assert!(c.copy_prefix_from(&shared, prefix.len() + 1).is_err());
+    }
+}

@@ -103,6 +103,28 @@ impl KvStore {
         }
     }
 
+    /// `len` values of `src` from `from` to `at`, converted when the types differ.
+    fn copy_from(&mut self, at: usize, src: &KvStore, from: usize, len: usize) {
+        match (self, src) {
+            (KvStore::F16(d), KvStore::F16(s)) => {
+                d[at..at + len].copy_from_slice(&s[from..from + len])
+            }
+            (KvStore::F32(d), KvStore::F32(s)) => {
+                d[at..at + len].copy_from_slice(&s[from..from + len])
+            }
+            (KvStore::F16(d), KvStore::F32(s)) => {
+                for (d, &s) in d[at..at + len].iter_mut().zip(&s[from..from + len]) {
+                    *d = f16::from_f32(s);
+                }
+            }
+            (KvStore::F32(d), KvStore::F16(s)) => {
+                for (d, s) in d[at..at + len].iter_mut().zip(&s[from..from + len]) {
+                    *d = s.to_f32();
+                }
+            }
+        }
+    }
+
     fn write(&mut self, at: usize, src: &[f32]) {
         match self {
             KvStore::F16(v) => {
@@ -165,6 +187,35 @@ impl KvCache {
     /// Drop cached positions from `pos` on, e.g. to keep a shared prompt prefix.
     pub fn truncate(&mut self, pos: usize) {
         self.pos = self.pos.min(pos);
+    }
+
+    /// Make this cache hold `src`'s first `n` positions and nothing after: a prompt prefix
+    /// computed once, then continued in several caches (one per multiple-choice option).
+    /// Between caches of one KV type the copy is exact, so a continuation's logits are those of
+    /// running the whole sequence in one cache.
+    pub fn copy_prefix_from(&mut self, src: &KvCache, n: usize) -> Result<(), ModelError> {
+        if src.n_layers != self.n_layers || src.kv_dim != self.kv_dim {
+            return Err(ModelError::CacheMismatch {
+                cache_layers: src.n_layers,
+                cache_kv_dim: src.kv_dim,
+                n_layers: self.n_layers,
+                kv_dim: self.kv_dim,
+            });
+        }
+        if n > src.pos || n > self.n_ctx {
+            return Err(ModelError::ContextFull {
+                needed: n,
+                n_ctx: src.pos.min(self.n_ctx),
+            });
+        }
+        let len = n * self.kv_dim;
+        for li in 0..self.n_layers {
+            let (d, s) = (li * self.n_ctx * self.kv_dim, li * src.n_ctx * src.kv_dim);
+            self.k.copy_from(d, &src.k, s, len);
+            self.v.copy_from(d, &src.v, s, len);
+        }
+        self.pos = n;
+        Ok(())
     }
 
     /// Store token `p`'s keys and values of layer `li`.
