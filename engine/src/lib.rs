@@ -12,6 +12,8 @@
 //! - [`bounded`]: reading whole files without trusting their reported size.
 //! - [`perplexity`]: llama-perplexity's measurement, several chunks per forward pass.
 //! - [`memory`]: the memory a run will need, checked before loading.
+//! - [`output`]: the one way outputs are written (checked path, temporary file, fsync, rename).
+//! - [`signals`]: the process-wide SIGINT/SIGTERM/SIGHUP handler outputs and the server share.
 
 pub mod bounded;
 pub mod chat;
@@ -20,6 +22,8 @@ pub mod gguf;
 pub mod llama;
 pub mod load;
 pub mod memory;
+pub mod output;
 pub mod perplexity;
 pub mod sampling;
+pub mod signals;
 pub mod tokenizer;
