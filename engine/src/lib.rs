@@ -4,6 +4,8 @@
 //! - [`llama`]: hyperparameters, weights as views into the map, the forward pass.
 //! - [`tokenizer`]: byte-level BPE built from GGUF metadata, ids equal to llama.cpp's.
 //! - [`chat`]: sandboxed chat templates that keep user text apart from control tokens.
+//! - [`render`]: untrusted chat templates rendered in a child process with a bounded address
+//!   space (a binary opts in with [`render::install`]).
 //! - [`sampling`]: llama.cpp's sampler chain and flag semantics.
 //! - [`generate`]: per-request generation state stepped by its owner (sample, stop checks,
 //!   text to emit), and the prompt-then-sample loop over one session built on it.
@@ -24,6 +26,7 @@ pub mod load;
 pub mod memory;
 pub mod output;
 pub mod perplexity;
+pub mod render;
 pub mod sampling;
 pub mod signals;
 pub mod tokenizer;
