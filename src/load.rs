@@ -222,6 +222,21 @@ pub fn load_error(e: LoadError) -> anyhow::Error {
             human_bytes(estimate.kv_cache),
             human_bytes(available)
         ),
+        LoadError::BeyondMachine {
+            path,
+            estimate,
+            need,
+            machine,
+            n_ctx,
+        } => anyhow!(
+            "{} needs at least {} that cannot be paged out (KV cache {} at -c {n_ctx}, buffers \
+             and copies) but this machine has {} of memory and swap in all; --force cannot help, \
+             lower -c/--ctx-size",
+            path.display(),
+            human_bytes(need),
+            human_bytes(estimate.kv_cache),
+            human_bytes(machine)
+        ),
         LoadError::Mlock { error, .. } => {
             anyhow!("--mlock failed (raise `ulimit -l` or run without --mlock): {error}")
         }

@@ -9,6 +9,7 @@
 //! - [`sampling`]: llama.cpp's sampler chain and flag semantics.
 //! - [`generate`]: per-request generation state stepped by its owner (sample, stop checks,
 //!   text to emit), and the prompt-then-sample loop over one session built on it.
+//! - [`keys`]: the well-known metadata keys and the type and range each must have.
 //! - [`load`]: loading a model to run, as every front end does it: open, memory check,
 //!   repack, tokenizer.
 //! - [`bounded`]: reading whole files without trusting their reported size.
@@ -21,6 +22,7 @@ pub mod bounded;
 pub mod chat;
 pub mod generate;
 pub mod gguf;
+pub mod keys;
 pub mod llama;
 pub mod load;
 pub mod memory;
