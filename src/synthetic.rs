@@ -7,7 +7,8 @@ use std::io::Write;
 use std::path::Path;
 
 use airlock_convert::rope::Llama3Rope;
-use airlock_engine::gguf::{write_atomic, GgufFile, GgufWriter, TensorSpec, Value};
+use airlock_engine::gguf::{GgufFile, GgufWriter, TensorSpec, Value};
+use airlock_engine::output::{check_output_file, write_file, Inputs};
 use airlock_engine::sampling::Rng;
 use airlock_kernels::GgmlType;
 use anyhow::{bail, Context, Result};
@@ -160,8 +161,15 @@ fn random_tensor(ty: GgmlType, n_elements: u64, seed: u64) -> Result<Vec<u8>> {
 
 /// Write a GGUF of `shape` with 2-D weights in `ty` (the output head and a tied embedding in
 /// Q8_0 when `ty` is a 4-bit type, as airlock's converter does), the vocabulary copied from
-/// `vocab` (any GGUF with a Llama 3 vocabulary). Returns the path written.
-pub fn write_synthetic(shape: &Shape, ty: GgmlType, vocab: &Path, out: &Path) -> Result<()> {
+/// `vocab` (any GGUF with a Llama 3 vocabulary), through the engine's output helper (`out` is
+/// never `vocab`; an existing file is replaced only with `overwrite`).
+pub fn write_synthetic(
+    shape: &Shape,
+    ty: GgmlType,
+    vocab: &Path,
+    out: &Path,
+    overwrite: bool,
+) -> Result<()> {
     if !matches!(
         ty,
         GgmlType::Q4_0
@@ -173,6 +181,8 @@ pub fn write_synthetic(shape: &Shape, ty: GgmlType, vocab: &Path, out: &Path) ->
     ) {
         bail!("--type must be one of q4_0, q4_1, q8_0, f16, bf16, f32");
     }
+    let inputs = || Inputs::new([vocab]);
+    check_output_file(out, &inputs(), overwrite)?;
     let v = GgufFile::open(vocab).with_context(|| {
         format!(
             "cannot read the vocabulary from {} (pass --vocab FILE.gguf with a Llama 3 vocabulary)",
@@ -261,7 +271,7 @@ pub fn write_synthetic(shape: &Shape, ty: GgmlType, vocab: &Path, out: &Path) ->
         specs.push(t("output.weight", &[e, n_vocab], head_ty));
     }
 
-    write_atomic(out, |w| -> Result<()> {
+    write_file(out, inputs(), overwrite, |w| -> Result<()> {
         let mut g = GgufWriter::new(w, &meta, &specs)?;
         for (i, spec) in specs.iter().enumerate() {
             let n: u64 = spec.dims.iter().product();

@@ -8,7 +8,9 @@ use std::time::Instant;
 use airlock_engine::gguf::{GgufFile, Value};
 use airlock_kernels::quant::has_row_codec;
 
-use crate::convert::{check_output_file, write_report, Report};
+use airlock_engine::output::{check_output_file, Inputs};
+
+use crate::convert::{write_report, Report, Target};
 use crate::error::{ConvertError, Result};
 use crate::policy::{Policy, Role};
 use crate::stream::{RowMap, Source, TensorJob};
@@ -23,6 +25,8 @@ pub struct QuantizeOptions {
     pub progress: bool,
     /// Write tensors holding NaN or infinities instead of refusing them.
     pub allow_nonfinite: bool,
+    /// Replace an existing regular file (or symlink) at `output`.
+    pub overwrite: bool,
 }
 
 pub(crate) fn open_gguf(path: &std::path::Path) -> Result<GgufFile> {
@@ -40,8 +44,13 @@ pub(crate) fn open_gguf(path: &std::path::Path) -> Result<GgufFile> {
 
 pub fn quantize(opts: &QuantizeOptions) -> Result<Report> {
     let start = Instant::now();
-    let f = open_gguf(&opts.input)?;
-    check_output_file(&opts.output)?;
+    let inputs = Inputs::new([&opts.input]);
+    check_output_file(&opts.output, &inputs, opts.overwrite)?;
+    let f = std::sync::Arc::new(open_gguf(&opts.input)?);
+    // What run would refuse is refused before the work, not after it.
+    airlock_engine::load::validate(f.clone(), &opts.input)
+        .map_err(|e| ConvertError::Refused(format!("{e}; airlock would not run it")))?;
+    let _cooperate = airlock_engine::signals::cooperate().map_err(ConvertError::Usage)?;
     let tied = f.tensor("output.weight").is_none();
     let mut jobs = Vec::new();
     for t in f.tensors() {
@@ -100,5 +109,10 @@ pub fn quantize(opts: &QuantizeOptions) -> Result<Report> {
     if !seen_qv {
         meta.push(("general.quantization_version".into(), Value::U32(2)));
     }
-    write_report(&opts.output, &meta, &jobs, opts.progress, start, Vec::new())
+    let target = Target {
+        path: &opts.output,
+        inputs,
+        overwrite: opts.overwrite,
+    };
+    write_report(target, &meta, &jobs, opts.progress, start, Vec::new())
 }
