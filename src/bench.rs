@@ -45,6 +45,9 @@ pub struct BenchArgs {
     /// Keep the synthetic model at this path (default: a temporary file, removed afterwards)
     #[arg(long, value_name = "PATH")]
     pub save: Option<PathBuf>,
+    /// With --save: replace PATH if it exists (a regular file or a symlink; never --vocab)
+    #[arg(long, requires = "save")]
+    pub overwrite: bool,
     /// GGUF whose Llama 3 vocabulary the synthetic model carries
     #[arg(
         long,
@@ -168,12 +171,12 @@ fn size_label(params: u64) -> String {
     }
 }
 
-/// Remove a temporary synthetic model however the benchmark ends.
-struct RemoveOnDrop(Option<PathBuf>);
+/// Remove a temporary synthetic model however the benchmark ends (a signal included).
+struct RemoveOnDrop(Option<(PathBuf, airlock_engine::signals::RemoveOnExit)>);
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
-        if let Some(p) = &self.0 {
+        if let Some((p, _)) = &self.0 {
             let _ = std::fs::remove_file(p);
         }
     }
@@ -196,7 +199,6 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
                         args.ty,
                         std::process::id()
                     ));
-                    _cleanup.0 = Some(p.clone());
                     p
                 }
             };
@@ -206,7 +208,13 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
                 args.ty
             );
             let t0 = Instant::now();
-            synthetic::write_synthetic(&shape, ty, &args.vocab, &path)?;
+            synthetic::write_synthetic(&shape, ty, &args.vocab, &path, args.overwrite)?;
+            if args.save.is_none() {
+                // Ours from here on: removed when the benchmark ends, however it ends.
+                let on_signal = airlock_engine::signals::remove_on_exit(path.clone())
+                    .map_err(|e| anyhow::anyhow!(e))?;
+                _cleanup.0 = Some((path.clone(), on_signal));
+            }
             eprintln!("written in {:.1} s", t0.elapsed().as_secs_f64());
             path
         }

@@ -45,9 +45,13 @@ const POLICY: &str =
   Quantized blocks are byte-identical to llama.cpp's reference quantizers (no importance
   matrix). `airlock inspect FILE` shows the mix a file holds.
 
+Output: OUT must not be one of the inputs (by device and inode, so another name, a hard link
+or a symlink to an input is refused too), nor an existing device, FIFO, socket or directory. An
+existing file (or symlink, which is replaced, not followed) is only replaced with --overwrite.
 The output appears only when complete: it is written to a temporary file next to OUT
-(.NAME.tmp.PID.N), fsynced and renamed. On any error or Ctrl-C nothing is left at OUT (a
-second Ctrl-C exits at once and may leave the clearly named temporary file).";
+(.NAME.tmp.PID.N), fsynced and renamed. On any error, or on SIGINT, SIGTERM or SIGHUP, nothing
+is left at OUT and the temporary file is removed (exit status 130 after a signal; a second
+signal exits at once, still removing it).";
 
 fn out_type(s: &str) -> Result<OutType, String> {
     OutType::parse(s).map_err(|e| e.to_string())
@@ -86,6 +90,9 @@ pub struct ConvertArgs {
     pub allow_nonfinite: bool,
     #[command(flatten)]
     pub sign: SignWithArgs,
+    /// Replace OUT if it exists (a regular file or a symlink; never an input)
+    #[arg(long)]
+    pub overwrite: bool,
     /// No progress bar
     #[arg(short = 'q', long)]
     pub quiet: bool,
@@ -121,6 +128,9 @@ pub struct QuantizeArgs {
     pub signature: SignatureArgs,
     #[command(flatten)]
     pub sign: SignWithArgs,
+    /// Replace OUT if it exists (a regular file or a symlink; never the input)
+    #[arg(long)]
+    pub overwrite: bool,
     /// No progress bar
     #[arg(short = 'q', long)]
     pub quiet: bool,
@@ -155,8 +165,9 @@ fn byte_size(s: &str) -> Result<u64, String> {
 shards and model.safetensors.index.json), config.json, generation_config.json, tokenizer.json, \
 tokenizer_config.json and special_tokens_map.json. Q/K rows are put back in Hugging Face order. \
 rope_scaling comes from the airlock.rope_scaling.* keys `airlock convert` records, or is inferred \
-from rope_freqs.weight (said on stderr). OUT_DIR must not exist or be empty; it appears only when \
-complete."
+from rope_freqs.weight (said on stderr). OUT_DIR must not exist or be an empty directory (a directory with anything in it is never \
+replaced); it appears only when complete, and on any error or on SIGINT, SIGTERM or SIGHUP \
+nothing is left there."
 )]
 pub struct ExportArgs {
     /// Input GGUF file (any type airlock reads: F32, F16, BF16, Q8_0, Q4_0, Q4_1)
@@ -220,7 +231,6 @@ fn progress(quiet: bool) -> bool {
 
 pub fn run_convert(args: ConvertArgs) -> anyhow::Result<ExitCode> {
     let key = args.sign.open()?;
-    airlock_convert::install_interrupt_handler();
     let opts = ConvertOptions {
         input: args.input,
         output: args.output,
@@ -232,13 +242,13 @@ pub fn run_convert(args: ConvertArgs) -> anyhow::Result<ExitCode> {
         pre: args.pre,
         progress: progress(args.quiet),
         allow_nonfinite: args.allow_nonfinite,
+        overwrite: args.overwrite,
     };
     finish_signed(airlock_convert::convert(&opts), &opts.output, key)
 }
 
 pub fn run_quantize(args: QuantizeArgs) -> anyhow::Result<ExitCode> {
     let key = args.sign.open()?;
-    airlock_convert::install_interrupt_handler();
     let opts = QuantizeOptions {
         input: args.input,
         output: args.output,
@@ -251,12 +261,12 @@ pub fn run_quantize(args: QuantizeArgs) -> anyhow::Result<ExitCode> {
         progress: progress(args.quiet),
         allow_nonfinite: args.allow_nonfinite,
         require_signature: args.signature.require_signature,
+        overwrite: args.overwrite,
     };
     finish_signed(airlock_convert::quantize(&opts), &opts.output, key)
 }
 
 pub fn run_export(args: ExportArgs) -> anyhow::Result<ExitCode> {
-    airlock_convert::install_interrupt_handler();
     let opts = ExportOptions {
         input: args.input,
         output: args.output,

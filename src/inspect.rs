@@ -1,9 +1,17 @@
 //! `airlock inspect`: a careful gguf-dump. Validates the whole file (the same checks every
 //! airlock command makes before trusting a file), then prints the header, the metadata (long
-//! strings and arrays summarised), the tensor table, totals and a verdict.
+//! strings and arrays summarised), the tensor table, totals and a verdict. The verdict also
+//! judges what the file holds with the engine's own checks ([`airlock_engine::load::validate`]):
+//! the well-known keys' types and ranges, and everything `run` checks (hyperparameters against
+//! the tensors, math-changing keys, the tokenizer, the chat templates).
 //!
-//! `--json` prints one JSON document instead, for scripts. Schema (`schema_version` 1; fields are
-//! only ever added within a version):
+//! Verdicts: `valid` (airlock runs it); `valid GGUF file; airlock cannot run it: REASON` (another
+//! architecture, or tensor types airlock cannot compute yet: the file itself is fine); `invalid`
+//! (the container, a key or the model is broken, each problem listed).
+//!
+//! `--json` prints one JSON document instead, for scripts. Schema (`schema_version` 2; fields are
+//! only ever added within a version; version 2 added `runnable` and `problems`, and `valid` is
+//! false for a readable container whose keys or model are broken, with the rest still given):
 //!
 //! ```text
 //! {
@@ -11,8 +19,11 @@
 //!   "file": "<path as given>",
 //!   "file_size": <bytes>,
 //!   "valid": true | false,
-//!   "error": null | { "kind": "<GgufError variant>", "message": "<one line: what and where>" },
-//!   // the rest only when valid:
+//!   "error": null | { "kind": "<GgufError variant> | Metadata | Model",
+//!                     "message": "<one line: what and where>" },
+//!   // the rest only when the container could be read:
+//!   "runnable": bool,            // airlock runs this file as it is
+//!   "problems": [ "<what is wrong, one per key or model check>" ],
 //!   "header": { "version", "tensor_count", "kv_count", "alignment", "data_offset" },
 //!   "metadata": [ { "key", "type": "<value type>", "offset",
 //!                   // scalars and strings:
@@ -47,7 +58,7 @@ use airlock_engine::load::{open_gguf, LoadError};
 use anyhow::Context;
 use serde_json::{json, Value as Json};
 
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 /// Array elements shown in text (and in `head` in JSON).
 const TEXT_HEAD: usize = 5;
 const JSON_HEAD: usize = 16;
@@ -93,13 +104,64 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
         // open_gguf fails only with the two errors above.
         Err(e) => return Err(e.into()),
     };
+    let f = std::sync::Arc::new(f);
+    let judged = judge(&f, path);
     let report = Report::new(&f);
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report.json(path, &f))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report.json(path, &f, &judged))?
+        );
     } else {
-        print!("{}", report.text(path, &f));
+        print!("{}", report.text(path, &f, &judged));
+    }
+    if let Judged::Invalid(_, problems) = &judged {
+        eprintln!(
+            "error: {}: invalid: {}",
+            path.display(),
+            problems.first().map_or("", String::as_str)
+        );
+        return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What the engine's checks say of a readable file.
+enum Judged {
+    Runs,
+    /// The file is fine, but airlock cannot run it (the reason).
+    CannotRun(String),
+    /// Broken keys ("Metadata") or model ("Model"): every problem found.
+    Invalid(&'static str, Vec<String>),
+}
+
+fn judge(f: &std::sync::Arc<GgufFile>, path: &std::path::Path) -> Judged {
+    use airlock_engine::llama::ModelError;
+    match airlock_engine::load::validate(f.clone(), path) {
+        Ok(()) => Judged::Runs,
+        Err(LoadError::Keys { problems, .. }) => {
+            Judged::Invalid("Metadata", problems.iter().map(|p| p.to_string()).collect())
+        }
+        Err(LoadError::Model { error, .. }) => match error {
+            ModelError::UnsupportedArchitecture(_) | ModelError::UnsupportedTensorTypes(_) => {
+                Judged::CannotRun(error.to_string())
+            }
+            ModelError::MissingKey(k) if k == "general.architecture" => {
+                Judged::CannotRun(format!("not a model file (metadata key {k} is missing)"))
+            }
+            e => Judged::Invalid("Model", vec![e.to_string()]),
+        },
+        // The path is in the document already; keep what follows it.
+        Err(e) => {
+            let text = e.to_string();
+            let prefix = format!("{}: ", path.display());
+            let text = text
+                .strip_prefix(&prefix)
+                .map(str::to_string)
+                .unwrap_or(text);
+            Judged::Invalid("Model", vec![text])
+        }
+    }
 }
 
 fn error_kind(e: &GgufError) -> &'static str {
@@ -226,7 +288,7 @@ impl Report {
         bpw(self.tensor_bytes, self.parameters)
     }
 
-    fn text(&self, path: &std::path::Path, f: &GgufFile) -> String {
+    fn text(&self, path: &std::path::Path, f: &GgufFile, judged: &Judged) -> String {
         let mut o = String::new();
         let _ = writeln!(o, "{}", path.display());
         let _ = writeln!(o, "GGUF version {}", f.version);
@@ -315,7 +377,23 @@ impl Report {
             );
         }
 
-        let _ = writeln!(o, "\nverdict: valid");
+        match judged {
+            Judged::Runs => {
+                let _ = writeln!(o, "\nverdict: valid");
+            }
+            Judged::CannotRun(why) => {
+                let _ = writeln!(
+                    o,
+                    "\nverdict: valid GGUF file; airlock cannot run it: {why}"
+                );
+            }
+            Judged::Invalid(_, problems) => {
+                let _ = writeln!(o, "\nverdict: invalid");
+                for p in problems {
+                    let _ = writeln!(o, "  problem: {p}");
+                }
+            }
+        }
         if self.unsupported.is_empty() {
             let _ = writeln!(o, "  airlock can compute every tensor type in this file");
         } else {
@@ -342,7 +420,7 @@ impl Report {
         o
     }
 
-    fn json(&self, path: &std::path::Path, f: &GgufFile) -> Json {
+    fn json(&self, path: &std::path::Path, f: &GgufFile, judged: &Judged) -> Json {
         let metadata: Vec<Json> = f
             .metadata()
             .iter()
@@ -393,8 +471,17 @@ impl Report {
             "schema_version": SCHEMA_VERSION,
             "file": path.display().to_string(),
             "file_size": f.file_size(),
-            "valid": true,
-            "error": null,
+            "valid": !matches!(judged, Judged::Invalid(..)),
+            "error": match judged {
+                Judged::Invalid(kind, p) => json!({ "kind": kind, "message": p.first() }),
+                _ => Json::Null,
+            },
+            "runnable": matches!(judged, Judged::Runs),
+            "problems": match judged {
+                Judged::Invalid(_, p) => p.clone(),
+                Judged::CannotRun(why) => vec![why.clone()],
+                Judged::Runs => Vec::new(),
+            },
             "header": {
                 "version": f.version,
                 "tensor_count": f.tensors().len(),

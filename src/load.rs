@@ -264,6 +264,21 @@ pub fn load_error(e: LoadError) -> anyhow::Error {
             "{e}; sign it with `airlock sign MODEL --key KEY.key`, or load it without \
              --require-signature (and with AIRLOCK_REQUIRE_SIGNATURE unset)"
         ),
+        LoadError::BeyondMachine {
+            path,
+            estimate,
+            need,
+            machine,
+            n_ctx,
+        } => anyhow!(
+            "{} needs at least {} that cannot be paged out (KV cache {} at -c {n_ctx}, buffers \
+             and copies) but this machine has {} of memory and swap in all; --force cannot help, \
+             lower -c/--ctx-size",
+            path.display(),
+            human_bytes(need),
+            human_bytes(estimate.kv_cache),
+            human_bytes(machine)
+        ),
         LoadError::Mlock { error, .. } => {
             anyhow!("--mlock failed (raise `ulimit -l` or run without --mlock): {error}")
         }

@@ -77,6 +77,25 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    use airlock_engine::render;
+    // The hidden subcommand: a chat-template render worker (engine::render), started by this
+    // very binary. Checked before anything else so the worker stays small and single-threaded.
+    let mut argv = std::env::args_os();
+    if argv.nth(1).as_deref() == Some(std::ffi::OsStr::new(render::WORKER_ARG)) {
+        return render::worker_main(&argv.collect::<Vec<_>>());
+    }
+    // Every chat template from a file renders in such a worker, with a bounded address space.
+    // /proc/self/exe still runs this binary if its file was replaced since it started.
+    let exe = if cfg!(target_os = "linux") {
+        std::path::PathBuf::from("/proc/self/exe")
+    } else {
+        std::env::current_exe().unwrap_or_else(|_| "airlock".into())
+    };
+    render::install(
+        exe,
+        vec![render::WORKER_ARG.into()],
+        render::DEFAULT_MEMORY_LIMIT,
+    );
     // The version line names the kernel path this CPU (or AIRLOCK_SIMD) selects.
     let simd = match airlock_kernels::simd::simd_path() {
         Ok(p) => format!("kernels: {}", p.name()),

@@ -26,8 +26,8 @@ use crate::load::{load, ModelArgs, SamplingArgs};
     pass per step. The sampling flags set the defaults for fields a request leaves out.\n\
     Keys (--api-key, --api-key-file) are sent as `Authorization: Bearer KEY`; /health needs none. \
     Prefer --api-key-file: a key on the command line shows in the process list.\n\
-    SIGINT/SIGTERM stop accepting connections, let running requests finish for --grace seconds \
-    and exit 0.")]
+    SIGINT, SIGTERM or SIGHUP stops accepting connections, lets running requests finish for --grace \
+    seconds and exits 0; a second signal exits at once (status 130).")]
 pub struct ServeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -56,7 +56,7 @@ pub struct ServeArgs {
     /// Largest request body in bytes (413 beyond it)
     #[arg(long = "max-body", default_value_t = 1 << 20, value_name = "BYTES")]
     pub max_body: usize,
-    /// Seconds that running requests may take to finish after SIGINT/SIGTERM
+    /// Seconds that running requests may take to finish after SIGINT, SIGTERM or SIGHUP
     #[arg(long = "grace", default_value_t = 10.0, value_name = "SECONDS")]
     pub grace: f64,
     /// Model name to report in /v1/models and responses (default: the file's name)
@@ -138,7 +138,22 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         // The load checked one context's KV cache; the server holds one per slot.
         let est = &loaded.report.estimate;
         let slots = args.parallel as u64;
-        let need = est.total() + est.kv_cache * (slots - 1);
+        let extra = est.kv_cache.saturating_mul(slots - 1);
+        let need = est.total().saturating_add(extra);
+        if let Some(machine) = airlock_engine::memory::machine_memory() {
+            let resident = est
+                .kv_cache
+                .saturating_mul(slots)
+                .saturating_add(est.buffers);
+            if resident > machine {
+                anyhow::bail!(
+                    "{slots} slots need at least {} of KV cache and buffers but this machine has {} \
+                     of memory and swap in all; --force cannot help, lower --parallel or -c/--ctx-size",
+                    human_bytes(resident),
+                    human_bytes(machine)
+                );
+            }
+        }
         if let Some(avail) = loaded.report.available {
             if need > avail && !args.model.force {
                 anyhow::bail!(

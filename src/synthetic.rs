@@ -8,7 +8,8 @@ use std::path::Path;
 
 use airlock_convert::rope::Llama3Rope;
 use airlock_convert::{ModelFacts, OutType, Policy};
-use airlock_engine::gguf::{write_atomic, GgufFile, GgufWriter, TensorSpec, Value};
+use airlock_engine::gguf::{GgufFile, GgufWriter, TensorSpec, Value};
+use airlock_engine::output::{check_output_file, write_file, Inputs};
 use airlock_engine::sampling::Rng;
 use airlock_kernels::GgmlType;
 use anyhow::{Context, Result};
@@ -172,7 +173,18 @@ fn random_tensor(ty: GgmlType, n_elements: u64, seed: u64) -> Result<Vec<u8>> {
 /// Write a GGUF of `shape` whose tensors have the types `airlock convert --type ty` gives them
 /// (llama.cpp's per-tensor mix: a Q4_K_M file holds Q4_K, Q6_K and F32), the vocabulary copied
 /// from `vocab` (any GGUF with a Llama 3 vocabulary).
-pub fn write_synthetic(shape: &Shape, ty: OutType, vocab: &Path, out: &Path) -> Result<()> {
+/// Written through the engine's output helper (`out` is never `vocab`; an existing file is
+/// replaced only with `overwrite`).
+pub fn write_synthetic(
+    shape: &Shape,
+    ty: OutType,
+    vocab: &Path,
+    out: &Path,
+    overwrite: bool,
+) -> Result<()> {
+    let inputs = || Inputs::new([vocab]);
+    check_output_file(out, &inputs(), overwrite)?;
+
     let v = GgufFile::open(vocab).with_context(|| {
         format!(
             "cannot read the vocabulary from {} (pass --vocab FILE.gguf with a Llama 3 vocabulary)",
@@ -263,7 +275,7 @@ pub fn write_synthetic(shape: &Shape, ty: OutType, vocab: &Path, out: &Path) -> 
         spec.ty = ty;
     }
 
-    write_atomic(out, |w| -> Result<()> {
+    write_file(out, inputs(), overwrite, |w| -> Result<()> {
         let mut g = GgufWriter::new(w, &meta, &specs)?;
         for (i, spec) in specs.iter().enumerate() {
             let n: u64 = spec.dims.iter().product();

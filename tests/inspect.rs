@@ -95,7 +95,8 @@ fn real_model_json_has_the_right_counts() {
     let o = inspect(&model(), true);
     assert!(o.status.success(), "{}", stderr(&o));
     let j = json(&o);
-    assert_eq!(j["schema_version"], 1);
+    assert_eq!(j["schema_version"], 2);
+    assert_eq!(j["runnable"], true);
     assert_eq!(j["valid"], true);
     assert_eq!(j["error"], serde_json::Value::Null);
     assert_eq!(j["file_size"], 98362432u64);
@@ -138,12 +139,14 @@ fn real_model_json_has_the_right_counts() {
     assert_eq!(j["unsupported_types"], serde_json::json!([]));
 }
 
-/// A file with K-quant tensors and general.file_type 15, made with the writer.
+/// A file with K-quant tensors and general.file_type 15, made with the writer. Its
+/// architecture is not one airlock runs (a few tensors do not make a Llama), so the verdict is
+/// about the container and the types.
 fn k_quant_file(dir: &Path) -> PathBuf {
     let metadata = vec![
         (
             "general.architecture".to_string(),
-            Value::String("llama".into()),
+            Value::String("k-quant-test".into()),
         ),
         ("general.file_type".to_string(), Value::U32(15)),
         (
@@ -191,13 +194,14 @@ fn a_k_quant_file_is_listed_and_valid() {
         "Q4_K",
         "256 x 4",
         "MOSTLY_Q4_K_M (15)",
-        "verdict: valid",
+        "verdict: valid GGUF file; airlock cannot run it: unsupported architecture",
         "airlock can compute every tensor type in this file",
     ] {
         assert!(out.contains(needle), "output lacks {needle:?}:\n{out}");
     }
     let j = json(&inspect(&p, true));
     assert_eq!(j["valid"], true);
+    assert_eq!(j["runnable"], false);
     assert_eq!(j["unsupported_types"], serde_json::json!([]));
     assert_eq!(j["tensors"][0]["computable"], true);
     assert_eq!(j["tensors"][1]["computable"], true);

@@ -9,7 +9,9 @@ use airlock_engine::gguf::{GgufFile, Value};
 use airlock_kernels::quant::has_row_codec;
 use airlock_kernels::GgmlType;
 
-use crate::convert::{check_output_file, write_report, Report};
+use airlock_engine::output::{check_output_file, Inputs};
+
+use crate::convert::{write_report, Report, Target};
 use crate::error::{ConvertError, Result};
 use crate::policy::{ModelFacts, Policy};
 use crate::stream::{RowMap, Source, TensorJob};
@@ -27,6 +29,8 @@ pub struct QuantizeOptions {
     /// A minisign public key the input's signed manifest must be signed by (the host policy
     /// applies whatever this says).
     pub require_signature: Option<std::path::PathBuf>,
+    /// Replace an existing regular file (or symlink) at `output`.
+    pub overwrite: bool,
 }
 
 /// Open the input GGUF, checking its signed manifest first when the host policy or
@@ -64,8 +68,13 @@ pub(crate) fn open_gguf(
 
 pub fn quantize(opts: &QuantizeOptions) -> Result<Report> {
     let start = Instant::now();
-    let f = open_gguf(&opts.input, opts.require_signature.as_deref())?;
-    check_output_file(&opts.output)?;
+    let inputs = Inputs::new([&opts.input]);
+    check_output_file(&opts.output, &inputs, opts.overwrite)?;
+    let f = std::sync::Arc::new(open_gguf(&opts.input, opts.require_signature.as_deref())?);
+    // What run would refuse is refused before the work, not after it.
+    airlock_engine::load::validate(f.clone(), &opts.input)
+        .map_err(|e| ConvertError::Refused(format!("{e}; airlock would not run it")))?;
+    let _cooperate = airlock_engine::signals::cooperate().map_err(ConvertError::Usage)?;
     check_readable(&opts.input, &f)?;
     let facts = model_facts(&opts.input, &f, &opts.policy)?;
     let list: Vec<(&str, &[u64], GgmlType)> = f
@@ -122,7 +131,12 @@ pub fn quantize(opts: &QuantizeOptions) -> Result<Report> {
     if !seen_qv {
         meta.push(("general.quantization_version".into(), Value::U32(2)));
     }
-    write_report(&opts.output, &meta, &jobs, opts.progress, start, Vec::new())
+    let target = Target {
+        path: &opts.output,
+        inputs,
+        overwrite: opts.overwrite,
+    };
+    write_report(target, &meta, &jobs, opts.progress, start, Vec::new())
 }
 
 /// One error for every tensor airlock cannot decode, listing them all (grouped by type) rather

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::gguf::{GgufError, GgufFile, OpenOptions};
 use crate::llama::{KvType, LlamaModel, ModelError, Precision, Session};
-use crate::memory::{available_memory, human_bytes, MemoryEstimate};
+use crate::memory::{available_memory, human_bytes, machine_memory, MemoryEstimate};
 use crate::signature::{self, Requirement, SignatureError, Verified};
 use crate::tokenizer::{Tokenizer, TokenizerError, VocabSpec};
 
@@ -53,6 +53,23 @@ pub enum LoadError {
         estimate: MemoryEstimate,
         n_ctx: usize,
         available: u64,
+    },
+    /// More memory than the machine has at all: refused even when forced.
+    #[error(
+        "{} needs at least {} that cannot be paged out (KV cache {} at context {n_ctx}, buffers \
+         and copies) but this machine has {} of memory and swap in all; forcing cannot help, \
+         lower the context size",
+        path.display(),
+        human_bytes(*need),
+        human_bytes(estimate.kv_cache),
+        human_bytes(*machine)
+    )]
+    BeyondMachine {
+        path: PathBuf,
+        estimate: MemoryEstimate,
+        need: u64,
+        machine: u64,
+        n_ctx: usize,
     },
     #[error(
         "cannot lock {} in memory: {error} (raise the locked-memory limit, RLIMIT_MEMLOCK)",
@@ -99,6 +116,17 @@ pub enum LoadError {
     /// is broken).
     #[error(transparent)]
     Signature(#[from] SignatureError),
+    #[error("{}: metadata {}", path.display(), problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; "))]
+    Keys {
+        path: PathBuf,
+        problems: Vec<crate::keys::KeyProblem>,
+    },
+    #[error("{}: {key}: {error}", path.display())]
+    ChatTemplate {
+        path: PathBuf,
+        key: String,
+        error: crate::chat::ChatError,
+    },
 }
 
 /// How to load a model. [`Default`] gives the CLI's defaults.
@@ -258,6 +286,62 @@ pub fn tokenizer_for(
     }
 }
 
+/// Everything `run` checks of a model file, without running it: the well-known keys' types and
+/// ranges ([`crate::keys`]), hyperparameters, math-changing
+/// keys and tensors ([`LlamaModel::load`]), the tokenizer and its agreement with the embedding
+/// table, and every chat template ([`crate::chat::check_template`]). `convert` and `quantize`
+/// run it on what they wrote before it appears, `export` on its input, `inspect` for its
+/// verdict: none of them passes on a file `run` would refuse.
+pub fn validate(file: Arc<GgufFile>, path: &Path) -> Result<(), LoadError> {
+    let problems = crate::keys::check_known_keys(&file);
+    if !problems.is_empty() {
+        return Err(LoadError::Keys {
+            path: path.to_path_buf(),
+            problems,
+        });
+    }
+    let model = LlamaModel::load(file).map_err(|error| LoadError::Model {
+        path: path.to_path_buf(),
+        error,
+    })?;
+    let tokenizer = tokenizer_for(&model.file, path, None, &Requirement::none())?;
+    if tokenizer.vocab_size() != model.config.vocab_size {
+        return Err(LoadError::VocabularyMismatch {
+            path: path.to_path_buf(),
+            vocab: tokenizer.vocab_size(),
+            rows: model.config.vocab_size,
+        });
+    }
+    let text = |id: Option<u32>| {
+        id.and_then(|i| tokenizer.token_text(i))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let (bos, eos) = (text(tokenizer.bos()), text(tokenizer.eos()));
+    for e in model.file.metadata() {
+        let name = match e.key.as_str() {
+            "tokenizer.chat_template" => "gguf",
+            k => match k.strip_prefix("tokenizer.chat_template.") {
+                Some(n) => n,
+                None => continue,
+            },
+        };
+        let bad = |error| LoadError::ChatTemplate {
+            path: path.to_path_buf(),
+            key: e.key.clone(),
+            error,
+        };
+        let source = e.value.as_str().ok_or_else(|| {
+            bad(crate::chat::ChatError::Render(format!(
+                "expected a string, found {:?}",
+                e.value.value_type()
+            )))
+        })?;
+        crate::chat::check_template(name, source, &bos, &eos).map_err(bad)?;
+    }
+    Ok(())
+}
+
 /// Load the model at `path` for running: open and validate it, cap the context at the model's,
 /// check the memory estimate against what is available (unless forced), lock and repack the
 /// weights as asked, and build the tokenizer, checking that it matches the embedding table.
@@ -298,6 +382,20 @@ pub fn load_with(
                 estimate,
                 n_ctx,
                 available: avail,
+            });
+        }
+    }
+    // Whatever forcing says: what no machine of this size can give is refused before it is
+    // allocated (an over-committed allocation is killed later, not refused).
+    if let Some(machine) = machine_memory() {
+        let need = estimate.anonymous(repack, opts.no_mmap);
+        if need > machine {
+            return Err(LoadError::BeyondMachine {
+                path: path.to_path_buf(),
+                estimate,
+                need,
+                machine,
+                n_ctx,
             });
         }
     }

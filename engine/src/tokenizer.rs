@@ -480,6 +480,10 @@ impl Tokenizer {
         let eom = check("EOM", spec.eom)?;
         let pad = check("padding", spec.pad)?;
         check("unknown", spec.unk)?;
+        // Refused here, not at the first prompt: such a vocabulary cannot encode anything.
+        if spec.add_bos && bos.is_none() {
+            return Err(TokenizerError::NoBos);
+        }
 
         let mut piece_bytes = Vec::new();
         let mut piece_ends = Vec::with_capacity(n);
@@ -997,6 +1001,12 @@ mod tests {
         assert!(matches!(
             Tokenizer::from_spec(&s),
             Err(TokenizerError::SpecialIdOutOfRange { name: "BOS", .. })
+        ));
+        let mut s = tiny_spec();
+        s.add_bos = true;
+        assert!(matches!(
+            Tokenizer::from_spec(&s),
+            Err(TokenizerError::NoBos)
         ));
         let mut s = tiny_spec();
         s.unk = Some(9);

@@ -305,7 +305,7 @@ fn parse_hellaswag(text: &str) -> Result<Vec<Task>, ParseError> {
     if text.is_empty() {
         return Err(ParseError::File("is empty".into()));
     }
-    if lines.len() % 6 != 0 {
+    if !lines.len().is_multiple_of(6) {
         return Err(ParseError::File(format!(
             "{} lines is not a multiple of 6 (HellaSwag: context, label, four endings per task)",
             lines.len()

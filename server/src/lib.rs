@@ -205,7 +205,7 @@ fn http_runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start the HTTP runtime")
 }
 
-/// Serves `loaded` on `listener` until SIGINT or SIGTERM, then lets in-flight requests finish
+/// Serves `loaded` on `listener` until SIGINT, SIGTERM or SIGHUP, then lets in-flight requests finish
 /// for `cfg.grace` and returns.
 pub fn serve(listener: TcpListener, loaded: LoadedModel, cfg: ServerConfig) -> Result<()> {
     serve_on(http_runtime()?, listener, loaded, cfg)
@@ -262,7 +262,7 @@ fn serve_on(
 
     let drained = rt.block_on(async {
         let listener = tokio::net::TcpListener::from_std(listener)?;
-        let signal = shutdown_signal()?;
+        let (_signal_guard, signal) = shutdown_signal()?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(async move {
             axum::serve(listener, app)
@@ -321,29 +321,28 @@ fn serve_on(
     Ok(())
 }
 
-/// Installs the SIGINT and SIGTERM handlers now (so a signal that comes right after the
-/// "listening" line is not lost to the default action) and returns a future that resolves on
-/// the first, with its name.
-fn shutdown_signal() -> Result<impl std::future::Future<Output = &'static str>> {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-        let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-        Ok(async move {
-            tokio::select! {
-                _ = int.recv() => "SIGINT",
-                _ = term.recv() => "SIGTERM",
-            }
+/// Installs the process-wide SIGINT/SIGTERM/SIGHUP handler now ([`airlock_engine::signals`],
+/// the one the output helper's cleanup uses too), so a signal that comes right after the
+/// "listening" line is not lost to the default action, and returns a future that resolves on
+/// the first signal. While the returned guard lives the first signal only starts the graceful
+/// shutdown; a second one exits at once (status 130).
+fn shutdown_signal() -> Result<(
+    airlock_engine::signals::Cooperate,
+    impl std::future::Future<Output = &'static str>,
+)> {
+    let guard = airlock_engine::signals::cooperate().map_err(|e| anyhow!(e))?;
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("airlock-signal".into())
+        .spawn(move || {
+            airlock_engine::signals::wait();
+            let _ = tx.send(());
         })
-    }
-    #[cfg(not(unix))]
-    {
-        Ok(async {
-            let _ = tokio::signal::ctrl_c().await;
-            "Ctrl-C"
-        })
-    }
+        .context("cannot start the signal thread")?;
+    Ok((guard, async move {
+        let _ = rx.await;
+        "signal (SIGINT, SIGTERM or SIGHUP)"
+    }))
 }
 
 /// Is the server draining (after a signal)? /health answers 503 then.

@@ -82,6 +82,7 @@ impl LlamaModel {
             config.rope_base,
             config.rope_dim,
             weights.rope_freqs.as_deref(),
+            config.rope_freq_scale,
         );
         Ok(LlamaModel {
             file,
@@ -117,6 +118,9 @@ impl LlamaModel {
     /// Bytes a KV cache of `n_ctx` positions takes.
     pub fn kv_cache_bytes(&self, n_ctx: usize, kv: KvType) -> u64 {
         let c = &self.config;
-        2 * c.n_layers as u64 * n_ctx as u64 * c.kv_dim() as u64 * kv.bytes_per_value() as u64
+        // Saturating: a count no machine holds must compare as huge, not wrap to small.
+        [c.n_layers, n_ctx, c.kv_dim(), kv.bytes_per_value()]
+            .iter()
+            .fold(2u64, |acc, &x| acc.saturating_mul(x as u64))
     }
 }

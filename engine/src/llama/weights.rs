@@ -144,6 +144,7 @@ impl LlamaWeights {
                 Some(v)
             }
         };
+        check_no_other_tensors(f, c.n_layers)?;
         Ok(LlamaWeights {
             token_embd,
             layers,
@@ -237,6 +238,48 @@ fn matrix_names(n_layers: usize) -> impl Iterator<Item = String> {
     std::iter::once("token_embd.weight".to_string())
         .chain((0..n_layers).flat_map(|i| LAYER.iter().map(move |m| format!("blk.{i}.{m}.weight"))))
         .chain(std::iter::once("output.weight".to_string()))
+}
+
+/// Tensors the Llama forward pass reads in layer `blk.N` (the `N` stripped).
+const LAYER_TENSORS: [&str; 9] = [
+    "attn_norm.weight",
+    "attn_q.weight",
+    "attn_k.weight",
+    "attn_v.weight",
+    "attn_output.weight",
+    "ffn_norm.weight",
+    "ffn_gate.weight",
+    "ffn_up.weight",
+    "ffn_down.weight",
+];
+
+/// Refuses any tensor the forward pass would not read: llama.cpp's llama architecture uses
+/// optional ones (attention and FFN biases, expert weights), so ignoring one would change the
+/// output without a word.
+fn check_no_other_tensors(f: &GgufFile, n_layers: usize) -> Result<(), ModelError> {
+    for t in f.tensors() {
+        let known = match t.name.as_str() {
+            "token_embd.weight" | "output_norm.weight" | "output.weight" | "rope_freqs.weight" => {
+                true
+            }
+            name => name
+                .strip_prefix("blk.")
+                .and_then(|r| r.split_once('.'))
+                .is_some_and(|(i, part)| {
+                    i.parse::<usize>().is_ok_and(|i| i < n_layers) && LAYER_TENSORS.contains(&part)
+                }),
+        };
+        if !known {
+            return Err(ModelError::BadTensor {
+                tensor: t.name.clone(),
+                reason: "is not one airlock's Llama reads (llama.cpp would use it: a bias, \
+                         experts or another architecture's weights); running without it would \
+                         give wrong output"
+                    .into(),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn expect_shape(t: &TensorInfo, want: &[u64]) -> Result<(), ModelError> {
