@@ -660,6 +660,29 @@ mod arm {
     #[derive(Clone, Copy)]
     pub(crate) struct Neon<const DOT: bool>(uint8x16_t, uint8x16_t);
 
+    /// `sdot`: lanes of the exact sum of u * s over 16 bytes. Its own function so the
+    /// instruction is assembled with FEAT_DotProd enabled.
+    ///
+    /// # Safety
+    /// The CPU has NEON and FEAT_DotProd.
+    #[inline]
+    #[target_feature(enable = "neon,dotprod")]
+    unsafe fn sdot16(u: int8x16_t, s: int8x16_t) -> int32x4_t {
+        let mut acc = vdupq_n_s32(0);
+        // SAFETY: FEAT_DotProd is present (this function's features, the caller's
+        // guarantee); registers only.
+        unsafe {
+            asm!(
+                "sdot {acc:v}.4s, {u:v}.16b, {s:v}.16b",
+                acc = inout(vreg) acc,
+                u = in(vreg) u,
+                s = in(vreg) s,
+                options(pure, nomem, nostack, preserves_flags)
+            );
+        }
+        acc
+    }
+
     impl<const DOT: bool> Neon<DOT> {
         /// Lanes of the exact sum of u * s over 16 bytes (u at most 63, so
         /// both are valid i8).
@@ -670,15 +693,7 @@ mod arm {
             unsafe {
                 let (u, s) = (vreinterpretq_s8_u8(u), vreinterpretq_s8_u8(s));
                 if DOT {
-                    let mut acc = vdupq_n_s32(0);
-                    asm!(
-                        "sdot {acc:v}.4s, {u:v}.16b, {s:v}.16b",
-                        acc = inout(vreg) acc,
-                        u = in(vreg) u,
-                        s = in(vreg) s,
-                        options(pure, nomem, nostack, preserves_flags)
-                    );
-                    acc
+                    sdot16(u, s)
                 } else {
                     // i8 x i8 products fit i16; sadalp adds pairs into i32.
                     let p0 = vmull_s8(vget_low_s8(u), vget_low_s8(s));

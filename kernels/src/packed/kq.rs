@@ -434,48 +434,48 @@ impl PackedFmt for Q6K {
             let (m4, m30) = (V::splat(0x0F0F_0F0F), V::splat(0x3030_3030));
             for half in 0..2 {
                 for cg in 0..2 {
-                    // Chunks c = 4cg..4cg+4 of this half: ql at 16 half + c
-                    // (quarters 0, 2) and + 8 (quarters 1, 3), qh at 8 half + c.
-                    let mut qa = [V::splat(0); 4];
-                    let mut qb = [V::splat(0); 4];
-                    let mut qh = [V::splat(0); 4];
-                    for i in 0..4 {
+                    // Quarter q of chunks c = 4cg..4cg + 4 is sub-block 8 half + 2q + cg:
+                    // its 16 quant vectors first (shared by the tokens), then per token four
+                    // sums, each starting at -32 bsum (the quants are stored as q + 32).
+                    let mut w = [[V::splat(0); 4]; 4];
+                    for (i, wi) in w.iter_mut().enumerate() {
                         let c = 4 * cg + i;
-                        qa[i] = V::load(lane(16 * half + c));
-                        qb[i] = V::load(lane(16 * half + 8 + c));
-                        qh[i] = V::load(lane(32 + 8 * half + c));
+                        let qa = V::load(lane(16 * half + c));
+                        let qb = V::load(lane(16 * half + 8 + c));
+                        let qh = V::load(lane(32 + 8 * half + c));
+                        wi[0] = qa.and(m4).or(qh.shl(4).and(m30));
+                        wi[1] = qb.and(m4).or(qh.shl(2).and(m30));
+                        wi[2] = qa.shr(4).and(m4).or(qh.and(m30));
+                        wi[3] = qb.shr(4).and(m4).or(qh.shr(2).and(m30));
                     }
-                    for quarter in 0..4 {
-                        let mut q = [V::splat(0); 4];
-                        for i in 0..4 {
-                            q[i] = match quarter {
-                                0 => qa[i].and(m4).or(qh[i].shl(4).and(m30)),
-                                1 => qb[i].and(m4).or(qh[i].shl(2).and(m30)),
-                                2 => qa[i].shr(4).and(m4).or(qh[i].and(m30)),
-                                _ => qb[i].shr(4).and(m4).or(qh[i].shr(2).and(m30)),
-                            };
-                        }
-                        // Elements 128 half + 32 quarter + 16 cg.., sub-block j.
-                        let j = 8 * half + 2 * quarter + cg;
-                        let scv = V::load(lane(48 + j / 4));
-                        let sc = scv.shl(24 - 8 * (j as u32 % 4)).sra(24);
-                        let e0 = 128 * half + 32 * quarter + 16 * cg;
-                        for (t, isum_t) in isum.iter_mut().enumerate() {
-                            let a = &*act.add(t * k + b);
-                            let mut s = V::splat(a.c6[j]);
-                            for (i, qi) in q.iter().enumerate() {
-                                s = s.dot4(*qi, a.group(e0 + 4 * i));
+                    // The i8 scales of sub-blocks 8 half + cg + {0, 2, 4, 6}: bytes cg,
+                    // cg + 2 of scale chunks 2 half and 2 half + 1, sign-extended.
+                    let (lo, hi) = (V::load(lane(48 + 2 * half)), V::load(lane(49 + 2 * half)));
+                    let sext = |v: V, byte: u32| v.shl(24 - 8 * byte).sra(24);
+                    let sc = [
+                        sext(lo, cg as u32),
+                        sext(lo, cg as u32 + 2),
+                        sext(hi, cg as u32),
+                        sext(hi, cg as u32 + 2),
+                    ];
+                    for (t, isum_t) in isum.iter_mut().enumerate() {
+                        let a = &*act.add(t * k + b);
+                        let e0 = 128 * half + 16 * cg;
+                        for (q, scq) in sc.iter().enumerate() {
+                            let mut s = V::splat(a.c6[8 * half + 2 * q + cg]);
+                            for (i, wi) in w.iter().enumerate() {
+                                s = s.dot4(wi[q], a.group(e0 + 32 * q + 4 * i));
                             }
-                            *isum_t = isum_t.add(s.mullo(sc));
+                            *isum_t = isum_t.add(s.mullo(*scq));
                         }
                     }
                 }
             }
             let dx = V::load_f16(sb.add(3328 + 2 * V::ROWS * h));
-            for t in 0..C {
+            for (t, acc_t) in acc.iter_mut().enumerate() {
                 let a = &*act.add(t * k + b);
                 let t1 = V::fmul(V::fmul(dx, V::fsplat(a.d)), isum[t].cvt());
-                acc[t] = V::fadd(acc[t], t1);
+                *acc_t = V::fadd(*acc_t, t1);
             }
         }
     }
