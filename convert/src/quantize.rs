@@ -71,11 +71,12 @@ pub fn quantize(opts: &QuantizeOptions) -> Result<Report> {
     let inputs = Inputs::new([&opts.input]);
     check_output_file(&opts.output, &inputs, opts.overwrite)?;
     let f = std::sync::Arc::new(open_gguf(&opts.input, opts.require_signature.as_deref())?);
+    // Types airlock cannot read first: one error that lists every such tensor.
+    check_readable(&opts.input, &f)?;
     // What run would refuse is refused before the work, not after it.
     airlock_engine::load::validate(f.clone(), &opts.input)
         .map_err(|e| ConvertError::Refused(format!("{e}; airlock would not run it")))?;
     let _cooperate = airlock_engine::signals::cooperate().map_err(ConvertError::Usage)?;
-    check_readable(&opts.input, &f)?;
     let facts = model_facts(&opts.input, &f, &opts.policy)?;
     let list: Vec<(&str, &[u64], GgmlType)> = f
         .tensors()
