@@ -6,9 +6,18 @@
 //!
 //! Several chunks go through one forward pass when the batch allows (`batch / n_ctx` of them,
 //! each its own sequence), only the scored rows go through the output matrix, and their
-//! log-likelihoods are summed from the pass's logits in place.
+//! log-likelihoods are computed from the pass's logits in place (rows in parallel, summed in
+//! order, so the digits do not depend on the thread count).
+//!
+//! [`run_chunks`] is the shared loop: it hands every chunk's scored rows, in order, to a
+//! [`ChunkScorer`]. [`perplexity`] sums log-likelihoods; [`crate::kld`] writes a base file of
+//! log-probabilities or compares a model against one.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use rayon::prelude::*;
 
 use crate::llama::{forward_batch, BatchSeq, KvCache, KvType, LlamaModel, Logits, ModelError};
 use crate::llama::{Precision, Workspace};
@@ -26,11 +35,15 @@ pub enum PerplexityError {
         needed: usize,
         n_ctx: usize,
     },
+    #[error("interrupted")]
+    Interrupted,
     #[error(transparent)]
     Model(#[from] ModelError),
+    #[error(transparent)]
+    Kld(#[from] crate::kld::KldError),
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct PerplexityParams {
     /// Tokens per chunk (llama-perplexity's `-c`).
     pub n_ctx: usize,
@@ -41,6 +54,26 @@ pub struct PerplexityParams {
     pub max_chunks: Option<usize>,
     /// Replace each chunk's first token with this one (the model's BOS, when it adds one).
     pub bos: Option<u32>,
+    /// Checked before every forward pass: when set, the run stops with
+    /// [`PerplexityError::Interrupted`].
+    pub cancel: Option<Arc<AtomicBool>>,
+}
+
+impl PerplexityParams {
+    /// Chunks a text of `n_tokens` tokens gives.
+    pub fn chunk_count(&self, n_tokens: usize) -> usize {
+        (n_tokens / self.n_ctx.max(1)).min(self.max_chunks.unwrap_or(usize::MAX))
+    }
+
+    /// Scored positions per chunk (llama-perplexity's `n_ctx - 1 - n_ctx/2`).
+    pub fn scored_per_chunk(&self) -> usize {
+        scored_per_chunk(self.n_ctx)
+    }
+}
+
+/// Scored positions in a chunk of `n_ctx` tokens.
+pub fn scored_per_chunk(n_ctx: usize) -> usize {
+    n_ctx.saturating_sub(1 + n_ctx / 2)
 }
 
 /// The result after some chunks.
@@ -72,29 +105,39 @@ impl Outcome {
 }
 
 /// Running sums of the negative log-likelihood and its square, in f64 (as llama.cpp).
-#[derive(Default)]
-struct Nll {
+#[derive(Default, Clone, Debug)]
+pub struct Nll {
     sum: f64,
     sum2: f64,
     count: usize,
 }
 
 impl Nll {
-    fn add(&mut self, logits: &[f32], next: u32) {
-        let v = log_softmax(logits, next as usize);
+    /// Adds one prediction's log-probability.
+    pub fn add_log_prob(&mut self, v: f64) {
         self.sum -= v;
         self.sum2 += v * v;
         self.count += 1;
     }
 
-    /// Adds a chunk's sums (chunks are merged in order, so -b changes nothing).
-    fn merge(&mut self, part: &Nll) {
-        self.sum += part.sum;
-        self.sum2 += part.sum2;
-        self.count += part.count;
+    /// Adds every row's log-probability of its next token: computed in parallel, summed in
+    /// row order.
+    pub fn add_rows(&mut self, rows: &[f32], vocab: usize, next: &[u32]) {
+        let v: Vec<f64> = rows
+            .par_chunks_exact(vocab)
+            .zip(next.par_iter())
+            .map(|(row, &t)| log_softmax(row, t as usize))
+            .collect();
+        for v in v {
+            self.add_log_prob(v);
+        }
     }
 
-    fn estimate(&self, chunks: usize) -> Estimate {
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    pub fn estimate(&self, chunks: usize) -> Estimate {
         let n = self.count as f64;
         let mean = self.sum / n;
         let ppl = mean.exp();
@@ -110,44 +153,56 @@ impl Nll {
 }
 
 /// `log softmax(logits)[i]`, in f64 as llama.cpp's `log_softmax`.
-fn log_softmax(logits: &[f32], i: usize) -> f64 {
+pub fn log_softmax(logits: &[f32], i: usize) -> f64 {
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
     let sum: f64 = logits.iter().map(|&x| (x as f64 - max).exp()).sum();
     logits[i] as f64 - max - sum.ln()
 }
 
-/// Perplexity of `model` on `tokens` (the whole text, tokenized as llama-perplexity does).
-/// `on_chunk` sees the running estimate after every chunk.
-pub fn perplexity(
+/// What [`run_chunks`] hands the scored rows to. Chunks arrive in order: each chunk's rows in
+/// order (possibly over several calls when a chunk is longer than the batch), then its
+/// [`ChunkScorer::end_chunk`], then the next chunk's.
+pub trait ChunkScorer {
+    /// `rows` is (next.len(), vocab) row-major; row i is the distribution that predicts
+    /// `next[i]`.
+    fn rows(
+        &mut self,
+        chunk: usize,
+        rows: &[f32],
+        vocab: usize,
+        next: &[u32],
+    ) -> Result<(), PerplexityError>;
+    /// Every row of `chunk` has been seen.
+    fn end_chunk(&mut self, chunk: usize) -> Result<(), PerplexityError>;
+}
+
+/// Runs the first `n_chunks` chunks of `n_ctx` tokens of `tokens` through the model, llama-
+/// perplexity's way (fresh cache per chunk, BOS replacement, second half scored), handing the
+/// scored rows to `scorer`. Returns the tokens run and the time taken.
+pub fn run_chunks(
     model: &LlamaModel,
     precision: Precision,
     kv_type: KvType,
     tokens: &[u32],
+    n_chunks: usize,
     p: &PerplexityParams,
-    on_chunk: &mut dyn FnMut(&Estimate),
-) -> Result<Outcome, PerplexityError> {
+    scorer: &mut dyn ChunkScorer,
+) -> Result<(usize, Duration), PerplexityError> {
     let n_ctx = p.n_ctx;
     if n_ctx < 4 {
         return Err(PerplexityError::ContextTooSmall(n_ctx));
     }
-    if tokens.len() < 2 * n_ctx {
-        return Err(PerplexityError::TextTooShort {
-            tokens: tokens.len(),
-            needed: 2 * n_ctx,
-            n_ctx,
-        });
-    }
-    let n_chunks = (tokens.len() / n_ctx).min(p.max_chunks.unwrap_or(usize::MAX));
+    let n_chunks = n_chunks.min(tokens.len() / n_ctx);
     let first = n_ctx / 2;
     let vocab = model.config.vocab_size;
-    // Chunks per pass; a chunk longer than the batch goes in pieces of `piece` tokens.
+    // Chunks per pass; a chunk longer than the batch goes in pieces of `piece` tokens (then one
+    // chunk per pass, so each chunk's rows reach the scorer in order).
     let per_pass = (p.batch / n_ctx).max(1);
     let piece = p.batch.clamp(1, n_ctx);
     let mut caches: Vec<KvCache> = (0..per_pass.min(n_chunks))
         .map(|_| KvCache::new(model, n_ctx, kv_type))
         .collect();
     let mut ws = Workspace::default();
-    let mut nll = Nll::default();
     let t0 = Instant::now();
 
     for c0 in (0..n_chunks).step_by(per_pass) {
@@ -165,11 +220,12 @@ pub fn perplexity(
         for cache in caches.iter_mut() {
             cache.reset();
         }
-        // Each chunk's sums, taken straight from the pass's logits (no copy of the rows):
-        // position pos predicts the token after it; the last position has none.
-        let mut parts: Vec<Nll> = group.clone().map(|_| Nll::default()).collect();
         for a in (0..n_ctx).step_by(piece) {
+            if p.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
+                return Err(PerplexityError::Interrupted);
+            }
             let b = (a + piece).min(n_ctx);
+            // Position pos predicts the token after it; the last position has none.
             let from = a.max(first).min(b);
             let want = b - from;
             let mut batch: Vec<BatchSeq> = caches
@@ -189,26 +245,82 @@ pub fn perplexity(
             if want == 0 {
                 continue;
             }
-            for ((rows, part), c) in logits
-                .chunks_exact(want * vocab)
-                .zip(&mut parts)
-                .zip(group.clone())
-            {
-                let next = &tokens[c * n_ctx + from + 1..(c + 1) * n_ctx];
-                for (row, &t) in rows.chunks_exact(vocab).zip(next) {
-                    part.add(row, t);
+            for (rows, c) in logits.chunks_exact(want * vocab).zip(group.clone()) {
+                // Rows from..b predict tokens from+1..b+1; the chunk's last token predicts
+                // nothing, so the last piece has one row fewer.
+                let end = (b + 1).min(n_ctx);
+                let next = &tokens[c * n_ctx + from + 1..c * n_ctx + end];
+                scorer.rows(c, &rows[..next.len() * vocab], vocab, next)?;
+                if b == n_ctx {
+                    scorer.end_chunk(c)?;
                 }
             }
         }
-        for (part, c) in parts.iter().zip(group) {
-            nll.merge(part);
-            on_chunk(&nll.estimate(c + 1));
-        }
     }
+    Ok((n_chunks * n_ctx, t0.elapsed()))
+}
+
+/// Sums log-likelihoods and reports the running estimate after every chunk.
+struct PplScorer<'a> {
+    nll: Nll,
+    on_chunk: &'a mut dyn FnMut(&Estimate),
+}
+
+impl ChunkScorer for PplScorer<'_> {
+    fn rows(
+        &mut self,
+        _chunk: usize,
+        rows: &[f32],
+        vocab: usize,
+        next: &[u32],
+    ) -> Result<(), PerplexityError> {
+        self.nll.add_rows(rows, vocab, next);
+        Ok(())
+    }
+
+    fn end_chunk(&mut self, chunk: usize) -> Result<(), PerplexityError> {
+        (self.on_chunk)(&self.nll.estimate(chunk + 1));
+        Ok(())
+    }
+}
+
+/// Refuses a context too small to score and a text shorter than two chunks (as llama-
+/// perplexity does).
+pub fn check_text(n_tokens: usize, n_ctx: usize) -> Result<(), PerplexityError> {
+    if n_ctx < 4 {
+        return Err(PerplexityError::ContextTooSmall(n_ctx));
+    }
+    if n_tokens < 2 * n_ctx {
+        return Err(PerplexityError::TextTooShort {
+            tokens: n_tokens,
+            needed: 2 * n_ctx,
+            n_ctx,
+        });
+    }
+    Ok(())
+}
+
+/// Perplexity of `model` on `tokens` (the whole text, tokenized as llama-perplexity does).
+/// `on_chunk` sees the running estimate after every chunk.
+pub fn perplexity(
+    model: &LlamaModel,
+    precision: Precision,
+    kv_type: KvType,
+    tokens: &[u32],
+    p: &PerplexityParams,
+    on_chunk: &mut dyn FnMut(&Estimate),
+) -> Result<Outcome, PerplexityError> {
+    check_text(tokens.len(), p.n_ctx)?;
+    let n_chunks = p.chunk_count(tokens.len());
+    let mut scorer = PplScorer {
+        nll: Nll::default(),
+        on_chunk,
+    };
+    let (n, time) = run_chunks(model, precision, kv_type, tokens, n_chunks, p, &mut scorer)?;
     Ok(Outcome {
-        estimate: nll.estimate(n_chunks),
-        tokens: n_chunks * n_ctx,
-        time: t0.elapsed(),
+        estimate: scorer.nll.estimate(n_chunks),
+        tokens: n,
+        time,
     })
 }
 
@@ -224,12 +336,19 @@ mod tests {
 
         // Two predictions with probabilities 1/2 and 1/4: PPL = exp(mean(ln 2, ln 4)) = sqrt 8.
         let mut n = Nll::default();
-        n.add(&[0.0, 0.0], 0);
-        n.add(&[0.0, 0.0, 0.0, 0.0], 3);
+        n.add_rows(&[0.0, 0.0], 2, &[0]);
+        n.add_rows(&[0.0, 0.0, 0.0, 0.0], 4, &[3]);
         let e = n.estimate(1);
         assert!((e.ppl - 8f64.sqrt()).abs() < 1e-12, "{e:?}");
         // Standard error of the mean of (ln 2, ln 4): (ln 4 - ln 2) / 2.
         let se = (4f64.ln() - 2f64.ln()) / 2.0;
         assert!((e.ppl_err.unwrap() - se * e.ppl).abs() < 1e-12, "{e:?}");
+    }
+
+    #[test]
+    fn scored_positions_are_llama_perplexitys() {
+        assert_eq!(scored_per_chunk(512), 255);
+        assert_eq!(scored_per_chunk(128), 63);
+        assert_eq!(scored_per_chunk(5), 2);
     }
 }

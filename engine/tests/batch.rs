@@ -2,7 +2,8 @@
 //! alone or in a batch with others, whatever the others bring (prompt chunks or single decode
 //! tokens), however its own prompt is chunked, on one thread or two, and after its cache is cut
 //! back to a shared prefix (prompt reuse). Checked on the fast path (file layout and, where the
-//! CPU has packed kernels, repacked) and on the exact path, with the real SmolLM2 model.
+//! CPU has packed kernels, repacked) and on the exact path, with the real SmolLM2 model, and on
+//! the fast paths with it requantized into every K-quant and Q5 format (`mixed_model`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,6 +13,8 @@ use airlock_engine::llama::{
     forward_batch, BatchSeq, KvCache, KvType, LlamaModel, Logits, ModelError, Precision, Session,
     Workspace,
 };
+
+mod mixed_model;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -37,6 +40,16 @@ fn variants() -> Vec<(&'static str, LlamaModel, Precision)> {
     let mut packed = smollm2();
     if packed.repack().unwrap() > 0 {
         v.push(("fast, repacked", packed, Precision::Fast));
+    }
+    // Every K-quant and Q5 format, through both layouts (mixed_model's docs).
+    v.push((
+        "mixed types, file layout",
+        mixed_model::mixed_model(),
+        Precision::Fast,
+    ));
+    let mut packed = mixed_model::mixed_model();
+    if packed.repack().unwrap() > 0 {
+        v.push(("mixed types, repacked", packed, Precision::Fast));
     }
     v
 }
@@ -313,4 +326,61 @@ fn a_refused_batch_writes_nothing() {
     let l = forward_batch(&model, Precision::Fast, &mut ws, &mut batch).unwrap();
     assert_eq!(l.len(), vocab);
     assert_eq!(roomy.pos(), 5);
+}
+
+#[test]
+fn a_copied_prefix_continues_with_the_same_bits() {
+    // Multiple-choice scoring computes a question once and continues each option in a copy of
+    // its cache: the options' logits must be those of running each whole sequence alone.
+    for (name, model, p) in variants() {
+        let vocab = model.config.vocab_size;
+        let prefix = ids(21, 7, vocab);
+        let options = [ids(5, 8, vocab), ids(3, 9, vocab), ids(1, 10, vocab)];
+        let mut ws = Workspace::default();
+        let mut shared = KvCache::new(&model, 64, KvType::F16);
+        forward_batch(
+            &model,
+            p,
+            &mut ws,
+            &mut [BatchSeq {
+                cache: &mut shared,
+                tokens: &prefix,
+                logits: Logits::None,
+            }],
+        )
+        .unwrap();
+        // Copies into caches of other sizes (the strides differ), all options in one pass.
+        let mut caches: Vec<KvCache> = options
+            .iter()
+            .map(|o| {
+                let mut c = KvCache::new(&model, prefix.len() + o.len() + 3, KvType::F16);
+                c.copy_prefix_from(&shared, prefix.len()).unwrap();
+                assert_eq!(c.pos(), prefix.len());
+                c
+            })
+            .collect();
+        let mut batch: Vec<BatchSeq> = caches
+            .iter_mut()
+            .zip(&options)
+            .map(|(cache, o)| BatchSeq {
+                cache,
+                tokens: o,
+                logits: Logits::All,
+            })
+            .collect();
+        let got = rows(
+            forward_batch(&model, p, &mut ws, &mut batch).unwrap(),
+            vocab,
+        );
+        let mut at = 0;
+        for o in &options {
+            let whole: Vec<u32> = prefix.iter().chain(o).copied().collect();
+            let want = alone(&model, p, &whole, &[]);
+            assert_eq!(got[at..at + o.len()], want[prefix.len()..], "{name}");
+            at += o.len();
+        }
+        // A prefix longer than the source holds is refused.
+        let mut c = KvCache::new(&model, 64, KvType::F16);
+        assert!(c.copy_prefix_from(&shared, prefix.len() + 1).is_err());
+    }
 }

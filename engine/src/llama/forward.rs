@@ -126,6 +126,30 @@ impl KvCache {
         self.pos = self.pos.min(pos);
     }
 
+    /// Make this cache hold `src`'s first `n` positions and nothing after: a prompt prefix
+    /// computed once, then continued in several caches (one per multiple-choice option).
+    /// Between caches of one KV type the copy is exact, so a continuation's logits are those of
+    /// running the whole sequence in one cache.
+    pub fn copy_prefix_from(&mut self, src: &KvCache, n: usize) -> Result<(), ModelError> {
+        if src.store.shape() != self.store.shape() {
+            return Err(ModelError::CacheMismatch {
+                cache_layers: src.n_layers,
+                cache_kv_dim: src.kv_dim,
+                n_layers: self.n_layers,
+                kv_dim: self.kv_dim,
+            });
+        }
+        if n > src.pos || n > self.n_ctx {
+            return Err(ModelError::ContextFull {
+                needed: n,
+                n_ctx: src.pos.min(self.n_ctx),
+            });
+        }
+        self.store.copy_prefix_from(&src.store, n);
+        self.pos = n;
+        Ok(())
+    }
+
     /// Store token `p`'s keys and values of layer `li`.
     fn write(&mut self, li: usize, p: usize, k: &[f32], v: &[f32]) {
         self.store.write(li, p, k, v);

@@ -62,7 +62,9 @@ impl KvType {
     /// Bytes K and V take per position and KV head of `head_dim` values (V's row padding
     /// included).
     pub fn head_position_bytes(self, head_dim: usize) -> u64 {
-        let (hd, hdv) = (head_dim as u64, head_dim.next_multiple_of(V_ALIGN) as u64);
+        // In u64 from the start: head_dim may come from an unchecked header.
+        let hd = head_dim as u64;
+        let hdv = hd.next_multiple_of(V_ALIGN as u64);
         match self {
             KvType::F32 => 4 * (hd + hdv),
             KvType::F16 => 2 * (hd + hdv),
@@ -162,12 +164,23 @@ impl KvStore {
         head_dim: usize,
         n_ctx: usize,
     ) -> u64 {
+        // Saturating: a count no machine holds (from a hostile header) must compare as huge
+        // in a memory check, not wrap to small.
         let positions = n_ctx.div_ceil(TILE) as u64 * TILE as u64;
-        n_layers as u64 * n_head_kv as u64 * positions * ty.head_position_bytes(head_dim)
+        [n_layers as u64, n_head_kv as u64, positions]
+            .iter()
+            .fold(ty.head_position_bytes(head_dim), |acc, &x| {
+                acc.saturating_mul(x)
+            })
     }
 
     pub fn ty(&self) -> KvType {
         self.ty
+    }
+
+    /// (layers, KV heads, head size).
+    pub fn shape(&self) -> (usize, usize, usize) {
+        (self.n_layers, self.n_head_kv, self.head_dim)
     }
 
     /// Positions the store holds (the context size rounded up to a whole tile).
@@ -234,6 +247,43 @@ impl KvStore {
         }
     }
 
+    /// Make positions 0..n hold `src`'s positions 0..n, in every layer and head. Of one type,
+    /// whole tiles are copied (exact); across types each position is read as f32 and written
+    /// again (rounded to this store's type).
+    ///
+    /// # Panics
+    /// When the shapes differ or `n` exceeds either capacity (a caller checks first).
+    pub fn copy_prefix_from(&mut self, src: &KvStore, n: usize) {
+        assert!(self.shape() == src.shape());
+        assert!(n <= self.capacity() && n <= src.capacity());
+        if self.ty != src.ty {
+            let (hd, nh) = (self.head_dim, self.n_head_kv);
+            let (mut k, mut v) = (vec![0.0; nh * hd], vec![0.0; nh * hd]);
+            for layer in 0..self.n_layers {
+                let from = src.layer(layer);
+                for pos in 0..n {
+                    for h in 0..nh {
+                        let (kh, vh) = from.get(h, pos);
+                        k[h * hd..][..hd].copy_from_slice(&kh);
+                        v[h * hd..][..hd].copy_from_slice(&vh);
+                    }
+                    self.write(layer, pos, &k, &v);
+                }
+            }
+            return;
+        }
+        let tiles = n.div_ceil(TILE);
+        let nb = self.head_dim / QK8_0;
+        let (hd, hdv) = (self.head_dim, self.hdv);
+        for lh in 0..self.n_layers * self.n_head_kv {
+            // The first `tiles` tiles of head lh: contiguous in both stores.
+            let (d0, s0) = (lh * self.n_tiles, lh * src.n_tiles);
+            let copy = |per_tile: usize| (d0 * per_tile, s0 * per_tile, tiles * per_tile);
+            copy_vals(&mut self.k, &src.k, copy(TILE * hd), copy(TILE * nb));
+            copy_vals(&mut self.v, &src.v, copy(TILE * hdv), copy(TILE * nb));
+        }
+    }
+
     /// Layer `layer`'s keys and values, as attention reads them.
     pub fn layer(&self, layer: usize) -> KvLayer<'_> {
         assert!(layer < self.n_layers);
@@ -248,6 +298,24 @@ impl KvStore {
             k: self.k.slice(at(TILE * self.head_dim), at(TILE * nb)),
             v: self.v.slice(at(TILE * self.hdv), at(TILE * nb)),
         }
+    }
+}
+
+/// Copies `len` values (and scales) from `src` at `from` to `dst` at `at`, of one type.
+fn copy_vals(
+    dst: &mut Vals,
+    src: &Vals,
+    (at, from, len): (usize, usize, usize),
+    (sat, sfrom, slen): (usize, usize, usize),
+) {
+    match (dst, src) {
+        (Vals::F32(d), Vals::F32(s)) => d[at..at + len].copy_from_slice(&s[from..from + len]),
+        (Vals::F16(d), Vals::F16(s)) => d[at..at + len].copy_from_slice(&s[from..from + len]),
+        (Vals::Q8_0(dq, dd), Vals::Q8_0(sq, sd)) => {
+            dq[at..at + len].copy_from_slice(&sq[from..from + len]);
+            dd[sat..sat + slen].copy_from_slice(&sd[sfrom..sfrom + slen]);
+        }
+        _ => unreachable!("copy_vals is called for stores of one type"),
     }
 }
 
