@@ -24,6 +24,10 @@ use crate::load::{load, ModelArgs, SamplingArgs};
     Each of the --parallel slots has its own context of -c tokens; requests beyond the slots wait \
     in a queue of --queue, and beyond that get 503. All generating requests share one forward \
     pass per step. The sampling flags set the defaults for fields a request leaves out.\n\
+    A chat whose messages leave no room in a slot's context for a reply has its oldest turns \
+    after the system prompt dropped until it takes at most half the context (as `airlock chat` \
+    does); the response says so in the header `x-airlock-context-shift: dropped N messages` and \
+    in usage.context_shift. If the system prompt and the last turn alone do not fit, 400.\n\
     Keys (--api-key, --api-key-file) are sent as `Authorization: Bearer KEY`; /health needs none. \
     Prefer --api-key-file: a key on the command line shows in the process list.\n\
     SIGINT, SIGTERM or SIGHUP stops accepting connections, lets running requests finish for --grace \

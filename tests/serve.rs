@@ -1918,3 +1918,89 @@ fn the_chat_page_works_in_a_headless_browser() {
     let path = support::root().join("target/serve-chat-page.png");
     std::fs::write(&path, png).unwrap();
 }
+
+#[test]
+fn a_chat_that_outgrows_the_context_drops_its_oldest_turns_and_says_so() {
+    let server = Server::start(&["-c", "256", "--parallel", "1"]);
+    let system = json!({"role": "system", "content": "You are a terse security assistant."});
+    // Six earlier turns of about 45 tokens each: far over 256 with the system prompt.
+    let mut messages = vec![system.clone()];
+    for i in 0..6 {
+        messages.push(json!({"role": "user", "content": format!(
+            "Question {i}: which service usually listens on TCP port {}, and how is it hardened?",
+            20 + i
+        )}));
+        messages.push(json!({"role": "assistant", "content": format!(
+            "Answer {i}: see the vendor's hardening guide for port {} and restrict access.",
+            20 + i
+        )}));
+    }
+    messages.push(json!({"role": "user", "content": "Last question: what is SSH?"}));
+    let body = |m: &[Value], stream: bool| {
+        json!({"messages": m, "max_tokens": 8, "temperature": 0, "stream": stream,
+               "stream_options": {"include_usage": true}})
+    };
+    let r = server.post("/v1/chat/completions", &body(&messages, false));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let v = r.json();
+    let shift = &v["usage"]["context_shift"];
+    let dropped = shift["dropped_messages"].as_u64().unwrap() as usize;
+    assert_eq!(
+        r.header("x-airlock-context-shift"),
+        Some(format!("dropped {dropped} messages"))
+    );
+    // Whole turns (a question and its answer) from the oldest, never the newest.
+    assert!(dropped >= 2 && dropped.is_multiple_of(2), "{shift}");
+    assert!(dropped < messages.len() - 2, "{shift}");
+    assert_eq!(shift["dropped_turns"].as_u64(), Some(dropped as u64 / 2));
+    // Down to at most half the context, as `airlock chat` does.
+    let prompt_tokens = v["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt_tokens <= 128, "{}", v["usage"]);
+    assert!(server.log().contains("context shift: dropped"));
+
+    // The answer is the one the kept conversation gets sent alone: the system prompt, then
+    // the newest turns; that request fits, so it is not shifted and says nothing.
+    let mut kept = vec![system];
+    kept.extend_from_slice(&messages[1 + dropped..]);
+    let alone = server.post("/v1/chat/completions", &body(&kept, false));
+    assert_eq!(alone.status, 200);
+    assert_eq!(alone.header("x-airlock-context-shift"), None);
+    let alone = alone.json();
+    assert!(alone["usage"].get("context_shift").is_none(), "{alone}");
+    assert_eq!(
+        alone["usage"]["prompt_tokens"].as_u64(),
+        Some(prompt_tokens)
+    );
+    assert_eq!(chat_text(&alone), chat_text(&v));
+
+    // Streaming: the header, and the usage chunk.
+    let s = server.post("/v1/chat/completions", &body(&messages, true));
+    assert_eq!(
+        s.header("x-airlock-context-shift"),
+        Some(format!("dropped {dropped} messages"))
+    );
+    let chunks = stream_chunks(&s);
+    assert_eq!(stream_text(&chunks).0, chat_text(&v));
+    assert_eq!(
+        chunks.last().unwrap()["usage"]["context_shift"]["dropped_messages"].as_u64(),
+        Some(dropped as u64)
+    );
+
+    // A system prompt that alone fills the context cannot be shifted: 400 with both numbers.
+    let huge = vec![
+        json!({"role": "system", "content": "word ".repeat(300)}),
+        json!({"role": "user", "content": "hello"}),
+    ];
+    let e = server
+        .post("/v1/chat/completions", &body(&huge, false))
+        .error(400);
+    assert_eq!(e["code"], "context_length_exceeded");
+    let msg = e["message"].as_str().unwrap();
+    let n: usize = msg
+        .split(" take ")
+        .nth(1)
+        .and_then(|m| m.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{msg}"));
+    assert!(n > 256 && msg.contains("256 tokens"), "{msg}");
+}

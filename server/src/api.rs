@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use airlock_engine::chat::{tokenize_chat, ChatError, ChatMessage, ChatTemplate};
+use airlock_engine::context_shift::{trim_history, TrimError, Trimmed};
 use airlock_engine::generate::{GenerateParams, Generation, StopReason};
 use airlock_engine::load::LoadedModel;
 use airlock_engine::sampling::{Sampler, SamplerConfig, SamplingError};
@@ -857,53 +858,112 @@ fn parse_messages(m: &Map<String, Value>) -> Result<Vec<ChatMessage>, ApiError> 
     Ok(out)
 }
 
+/// What a context shift dropped from a chat request's conversation.
+#[derive(Clone, Copy, Debug)]
+struct Shift {
+    messages: usize,
+    turns: usize,
+}
+
+impl Shift {
+    fn header(self) -> String {
+        format!("dropped {} messages", self.messages)
+    }
+}
+
+fn context_length_exceeded(message: String) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        Some("context_length_exceeded"),
+        message,
+    )
+}
+
+/// Renders messages with the chat template and tokenizes them (special tokens are parsed only
+/// in the template's framing).
+fn chat_ids(st: &AppState, messages: &[ChatMessage]) -> Result<Vec<u32>, ApiError> {
+    let tok = &st.loaded.tokenizer;
+    let template = st.template.as_ref().ok_or_else(|| {
+        ApiError::bad(
+            "this model's chat template cannot be used; use /v1/completions, or restart \
+             the server with --chat-template llama3|chatml",
+        )
+    })?;
+    let segments = template
+        .render_segments(messages, true)
+        .map_err(|e| match e {
+            ChatError::Raised(msg) => {
+                ApiError::bad(format!("`messages` refused by the chat template: {msg}"))
+            }
+            ChatError::OutputTooLarge(_) | ChatError::Render(_) => {
+                ApiError::bad(format!("`messages`: {e}"))
+            }
+            e => ApiError::internal(format!("chat template: {e}")),
+        })?;
+    tokenize_chat(tok, &segments, tok.add_bos_default())
+        .map_err(|e| ApiError::internal(format!("tokenizer: {e}")))
+}
+
 /// Tokenizes a request's input (the chat template for messages; special tokens are parsed
 /// only in the template's framing, and in a raw prompt as `airlock run` does).
-fn tokenize(st: &AppState, input: &Input) -> Result<Vec<u32>, ApiError> {
+///
+/// A conversation that leaves no room in a slot's context for a reply is shifted as `airlock
+/// chat` shifts one (the engine's [`trim_history`]): the oldest turns after the system prompt
+/// are dropped until it takes at most half the context, or the newest turn alone with the
+/// system prompt when that needs more; the answer says what was dropped. A raw prompt is never
+/// cut.
+fn tokenize(st: &AppState, input: &Input) -> Result<(Vec<u32>, Option<Shift>), ApiError> {
     let tok = &st.loaded.tokenizer;
-    let ids = match input {
-        Input::Messages(messages) => {
-            let template = st.template.as_ref().ok_or_else(|| {
-                ApiError::bad(
-                    "this model's chat template cannot be used; use /v1/completions, or restart \
-                     the server with --chat-template llama3|chatml",
-                )
-            })?;
-            let segments = template
-                .render_segments(messages, true)
-                .map_err(|e| match e {
-                    ChatError::Raised(msg) => {
-                        ApiError::bad(format!("`messages` refused by the chat template: {msg}"))
-                    }
-                    ChatError::OutputTooLarge(_) | ChatError::Render(_) => {
-                        ApiError::bad(format!("`messages`: {e}"))
-                    }
-                    e => ApiError::internal(format!("chat template: {e}")),
-                })?;
-            tokenize_chat(tok, &segments, tok.add_bos_default())
-                .map_err(|e| ApiError::internal(format!("tokenizer: {e}")))?
-        }
-        Input::Prompt(p) => tok
-            .encode(p, tok.add_bos_default(), true)
-            .map_err(|e| ApiError::internal(format!("tokenizer: {e}")))?,
-    };
     let n_ctx = st.loaded.n_ctx;
+    let (ids, shift) = match input {
+        Input::Messages(messages) => {
+            let ids = chat_ids(st, messages)?;
+            if ids.len() < n_ctx {
+                (ids, None)
+            } else {
+                let count = |m: &[ChatMessage]| chat_ids(st, m).map(|ids| ids.len());
+                let trimmed: Trimmed = trim_history(messages, n_ctx / 2, n_ctx - 1, count)
+                    .map_err(|e| match e {
+                        TrimError::Count(e) => e,
+                        TrimError::TooLong { tokens, .. } => context_length_exceeded(format!(
+                            "the system prompt and the last turn alone take {tokens} tokens, \
+                             too many for a slot's context of {n_ctx} tokens (the server's -c) \
+                             with room for a reply, even with the older messages left out"
+                        )),
+                    })?;
+                if trimmed.dropped_messages() == 0 {
+                    // Nothing older to drop (a single turn that needs the whole context).
+                    return Err(context_length_exceeded(format!(
+                        "the messages take {} tokens, too many for a slot's context of {n_ctx} \
+                         tokens (the server's -c) with room for a reply",
+                        ids.len()
+                    )));
+                }
+                let shift = Shift {
+                    messages: trimmed.dropped_messages(),
+                    turns: trimmed.dropped_turns,
+                };
+                (chat_ids(st, &trimmed.kept(messages))?, Some(shift))
+            }
+        }
+        Input::Prompt(p) => (
+            tok.encode(p, tok.add_bos_default(), true)
+                .map_err(|e| ApiError::internal(format!("tokenizer: {e}")))?,
+            None,
+        ),
+    };
     if ids.is_empty() {
         return Err(ApiError::bad("the prompt is empty"));
     }
     if ids.len() > n_ctx {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            Some("context_length_exceeded"),
-            format!(
-                "the prompt is {} tokens, more than the {n_ctx} tokens of a slot's context \
-                 (the server's -c)",
-                ids.len()
-            ),
-        ));
+        return Err(context_length_exceeded(format!(
+            "the prompt is {} tokens, more than the {n_ctx} tokens of a slot's context \
+             (the server's -c)",
+            ids.len()
+        )));
     }
-    Ok(ids)
+    Ok((ids, shift))
 }
 
 fn sampling_error(e: SamplingError) -> ApiError {
@@ -927,13 +987,17 @@ fn finish_reason(r: StopReason) -> &'static str {
     }
 }
 
-fn usage(prompt: usize, cached: usize, completion: usize) -> Value {
-    json!({
+fn usage(prompt: usize, cached: usize, completion: usize, shift: Option<Shift>) -> Value {
+    let mut u = json!({
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
         "prompt_tokens_details": {"cached_tokens": cached},
-    })
+    });
+    if let Some(s) = shift {
+        u["context_shift"] = json!({"dropped_messages": s.messages, "dropped_turns": s.turns});
+    }
+    u
 }
 
 fn queue_timeout(st: &AppState, id: &str) -> ApiError {
@@ -972,7 +1036,7 @@ async fn complete(
         )
         .to_string(),
     });
-    let prompt = {
+    let (prompt, shift) = {
         let st = st.clone();
         let input = parsed.input;
         tokio::task::spawn_blocking(move || tokenize(&st, &input))
@@ -1036,6 +1100,13 @@ async fn complete(
             .map_or("none".to_string(), |n| n.to_string()),
         parsed.stream
     );
+    if let Some(s) = shift {
+        eprintln!(
+            "{id}: context shift: dropped the oldest {} messages ({} turns) after the system \
+             prompt to fit the slot's context",
+            s.messages, s.turns
+        );
+    }
     if let Some(text) = log_input {
         eprintln!("{id}: prompt: {text}");
     }
@@ -1071,13 +1142,20 @@ async fn complete(
         fingerprint: st.fingerprint.clone(),
         kind,
         logprobs: parsed.logprobs.is_some(),
+        shift,
         st: st.clone(),
     };
-    if parsed.stream {
-        Ok(stream_response(head, rx, parsed.include_usage))
+    let mut response = if parsed.stream {
+        stream_response(head, rx, parsed.include_usage)
     } else {
-        collect_response(head, rx).await
+        collect_response(head, rx).await?
+    };
+    if let Some(s) = shift {
+        if let Ok(v) = HeaderValue::from_str(&s.header()) {
+            response.headers_mut().insert("x-airlock-context-shift", v);
+        }
     }
+    Ok(response)
 }
 
 /// The fields every response and chunk of one request share.
@@ -1089,6 +1167,8 @@ struct Head {
     kind: Kind,
     /// Log-probabilities were asked for (`logprobs` is then an object, else null).
     logprobs: bool,
+    /// What a context shift dropped from the conversation (reported in `usage`).
+    shift: Option<Shift>,
     st: AppStateRef,
 }
 
@@ -1234,7 +1314,7 @@ async fn collect_response(
                     }),
                 };
                 let mut body = head.object(json!([choice]), false);
-                body["usage"] = usage(prompt_tokens, cached_tokens, completion_tokens);
+                body["usage"] = usage(prompt_tokens, cached_tokens, completion_tokens, head.shift);
                 return Ok(Json(body).into_response());
             }
             Some(Event::Error(e)) => return Err(ApiError::internal(e)),
@@ -1282,7 +1362,8 @@ fn stream_response(head: Head, rx: UnboundedReceiver<Event>, include_usage: bool
                     out.push(data(head.chunk(None, Some(finish_reason(reason)), &[], 0)));
                     if include_usage {
                         let mut u = head.object(json!([]), true);
-                        u["usage"] = usage(prompt_tokens, cached_tokens, completion_tokens);
+                        u["usage"] =
+                            usage(prompt_tokens, cached_tokens, completion_tokens, head.shift);
                         out.push(data(u));
                     }
                     out
