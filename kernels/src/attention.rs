@@ -1780,6 +1780,65 @@ mod tests {
     }
 
     #[test]
+    fn a_copied_prefix_holds_the_source_positions_in_every_layer_and_head() {
+        // Two layers, 3 heads, 70 positions (a partial third tile); the copy of the first 45
+        // goes into stores of other capacities (tile offsets per head differ), of the same
+        // type (bit for bit) and of another (rounded as a write of the values would be).
+        let (layers, nh, hd, rows) = (2, 3, 64, 70);
+        let kvd = nh * hd;
+        let k = rand_vec(layers * rows * kvd, 50, 4.0);
+        let v = rand_vec(layers * rows * kvd, 51, 1.0);
+        let at = |li: usize, p: usize| (li * rows + p) * kvd;
+        let mut src = KvStore::new(KvType::F16, layers, nh, hd, rows);
+        for li in 0..layers {
+            for p in 0..rows {
+                src.write(li, p, &k[at(li, p)..][..kvd], &v[at(li, p)..][..kvd]);
+            }
+        }
+        let n = 45;
+        for (ty, cap) in [
+            (KvType::F16, 200),
+            (KvType::F16, 45),
+            (KvType::F32, 96),
+            (KvType::Q8_0, 64),
+        ] {
+            let mut dst = KvStore::new(ty, layers, nh, hd, cap);
+            // Something else first, so stale values would show.
+            for li in 0..layers {
+                for p in 0..n {
+                    dst.write(li, p, &vec![9.0; kvd], &vec![-9.0; kvd]);
+                }
+            }
+            dst.copy_prefix_from(&src, n);
+            // What writing the source's (f16) values straight into this type would hold.
+            let mut want = KvStore::new(ty, layers, nh, hd, cap);
+            for li in 0..layers {
+                for p in 0..n {
+                    let (mut kr, mut vr) = (vec![], vec![]);
+                    for h in 0..nh {
+                        let (a, b) = src.layer(li).get(h, p);
+                        kr.extend(a);
+                        vr.extend(b);
+                    }
+                    want.write(li, p, &kr, &vr);
+                }
+            }
+            for li in 0..layers {
+                for p in 0..n {
+                    for h in 0..nh {
+                        let (gk, gv) = dst.layer(li).get(h, p);
+                        let (wk, wv) = want.layer(li).get(h, p);
+                        assert!(
+                            same_bits(&gk, &wk) && same_bits(&gv, &wv),
+                            "{ty:?} {li} {p} {h}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn q8_0_cache_holds_ggml_blocks() {
         // Each position's head row, read back, is ggml's Q8_0 quantization of it dequantized
         // (the reference codec in quant/), and the store takes the bytes it claims.
