@@ -200,8 +200,10 @@ pub(crate) trait RowLanes: Copy {
 /// For a decode tile (`C == 1`) on lanes with [`RowLanes::PF_DECODE`]:
 /// prefetches the super-block `PF_DECODE` super-blocks past `sb` into L2.
 /// A Q6_K super-block is read in jumps (scales, then quants of both halves,
-/// then high bits) that the hardware streams did not follow: the one line
-/// that was prefetched left Q6_K decode at 0.15-0.29x of Q4_0's bytes/s.
+/// then high bits) that the hardware streams did not follow: with one line
+/// prefetched, Q6_K decode ran at 0.15-0.29x of Q4_0's bytes/s on zmm and
+/// 0.17x on ymm (one thread, 4096 x 4096, Zen 4); with the whole next
+/// super-block, 0.69x and 0.33-0.40x.
 #[inline(always)]
 unsafe fn prefetch_next<V: RowLanes, const C: usize>(sb: *const u8, sb_bytes: usize) {
     if C == 1 && V::PF_DECODE > 0 {
@@ -382,7 +384,9 @@ impl PackedFmt for Q4K {
         unsafe {
             let sb = g.add(b * Q4K_SB);
             let lane = |c: usize| sb.add(64 * c + 4 * V::ROWS * h);
-            prefetch_next::<V, C>(sb, Q4K_SB);
+            // Q4_K is read front to back, which the hardware streams follow: one line ahead
+            // (the whole-block prefetch of Q6_K measured no better here, and worse on ymm).
+            V::prefetch(sb.add(Q4K_SB * 2));
             // The 6-bit scales and minimums, four per vector of bytes.
             let (s0, s1, s2) = (V::load(lane(32)), V::load(lane(33)), V::load(lane(34)));
             let m6 = V::splat(0x3F3F_3F3F);
@@ -677,7 +681,8 @@ pub(crate) mod x86 {
 
     use super::{tile, PackedFmt, PathTiles, RowLanes, C_FULL};
 
-    /// Decode prefetch distance of the zmm kernels ([`super::prefetch_next`]).
+    /// Decode prefetch distance of the zmm and ymm kernels, in super-blocks
+    /// ([`super::prefetch_next`]): 1 and 2 measured alike.
     const PF_DECODE_ZMM: usize = 1;
 
     /// `Zmm<VNNI>`: 16 rows in a zmm.
@@ -949,6 +954,12 @@ pub(crate) mod x86 {
         unsafe fn prefetch(p: *const u8) {
             // SAFETY: a prefetch is a hint with no architectural effect.
             unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) }
+        }
+        const PF_DECODE: usize = PF_DECODE_ZMM;
+        #[inline(always)]
+        unsafe fn prefetch_l2(p: *const u8) {
+            // SAFETY: a prefetch is a hint with no architectural effect.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(p as *const i8) }
         }
     }
 
