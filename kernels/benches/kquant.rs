@@ -7,7 +7,7 @@
 //! Per type: decode (one token) as weight GiB/s, and a prompt tile (64 tokens) as
 //! multiply-adds per second, both medians over the rounds, and each against Q4_0. Also the
 //! file-layout kernels of the other formats (Q5_1, Q2_K, Q3_K, Q5_K) for decode.
-//! `KQ_ROUNDS` sets the rounds (default 15).
+//! `KQ_ROUNDS` sets the rounds (default 15); `KQ_TYPES=q6_k,q4_k` picks the types measured beside Q4_0.
 
 mod common;
 
@@ -40,7 +40,17 @@ fn main() {
     let ks = packed_kernels().expect("a path with packed kernels");
     println!("packed kernels: {:?}", ks.path);
     use GgmlType::*;
-    let types = [Q4_0, Q8_0, Q4_K, Q6_K, Q5_0, Q5_1, Q2_K, Q3_K, Q5_K];
+    let all = [Q4_0, Q8_0, Q4_K, Q6_K, Q5_0, Q5_1, Q2_K, Q3_K, Q5_K];
+    // `KQ_TYPES=q6_k,q4_k` measures those beside Q4_0 only (Q4_0 stays first: it is the unit).
+    let chosen = std::env::var("KQ_TYPES").unwrap_or_default().to_lowercase();
+    let types: Vec<GgmlType> = all
+        .into_iter()
+        .filter(|t| {
+            *t == Q4_0
+                || chosen.is_empty()
+                || chosen.split(',').any(|c| c == t.name().to_lowercase())
+        })
+        .collect();
     let (rows, cols) = (4096usize, 4096usize);
     let n = 64;
     struct M {

@@ -147,7 +147,8 @@ mod x86 {
     }
 
     pub fn avx512() -> bool {
-        avx2() && has!("avx512f") && has!("avx512bw")
+        // VL: the F16/BF16 tiles use the 32 ymm registers (every CPU with BW has it).
+        avx2() && has!("avx512f") && has!("avx512bw") && has!("avx512vl")
     }
 }
 

@@ -6,8 +6,10 @@
 //! the results are bit-identical to the AVX2 path. An odd last row runs with
 //! itself as the partner and only its half is stored.
 //!
-//! Float kernels and the activation quantizers come from the AVX2 module
-//! (this path's CPUs have AVX2, FMA and F16C; detection checks).
+//! The F16/BF16 GEMMs are `float_wide.rs` (the AVX2 tile's arithmetic on a
+//! tile that 32 registers hold); the other float kernels and the activation
+//! quantizers come from the AVX2 module (this path's CPUs have AVX2, FMA,
+//! F16C and AVX-512VL; detection checks).
 
 /// Writes pair p's halves (plus `extra(p, j)`) to rows 2p and 2p+1 of a
 /// tile (the second only when the tile has it). A macro so the
@@ -301,8 +303,8 @@ macro_rules! simd512_kernels {
             q4_k: crate::dot::kq::gemm_avx2::<crate::quant::BlockQ4_K>,
             q5_k: crate::dot::kq::gemm_avx2::<crate::quant::BlockQ5_K>,
             q6_k: crate::dot::kq::gemm_avx2::<crate::quant::BlockQ6_K>,
-            f16: super::avx2::gemm_f16,
-            bf16: super::avx2::gemm_bf16,
+            f16: super::float_wide::gemm_f16,
+            bf16: super::float_wide::gemm_bf16,
             f32_le: super::avx2::gemm_f32_le,
             f16_f32: super::avx2::gemm_f16_f32,
             bf16_f32: super::avx2::gemm_bf16_f32,
