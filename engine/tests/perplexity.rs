@@ -123,16 +123,7 @@ fn a_model_against_its_own_base_file_has_zero_kld_and_the_file_round_trips() {
         &mut on_chunk,
     )
     .unwrap();
-    run_chunks(
-        &model,
-        Precision::Fast,
-        KvType::F16,
-        &tokens,
-        2,
-        &p,
-        &mut w,
-    )
-    .unwrap();
+    run_chunks(&model, Precision::Fast, KvType::F16, &tokens, 2, &p, &mut w).unwrap();
     let (_, nll) = w.finish().unwrap();
     assert_eq!(nll.count(), 2 * 15);
     // Header, tokens, records: llama-perplexity's layout.
@@ -253,6 +244,8 @@ fn bad_base_files_are_refused_before_allocating() {
         .to_string()
         .contains("vocabulary of 3 tokens, but the model has 49152"));
     assert!(b.check_vocab(3).is_ok());
-    let e = b.check_tokens(&[0, 0, 5, 0], &|i| format!("t{i}")).unwrap_err();
+    let e = b
+        .check_tokens(&[0, 0, 5, 0], &|i| format!("t{i}"))
+        .unwrap_err();
     assert!(e.to_string().contains("token 2 is 0 \"t0\""), "{e}");
 }

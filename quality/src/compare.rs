@@ -42,7 +42,7 @@ pub enum CompareError {
     #[error("{path}: {error}")]
     Load {
         path: PathBuf,
-        error: airlock_engine::load::LoadError,
+        error: Box<airlock_engine::load::LoadError>,
     },
     #[error("{path}: {error}")]
     Perplexity {
@@ -387,7 +387,7 @@ fn made_as_deletable(entry: &Entry, keep: bool) -> bool {
 fn check_unquantized(path: &Path) -> Result<(), CompareError> {
     let f = airlock_engine::load::open_gguf(path, false).map_err(|error| CompareError::Load {
         path: path.to_path_buf(),
-        error,
+        error: Box::new(error),
     })?;
     if let Some(t) = f.tensors().iter().find(|t| t.ty.is_quantized()) {
         return Err(CompareError::Usage(format!(
@@ -439,7 +439,7 @@ fn measure(
     )
     .map_err(|error| CompareError::Load {
         path: path.to_path_buf(),
-        error,
+        error: Box::new(error),
     })?;
     let size_bytes = std::fs::metadata(path)
         .map_err(|error| CompareError::Io {
@@ -460,7 +460,7 @@ fn measure(
         .into_iter()
         .map(|(ty, (tensors, bytes))| TypeShare { ty, tensors, bytes })
         .collect();
-    types.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+    types.sort_by_key(|t| std::cmp::Reverse(t.bytes));
     let memory_bytes = MemoryEstimate::for_model(
         &loaded.model,
         opts.mem_ctx,

@@ -191,9 +191,11 @@ fn parse_answer(v: &serde_json::Value, n: usize) -> Result<usize, String> {
         other => return Err(format!("answer {other} is neither a letter nor an index")),
     };
     if i >= n {
-        return Err(format!(
-            "the answer is option {i} but there are {n} options"
-        ));
+        let label = match v {
+            serde_json::Value::String(s) => s.trim().to_string(),
+            other => other.to_string(),
+        };
+        return Err(format!("the answer {label} is not one of the {n} options"));
     }
     Ok(i)
 }
@@ -305,7 +307,7 @@ fn parse_hellaswag(text: &str) -> Result<Vec<Task>, ParseError> {
     if text.is_empty() {
         return Err(ParseError::File("is empty".into()));
     }
-    if lines.len() % 6 != 0 {
+    if !lines.len().is_multiple_of(6) {
         return Err(ParseError::File(format!(
             "{} lines is not a multiple of 6 (HellaSwag: context, label, four endings per task)",
             lines.len()
@@ -386,7 +388,7 @@ mod tests {
         for (bad, needle) in [
             (
                 "{\"question\":\"Q\",\"options\":[\"a\",\"b\"],\"answer\":\"C\"}",
-                "2 options",
+                "answer C is not one of the 2",
             ),
             (
                 "{\"question\":\"Q\",\"options\":[\"a\"],\"answer\":\"A\"}",
