@@ -68,8 +68,14 @@ fn batched_scores_equal_each_sequence_scored_alone() {
             }
             want.push(s);
         }
-        // One task per pass, two, and all six.
-        for batch in [1, 150, 4096] {
+        // Every token its own pass (prompts and options in pieces), a few tasks per pass, all
+        // six in one, and a cache budget so small that the options go in waves.
+        for (batch, n_ctx, positions) in [
+            (7, 4096, None),
+            (150, 4096, None),
+            (4096, 4096, None),
+            (150, 200, Some(200)),
+        ] {
             let run = evaluate(
                 &model,
                 Precision::Fast,
@@ -77,6 +83,8 @@ fn batched_scores_equal_each_sequence_scored_alone() {
                 &prepared,
                 &EvalParams {
                     batch,
+                    n_ctx,
+                    max_cache_positions: positions,
                     ..EvalParams::default()
                 },
                 &mut |_| {},
@@ -84,7 +92,7 @@ fn batched_scores_equal_each_sequence_scored_alone() {
             .unwrap();
             let got: Vec<Vec<f64>> = run.results.iter().map(|r| r.scores.clone()).collect();
             // Bit for bit: the forward pass is batch-invariant and the cache copy exact.
-            assert_eq!(got, want, "{score:?}, batch {batch}");
+            assert_eq!(got, want, "{score:?}, batch {batch}, cache {positions:?}");
         }
     }
 }
