@@ -291,3 +291,58 @@ fn ctrl_c_leaves_the_report_of_the_files_finished() {
         .to_string_lossy()
         .starts_with("report.")));
 }
+
+#[test]
+fn a_hugging_face_directory_is_converted_then_quantized() {
+    let dir = tempfile::tempdir().unwrap();
+    let hf = dir.path().join("hf");
+    ok(&airlock(&[
+        "export",
+        "-q",
+        support::model().to_str().unwrap(),
+        "-o",
+        hf.to_str().unwrap(),
+    ]));
+    let out = dir.path().join("report");
+    ok(&airlock(&[
+        "compare",
+        hf.to_str().unwrap(),
+        "--types",
+        "q8_0",
+        "-f",
+        &eval_txt(),
+        "-c",
+        "128",
+        "--chunks",
+        "2",
+        "--bench-prompt",
+        "16",
+        "--bench-gen",
+        "2",
+        "-o",
+        out.to_str().unwrap(),
+    ]));
+    let r = report(&out);
+    let rows = r["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    // The base is the checkpoint converted to f16; the variant is made from it.
+    assert_eq!(rows[0]["types"][0]["type"], "f16");
+    assert_eq!(rows[1]["made_as"], "q8_0");
+    assert!(rows[1]["kld_mean"].as_f64().unwrap() < 0.05, "{r}");
+    // Neither the f16 file nor the variant is left without --keep.
+    assert!(std::fs::read_dir(&out).unwrap().all(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .starts_with("report.")));
+    // A directory without --types says what to do.
+    let o = airlock(&[
+        "compare",
+        hf.to_str().unwrap(),
+        "-f",
+        &eval_txt(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("give --types"));
+}
