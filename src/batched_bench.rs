@@ -6,9 +6,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use airlock_engine::llama::{forward_batch, BatchSeq, KvCache, Logits, Workspace};
+use airlock_engine::memory::human_bytes;
 use anyhow::{bail, Result};
 
-use crate::load::{load, ModelArgs};
+use crate::load::{load, ModelArgs, SignatureArgs};
 
 #[derive(clap::Args, Debug)]
 #[command(after_help = "Columns, as llama-batched-bench prints them:\n  \
@@ -43,6 +44,8 @@ pub struct BatchedBenchArgs {
     /// Run even when the estimated memory exceeds what is available
     #[arg(long)]
     pub force: bool,
+    #[command(flatten)]
+    pub signature: SignatureArgs,
 }
 
 pub fn run(args: BatchedBenchArgs) -> Result<std::process::ExitCode> {
@@ -62,6 +65,7 @@ pub fn run(args: BatchedBenchArgs) -> Result<std::process::ExitCode> {
         batch_size: args.batch_size,
         no_repack: args.no_repack,
         force: args.force,
+        signature: args.signature.clone(),
         ..ModelArgs::new(args.model.clone())
     };
     let loaded = load(&model_args)?;
@@ -72,6 +76,36 @@ pub fn run(args: BatchedBenchArgs) -> Result<std::process::ExitCode> {
         );
     }
     let model = &loaded.model;
+    // The load checked one sequence's KV cache; the largest test holds max(npl) of them.
+    let max_pl = args.npl.iter().copied().max().unwrap_or(1) as u64;
+    let est = &loaded.report.estimate;
+    let extra = est.kv_cache.saturating_mul(max_pl.saturating_sub(1));
+    let resident = est
+        .kv_cache
+        .saturating_mul(max_pl)
+        .saturating_add(est.buffers);
+    if let Some(machine) = airlock_engine::memory::machine_memory() {
+        if resident > machine {
+            bail!(
+                "{max_pl} sequences of {max_len} tokens need at least {} of KV cache but this \
+                 machine has {} of memory and swap in all; --force cannot help, lower -npl, -npp \
+                 or -ntg",
+                human_bytes(resident),
+                human_bytes(machine)
+            );
+        }
+    }
+    if let Some(avail) = loaded.report.available {
+        let need = est.total().saturating_add(extra);
+        if need > avail && !args.force {
+            bail!(
+                "{max_pl} sequences of {max_len} tokens need about {} but only {} is available; \
+                 lower -npl, -npp or -ntg, or pass --force to try anyway",
+                human_bytes(need),
+                human_bytes(avail)
+            );
+        }
+    }
     let session = loaded.session();
     let (kv_type, precision) = (session.kv_type(), session.precision);
     drop(session);

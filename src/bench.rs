@@ -10,11 +10,10 @@ use airlock_engine::generate::eval_prompt;
 use airlock_engine::llama::Logits;
 use airlock_engine::sampling::Rng;
 use airlock_kernels::bandwidth::ReadBuffer;
-use airlock_kernels::GgmlType;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
-use crate::load::{load, ModelArgs};
+use crate::load::{load, ModelArgs, SignatureArgs};
 use crate::synthetic;
 
 #[derive(clap::Args)]
@@ -39,12 +38,16 @@ pub struct BenchArgs {
     /// Benchmark a random-weight model of this shape: llama-3.1-8b, llama-3.2-1b, smollm2-135m
     #[arg(long, value_name = "SHAPE", conflicts_with = "model")]
     pub synthetic: Option<String>,
-    /// Weight type of the synthetic model
+    /// File type of the synthetic model, as `airlock convert --type` (q4_0, q4_k_m, q6_k, q8_0,
+    /// bf16, ...): the same per-tensor mix the converter and llama-quantize write
     #[arg(long = "type", default_value = "q4_0", value_name = "TYPE")]
     pub ty: String,
     /// Keep the synthetic model at this path (default: a temporary file, removed afterwards)
     #[arg(long, value_name = "PATH")]
     pub save: Option<PathBuf>,
+    /// With --save: replace PATH if it exists (a regular file or a symlink; never --vocab)
+    #[arg(long, requires = "save")]
+    pub overwrite: bool,
     /// GGUF whose Llama 3 vocabulary the synthetic model carries
     #[arg(
         long,
@@ -89,13 +92,15 @@ pub struct BenchArgs {
     /// Print a JSON array of rows (llama-bench's field names) instead of a table
     #[arg(long)]
     pub json: bool,
-    /// Read the weights in the file's layout instead of repacking Q4_0/Q4_1/Q8_0 at load
+    /// Read the weights in the file's layout instead of repacking Q4_0/Q4_1/Q8_0/Q5_0/Q4_K/Q6_K at load
     #[arg(long = "no-repack")]
     pub no_repack: bool,
     /// Also measure the machine's read bandwidth (512 MiB, median of 9, per thread count) and show
     /// each generation test against its ceiling: read bandwidth / weight bytes per token
     #[arg(long)]
     pub ceiling: bool,
+    #[command(flatten)]
+    pub signature: SignatureArgs,
 }
 
 struct Row {
@@ -146,11 +151,10 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
-/// The synthetic model's type: the converter's own parser, so the names are the same.
-fn parse_type(s: &str) -> Result<GgmlType> {
-    airlock_convert::OutType::parse(s)
-        .map(|t| t.ggml())
-        .map_err(|e| anyhow::anyhow!("--type: {e}"))
+/// The synthetic model's type: the converter's own parser and mix, so the names and the files
+/// are the same.
+fn parse_type(s: &str) -> Result<airlock_convert::OutType> {
+    airlock_convert::OutType::parse(s).map_err(|e| anyhow::anyhow!("--type: {e}"))
 }
 
 /// llama.cpp's name for a file type (general.file_type), as llama-bench prints it.
@@ -167,12 +171,12 @@ fn size_label(params: u64) -> String {
     }
 }
 
-/// Remove a temporary synthetic model however the benchmark ends.
-struct RemoveOnDrop(Option<PathBuf>);
+/// Remove a temporary synthetic model however the benchmark ends (a signal included).
+struct RemoveOnDrop(Option<(PathBuf, airlock_engine::signals::RemoveOnExit)>);
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
-        if let Some(p) = &self.0 {
+        if let Some((p, _)) = &self.0 {
             let _ = std::fs::remove_file(p);
         }
     }
@@ -195,7 +199,6 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
                         args.ty,
                         std::process::id()
                     ));
-                    _cleanup.0 = Some(p.clone());
                     p
                 }
             };
@@ -205,7 +208,13 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
                 args.ty
             );
             let t0 = Instant::now();
-            synthetic::write_synthetic(&shape, ty, &args.vocab, &path)?;
+            synthetic::write_synthetic(&shape, ty, &args.vocab, &path, args.overwrite)?;
+            if args.save.is_none() {
+                // Ours from here on: removed when the benchmark ends, however it ends.
+                let on_signal = airlock_engine::signals::remove_on_exit(path.clone())
+                    .map_err(|e| anyhow::anyhow!(e))?;
+                _cleanup.0 = Some((path.clone(), on_signal));
+            }
             eprintln!("written in {:.1} s", t0.elapsed().as_secs_f64());
             path
         }
@@ -234,6 +243,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         ctx_size: max_ctx.max(1),
         batch_size: args.batch_size,
         no_repack: args.no_repack,
+        signature: args.signature.clone(),
         ..ModelArgs::new(model_path.clone())
     };
     let loaded = load(&model_args)?;

@@ -150,16 +150,15 @@ pub fn run(args: CompareArgs) -> Result<ExitCode> {
     let threads = airlock_engine::load::init_threads(args.threads).map_err(load_error)?;
     warn_oversubscribed(threads);
 
-    // Ctrl-C: stop at the next forward pass (or quantizer chunk) and write what is done; a
-    // second Ctrl-C exits at once.
+    // Ctrl-C (or SIGTERM/SIGHUP): stop at the next forward pass (or quantizer chunk) and write
+    // what is done; a second signal exits at once (the process-wide handler, engine::signals).
     let cancel = Arc::new(AtomicBool::new(false));
+    let _cooperate = airlock_engine::signals::cooperate().map_err(anyhow::Error::msg)?;
     {
         let cancel = cancel.clone();
-        let _ = ctrlc::set_handler(move || {
-            if cancel.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-            airlock_convert::stream::CANCELLED.store(true, Ordering::SeqCst);
+        std::thread::spawn(move || {
+            airlock_engine::signals::wait();
+            cancel.store(true, Ordering::SeqCst);
         });
     }
 

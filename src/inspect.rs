@@ -1,9 +1,17 @@
 //! `airlock inspect`: a careful gguf-dump. Validates the whole file (the same checks every
 //! airlock command makes before trusting a file), then prints the header, the metadata (long
-//! strings and arrays summarised), the tensor table, totals and a verdict.
+//! strings and arrays summarised), the tensor table, totals and a verdict. The verdict also
+//! judges what the file holds with the engine's own checks ([`airlock_engine::load::validate`]):
+//! the well-known keys' types and ranges, and everything `run` checks (hyperparameters against
+//! the tensors, math-changing keys, the tokenizer, the chat templates).
 //!
-//! `--json` prints one JSON document instead, for scripts. Schema (`schema_version` 1; fields are
-//! only ever added within a version):
+//! Verdicts: `valid` (airlock runs it); `valid GGUF file; airlock cannot run it: REASON` (another
+//! architecture, or tensor types airlock cannot compute yet: the file itself is fine); `invalid`
+//! (the container, a key or the model is broken, each problem listed).
+//!
+//! `--json` prints one JSON document instead, for scripts. Schema (`schema_version` 2; fields are
+//! only ever added within a version; version 2 added `runnable` and `problems`, and `valid` is
+//! false for a readable container whose keys or model are broken, with the rest still given):
 //!
 //! ```text
 //! {
@@ -11,8 +19,11 @@
 //!   "file": "<path as given>",
 //!   "file_size": <bytes>,
 //!   "valid": true | false,
-//!   "error": null | { "kind": "<GgufError variant>", "message": "<one line: what and where>" },
-//!   // the rest only when valid:
+//!   "error": null | { "kind": "<GgufError variant> | Metadata | Model",
+//!                     "message": "<one line: what and where>" },
+//!   // the rest only when the container could be read:
+//!   "runnable": bool,            // airlock runs this file as it is
+//!   "problems": [ "<what is wrong, one per key or model check>" ],
 //!   "header": { "version", "tensor_count", "kv_count", "alignment", "data_offset" },
 //!   "metadata": [ { "key", "type": "<value type>", "offset",
 //!                   // scalars and strings:
@@ -24,9 +35,12 @@
 //!                  "n_elements", "n_bytes", "offset" (relative to the data section),
 //!                  "file_offset" (absolute), "computable": bool } ],
 //!   "totals": { "parameters", "tensor_bytes", "bits_per_weight",
-//!               "file_type": null | { "id", "name": "<llama.cpp LLAMA_FTYPE_* suffix> | null" },
-//!               "types": [ { "type", "tensors", "n_elements", "n_bytes" } ] },
+//!               "file_type": null | { "id", "name": "<llama.cpp LLAMA_FTYPE_* suffix> | null",
+//!                                     "label": "<llama.cpp's name, e.g. Q4_K - Medium> | null" },
+//!               // the mix: one entry per tensor type, by type name
+//!               "types": [ { "type", "tensors", "n_elements", "n_bytes", "bits_per_weight" } ] },
 //!   "unsupported_types": [ "<ggml type airlock cannot compute yet>" ],
+//!   "unsupported_tensors": [ "<name of each tensor of those types, in file order>" ],
 //!   "warnings": [ "<llama.cpp compatibility notes>" ]
 //! }
 //! ```
@@ -39,12 +53,12 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use airlock_engine::gguf::{Array, GgufError, GgufFile, TensorInfo, Value};
+use airlock_engine::gguf::{Array, FileType, GgufError, GgufFile, TensorInfo, Value};
 use airlock_engine::load::{open_gguf, LoadError};
 use anyhow::Context;
 use serde_json::{json, Value as Json};
 
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 /// Array elements shown in text (and in `head` in JSON).
 const TEXT_HEAD: usize = 5;
 const JSON_HEAD: usize = 16;
@@ -90,13 +104,64 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
         // open_gguf fails only with the two errors above.
         Err(e) => return Err(e.into()),
     };
+    let f = std::sync::Arc::new(f);
+    let judged = judge(&f, path);
     let report = Report::new(&f);
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report.json(path, &f))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report.json(path, &f, &judged))?
+        );
     } else {
-        print!("{}", report.text(path, &f));
+        print!("{}", report.text(path, &f, &judged));
+    }
+    if let Judged::Invalid(_, problems) = &judged {
+        eprintln!(
+            "error: {}: invalid: {}",
+            path.display(),
+            problems.first().map_or("", String::as_str)
+        );
+        return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What the engine's checks say of a readable file.
+enum Judged {
+    Runs,
+    /// The file is fine, but airlock cannot run it (the reason).
+    CannotRun(String),
+    /// Broken keys ("Metadata") or model ("Model"): every problem found.
+    Invalid(&'static str, Vec<String>),
+}
+
+fn judge(f: &std::sync::Arc<GgufFile>, path: &std::path::Path) -> Judged {
+    use airlock_engine::llama::ModelError;
+    match airlock_engine::load::validate(f.clone(), path) {
+        Ok(()) => Judged::Runs,
+        Err(LoadError::Keys { problems, .. }) => {
+            Judged::Invalid("Metadata", problems.iter().map(|p| p.to_string()).collect())
+        }
+        Err(LoadError::Model { error, .. }) => match error {
+            ModelError::UnsupportedArchitecture(_) | ModelError::UnsupportedTensorTypes(_) => {
+                Judged::CannotRun(error.to_string())
+            }
+            ModelError::MissingKey(k) if k == "general.architecture" => {
+                Judged::CannotRun(format!("not a model file (metadata key {k} is missing)"))
+            }
+            e => Judged::Invalid("Model", vec![e.to_string()]),
+        },
+        // The path is in the document already; keep what follows it.
+        Err(e) => {
+            let text = e.to_string();
+            let prefix = format!("{}: ", path.display());
+            let text = text
+                .strip_prefix(&prefix)
+                .map(str::to_string)
+                .unwrap_or(text);
+            Judged::Invalid("Model", vec![text])
+        }
+    }
 }
 
 fn error_kind(e: &GgufError) -> &'static str {
@@ -124,6 +189,29 @@ pub fn file_type_name(id: u32) -> Option<&'static str> {
     airlock_engine::gguf::FileType::from_id(id).map(|f| f.name)
 }
 
+/// Bits per weight of `bytes` holding `elements` values (0 for none).
+fn bpw(bytes: u64, elements: u64) -> f64 {
+    if elements == 0 {
+        0.0
+    } else {
+        bytes as f64 * 8.0 / elements as f64
+    }
+}
+
+/// Tensor names, the first `shown` and a count of the rest.
+fn name_list(names: &[&str], shown: usize) -> String {
+    let mut s = names
+        .iter()
+        .take(shown)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > shown {
+        let _ = write!(s, " and {} more", names.len() - shown);
+    }
+    s
+}
+
 /// Per-type tallies, totals and compatibility notes computed once for both outputs.
 struct Report {
     parameters: u64,
@@ -131,6 +219,8 @@ struct Report {
     /// Type name -> (tensors, elements, bytes), sorted by name.
     types: BTreeMap<&'static str, (usize, u64, u64)>,
     unsupported: Vec<&'static str>,
+    /// Tensors of the unsupported types, in file order.
+    unsupported_tensors: Vec<String>,
     file_type: Option<u32>,
     warnings: Vec<String>,
 }
@@ -155,6 +245,12 @@ impl Report {
             .collect();
         unsupported.sort_unstable();
         unsupported.dedup();
+        let unsupported_tensors = f
+            .tensors()
+            .iter()
+            .filter(|t| !t.ty.can_compute())
+            .map(|t| t.name.clone())
+            .collect();
         let mut warnings = Vec::new();
         let mut expect = 0u64;
         for t in f.tensors() {
@@ -182,20 +278,17 @@ impl Report {
             tensor_bytes,
             types,
             unsupported,
+            unsupported_tensors,
             file_type: f.get_u32("general.file_type"),
             warnings,
         }
     }
 
     fn bits_per_weight(&self) -> f64 {
-        if self.parameters == 0 {
-            0.0
-        } else {
-            self.tensor_bytes as f64 * 8.0 / self.parameters as f64
-        }
+        bpw(self.tensor_bytes, self.parameters)
     }
 
-    fn text(&self, path: &std::path::Path, f: &GgufFile) -> String {
+    fn text(&self, path: &std::path::Path, f: &GgufFile, judged: &Judged) -> String {
         let mut o = String::new();
         let _ = writeln!(o, "{}", path.display());
         let _ = writeln!(o, "GGUF version {}", f.version);
@@ -263,19 +356,44 @@ impl Report {
             human(self.tensor_bytes)
         );
         let _ = writeln!(o, "  bits per weight: {:.2}", self.bits_per_weight());
-        let ft = match self.file_type {
+        let ft = match self.file_type.map(|id| (id, FileType::from_id(id))) {
             None => "not given".to_string(),
-            Some(id) => format!("{} ({id})", file_type_name(id).unwrap_or("unknown")),
+            Some((id, None)) => format!("unknown ({id})"),
+            Some((id, Some(f))) => format!("{} ({id}), llama.cpp's \"{}\"", f.name, f.label),
         };
         let _ = writeln!(o, "  file type:       {ft}");
+        let _ = writeln!(o, "  mix (bytes and bits per weight of each tensor type):");
         for (name, (n, elems, bytes)) in &self.types {
+            let share = if self.tensor_bytes == 0 {
+                0.0
+            } else {
+                *bytes as f64 * 100.0 / self.tensor_bytes as f64
+            };
             let _ = writeln!(
                 o,
-                "  {name:8} {n:>5} tensors  {elems:>14} elements  {bytes:>14} bytes"
+                "    {name:8} {n:>5} tensors  {elems:>14} elements  {bytes:>14} bytes  {:>10}  {share:5.1}%  {:5.2} bits/weight",
+                human(*bytes),
+                bpw(*bytes, *elems)
             );
         }
 
-        let _ = writeln!(o, "\nverdict: valid");
+        match judged {
+            Judged::Runs => {
+                let _ = writeln!(o, "\nverdict: valid");
+            }
+            Judged::CannotRun(why) => {
+                let _ = writeln!(
+                    o,
+                    "\nverdict: valid GGUF file; airlock cannot run it: {why}"
+                );
+            }
+            Judged::Invalid(_, problems) => {
+                let _ = writeln!(o, "\nverdict: invalid");
+                for p in problems {
+                    let _ = writeln!(o, "  problem: {p}");
+                }
+            }
+        }
         if self.unsupported.is_empty() {
             let _ = writeln!(o, "  airlock can compute every tensor type in this file");
         } else {
@@ -284,6 +402,17 @@ impl Report {
                 "  tensor types airlock cannot compute yet: {} (running this file will say \"type not supported yet\")",
                 self.unsupported.join(", ")
             );
+            let names: Vec<&str> = self
+                .unsupported_tensors
+                .iter()
+                .map(String::as_str)
+                .collect();
+            let _ = writeln!(
+                o,
+                "  tensors of those types ({}): {}",
+                names.len(),
+                name_list(&names, 10)
+            );
         }
         for w in &self.warnings {
             let _ = writeln!(o, "  warning: {w}");
@@ -291,7 +420,7 @@ impl Report {
         o
     }
 
-    fn json(&self, path: &std::path::Path, f: &GgufFile) -> Json {
+    fn json(&self, path: &std::path::Path, f: &GgufFile, judged: &Judged) -> Json {
         let metadata: Vec<Json> = f
             .metadata()
             .iter()
@@ -334,15 +463,25 @@ impl Report {
             .types
             .iter()
             .map(|(name, (n, elems, bytes))| {
-                json!({ "type": name, "tensors": n, "n_elements": elems, "n_bytes": bytes })
+                json!({ "type": name, "tensors": n, "n_elements": elems, "n_bytes": bytes,
+                        "bits_per_weight": bpw(*bytes, *elems) })
             })
             .collect();
         json!({
             "schema_version": SCHEMA_VERSION,
             "file": path.display().to_string(),
             "file_size": f.file_size(),
-            "valid": true,
-            "error": null,
+            "valid": !matches!(judged, Judged::Invalid(..)),
+            "error": match judged {
+                Judged::Invalid(kind, p) => json!({ "kind": kind, "message": p.first() }),
+                _ => Json::Null,
+            },
+            "runnable": matches!(judged, Judged::Runs),
+            "problems": match judged {
+                Judged::Invalid(_, p) => p.clone(),
+                Judged::CannotRun(why) => vec![why.clone()],
+                Judged::Runs => Vec::new(),
+            },
             "header": {
                 "version": f.version,
                 "tensor_count": f.tensors().len(),
@@ -356,10 +495,15 @@ impl Report {
                 "parameters": self.parameters,
                 "tensor_bytes": self.tensor_bytes,
                 "bits_per_weight": self.bits_per_weight(),
-                "file_type": self.file_type.map(|id| json!({ "id": id, "name": file_type_name(id) })),
+                "file_type": self.file_type.map(|id| json!({
+                    "id": id,
+                    "name": file_type_name(id),
+                    "label": FileType::from_id(id).map(|f| f.label),
+                })),
                 "types": types,
             },
             "unsupported_types": self.unsupported,
+            "unsupported_tensors": self.unsupported_tensors,
             "warnings": self.warnings,
         })
     }

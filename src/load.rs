@@ -9,6 +9,7 @@ use airlock_engine::llama::{KvType, ModelError, Precision, Session};
 use airlock_engine::load::{LoadError, LoadOptions, LoadedModel};
 use airlock_engine::memory::human_bytes;
 use airlock_engine::sampling::{Sampler, SamplerConfig};
+use airlock_engine::signature::{SignatureError, Verified};
 use anyhow::{anyhow, Result};
 
 #[derive(clap::Args, Clone, Debug)]
@@ -39,8 +40,8 @@ pub struct ModelArgs {
     #[arg(long = "no-mmap")]
     pub no_mmap: bool,
     /// Keep every weight in the file's layout (pure mmap). By default, on x86 CPUs with AVX2 or
-    /// better, Q4_0/Q4_1/Q8_0 matrices are copied at load into the interleaved layout the fast
-    /// kernels read (anonymous memory, about the size of those tensors)
+    /// better, Q4_0/Q4_1/Q8_0/Q5_0/Q4_K/Q6_K matrices are copied at load into the interleaved
+    /// layout the fast kernels read (anonymous memory, about the size of those tensors)
     #[arg(long = "no-repack")]
     pub no_repack: bool,
     /// Run even when the estimated memory exceeds what is available
@@ -49,9 +50,27 @@ pub struct ModelArgs {
     /// Use this tokenizer.json instead of the GGUF's vocabulary
     #[arg(long, value_name = "FILE")]
     pub tokenizer: Option<PathBuf>,
+    #[command(flatten)]
+    pub signature: SignatureArgs,
     /// Print load details and the memory estimate
     #[arg(short = 'v', long)]
     pub verbose: bool,
+}
+
+/// `--require-signature`, shared by every command that loads a model.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct SignatureArgs {
+    /// Refuse the model unless MODEL.manifest.json beside it is signed by this minisign public
+    /// key (`airlock sign`) and every byte of MODEL matches it; checked before anything in the
+    /// file is used, and a --tokenizer file then needs its own FILE.minisig by the key. The
+    /// environment variable is a convenience default for your shell (unset it to drop it); a host
+    /// policy file, /etc/airlock/require-signature.pub, is enforced whatever the flags say
+    #[arg(
+        long = "require-signature",
+        value_name = "KEY.pub",
+        env = "AIRLOCK_REQUIRE_SIGNATURE"
+    )]
+    pub require_signature: Option<PathBuf>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -115,6 +134,7 @@ impl ModelArgs {
             no_repack: false,
             force: false,
             tokenizer: None,
+            signature: SignatureArgs::default(),
             verbose: false,
         }
     }
@@ -138,6 +158,7 @@ impl ModelArgs {
             force: self.force,
             tokenizer_json: self.tokenizer.clone(),
             batch: self.batch_size as usize,
+            require_signature: self.signature.require_signature.clone(),
         }
     }
 }
@@ -176,16 +197,33 @@ pub fn load(args: &ModelArgs) -> Result<LoadedModel> {
         );
         if report.repacked_bytes > 0 {
             eprintln!(
-                "repack: {} of Q4_0/Q4_1/Q8_0 weights into the packed layout in {:.2} s (--no-repack to keep pure mmap)",
+                "repack: {} of Q4_0/Q4_1/Q8_0/Q5_0/Q4_K/Q6_K weights into the packed layout in {:.2} s (--no-repack to keep pure mmap)",
                 human_bytes(report.repacked_bytes),
                 report.repack_time.as_secs_f64()
             );
         }
     }
+    if let Some(v) = &report.signature {
+        eprintln!("{}", signature_line(&args.model, v));
+    }
     if let Some(w) = &report.pre_tokenizer_warning {
         eprintln!("warning: {w}");
     }
     Ok(loaded)
+}
+
+/// The line a load prints when the model's signed manifest held.
+pub fn signature_line(model: &std::path::Path, v: &Verified) -> String {
+    let secs = v.hash_time.as_secs_f64();
+    format!(
+        "signature: {} matches its signed manifest ({} ranges, {} hashed in {secs:.2} s, {:.2} \
+         GB/s; {})",
+        model.display(),
+        v.manifest.ranges.len(),
+        human_bytes(v.manifest.size),
+        v.manifest.size as f64 / secs.max(1e-9) / 1e9,
+        v.trusted_comment.replace('\t', " ")
+    )
 }
 
 /// Threads beyond the CPUs this process may use each take a spinning core from the others.
@@ -221,6 +259,25 @@ pub fn load_error(e: LoadError) -> anyhow::Error {
             human_bytes(estimate.weights),
             human_bytes(estimate.kv_cache),
             human_bytes(available)
+        ),
+        LoadError::Signature(e @ SignatureError::NotSigned { .. }) => anyhow!(
+            "{e}; sign it with `airlock sign MODEL --key KEY.key`, or load it without \
+             --require-signature (and with AIRLOCK_REQUIRE_SIGNATURE unset)"
+        ),
+        LoadError::BeyondMachine {
+            path,
+            estimate,
+            need,
+            machine,
+            n_ctx,
+        } => anyhow!(
+            "{} needs at least {} that cannot be paged out (KV cache {} at -c {n_ctx}, buffers \
+             and copies) but this machine has {} of memory and swap in all; --force cannot help, \
+             lower -c/--ctx-size",
+            path.display(),
+            human_bytes(need),
+            human_bytes(estimate.kv_cache),
+            human_bytes(machine)
         ),
         LoadError::Mlock { error, .. } => {
             anyhow!("--mlock failed (raise `ulimit -l` or run without --mlock): {error}")

@@ -13,8 +13,10 @@ mod load;
 mod perplexity;
 mod run;
 mod serve;
+mod sign;
 mod synthetic;
 mod tokenize;
+mod verify;
 
 #[derive(Parser)]
 #[command(
@@ -48,7 +50,7 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Convert a Hugging Face Llama checkpoint (safetensors) to GGUF
     Convert(convert_cmd::ConvertArgs),
-    /// Re-type a GGUF file (f32/f16/bf16 to q8_0, q4_0, ...) under the same policy as convert
+    /// Re-type a GGUF file (f32/f16/bf16 to q4_k_m, q8_0, ...) under the same policy as convert
     Quantize(convert_cmd::QuantizeArgs),
     /// Write a GGUF model back out as a Hugging Face checkpoint directory
     Export(convert_cmd::ExportArgs),
@@ -59,6 +61,14 @@ enum Command {
     BatchedBench(batched_bench::BatchedBenchArgs),
     /// Measure a model's perplexity on a text, as llama-perplexity does
     Perplexity(perplexity::PerplexityArgs),
+    /// Make a minisign key pair for signing models (NAME.pub, NAME.key)
+    Keygen(sign::KeygenArgs),
+    /// Sign a model: a minisign signature and a signed per-tensor manifest beside it
+    Sign(sign::SignArgs),
+    /// Check a model against its signed manifest, naming any tensor whose bytes differ
+    Verify(verify::VerifyArgs),
+    /// Print a model's SHA-256 digests (whole file, and each tensor and the metadata)
+    Hash(verify::HashArgs),
     /// Score multiple-choice tasks (JSONL, CTIBench cti-mcq.tsv, HellaSwag) by log-likelihood
     Eval(eval::EvalArgs),
     /// Compare a model with its quantized variants: size, memory, perplexity, KL divergence,
@@ -67,6 +77,25 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    use airlock_engine::render;
+    // The hidden subcommand: a chat-template render worker (engine::render), started by this
+    // very binary. Checked before anything else so the worker stays small and single-threaded.
+    let mut argv = std::env::args_os();
+    if argv.nth(1).as_deref() == Some(std::ffi::OsStr::new(render::WORKER_ARG)) {
+        return render::worker_main(&argv.collect::<Vec<_>>());
+    }
+    // Every chat template from a file renders in such a worker, with a bounded address space.
+    // /proc/self/exe still runs this binary if its file was replaced since it started.
+    let exe = if cfg!(target_os = "linux") {
+        std::path::PathBuf::from("/proc/self/exe")
+    } else {
+        std::env::current_exe().unwrap_or_else(|_| "airlock".into())
+    };
+    render::install(
+        exe,
+        vec![render::WORKER_ARG.into()],
+        render::DEFAULT_MEMORY_LIMIT,
+    );
     // The version line names the kernel path this CPU (or AIRLOCK_SIMD) selects.
     let simd = match airlock_kernels::simd::simd_path() {
         Ok(p) => format!("kernels: {}", p.name()),
@@ -92,6 +121,10 @@ fn main() -> std::process::ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::BatchedBench(args) => batched_bench::run(args),
         Command::Perplexity(args) => perplexity::run(args),
+        Command::Keygen(args) => sign::run_keygen(args),
+        Command::Sign(args) => sign::run_sign(args),
+        Command::Verify(args) => verify::run_verify(args),
+        Command::Hash(args) => verify::run_hash(args),
         Command::Eval(args) => eval::run(args),
         Command::Compare(args) => compare::run(args),
     };

@@ -7,12 +7,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use airlock_engine::bounded::read_bounded_string;
-use airlock_engine::gguf::write_atomic;
 use airlock_engine::kld::{kl_divergence, BaseFile, BaseWriter, KldStats};
+use airlock_engine::output::{write_file, Inputs};
 use airlock_engine::perplexity::{check_text, perplexity, run_chunks, Estimate, PerplexityParams};
 use anyhow::{bail, Context, Result};
 
-use crate::load::{load, KvTypeArg, ModelArgs};
+use crate::load::{load, KvTypeArg, ModelArgs, SignatureArgs};
 
 /// The longest text read: far more than any evaluation needs.
 const MAX_TEXT_BYTES: u64 = 256 << 20;
@@ -74,6 +74,8 @@ pub struct PerplexityArgs {
     /// Run even when the estimated memory exceeds what is available
     #[arg(long)]
     pub force: bool,
+    #[command(flatten)]
+    pub signature: SignatureArgs,
 }
 
 fn print_running(e: &Estimate) {
@@ -151,22 +153,29 @@ pub fn run(args: PerplexityArgs) -> Result<ExitCode> {
             );
             let vocab = loaded.model.config.vocab_size;
             let head = &tokens[..n_chunks * args.ctx_size];
-            write_atomic(base, |w| -> Result<_> {
-                let mut on_chunk = print_running;
-                let mut writer =
-                    BaseWriter::new(w, base, args.ctx_size, vocab, head, &mut on_chunk)?;
-                let (n, time) = run_chunks(
-                    &loaded.model,
-                    loaded.precision,
-                    loaded.kv_type,
-                    &tokens,
-                    n_chunks,
-                    &params,
-                    &mut writer,
-                )?;
-                let (_, nll) = writer.finish()?;
-                Ok((nll.estimate(n_chunks), n, time))
-            })?
+            // As llama-perplexity, the base file is replaced when it exists (never the model
+            // or the text, which the output helper refuses).
+            write_file(
+                base,
+                Inputs::new([&args.model, &file]),
+                true,
+                |w| -> Result<_> {
+                    let mut on_chunk = print_running;
+                    let mut writer =
+                        BaseWriter::new(w, base, args.ctx_size, vocab, head, &mut on_chunk)?;
+                    let (n, time) = run_chunks(
+                        &loaded.model,
+                        loaded.precision,
+                        loaded.kv_type,
+                        &tokens,
+                        n_chunks,
+                        &params,
+                        &mut writer,
+                    )?;
+                    let (_, nll) = writer.finish()?;
+                    Ok((nll.estimate(n_chunks), n, time))
+                },
+            )?
         }
     };
     print_final(&estimate);
@@ -189,6 +198,7 @@ fn model_args(args: &PerplexityArgs, ctx_size: usize) -> ModelArgs {
         exact: args.exact,
         no_repack: args.no_repack,
         force: args.force,
+        signature: args.signature.clone(),
         ..ModelArgs::new(args.model.clone())
     }
 }

@@ -17,14 +17,17 @@ use crate::load::{load, ModelArgs, SamplingArgs};
       -d '{\"messages\": [{\"role\": \"user\", \"content\": \"What is phishing?\"}]}'\n  \
     airlock serve -m model.gguf --host 0.0.0.0 --api-key-file keys.txt --parallel 8 -c 8192\n\n\
     Endpoints: POST /v1/chat/completions, POST /v1/completions (OpenAI's API, streaming with \
-    \"stream\": true), GET /v1/models, GET /health.\n\
+    \"stream\": true), GET /v1/models, GET /health, GET /metrics (Prometheus), POST /tokenize and \
+    /detokenize (llama-server's), and a chat page at http://127.0.0.1:8080/ (works offline).\n\
+    A new request goes to the free slot whose cache shares the longest prefix with its prompt \
+    and computes only the rest (same answer; send \"cache_prompt\": false to turn it off).\n\
     Each of the --parallel slots has its own context of -c tokens; requests beyond the slots wait \
     in a queue of --queue, and beyond that get 503. All generating requests share one forward \
     pass per step. The sampling flags set the defaults for fields a request leaves out.\n\
     Keys (--api-key, --api-key-file) are sent as `Authorization: Bearer KEY`; /health needs none. \
     Prefer --api-key-file: a key on the command line shows in the process list.\n\
-    SIGINT/SIGTERM stop accepting connections, let running requests finish for --grace seconds \
-    and exit 0.")]
+    SIGINT, SIGTERM or SIGHUP stops accepting connections, lets running requests finish for --grace \
+    seconds and exits 0; a second signal exits at once (status 130).")]
 pub struct ServeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -53,7 +56,7 @@ pub struct ServeArgs {
     /// Largest request body in bytes (413 beyond it)
     #[arg(long = "max-body", default_value_t = 1 << 20, value_name = "BYTES")]
     pub max_body: usize,
-    /// Seconds that running requests may take to finish after SIGINT/SIGTERM
+    /// Seconds that running requests may take to finish after SIGINT, SIGTERM or SIGHUP
     #[arg(long = "grace", default_value_t = 10.0, value_name = "SECONDS")]
     pub grace: f64,
     /// Model name to report in /v1/models and responses (default: the file's name)
@@ -62,6 +65,28 @@ pub struct ServeArgs {
     /// Built-in chat template to use instead of the model's: llama3 or chatml
     #[arg(long = "chat-template", value_name = "NAME")]
     pub chat_template: Option<String>,
+    /// Seconds a request may take from arrival to its last token (queue, prompt and
+    /// generation); one still waiting for a slot then gets 503, one running ends with what it
+    /// has (finish_reason "length"). 0 = no limit
+    #[arg(long = "timeout", default_value_t = 600.0, value_name = "SECONDS")]
+    pub timeout: f64,
+    /// Most tokens a request may ask for (more gets 400); also what a request without
+    /// max_tokens gets. Default: until a stop or the slot's context is full
+    #[arg(long = "max-tokens", value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_tokens: Option<u64>,
+    /// Send CORS headers to browsers on this origin (scheme://host[:port], or * for any;
+    /// repeatable). Without it no CORS headers are sent, so other sites' pages cannot read
+    /// answers
+    #[arg(long = "cors-origin", value_name = "ORIGIN")]
+    pub cors_origin: Vec<String>,
+    /// On a loopback address, also answer requests whose Host is NAME (repeatable). Others
+    /// that are not localhost or a loopback address get 403 (DNS rebinding)
+    #[arg(long = "allow-host", value_name = "NAME")]
+    pub allow_host: Vec<String>,
+    /// Log prompt and completion text on stderr (by default logs carry only ids, token
+    /// counts and timings)
+    #[arg(long = "log-prompts")]
+    pub log_prompts: bool,
     #[command(flatten)]
     pub sampling: SamplingArgs,
 }
@@ -73,6 +98,10 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     }
     if !(args.grace.is_finite() && args.grace >= 0.0) {
         anyhow::bail!("--grace must be a number of seconds, 0 or more");
+    }
+    // Bounded so that the deadline arithmetic cannot overflow: a year is plenty.
+    if !(args.timeout.is_finite() && (0.0..=31_536_000.0).contains(&args.timeout)) {
+        anyhow::bail!("--timeout must be a number of seconds from 0 (no limit) to 31536000");
     }
     let model_name = args.alias.clone().unwrap_or_else(|| {
         args.model
@@ -93,17 +122,41 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         model_name,
         defaults: args.sampling.config(),
         chat_template: args.chat_template.clone(),
+        timeout: (args.timeout > 0.0).then(|| Duration::from_secs_f64(args.timeout)),
+        max_tokens: args
+            .max_tokens
+            .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+        cors_origins: args.cors_origin.clone(),
+        allow_hosts: args.allow_host.clone(),
+        log_prompts: args.log_prompts,
     };
     // Refuse an unsafe bind, or a busy port, before spending time on the load.
     let listener = cfg.bind()?;
-    let loaded = load(&args.model)?;
-    // The load checked one context's KV cache; the server holds one per slot.
-    let est = &loaded.report.estimate;
-    let slots = args.parallel as u64;
-    let need = est.total() + est.kv_cache * (slots - 1);
-    if let Some(avail) = loaded.report.available {
-        if need > avail && !args.model.force {
-            anyhow::bail!(
+    // Until the model is loaded, every request gets 503 (/health says "loading").
+    airlock_server::serve_after_load(listener, cfg, || {
+        let loaded = load(&args.model)?;
+        // The load checked one context's KV cache; the server holds one per slot.
+        let est = &loaded.report.estimate;
+        let slots = args.parallel as u64;
+        let extra = est.kv_cache.saturating_mul(slots - 1);
+        let need = est.total().saturating_add(extra);
+        if let Some(machine) = airlock_engine::memory::machine_memory() {
+            let resident = est
+                .kv_cache
+                .saturating_mul(slots)
+                .saturating_add(est.buffers);
+            if resident > machine {
+                anyhow::bail!(
+                    "{slots} slots need at least {} of KV cache and buffers but this machine has {} \
+                     of memory and swap in all; --force cannot help, lower --parallel or -c/--ctx-size",
+                    human_bytes(resident),
+                    human_bytes(machine)
+                );
+            }
+        }
+        if let Some(avail) = loaded.report.available {
+            if need > avail && !args.model.force {
+                anyhow::bail!(
                 "{} slots need about {} (weights {}, KV cache {} per slot at -c {}) but only {} is \
                  available; lower --parallel or -c/--ctx-size, or pass --force to try anyway",
                 slots,
@@ -113,8 +166,9 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
                 loaded.n_ctx,
                 human_bytes(avail)
             );
+            }
         }
-    }
-    airlock_server::serve(listener, loaded, cfg)?;
+        Ok(loaded)
+    })?;
     Ok(ExitCode::SUCCESS)
 }

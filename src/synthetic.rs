@@ -7,10 +7,12 @@ use std::io::Write;
 use std::path::Path;
 
 use airlock_convert::rope::Llama3Rope;
-use airlock_engine::gguf::{write_atomic, GgufFile, GgufWriter, TensorSpec, Value};
+use airlock_convert::{ModelFacts, OutType, Policy};
+use airlock_engine::gguf::{GgufFile, GgufWriter, TensorSpec, Value};
+use airlock_engine::output::{check_output_file, write_file, Inputs};
 use airlock_engine::sampling::Rng;
 use airlock_kernels::GgmlType;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use rayon::prelude::*;
 
 /// A model shape: the hyperparameters that decide tensor sizes, as the real model's config.
@@ -86,11 +88,6 @@ pub fn shape(name: &str) -> Result<Shape> {
         })
 }
 
-/// llama.cpp's LLAMA_FTYPE for a file mostly of `ty` (ALL_F32 for a type without one).
-fn file_type(ty: GgmlType) -> u32 {
-    airlock_engine::gguf::FileType::single(ty).map_or(0, |f| f.id)
-}
-
 /// Llama 3 rope scaling as the converter writes it (llama.cpp's defaults: low_freq_factor 1,
 /// high_freq_factor 4, original context 8192).
 fn llama3_rope_factors(base: f32, dim: usize, factor: f32) -> Vec<f32> {
@@ -123,17 +120,32 @@ fn random_tensor(ty: GgmlType, n_elements: u64, seed: u64) -> Result<Vec<u8>> {
             };
             fill(chunk);
             let f16 = |v: f32| half::f16::from_f32(v).to_le_bytes();
-            // Overwrite the scale fields so values stay small and finite.
-            match ty {
-                GgmlType::Q4_0 | GgmlType::Q8_0 | GgmlType::Q4_1 => {
-                    let d = if ty == GgmlType::Q8_0 { 0.0003 } else { 0.005 };
-                    for b in chunk.chunks_mut(bs) {
-                        b[..2].copy_from_slice(&f16(d));
-                        if ty == GgmlType::Q4_1 {
-                            b[2..4].copy_from_slice(&f16(-8.0 * d));
-                        }
+            // Overwrite the scale fields so values stay small and finite: (byte offset of each
+            // f16 scale in the block, its value), from ggml's block layouts.
+            let scales: &[(usize, f32)] = match ty {
+                GgmlType::Q8_0 => &[(0, 0.0003)],
+                GgmlType::Q4_0 | GgmlType::Q5_0 => &[(0, 0.005)],
+                GgmlType::Q4_1 => &[(0, 0.005), (2, -0.04)],
+                GgmlType::Q5_1 => &[(0, 0.0025), (2, -0.04)],
+                // d * 4-bit scale * q - dmin * 4-bit min
+                GgmlType::Q2_K => &[(80, 0.001), (82, 0.001)],
+                // d * (6-bit scale - 32) * (q - 4)
+                GgmlType::Q3_K => &[(108, 0.0002)],
+                // d * 6-bit scale * q - dmin * 6-bit min
+                GgmlType::Q4_K => &[(0, 0.0001), (2, 0.0001)],
+                GgmlType::Q5_K => &[(0, 0.00005), (2, 0.0001)],
+                // d * i8 scale * (q - 32)
+                GgmlType::Q6_K => &[(208, 0.000005)],
+                _ => &[],
+            };
+            if !scales.is_empty() {
+                for b in chunk.chunks_mut(bs) {
+                    for &(at, d) in scales {
+                        b[at..at + 2].copy_from_slice(&f16(d));
                     }
                 }
+            }
+            match ty {
                 GgmlType::F16 | GgmlType::BF16 => {
                     for v in chunk.chunks_mut(2) {
                         let x = (u16::from_le_bytes([v[0], v[1]]) as f32 / 65535.0 - 0.5) * 0.05;
@@ -158,21 +170,21 @@ fn random_tensor(ty: GgmlType, n_elements: u64, seed: u64) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Write a GGUF of `shape` with 2-D weights in `ty` (the output head and a tied embedding in
-/// Q8_0 when `ty` is a 4-bit type, as airlock's converter does), the vocabulary copied from
-/// `vocab` (any GGUF with a Llama 3 vocabulary). Returns the path written.
-pub fn write_synthetic(shape: &Shape, ty: GgmlType, vocab: &Path, out: &Path) -> Result<()> {
-    if !matches!(
-        ty,
-        GgmlType::Q4_0
-            | GgmlType::Q4_1
-            | GgmlType::Q8_0
-            | GgmlType::F16
-            | GgmlType::BF16
-            | GgmlType::F32
-    ) {
-        bail!("--type must be one of q4_0, q4_1, q8_0, f16, bf16, f32");
-    }
+/// Write a GGUF of `shape` whose tensors have the types `airlock convert --type ty` gives them
+/// (llama.cpp's per-tensor mix: a Q4_K_M file holds Q4_K, Q6_K and F32), the vocabulary copied
+/// from `vocab` (any GGUF with a Llama 3 vocabulary).
+/// Written through the engine's output helper (`out` is never `vocab`; an existing file is
+/// replaced only with `overwrite`).
+pub fn write_synthetic(
+    shape: &Shape,
+    ty: OutType,
+    vocab: &Path,
+    out: &Path,
+    overwrite: bool,
+) -> Result<()> {
+    let inputs = || Inputs::new([vocab]);
+    check_output_file(out, &inputs(), overwrite)?;
+
     let v = GgufFile::open(vocab).with_context(|| {
         format!(
             "cannot read the vocabulary from {} (pass --vocab FILE.gguf with a Llama 3 vocabulary)",
@@ -191,7 +203,7 @@ pub fn write_synthetic(shape: &Shape, ty: GgmlType, vocab: &Path, out: &Path) ->
             "general.name".into(),
             Value::String(format!("synthetic {} (random weights)", s.name)),
         ),
-        ("general.file_type".into(), Value::U32(file_type(ty))),
+        ("general.file_type".into(), Value::U32(ty.file_type())),
         ("general.quantization_version".into(), Value::U32(2)),
         ("llama.context_length".into(), Value::U32(s.n_ctx)),
         ("llama.embedding_length".into(), Value::U32(s.n_embd)),
@@ -216,52 +228,54 @@ pub fn write_synthetic(shape: &Shape, ty: GgmlType, vocab: &Path, out: &Path) ->
         }
     }
 
-    let head_ty = match ty {
-        GgmlType::Q4_0 | GgmlType::Q4_1 => GgmlType::Q8_0,
-        t => t,
-    };
     let (e, ff, q, kv) = (
         s.n_embd as u64,
         s.n_ff as u64,
         (s.n_head * head_dim) as u64,
         (s.n_head_kv * head_dim) as u64,
     );
+    // The tensor list (types chosen below by the converter's policy, once it is complete).
     let mut specs = vec![];
-    let t = |name: &str, dims: &[u64], ty: GgmlType| TensorSpec {
+    let t = |name: &str, dims: &[u64]| TensorSpec {
         name: name.into(),
         dims: dims.to_vec(),
-        ty,
+        ty: GgmlType::F32,
     };
-    specs.push(t(
-        "token_embd.weight",
-        &[e, n_vocab],
-        if s.tied { head_ty } else { ty },
-    ));
+    specs.push(t("token_embd.weight", &[e, n_vocab]));
     if s.rope_factor.is_some() {
-        specs.push(t(
-            "rope_freqs.weight",
-            &[head_dim as u64 / 2],
-            GgmlType::F32,
-        ));
+        specs.push(t("rope_freqs.weight", &[head_dim as u64 / 2]));
     }
     for i in 0..s.n_layers {
         let n = |x: &str| format!("blk.{i}.{x}.weight");
-        specs.push(t(&n("attn_norm"), &[e], GgmlType::F32));
-        specs.push(t(&n("attn_q"), &[e, q], ty));
-        specs.push(t(&n("attn_k"), &[e, kv], ty));
-        specs.push(t(&n("attn_v"), &[e, kv], ty));
-        specs.push(t(&n("attn_output"), &[q, e], ty));
-        specs.push(t(&n("ffn_norm"), &[e], GgmlType::F32));
-        specs.push(t(&n("ffn_gate"), &[e, ff], ty));
-        specs.push(t(&n("ffn_up"), &[e, ff], ty));
-        specs.push(t(&n("ffn_down"), &[ff, e], ty));
+        specs.push(t(&n("attn_norm"), &[e]));
+        specs.push(t(&n("attn_q"), &[e, q]));
+        specs.push(t(&n("attn_k"), &[e, kv]));
+        specs.push(t(&n("attn_v"), &[e, kv]));
+        specs.push(t(&n("attn_output"), &[q, e]));
+        specs.push(t(&n("ffn_norm"), &[e]));
+        specs.push(t(&n("ffn_gate"), &[e, ff]));
+        specs.push(t(&n("ffn_up"), &[e, ff]));
+        specs.push(t(&n("ffn_down"), &[ff, e]));
     }
-    specs.push(t("output_norm.weight", &[e], GgmlType::F32));
+    specs.push(t("output_norm.weight", &[e]));
     if !s.tied {
-        specs.push(t("output.weight", &[e, n_vocab], head_ty));
+        specs.push(t("output.weight", &[e, n_vocab]));
+    }
+    let facts = ModelFacts {
+        n_layer: s.n_layers.into(),
+        n_head: s.n_head.into(),
+        n_head_kv: s.n_head_kv.into(),
+    };
+    let list: Vec<(&str, &[u64], GgmlType)> = specs
+        .iter()
+        .map(|t| (t.name.as_str(), t.dims.as_slice(), GgmlType::BF16))
+        .collect();
+    let types = Policy::new(ty).plan(&facts, &list);
+    for (spec, ty) in specs.iter_mut().zip(types) {
+        spec.ty = ty;
     }
 
-    write_atomic(out, |w| -> Result<()> {
+    write_file(out, inputs(), overwrite, |w| -> Result<()> {
         let mut g = GgufWriter::new(w, &meta, &specs)?;
         for (i, spec) in specs.iter().enumerate() {
             let n: u64 = spec.dims.iter().product();

@@ -2,8 +2,11 @@
 
 use std::process::ExitCode;
 
-use airlock_engine::load::{open_gguf, tokenizer_for};
+use airlock_engine::load::{open_gguf_checked, tokenizer_for};
+use airlock_engine::signature::Requirement;
 use anyhow::Result;
+
+use crate::load::{load_error, SignatureArgs};
 
 #[derive(clap::Args)]
 pub struct TokenizeArgs {
@@ -24,11 +27,14 @@ pub struct TokenizeArgs {
     /// Use this tokenizer.json instead of the GGUF's vocabulary
     #[arg(long, value_name = "FILE")]
     pub tokenizer: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub signature: SignatureArgs,
 }
 
 pub fn run(args: TokenizeArgs) -> Result<ExitCode> {
-    let f = open_gguf(&args.model, false)?;
-    let tok = tokenizer_for(&f, &args.model, args.tokenizer.as_deref())?;
+    let req = Requirement::for_host(args.signature.require_signature.as_deref())?;
+    let (f, _) = open_gguf_checked(&args.model, false, &req).map_err(load_error)?;
+    let tok = tokenizer_for(&f, &args.model, args.tokenizer.as_deref(), &req)?;
     let add_bos = tok.add_bos_default() && !args.no_bos;
     let ids = tok.encode(&args.text, add_bos, !args.no_parse_special)?;
     if args.ids {

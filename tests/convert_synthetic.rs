@@ -4,6 +4,7 @@
 //! tensor) and leaves nothing at OUT.
 
 use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
@@ -273,6 +274,8 @@ fn expected_type(name: &str, dims: &[u64], ty: &str, tied: bool) -> GgmlType {
     }
     let head = name == "output.weight" || (tied && name == "token_embd.weight");
     let t = match (ty, head) {
+        // llama-quantize's head rule: Q6_K, or Q8_0 where rows do not fit 256.
+        ("q4_0" | "q4_1", true) if dims[0].is_multiple_of(256) => GgmlType::Q6_K,
         ("q4_0" | "q4_1", true) => GgmlType::Q8_0,
         ("q4_0", false) => GgmlType::Q4_0,
         ("q4_1", false) => GgmlType::Q4_1,
@@ -713,6 +716,103 @@ fn missing_tensor_and_wrong_shape() {
     fails(d.path(), &["model.layers.1.", "unexpected tensor"]);
 }
 
+/// Rewrites `dir/name` (JSON) with `edit`, creating it from `{}` when absent.
+fn edit_json(dir: &Path, name: &str, edit: impl FnOnce(&mut serde_json::Value)) {
+    let p = dir.join(name);
+    let mut v: serde_json::Value = match std::fs::read_to_string(&p) {
+        Ok(t) => serde_json::from_str(&t).unwrap(),
+        Err(_) => serde_json::json!({}),
+    };
+    edit(&mut v);
+    std::fs::write(&p, v.to_string()).unwrap();
+}
+
+#[test]
+fn config_counts_are_checked_against_the_weights_before_anything_is_sized() {
+    // A vocabulary of 2^31 - 1 (or 60 million) tokens over an embedding of 49152 rows: the
+    // vocabulary table was allocated from config.json first (SIGABRT, or 3.6 GB).
+    for n in [(1u64 << 31) - 1, 60_000_000] {
+        let d = tempfile::tempdir().unwrap();
+        good(d.path());
+        edit_json(d.path(), "config.json", |c| {
+            c["vocab_size"] = serde_json::json!(n)
+        });
+        fails(
+            d.path(),
+            &[
+                "config.json",
+                &format!("vocab_size {n}"),
+                "model.embed_tokens.weight",
+                "49152 rows",
+            ],
+        );
+    }
+}
+
+#[test]
+fn convert_refuses_what_run_would_refuse_leaving_nothing() {
+    let with = |edit: &dyn Fn(&Path)| {
+        let d = tempfile::tempdir().unwrap();
+        good(d.path());
+        edit(d.path());
+        d
+    };
+    // Llama 3 rope scaling with a negative factor: rope_freqs would be negative, which the
+    // engine refuses; with 0 they would be NaN.
+    let d = with(&|p| {
+        edit_json(p, "config.json", |c| {
+            c["rope_scaling"] = serde_json::json!({
+                "factor": -8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192, "rope_type": "llama3"
+            })
+        })
+    });
+    fails(d.path(), &["rope_freqs.weight", "not positive"]);
+    let d = with(&|p| {
+        edit_json(p, "config.json", |c| {
+            c["rope_scaling"] = serde_json::json!({
+                "factor": 0.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192, "rope_type": "llama3"
+            })
+        })
+    });
+    fails(d.path(), &["rope_freqs.weight"]);
+    // add_bos_token without a BOS token.
+    let d = with(&|p| {
+        edit_json(p, "config.json", |c| {
+            c.as_object_mut().unwrap().remove("bos_token_id");
+        });
+        edit_json(p, "tokenizer_config.json", |t| {
+            t["add_bos_token"] = serde_json::json!(true)
+        });
+    });
+    fails(d.path(), &["no BOS token", "nothing was written"]);
+    // Chat templates: one that does not compile, one over the size limit, one that grows
+    // memory until its render worker dies.
+    for (template, needle) in [
+        ("{% for m in messages %}".to_string(), "does not compile"),
+        ("x".repeat((1 << 20) + 1), "more than the allowed"),
+        (
+            "{% set ns = namespace(v='x') %}{% for i in range(40) %}{% set ns.v = ns.v ~ ns.v %}{% endfor %}{{ ns.v }}".to_string(),
+            "exceeded 256 MiB",
+        ),
+    ] {
+        let d = with(&|p| {
+            edit_json(p, "tokenizer_config.json", |t| {
+                t["chat_template"] = serde_json::json!(template)
+            })
+        });
+        fails(d.path(), &["tokenizer_config.json", "chat template", needle]);
+    }
+    // Two texts for one token id: one of them would silently vanish.
+    let d = with(&|p| {
+        edit_json(p, "tokenizer.json", |t| {
+            t["model"]["vocab"]["zzzz-duplicate"] = serde_json::json!(5)
+        })
+    });
+    fails(d.path(), &["tokenizer.json", "token id 5 is given to both"]);
+}
+
 #[test]
 fn unknown_and_unsupported_dtypes() {
     let d = tempfile::tempdir().unwrap();
@@ -850,12 +950,10 @@ fn disk_full_leaves_nothing() {
     assert_eq!(std::fs::read_dir(outdir.path()).unwrap().count(), 0);
 }
 
-#[test]
-fn ctrl_c_leaves_nothing() {
-    // A bigger checkpoint so the conversion is still running when SIGINT arrives.
-    let d = tempfile::tempdir().unwrap();
+/// A checkpoint big enough that a conversion is still running when a signal arrives.
+fn slow_checkpoint(dir: &Path) {
     write_checkpoint(
-        d.path(),
+        dir,
         &Spec {
             layers: 4,
             hidden: 256,
@@ -866,6 +964,51 @@ fn ctrl_c_leaves_nothing() {
             ..spec()
         },
     );
+}
+
+#[test]
+fn sigint_sigterm_and_sighup_mid_convert_leave_nothing_beside_out() {
+    let d = tempfile::tempdir().unwrap();
+    slow_checkpoint(d.path());
+    for sig in ["INT", "TERM", "HUP"] {
+        let outdir = tempfile::tempdir().unwrap();
+        let out = outdir.path().join("out.gguf");
+        let child = Command::new(env!("CARGO_BIN_EXE_airlock"))
+            .args(["convert", s(d.path()), "-o", s(&out), "--type", "q4_0"])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Wait for the temporary file to appear, then signal.
+        let start = std::time::Instant::now();
+        while std::fs::read_dir(outdir.path()).unwrap().count() == 0
+            && start.elapsed().as_secs() < 20
+        {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        let kill = Command::new("kill")
+            .args([&format!("-{sig}"), &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+        let o = child.wait_with_output().unwrap();
+        let err = stderr(&o);
+        if o.status.success() {
+            // Finished before the signal landed: the output must then be complete.
+            GgufFile::open(&out).unwrap();
+            continue;
+        }
+        assert_eq!(o.status.code(), Some(130), "SIG{sig}: {err}");
+        assert!(err.contains("interrupted"), "SIG{sig}: {err}");
+        assert!(!out.exists());
+        let left: Vec<_> = std::fs::read_dir(outdir.path()).unwrap().collect();
+        assert!(left.is_empty(), "SIG{sig} left behind: {left:?}");
+    }
+}
+
+#[test]
+fn a_second_signal_exits_at_once_and_still_removes_the_temporary_file() {
+    let d = tempfile::tempdir().unwrap();
+    slow_checkpoint(d.path());
     let outdir = tempfile::tempdir().unwrap();
     let out = outdir.path().join("out.gguf");
     let child = Command::new(env!("CARGO_BIN_EXE_airlock"))
@@ -873,27 +1016,219 @@ fn ctrl_c_leaves_nothing() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait for the temporary file to appear, then interrupt.
     let start = std::time::Instant::now();
     while std::fs::read_dir(outdir.path()).unwrap().count() == 0 && start.elapsed().as_secs() < 20 {
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
-    let kill = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    let pid = child.id().to_string();
+    for sig in ["-TERM", "-TERM"] {
+        let _ = Command::new("kill").args([sig, &pid]).status();
+    }
     let o = child.wait_with_output().unwrap();
-    let err = stderr(&o);
     if o.status.success() {
-        // Finished before the signal landed: the output must then be complete.
         GgufFile::open(&out).unwrap();
         return;
     }
-    assert_eq!(o.status.code(), Some(130), "{err}");
-    assert!(err.contains("interrupted"), "{err}");
+    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
     assert!(!out.exists());
     assert_eq!(std::fs::read_dir(outdir.path()).unwrap().count(), 0);
+}
+
+/// `convert --type q4_k_m` (and q3_k_m) writes the file `convert --type f32` then `quantize` does:
+/// the mix follows the same model facts whichever way in. Needs the K-quant quantizers.
+#[test]
+fn k_mixes_convert_as_they_quantize() {
+    let d = tempfile::tempdir().unwrap();
+    let sp = Spec {
+        layers: 8,
+        hidden: 256,
+        heads: 4,
+        kv_heads: 1,
+        ffn: 512,
+        tied: false,
+        ..spec()
+    };
+    write_checkpoint(&d.path().join("ckpt"), &sp);
+    let ckpt = d.path().join("ckpt");
+    let f32 = d.path().join("m.f32.gguf");
+    let o = airlock(&["convert", s(&ckpt), "-o", s(&f32), "--type", "f32"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for ty in ["q4_k_m", "q3_k_m"] {
+        let direct = d.path().join(format!("m.{ty}.gguf"));
+        let via = d.path().join(format!("m.{ty}-from-f32.gguf"));
+        let o = airlock(&["convert", s(&ckpt), "-o", s(&direct), "--type", ty]);
+        assert!(o.status.success(), "{ty}: {}", stderr(&o));
+        let o = airlock(&["quantize", s(&f32), "-o", s(&via), "--type", ty]);
+        assert!(o.status.success(), "{ty}: {}", stderr(&o));
+        assert!(
+            std::fs::read(&direct).unwrap() == std::fs::read(&via).unwrap(),
+            "{ty}: convert and quantize differ"
+        );
+        let f = GgufFile::open(&direct).unwrap();
+        let ty_of = |n: &str| f.tensor(n).unwrap().ty;
+        assert_eq!(ty_of("output.weight"), GgmlType::Q6_K, "{ty}");
+        let (v0, v7) = match ty {
+            "q4_k_m" => (GgmlType::Q6_K, GgmlType::Q6_K),
+            _ => (GgmlType::Q5_K, GgmlType::Q4_K),
+        };
+        assert_eq!(ty_of("blk.0.attn_v.weight"), v0, "{ty}");
+        assert_eq!(ty_of("blk.7.attn_v.weight"), v7, "{ty}");
+        assert_eq!(
+            f.get_u32("general.file_type"),
+            Some(if ty == "q4_k_m" { 15 } else { 12 })
+        );
+    }
+}
+
+/// Runs airlock expecting failure with `needle` on stderr; `victim` must keep its bytes.
+fn refused_keeping(args: &[&str], needle: &str, victim: &Path) {
+    let before = std::fs::read(victim).ok();
+    let o = airlock(args);
+    let err = stderr(&o);
+    assert!(!o.status.success(), "{args:?} should fail: {err}");
+    assert!(
+        err.contains(needle),
+        "{args:?}: expected {needle:?} in: {err}"
+    );
+    assert_eq!(
+        std::fs::read(victim).ok(),
+        before,
+        "{args:?} changed {victim:?}"
+    );
+}
+
+#[test]
+fn outputs_that_are_inputs_devices_fifos_or_existing_files_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let ck = d.path().join("ck");
+    write_checkpoint(&ck, &spec());
+    let gguf = d.path().join("in.gguf");
+    std::fs::copy(
+        root().join("tests/fixtures/llama3/tiny-llama3-q8_0.gguf"),
+        &gguf,
+    )
+    .unwrap();
+    let hard = d.path().join("hard.gguf");
+    std::fs::hard_link(&gguf, &hard).unwrap();
+    let soft = d.path().join("soft.gguf");
+    std::os::unix::fs::symlink(&gguf, &soft).unwrap();
+    let fifo = d.path().join("fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let existing = d.path().join("existing.gguf");
+    std::fs::write(&existing, b"keep me").unwrap();
+
+    let weights = ck.join("model.safetensors");
+    let convert = |out: &Path, extra: &[&str]| {
+        let mut a = vec!["convert", s(&ck), "-o", s(out), "--type", "q8_0"];
+        a.extend_from_slice(extra);
+        a.into_iter().map(str::to_string).collect::<Vec<_>>()
+    };
+    let quantize = |out: &Path, extra: &[&str]| {
+        let mut a = vec!["quantize", s(&gguf), "-o", s(out), "--type", "q8_0"];
+        a.extend_from_slice(extra);
+        a.into_iter().map(str::to_string).collect::<Vec<_>>()
+    };
+    let run = |a: Vec<String>, needle: &str, victim: &Path| {
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        refused_keeping(&a, needle, victim);
+    };
+    // One of the inputs, even with --overwrite: by its name, a hard link or a symlink.
+    run(
+        convert(&weights, &["--overwrite"]),
+        "is the input",
+        &weights,
+    );
+    run(
+        convert(&ck.join("config.json"), &["--overwrite"]),
+        "is the input",
+        &ck.join("config.json"),
+    );
+    for p in [&gguf, &hard, &soft] {
+        run(quantize(p, &["--overwrite"]), "is the input", &gguf);
+    }
+    // Devices, FIFOs and directories, even with --overwrite.
+    run(
+        quantize(Path::new("/dev/null"), &["--overwrite"]),
+        "character device",
+        Path::new("/dev/null"),
+    );
+    run(quantize(&fifo, &["--overwrite"]), "FIFO", &existing);
+    run(convert(&fifo, &["--overwrite"]), "FIFO", &existing);
+    assert!(std::fs::symlink_metadata(&fifo)
+        .unwrap()
+        .file_type()
+        .is_fifo());
+    run(quantize(d.path(), &["--overwrite"]), "directory", &existing);
+    // An existing file needs --overwrite.
+    run(quantize(&existing, &[]), "--overwrite", &existing);
+    run(convert(&existing, &[]), "--overwrite", &existing);
+    // bench --synthetic --save: onto its own --vocab, or an existing file.
+    let vocab = s(&gguf);
+    for (save, needle, extra) in [
+        (&gguf, "is the input", "--overwrite"),
+        (&existing, "--overwrite", "-q"),
+    ] {
+        let mut a = vec![
+            "bench",
+            "--synthetic",
+            "smollm2-135m",
+            "--vocab",
+            vocab,
+            "--save",
+            s(save),
+            "-p",
+            "0",
+            "-n",
+            "1",
+        ];
+        if extra == "--overwrite" {
+            a.push(extra);
+        }
+        refused_keeping(&a, needle, save);
+    }
+    // Nothing else appeared beside the outputs.
+    let mut names: Vec<String> = std::fs::read_dir(d.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "ck",
+            "existing.gguf",
+            "fifo",
+            "hard.gguf",
+            "in.gguf",
+            "soft.gguf"
+        ]
+    );
+    // With --overwrite an existing file is replaced, and a symlink is replaced, not followed.
+    let o = airlock(
+        &quantize(&existing, &["--overwrite"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    GgufFile::open(&existing).unwrap();
+    let target = d.path().join("target.gguf");
+    std::fs::write(&target, b"target").unwrap();
+    let link = d.path().join("link.gguf");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let o = airlock(
+        &quantize(&link, &["--overwrite"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&target).unwrap(), b"target");
+    assert!(!std::fs::symlink_metadata(&link).unwrap().is_symlink());
 }
 
 #[test]

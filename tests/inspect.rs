@@ -95,7 +95,8 @@ fn real_model_json_has_the_right_counts() {
     let o = inspect(&model(), true);
     assert!(o.status.success(), "{}", stderr(&o));
     let j = json(&o);
-    assert_eq!(j["schema_version"], 1);
+    assert_eq!(j["schema_version"], 2);
+    assert_eq!(j["runnable"], true);
     assert_eq!(j["valid"], true);
     assert_eq!(j["error"], serde_json::Value::Null);
     assert_eq!(j["file_size"], 98362432u64);
@@ -138,12 +139,14 @@ fn real_model_json_has_the_right_counts() {
     assert_eq!(j["unsupported_types"], serde_json::json!([]));
 }
 
-/// A file with K-quant tensors and general.file_type 15, made with the writer.
+/// A file with K-quant tensors and general.file_type 15, made with the writer. Its
+/// architecture is not one airlock runs (a few tensors do not make a Llama), so the verdict is
+/// about the container and the types.
 fn k_quant_file(dir: &Path) -> PathBuf {
     let metadata = vec![
         (
             "general.architecture".to_string(),
-            Value::String("llama".into()),
+            Value::String("k-quant-test".into()),
         ),
         ("general.file_type".to_string(), Value::U32(15)),
         (
@@ -191,16 +194,17 @@ fn a_k_quant_file_is_listed_and_valid() {
         "Q4_K",
         "256 x 4",
         "MOSTLY_Q4_K_M (15)",
-        "verdict: valid",
-        "cannot compute yet: Q4_K, Q6_K",
+        "verdict: valid GGUF file; airlock cannot run it: unsupported architecture",
+        "airlock can compute every tensor type in this file",
     ] {
         assert!(out.contains(needle), "output lacks {needle:?}:\n{out}");
     }
     let j = json(&inspect(&p, true));
     assert_eq!(j["valid"], true);
-    assert_eq!(j["unsupported_types"], serde_json::json!(["Q4_K", "Q6_K"]));
-    assert_eq!(j["tensors"][0]["computable"], false);
-    assert_eq!(j["tensors"][2]["computable"], true);
+    assert_eq!(j["runnable"], false);
+    assert_eq!(j["unsupported_types"], serde_json::json!([]));
+    assert_eq!(j["tensors"][0]["computable"], true);
+    assert_eq!(j["tensors"][1]["computable"], true);
 }
 
 #[test]
@@ -264,4 +268,78 @@ fn a_missing_file_is_an_error() {
     let o = inspect(Path::new("/nonexistent/x.gguf"), false);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("/nonexistent/x.gguf"), "{}", stderr(&o));
+}
+
+/// The mix: each type's tensors, bytes and bits per weight; and which tensors have types airlock
+/// cannot compute.
+#[test]
+fn the_mix_and_the_uncomputable_tensors_are_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    // Not "llama": a few tensors without the hyperparameters are not a Llama, and inspect's
+    // verdict (the engine's model checks) would call it invalid; the mix is what is tested here.
+    let metadata = vec![
+        (
+            "general.architecture".to_string(),
+            Value::String("mix-test".into()),
+        ),
+        ("general.file_type".to_string(), Value::U32(30)),
+    ];
+    let t = |name: &str, dims: &[u64], ty| TensorSpec {
+        name: name.into(),
+        dims: dims.to_vec(),
+        ty,
+    };
+    let specs = vec![
+        t("blk.0.attn_q.weight", &[256, 8], GgmlType::IQ4_XS),
+        t("blk.0.attn_k.weight", &[256, 8], GgmlType::IQ4_XS),
+        t("blk.0.attn_v.weight", &[256, 4], GgmlType::Q8_0),
+        t("output_norm.weight", &[256], GgmlType::F32),
+    ];
+    let mut w = GgufWriter::new(Vec::new(), &metadata, &specs).unwrap();
+    for s in &specs {
+        let n: u64 = s.dims.iter().product();
+        w.write_tensor_data(&vec![0u8; s.ty.row_bytes(n).unwrap() as usize])
+            .unwrap();
+    }
+    let p = dir.path().join("iq4xs.gguf");
+    std::fs::write(&p, w.finish().unwrap()).unwrap();
+
+    let o = inspect(&p, false);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    // IQ4_XS: 2 x 2048 values in 2 x 8 x 136 bytes = 4.25 bits per weight.
+    let iq = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("IQ4_XS"))
+        .unwrap();
+    for needle in [
+        "2 tensors",
+        "4096 elements",
+        "2176 bytes",
+        "4.25 bits/weight",
+    ] {
+        assert!(iq.contains(needle), "{needle:?} not in {iq:?}");
+    }
+    let q8 = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("Q8_0"))
+        .unwrap();
+    assert!(q8.contains("8.50 bits/weight"), "{q8}");
+    for needle in [
+        "MOSTLY_IQ4_XS (30), llama.cpp's \"IQ4_XS - 4.25 bpw\"",
+        "cannot compute yet: IQ4_XS",
+        "tensors of those types (2): blk.0.attn_q.weight, blk.0.attn_k.weight",
+    ] {
+        assert!(out.contains(needle), "output lacks {needle:?}:\n{out}");
+    }
+    let j = json(&inspect(&p, true));
+    let types = j["totals"]["types"].as_array().unwrap();
+    let iq = types.iter().find(|t| t["type"] == "IQ4_XS").unwrap();
+    assert_eq!(iq["bits_per_weight"], 4.25);
+    assert_eq!(iq["n_bytes"], 2176);
+    assert_eq!(j["totals"]["file_type"]["label"], "IQ4_XS - 4.25 bpw");
+    assert_eq!(
+        j["unsupported_tensors"],
+        serde_json::json!(["blk.0.attn_q.weight", "blk.0.attn_k.weight"])
+    );
 }

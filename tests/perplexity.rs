@@ -202,6 +202,49 @@ fn perplexity_matches_llama_perplexity_on_the_demo_model() {
 }
 
 #[test]
+fn linear_rope_scaling_matches_llama_perplexity() {
+    // The demo model with llama.rope.scaling.type = linear and factor 4 added: llama.cpp then
+    // scales every position by 1/4 (tests/fixtures/llamacpp/perplexity-smollm2-linear-rope.json).
+    // An engine that ignored the keys would give the unscaled figure, six times lower.
+    let dir = tempfile::tempdir().unwrap();
+    let scaled = dir.path().join("linear4.gguf");
+    support::rewrite_gguf(&support::model(), &scaled, |meta, _| {
+        use airlock_engine::gguf::Value;
+        support::set_key(
+            meta,
+            "llama.rope.scaling.type",
+            Value::String("linear".into()),
+        );
+        support::set_key(meta, "llama.rope.scaling.factor", Value::F32(4.0));
+    });
+    let o = airlock(&[
+        "perplexity",
+        "-m",
+        scaled.to_str().unwrap(),
+        "-f",
+        &eval_txt(),
+        "--chunks",
+        "4",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (ppl, _) = parse(&String::from_utf8_lossy(&o.stdout));
+    let fx: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            support::root().join("tests/fixtures/llamacpp/perplexity-smollm2-linear-rope.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let want = fx["ppl"]["linear_factor_4"].as_f64().unwrap();
+    let unscaled = fx["ppl"]["unscaled"].as_f64().unwrap();
+    // Same bound as the unscaled comparison above (0.41% measured).
+    assert!(
+        (ppl / want - 1.0).abs() < 0.01,
+        "airlock {ppl}, llama.cpp {want} (unscaled: {unscaled})"
+    );
+}
+
+#[test]
 fn chunks_per_pass_change_no_digit() {
     let model = support::model();
     let m = model.to_str().unwrap();

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+mod support;
+
 fn smollm2() -> PathBuf {
     let p =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
@@ -154,8 +156,19 @@ fn request_bytes(
     headers: &[&str],
     body: &[u8],
 ) -> Vec<u8> {
+    request_bytes_for(&addr.to_string(), method, path, headers, body)
+}
+
+/// A request whose Host header is `host`.
+fn request_bytes_for(
+    host: &str,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: &[u8],
+) -> Vec<u8> {
     let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
         body.len()
     );
     for h in headers {
@@ -170,12 +183,43 @@ fn request_bytes(
 
 /// One request on a fresh connection; the whole response (chunked bodies decoded).
 fn http(addr: SocketAddr, method: &str, path: &str, headers: &[&str], body: &[u8]) -> Resp {
+    http_for(addr, &addr.to_string(), method, path, headers, body)
+}
+
+/// One request to `addr` naming `host` in its Host header.
+fn http_for(
+    addr: SocketAddr,
+    host: &str,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: &[u8],
+) -> Resp {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    s.write_all(&request_bytes(addr, method, path, headers, body))
+    s.write_all(&request_bytes_for(host, method, path, headers, body))
         .unwrap();
+    // Read to the end of the body: the server closes the connection, but some peers
+    // (chromedriver) keep it open, so a Content-Length is honoured.
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = s.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+        if let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+            let len = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok());
+            if len.is_some_and(|len| raw.len() >= split + 4 + len) {
+                break;
+            }
+        }
+    }
     parse_response(&raw)
 }
 
@@ -395,7 +439,14 @@ fn streaming_equals_non_streaming() {
         // The usage chunk comes last, with no choices.
         let last = chunks.last().unwrap();
         assert_eq!(last["choices"], json!([]));
-        assert_eq!(last["usage"], plain["usage"]);
+        for k in ["prompt_tokens", "completion_tokens", "total_tokens"] {
+            assert_eq!(last["usage"][k], plain["usage"][k]);
+        }
+        // The same prompt again: all of it but the last token comes from the slot's cache.
+        assert_eq!(
+            last["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64(),
+            Some(plain["usage"]["prompt_tokens"].as_u64().unwrap() - 1)
+        );
         if body.get("stop").is_some() {
             assert_eq!(finish, "stop");
             assert!(text.contains(" 5") && !text.contains(" 7"), "{text:?}");
@@ -404,21 +455,23 @@ fn streaming_equals_non_streaming() {
 }
 
 #[test]
-fn concurrent_seeded_clients_match_their_text_alone() {
-    let server = Server::start(&["--parallel", "4"]);
-    let requests: Vec<(&str, Value)> = (0..6u64)
+fn sixteen_concurrent_seeded_clients_match_their_text_alone() {
+    // 16 clients on 8 slots: eight run at once, eight wait in the queue. Prompts share
+    // prefixes, so the batch also mixes reused caches with fresh ones.
+    let server = Server::start(&["--parallel", "8"]);
+    let requests: Vec<(&str, Value)> = (0..16u64)
         .map(|i| {
             if i % 2 == 0 {
                 (
                     "/v1/chat/completions",
                     json!({"messages": [{"role": "user", "content": format!("Name {} ways to detect malware.", i + 2)}],
-                           "max_tokens": 32, "temperature": 1.0, "seed": 100 + i, "stream": i % 4 == 0}),
+                           "max_tokens": 20, "temperature": 1.0, "seed": 100 + i, "stream": i % 4 == 0}),
                 )
             } else {
                 (
                     "/v1/completions",
-                    json!({"prompt": format!("Incident report {i}: the attacker"), "max_tokens": 32,
-                           "temperature": 0.9, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": 200 + i, "stream": i == 3}),
+                    json!({"prompt": format!("Incident report {i}: the attacker"), "max_tokens": 20,
+                           "temperature": 0.9, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": 200 + i, "stream": i % 4 == 3}),
                 )
             }
         })
@@ -571,6 +624,109 @@ fn client_mistakes_get_openai_errors_and_the_server_goes_on() {
     // Unknown route and method.
     http(a, "GET", "/v1/nothing", &[key], b"").error(404);
     http(a, "GET", "/v1/completions", &[key], b"").error(405);
+
+    // A foreign Host (DNS rebinding) is refused, whatever the key; loopback names pass.
+    let e = http_for(a, "evil.example:80", "GET", "/v1/models", &[key], b"").error(403);
+    assert_eq!(e["code"], "host_not_allowed");
+    assert!(
+        e["message"].as_str().unwrap().contains("--allow-host"),
+        "{e}"
+    );
+    http_for(a, "evil.example", "GET", "/", &[], b"").error(403);
+    assert_eq!(
+        http_for(
+            a,
+            &format!("localhost:{}", a.port()),
+            "GET",
+            "/v1/models",
+            &[key],
+            b""
+        )
+        .status,
+        200
+    );
+    // No --cors-origin: no CORS headers, and a preflight is not answered.
+    let r = http(
+        a,
+        "GET",
+        "/v1/models",
+        &[key, "Origin: http://soc.example"],
+        b"",
+    );
+    assert_eq!(r.status, 200);
+    assert!(
+        r.header("access-control-allow-origin").is_none(),
+        "{}",
+        r.headers
+    );
+    let r = http(
+        a,
+        "OPTIONS",
+        "/v1/completions",
+        &[
+            "Origin: http://soc.example",
+            "Access-Control-Request-Method: POST",
+        ],
+        b"",
+    );
+    assert_ne!(r.status, 204);
+    assert!(
+        r.header("access-control-allow-origin").is_none(),
+        "{}",
+        r.headers
+    );
+    // The chat page needs no key (it asks for one), and forbids loading anything else.
+    let r = http(a, "GET", "/", &[], b"");
+    assert_eq!(r.status, 200);
+    assert!(r.header("content-type").unwrap().starts_with("text/html"));
+    let csp = r.header("content-security-policy").unwrap();
+    assert!(csp.starts_with("default-src 'none'"), "{csp}");
+    assert!(csp.contains("connect-src 'self'"), "{csp}");
+    assert!(String::from_utf8_lossy(&r.body).contains("<title>airlock chat</title>"));
+    // Everything else does need the key.
+    for path in ["/metrics", "/v1/models"] {
+        http(a, "GET", path, &[], b"").error(401);
+    }
+    http(a, "POST", "/tokenize", &[], b"{\"content\": \"x\"}").error(401);
+    // Bad fields of the newer features.
+    for (body, name) in [
+        (
+            json!({"prompt": "x", "frequency_penalty": 2.5}),
+            "`frequency_penalty`",
+        ),
+        (
+            json!({"prompt": "x", "presence_penalty": "high"}),
+            "`presence_penalty`",
+        ),
+        (json!({"prompt": "x", "logprobs": 21}), "`logprobs`"),
+        (json!({"prompt": "x", "logprobs": true}), "`logprobs`"),
+        (json!({"prompt": "x", "cache_prompt": 1}), "`cache_prompt`"),
+    ] {
+        field_error("/v1/completions", body, name);
+    }
+    for (body, name) in [
+        (
+            json!({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}),
+            "`top_logprobs`",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 21}),
+            "`top_logprobs`",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}], "logprobs": 3}),
+            "`logprobs`",
+        ),
+    ] {
+        field_error("/v1/chat/completions", body, name);
+    }
+    field_error("/tokenize", json!({"content": 3}), "`content`");
+    field_error(
+        "/detokenize",
+        json!({"tokens": [1, 99999999]}),
+        "`tokens[1]`",
+    );
+    field_error("/detokenize", json!({"tokens": [-1]}), "`tokens[0]`");
 
     // Unknown fields are ignored, any model name is accepted, and the server still answers.
     let r = post(
@@ -845,4 +1001,920 @@ fn sigterm_right_after_the_listening_line_still_exits_zero() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success(), "{status:?}\n{}", server.log());
+}
+
+/// The metrics page as (series with labels, value) pairs.
+fn metrics(addr: SocketAddr) -> Vec<(String, f64)> {
+    let r = http(addr, "GET", "/metrics", &[], b"");
+    assert_eq!(r.status, 200);
+    assert!(r.header("content-type").unwrap().starts_with("text/plain"));
+    String::from_utf8(r.body)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let (k, v) = l.rsplit_once(' ').unwrap();
+            (k.to_string(), v.parse().unwrap())
+        })
+        .collect()
+}
+
+fn metric(m: &[(String, f64)], name: &str) -> f64 {
+    m.iter()
+        .find(|(k, _)| k == name)
+        .unwrap_or_else(|| panic!("no {name} in {m:?}"))
+        .1
+}
+
+fn chat_text(v: &Value) -> String {
+    v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn prompt_reuse_gives_the_same_text_and_is_counted() {
+    // One slot, so every request finds the previous one's cache.
+    let server = Server::start(&["--parallel", "1", "--log-prompts"]);
+    let a = server.addr;
+    let turn1 = json!({"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 24, "temperature": 0});
+    let r1 = server.post("/v1/chat/completions", &turn1).json();
+    let reply = chat_text(&r1);
+    let u1 = &r1["usage"];
+    assert_eq!(u1["prompt_tokens_details"]["cached_tokens"], 0, "{u1}");
+    // The next turn resends the history: the first turn is cached up to the reply's last
+    // token (the slot kept the generated ids, and they re-tokenize the same; the last one was
+    // sampled but never fed, as the reply ended there).
+    let turn2 = |cache: bool| {
+        json!({"messages": [{"role": "user", "content": QUESTION},
+                            {"role": "assistant", "content": reply},
+                            {"role": "user", "content": "Give one example."}],
+               "max_tokens": 24, "temperature": 0, "cache_prompt": cache})
+    };
+    let r2 = server.post("/v1/chat/completions", &turn2(true)).json();
+    let cached = r2["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    let (p1, c1) = (
+        u1["prompt_tokens"].as_u64().unwrap(),
+        u1["completion_tokens"].as_u64().unwrap(),
+    );
+    assert_eq!(u1["completion_tokens"], 24);
+    assert_eq!(cached, p1 + c1 - 1, "{}", r2["usage"]);
+    assert!(r2["usage"]["prompt_tokens"].as_u64().unwrap() > cached);
+    // The same request without reuse computes everything and gives the same text.
+    let fresh = server.post("/v1/chat/completions", &turn2(false)).json();
+    assert_eq!(fresh["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    assert_eq!(chat_text(&fresh), chat_text(&r2));
+    // The whole prompt cached: the last token is computed again, for its logits.
+    let again = server.post("/v1/chat/completions", &turn2(true)).json();
+    assert_eq!(
+        again["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64(),
+        Some(r2["usage"]["prompt_tokens"].as_u64().unwrap() - 1)
+    );
+    assert_eq!(chat_text(&again), chat_text(&r2));
+    // Streaming reports it too.
+    let mut sbody = turn2(true);
+    sbody["stream"] = json!(true);
+    sbody["stream_options"] = json!({"include_usage": true});
+    let chunks = stream_chunks(&server.post("/v1/chat/completions", &sbody));
+    assert_eq!(stream_text(&chunks).0, chat_text(&r2));
+    assert!(
+        chunks.last().unwrap()["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+
+    // /metrics adds it all up.
+    let bad = server.post("/v1/completions", &json!({"prompt": 1}));
+    assert_eq!(bad.status, 400);
+    let responses = [&r1, &r2, &fresh, &again];
+    let usage_sum = |key: &str| -> f64 {
+        responses
+            .iter()
+            .map(|r| r["usage"][key].as_u64().unwrap())
+            .sum::<u64>() as f64
+            + chunks.last().unwrap()["usage"][key].as_u64().unwrap() as f64
+    };
+    let cached_sum = responses
+        .iter()
+        .map(|r| {
+            r["usage"]["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap()
+        })
+        .sum::<u64>() as f64
+        + chunks.last().unwrap()["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap() as f64;
+    // A streamed reply's last bytes reach the client before the scheduler's next step frees the
+    // slot (seen on a loaded machine): wait, up to a bound, for the slot to be free.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut m = metrics(a);
+    while metric(&m, "airlock_slots_busy") != 0.0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        m = metrics(a);
+    }
+    assert_eq!(
+        metric(
+            &m,
+            "airlock_requests_total{route=\"/v1/chat/completions\",status=\"200\"}"
+        ),
+        5.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "airlock_requests_total{route=\"/v1/completions\",status=\"400\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, "airlock_completion_tokens_total"),
+        usage_sum("completion_tokens")
+    );
+    assert_eq!(metric(&m, "airlock_prompt_tokens_reused_total"), cached_sum);
+    assert_eq!(
+        metric(&m, "airlock_prompt_tokens_total") + cached_sum,
+        usage_sum("prompt_tokens")
+    );
+    assert!(metric(&m, "airlock_generation_tokens_per_second") > 0.0);
+    assert!(metric(&m, "airlock_prompt_tokens_per_second") > 0.0);
+    assert_eq!(metric(&m, "airlock_queue_depth"), 0.0);
+    assert_eq!(metric(&m, "airlock_slots_busy"), 0.0);
+    assert_eq!(metric(&m, "airlock_slots"), 1.0);
+    // The idle slot keeps the last conversation for the next turn.
+    let kv = metric(&m, "airlock_kv_cache_tokens");
+    assert!(kv > cached as f64, "{kv}");
+    assert_eq!(metric(&m, "airlock_kv_cache_capacity_tokens"), 512.0);
+    // --log-prompts: the prompt and the completion are in the log, escaped onto one line.
+    let log = server.log();
+    assert!(log.contains(QUESTION), "{log}");
+    assert!(log.contains(&format!("completion: {reply:?}")), "{log}");
+}
+
+#[test]
+fn tokenize_and_detokenize_speak_llama_servers_fields() {
+    let server = Server::start(&["-c", "64", "--parallel", "1"]);
+    let text = "Phishing <|im_end|> e-mails";
+    let ids: Vec<u64> = server.post("/tokenize", &json!({"content": text})).json()["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert!(ids.len() > 3);
+    // parse_special (default true) makes the control token one id; false spells it out.
+    let plain = server
+        .post(
+            "/tokenize",
+            &json!({"content": text, "parse_special": false}),
+        )
+        .json();
+    assert!(plain["tokens"].as_array().unwrap().len() > ids.len());
+    // Pieces: each id with its text, which put together give the content back.
+    let pieces = server
+        .post("/tokenize", &json!({"content": text, "with_pieces": true}))
+        .json();
+    let joined: String = pieces["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["piece"].as_str().unwrap())
+        .collect();
+    assert_eq!(joined, text);
+    let back = server.post("/detokenize", &json!({"tokens": ids})).json();
+    assert_eq!(back["content"], text);
+    // The ids a completion's prompt becomes: add_special gives the model's BOS setting.
+    let with_special = server
+        .post(
+            "/tokenize",
+            &json!({"content": PROMPT, "add_special": true}),
+        )
+        .json()["tokens"]
+        .as_array()
+        .unwrap()
+        .len();
+    let r = server.post(
+        "/v1/completions",
+        &json!({"prompt": PROMPT, "max_tokens": 1}),
+    );
+    assert_eq!(
+        r.json()["usage"]["prompt_tokens"].as_u64(),
+        Some(with_special as u64)
+    );
+}
+
+#[test]
+fn logprobs_are_the_raw_log_softmax_and_penalties_change_the_text() {
+    let server = Server::start(&["--parallel", "2"]);
+    let msgs = json!([{"role": "user", "content": QUESTION}]);
+    let greedy = server
+        .post(
+            "/v1/chat/completions",
+            &json!({"messages": msgs, "max_tokens": 8, "temperature": 0, "logprobs": true, "top_logprobs": 5}),
+        )
+        .json();
+    let content = greedy["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(
+        content.len() as u64,
+        greedy["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+    let mut bytes = Vec::new();
+    for c in &content {
+        let top = c["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 5);
+        // Greedy picks the most likely token; alternatives are sorted and are probabilities.
+        assert_eq!(c["token"], top[0]["token"], "{c}");
+        assert_eq!(c["logprob"], top[0]["logprob"], "{c}");
+        let lps: Vec<f64> = top.iter().map(|t| t["logprob"].as_f64().unwrap()).collect();
+        assert!(lps.windows(2).all(|w| w[0] >= w[1]), "{lps:?}");
+        assert!(lps[0] <= 0.0);
+        assert!(lps.iter().map(|l| l.exp()).sum::<f64>() <= 1.0 + 1e-5);
+        bytes.extend(
+            c["bytes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b.as_u64().unwrap() as u8),
+        );
+    }
+    assert_eq!(String::from_utf8(bytes).unwrap(), chat_text(&greedy));
+    // The first token's distribution comes from the raw logits: temperature, truncation and
+    // penalties change what is sampled, never the reported log-probabilities.
+    let hot = server
+        .post(
+            "/v1/chat/completions",
+            &json!({"messages": msgs, "max_tokens": 1, "temperature": 1.7, "top_k": 3, "seed": 5,
+                    "repeat_penalty": 1.5, "presence_penalty": 2, "frequency_penalty": -1,
+                    "logprobs": true, "top_logprobs": 5}),
+        )
+        .json();
+    assert_eq!(
+        hot["choices"][0]["logprobs"]["content"][0]["top_logprobs"],
+        content[0]["top_logprobs"]
+    );
+    // Streaming gives the same entries, spread over the chunks.
+    let chunks = stream_chunks(&server.post(
+        "/v1/chat/completions",
+        &json!({"messages": msgs, "max_tokens": 8, "temperature": 0, "logprobs": true, "top_logprobs": 5, "stream": true}),
+    ));
+    let streamed: Vec<Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array())
+        .flatten()
+        .cloned()
+        .collect();
+    assert_eq!(streamed, content);
+
+    // Completions: logprobs = n alternatives, in the legacy shape.
+    let r = server
+        .post(
+            "/v1/completions",
+            &json!({"prompt": PROMPT, "max_tokens": 6, "temperature": 0, "logprobs": 3}),
+        )
+        .json();
+    let c = &r["choices"][0];
+    let lp = &c["logprobs"];
+    let tokens: Vec<&str> = lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(tokens.concat(), c["text"].as_str().unwrap());
+    assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), tokens.len());
+    let offsets: Vec<usize> = lp["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_u64().unwrap() as usize)
+        .collect();
+    let mut at = 0;
+    for (t, o) in tokens.iter().zip(&offsets) {
+        assert_eq!(*o, at);
+        at += t.len();
+    }
+    for (i, top) in lp["top_logprobs"].as_array().unwrap().iter().enumerate() {
+        let top = top.as_object().unwrap();
+        assert!(!top.is_empty() && top.len() <= 3);
+        // Greedy: the chosen token is the best alternative.
+        let best = top
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
+        assert_eq!(lp["token_logprobs"][i].as_f64().unwrap(), best);
+    }
+    // Without logprobs the field is null.
+    let r = server
+        .post(
+            "/v1/completions",
+            &json!({"prompt": PROMPT, "max_tokens": 2}),
+        )
+        .json();
+    assert!(r["choices"][0]["logprobs"].is_null());
+
+    // Penalties, checked token by token against OpenAI's formula: greedy decoding picks the
+    // largest `logprob - count * frequency - (count > 0) * presence` among the alternatives,
+    // where count is how often that token was picked before (the log-softmax's shift is the
+    // same for every token of a position, so comparing logprobs compares logits).
+    let (frequency, presence) = (1.5, 0.5);
+    let r = server
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "1, 2, 3, 4, 5,", "max_tokens": 16, "temperature": 0, "logprobs": 20,
+                    "frequency_penalty": frequency, "presence_penalty": presence}),
+        )
+        .json();
+    let lp = &r["choices"][0]["logprobs"];
+    let mut counts: std::collections::HashMap<String, f64> = Default::default();
+    let mut overruled = 0;
+    for (token, top) in lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(lp["top_logprobs"].as_array().unwrap())
+    {
+        let token = token.as_str().unwrap();
+        let penalized = |t: &str, l: f64| {
+            let n = counts.get(t).copied().unwrap_or(0.0);
+            l - n * frequency - if n > 0.0 { presence } else { 0.0 }
+        };
+        let top = top.as_object().unwrap();
+        let chosen = penalized(token, top[token].as_f64().unwrap());
+        for (t, l) in top {
+            assert!(
+                chosen >= penalized(t, l.as_f64().unwrap()) - 1e-4,
+                "{token:?} over {t:?}"
+            );
+        }
+        let raw_best = top
+            .iter()
+            .max_by(|a, b| a.1.as_f64().unwrap().total_cmp(&b.1.as_f64().unwrap()))
+            .unwrap()
+            .0;
+        if raw_best != token {
+            overruled += 1;
+        }
+        *counts.entry(token.to_string()).or_default() += 1.0;
+    }
+    // The penalties did change a choice (the counting goes on without them).
+    assert!(overruled > 0, "{}", r["choices"][0]["text"]);
+    let plain = server
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "1, 2, 3, 4, 5,", "max_tokens": 16, "temperature": 0}),
+        )
+        .json();
+    assert!(
+        plain["choices"][0]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with(" 6, 7, 8, 9,"),
+        "{plain}"
+    );
+}
+
+#[test]
+fn cors_only_for_the_given_origins_and_allowed_hosts_pass() {
+    let server = Server::start(&[
+        "-c",
+        "64",
+        "--parallel",
+        "1",
+        "--api-key",
+        "k1",
+        "--cors-origin",
+        "http://soc.example:3000",
+        "--allow-host",
+        "airlock.internal",
+    ]);
+    let a = server.addr;
+    // A preflight from the allowed origin is answered without a key.
+    let r = http(
+        a,
+        "OPTIONS",
+        "/v1/chat/completions",
+        &[
+            "Origin: http://soc.example:3000",
+            "Access-Control-Request-Method: POST",
+            "Access-Control-Request-Headers: authorization, content-type",
+        ],
+        b"",
+    );
+    assert_eq!(r.status, 204, "{}", r.headers);
+    assert_eq!(
+        r.header("access-control-allow-origin").as_deref(),
+        Some("http://soc.example:3000")
+    );
+    let allow = r
+        .header("access-control-allow-headers")
+        .unwrap()
+        .to_lowercase();
+    assert!(allow.contains("authorization") && allow.contains("content-type"));
+    // Its requests get the header (errors too); another origin's get none.
+    let r = http(
+        a,
+        "GET",
+        "/v1/models",
+        &[
+            "Authorization: Bearer k1",
+            "Origin: http://soc.example:3000",
+        ],
+        b"",
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("access-control-allow-origin").as_deref(),
+        Some("http://soc.example:3000")
+    );
+    let r = http(
+        a,
+        "GET",
+        "/v1/models",
+        &["Origin: http://soc.example:3000"],
+        b"",
+    );
+    assert_eq!(r.status, 401);
+    assert!(r.header("access-control-allow-origin").is_some());
+    for origin in ["http://evil.example", "http://soc.example:3001", "null"] {
+        let r = http(
+            a,
+            "GET",
+            "/v1/models",
+            &["Authorization: Bearer k1", &format!("Origin: {origin}")],
+            b"",
+        );
+        assert!(
+            r.header("access-control-allow-origin").is_none(),
+            "{origin}"
+        );
+        let r = http(
+            a,
+            "OPTIONS",
+            "/v1/models",
+            &[
+                &format!("Origin: {origin}"),
+                "Access-Control-Request-Method: GET",
+            ],
+            b"",
+        );
+        assert_ne!(r.status, 204, "{origin}");
+    }
+    // --allow-host lets a proxy's name through; other names are still refused.
+    let ok = http_for(a, "airlock.internal", "GET", "/health", &[], b"");
+    assert_eq!(ok.status, 200);
+    http_for(
+        a,
+        "airlock.internal.evil.example",
+        "GET",
+        "/health",
+        &[],
+        b"",
+    )
+    .error(403);
+}
+
+#[test]
+fn the_timeout_ends_a_running_request_and_refuses_a_queued_one() {
+    // One slot, 4096 positions: a request without max_tokens would run for many seconds.
+    let server = Server::start(&["--parallel", "1", "-c", "4096", "--timeout", "1.5"]);
+    let a = server.addr;
+    let t0 = Instant::now();
+    let r = server.post(
+        "/v1/completions",
+        &json!({"prompt": "Once upon a time", "temperature": 0, "ignore_eos": true}),
+    );
+    let took = t0.elapsed();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let v = r.json();
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    let n = v["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(n > 0 && n < 4000, "{n}");
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(30),
+        "{took:?}"
+    );
+    server.wait_log("timed out (--timeout) after", Duration::from_secs(10));
+    assert_eq!(metric(&metrics(a), "airlock_requests_timed_out_total"), 1.0);
+    // The slot is free again.
+    let r = server.post("/v1/completions", &json!({"prompt": "Hi", "max_tokens": 2}));
+    assert_eq!(r.status, 200);
+
+    // A queued request times out when the slot stays taken past its deadline: here by one
+    // long step, a prompt of hundreds of tokens read in one -b chunk (seconds on one
+    // thread), while the limit is 0.3 s.
+    let server = Server::start(&[
+        "--parallel",
+        "1",
+        "-c",
+        "1024",
+        "-b",
+        "1024",
+        "--timeout",
+        "0.3",
+    ]);
+    let a = server.addr;
+    let long = json!({"prompt": "The incident response team reviewed the firewall logs. ".repeat(90), "max_tokens": 4});
+    let holder = std::thread::spawn(move || {
+        http(
+            a,
+            "POST",
+            "/v1/completions",
+            &[],
+            long.to_string().as_bytes(),
+        )
+    });
+    server.wait_log("started in slot", Duration::from_secs(30));
+    let e = server
+        .post("/v1/completions", &json!({"prompt": "Hi", "max_tokens": 2}))
+        .error(503);
+    assert_eq!(e["code"], "timeout");
+    assert!(e["message"].as_str().unwrap().contains("--timeout"), "{e}");
+    let r = holder.join().unwrap();
+    // The holder's own deadline passed during its prompt: it ends there, as "length".
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let v = r.json();
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap() < 4, "{v}");
+    assert_eq!(metric(&metrics(a), "airlock_requests_timed_out_total"), 2.0);
+}
+
+/// A free loopback port (bound and released: another process could take it in between, which
+/// on a test machine does not happen in practice).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until something accepts connections on `port`.
+fn wait_listening(port: u16, what: &str, log: impl Fn() -> String) {
+    let t0 = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{what} never listened on {port}:\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A process killed (and reaped) when dropped.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn two_instances_behind_nginx_survive_losing_one() {
+    support::require("nginx");
+    let one = Server::start(&["--parallel", "2", "-c", "256"]);
+    let mut two = Server::start(&["--parallel", "2", "-c", "256"]);
+    // The documented configuration, with this test's ports.
+    let doc = std::fs::read_to_string(support::root().join("docs/nginx-airlock.conf")).unwrap();
+    let port = free_port();
+    let conf = doc
+        .replace("127.0.0.1:8081", &one.addr.to_string())
+        .replace("127.0.0.1:8082", &two.addr.to_string())
+        .replace(
+            "listen 127.0.0.1:8080;",
+            &format!("listen 127.0.0.1:{port};"),
+        );
+    assert_ne!(conf, doc);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    std::fs::write(dir.path().join("airlock.conf"), conf).unwrap();
+    // As root, nginx's workers would switch to `nobody`, who cannot use this directory.
+    let root = Command::new("id").arg("-u").output().unwrap().stdout == b"0\n";
+    std::fs::write(
+        dir.path().join("nginx.conf"),
+        format!(
+            "{}worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+             events {{ worker_connections 256; }}\n\
+             http {{\n  access_log {d}/access.log;\n  client_body_temp_path {d}/body;\n  \
+             proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  \
+             uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  \
+             include {d}/airlock.conf;\n}}\n",
+            if root { "user root;\n" } else { "" }
+        ),
+    )
+    .unwrap();
+    let nginx = ["/usr/sbin/nginx", "nginx"]
+        .into_iter()
+        .find(|n| Command::new(n).arg("-v").output().is_ok())
+        .unwrap();
+    let _nginx = Reaped(
+        Command::new(nginx)
+            .args(["-p", &d.to_string(), "-e", &format!("{d}/error.log"), "-c"])
+            .arg(dir.path().join("nginx.conf"))
+            .args(["-g", "daemon off;"])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let error_log = || std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default();
+    wait_listening(port, "nginx", error_log);
+    let front: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+
+    // 40 requests from 4 clients; after 12 have succeeded, both instances must have served
+    // some, and the second is killed while requests are in flight.
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let clients: Vec<_> = (0..4)
+        .map(|c| {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let mut statuses = Vec::new();
+                for i in 0..10 {
+                    let body = json!({"prompt": format!("Alert {c}-{i}: suspicious login from"), "max_tokens": 8, "temperature": 0});
+                    let r = http(front, "POST", "/v1/completions", &[], body.to_string().as_bytes());
+                    if r.status == 200 {
+                        assert_eq!(r.json()["usage"]["completion_tokens"], 8);
+                    }
+                    statuses.push(r.status);
+                    done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                statuses
+            })
+        })
+        .collect();
+    let served = |m: &[(String, f64)]| {
+        m.iter()
+            .find(|(k, _)| k == "airlock_requests_total{route=\"/v1/completions\",status=\"200\"}")
+            .map_or(0.0, |(_, v)| *v)
+    };
+    let t0 = Instant::now();
+    while done.load(std::sync::atomic::Ordering::SeqCst) < 12 {
+        assert!(t0.elapsed() < Duration::from_secs(120), "{}", error_log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (by_one, by_two) = (served(&metrics(one.addr)), served(&metrics(two.addr)));
+    assert!(by_one > 0.0 && by_two > 0.0, "{by_one} {by_two}");
+    two.child.kill().unwrap();
+    two.child.wait().unwrap();
+    let statuses: Vec<u16> = clients
+        .into_iter()
+        .flat_map(|c| c.join().unwrap())
+        .collect();
+    assert_eq!(statuses.len(), 40);
+    assert!(
+        statuses.iter().all(|&s| s == 200),
+        "{statuses:?}\nnginx: {}",
+        error_log()
+    );
+    // The survivor took the rest, and nginx did meet the dead instance (and moved on).
+    let after = served(&metrics(one.addr));
+    assert!(after > by_one && after < 40.0, "{by_one} -> {after}");
+    let log = error_log();
+    assert!(
+        log.contains("Connection refused") || log.contains("prematurely closed"),
+        "{log}"
+    );
+}
+
+/// Debian's chromedriver on a free port, driving headless Debian chromium over WebDriver
+/// (plain HTTP and JSON, so the test needs no client library).
+struct Browser {
+    _driver: Reaped,
+    driver: SocketAddr,
+    session: String,
+    /// The browser's process, stopped by hand if the driver cannot close it.
+    pid: Option<u64>,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    fn start() -> Browser {
+        let port = free_port();
+        let driver = Reaped(
+            Command::new("chromedriver")
+                .arg(format!("--port={port}"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("chromedriver"),
+        );
+        wait_listening(port, "chromedriver", String::new);
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let profile = tempfile::tempdir().unwrap();
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": "/usr/bin/chromium",
+                // --no-sandbox: CI runs as root, where chromium's sandbox cannot start.
+                "args": ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                         "--disable-background-networking", "--disable-component-update",
+                         "--disable-sync", "--disable-dev-shm-usage", "--window-size=1000,800",
+                         format!("--user-data-dir={}", profile.path().display())],
+            },
+        }}});
+        let r = http(addr, "POST", "/session", &[], caps.to_string().as_bytes());
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let v = r.json()["value"].clone();
+        Browser {
+            _driver: driver,
+            driver: addr,
+            session: v["sessionId"].as_str().unwrap().to_string(),
+            pid: v["capabilities"]["goog:processID"].as_u64(),
+            _profile: profile,
+        }
+    }
+
+    fn call(&self, method: &str, path: &str, body: Value) -> Value {
+        let path = format!("/session/{}{path}", self.session);
+        // GET and DELETE carry no body (chromedriver waits for one that is announced).
+        let body = if body.is_null() {
+            String::new()
+        } else {
+            body.to_string()
+        };
+        let r = http(self.driver, method, &path, &[], body.as_bytes());
+        assert_eq!(
+            r.status,
+            200,
+            "{method} {path}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        r.json()["value"].clone()
+    }
+
+    fn eval(&self, script: &str) -> Value {
+        self.call(
+            "POST",
+            "/execute/sync",
+            json!({"script": script, "args": []}),
+        )
+    }
+
+    fn element(&self, css: &str) -> String {
+        let v = self.call(
+            "POST",
+            "/element",
+            json!({"using": "css selector", "value": css}),
+        );
+        v["element-6066-11e4-a52e-4f735466cecf"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    fn click(&self, css: &str) {
+        let e = self.element(css);
+        self.call("POST", &format!("/element/{e}/click"), json!({}));
+    }
+
+    fn clear(&self, css: &str) {
+        let e = self.element(css);
+        self.call("POST", &format!("/element/{e}/clear"), json!({}));
+    }
+
+    fn type_into(&self, css: &str, text: &str) {
+        let e = self.element(css);
+        self.call(
+            "POST",
+            &format!("/element/{e}/value"),
+            json!({"text": text}),
+        );
+    }
+
+    /// Waits until `script` returns true.
+    fn wait_for(&self, script: &str, within: Duration) {
+        let t0 = Instant::now();
+        while self.eval(script) != json!(true) {
+            assert!(
+                t0.elapsed() < within,
+                "the page never got to `{script}`; it shows: {}",
+                self.eval("return document.body.innerText")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        // Closes the browser; the driver is killed after.
+        let path = format!("/session/{}", self.session);
+        let closed = std::panic::catch_unwind(|| http(self.driver, "DELETE", &path, &[], b""))
+            .is_ok_and(|r| r.status == 200);
+        if let (false, Some(pid)) = (closed, self.pid) {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+        }
+    }
+}
+
+fn base64_decode(text: &str) -> Vec<u8> {
+    let val = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => panic!("not base64: {c}"),
+    };
+    let bytes: Vec<u8> = text.bytes().filter(|&c| c != b'=').map(val).collect();
+    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
+    for chunk in bytes.chunks(4) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &v)| n | (v as u32) << (18 - 6 * i));
+        out.extend_from_slice(&n.to_be_bytes()[1..chunk.len()]);
+    }
+    out
+}
+
+#[test]
+fn the_chat_page_works_in_a_headless_browser() {
+    support::require("chromium");
+    // Greedy by default, so the page's reply can be compared with the API's.
+    let server = Server::start(&[
+        "--parallel",
+        "2",
+        "--api-key",
+        "page-key",
+        "--temp",
+        "0",
+        "-c",
+        "1024",
+    ]);
+    let a = server.addr;
+    let system = "You are a concise security analyst.";
+    let reference = http(
+        a,
+        "POST",
+        "/v1/chat/completions",
+        &["Authorization: Bearer page-key"],
+        json!({"messages": [{"role": "system", "content": system}, {"role": "user", "content": QUESTION}], "max_tokens": 24})
+            .to_string()
+            .as_bytes(),
+    );
+    assert_eq!(reference.status, 200);
+    let reference = chat_text(&reference.json());
+
+    let b = Browser::start();
+    b.call("POST", "/url", json!({"url": format!("http://{a}/")}));
+    // The server wants a key: the page asks for it, then shows the model's name.
+    b.wait_for(
+        "return !document.getElementById('keyrow').hidden",
+        Duration::from_secs(30),
+    );
+    b.type_into("#key", "page-key");
+    b.click("#keysave");
+    b.wait_for(
+        "return document.getElementById('model').textContent === 'SmolLM2-135M-Instruct.Q4_1.gguf'",
+        Duration::from_secs(30),
+    );
+    b.click("#sysbox summary");
+    b.type_into("#system", system);
+    b.type_into("#maxtokens", "24");
+    b.type_into("#input", QUESTION);
+    b.click("#send");
+    b.wait_for(
+        "const m = document.querySelectorAll('.msg.assistant'); \
+         return m.length === 1 && m[0].textContent.length > 0 && document.body.dataset.busy === ''",
+        Duration::from_secs(60),
+    );
+    let shown = b.eval("return document.querySelector('.msg.assistant').textContent");
+    assert_eq!(shown, json!(reference));
+    let stats = b.eval("return document.getElementById('stats').textContent");
+    assert!(
+        stats.as_str().unwrap().contains("24 tokens")
+            && stats.as_str().unwrap().contains("tokens/s"),
+        "{stats}"
+    );
+    // The stop button: a long reply, cut off once it is streaming; the server frees the slot.
+    b.clear("#maxtokens");
+    b.type_into("#input", "Write a long story about a firewall.");
+    b.click("#send");
+    b.wait_for(
+        "const m = document.querySelectorAll('.msg.assistant'); \
+         return m.length === 2 && m[1].textContent.length > 20",
+        Duration::from_secs(60),
+    );
+    b.click("#stop");
+    b.wait_for(
+        "return document.querySelectorAll('.msg.assistant')[1].textContent.endsWith('[stopped]')",
+        Duration::from_secs(30),
+    );
+    server.wait_log("client left after", Duration::from_secs(30));
+
+    let shot = b.call("GET", "/screenshot", Value::Null);
+    let png = base64_decode(shot.as_str().unwrap());
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let path = support::root().join("target/serve-chat-page.png");
+    std::fs::write(&path, png).unwrap();
 }

@@ -5,13 +5,14 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use airlock_engine::gguf::{write_atomic, Value, WriteError};
+use airlock_engine::gguf::{Value, WriteError};
+use airlock_engine::output::{check_output_file, Inputs, OutputFile};
 use airlock_kernels::GgmlType;
 use serde_json::{Map, Value as Json};
 
 use crate::checkpoint::{rope_type_of, HfConfig, Weights};
 use crate::error::{ConvertError, Result};
-use crate::policy::{Policy, Role};
+use crate::policy::{ModelFacts, Policy};
 use crate::rope::Llama3Rope;
 use crate::stream::{write_gguf, Progress, RowMap, Source, TensorJob};
 use crate::vocab::HfVocab;
@@ -30,6 +31,8 @@ pub struct ConvertOptions {
     pub progress: bool,
     /// Convert tensors holding NaN or infinities instead of refusing them.
     pub allow_nonfinite: bool,
+    /// Replace an existing regular file (or symlink) at `output`.
+    pub overwrite: bool,
 }
 
 /// What a finished conversion did.
@@ -44,20 +47,31 @@ pub struct Report {
     pub notes: Vec<String>,
 }
 
-/// Write `jobs` to `output` atomically (temp file, fsync, rename) with a progress bar, and
-/// report what was done. Shared by `convert` and `quantize`.
+/// Where a command writes and what it must not overwrite.
+pub(crate) struct Target<'a> {
+    pub path: &'a Path,
+    pub inputs: Inputs,
+    pub overwrite: bool,
+}
+
+/// Writes `jobs` to the target through the engine's output helper (temporary file, fsync,
+/// rename) with a progress bar, and reports what was done. Shared by `convert` and `quantize`.
 pub(crate) fn write_report(
-    output: &Path,
+    target: Target,
     meta: &[(String, Value)],
     jobs: &[TensorJob],
     show_progress: bool,
     start: Instant,
     notes: Vec<String>,
 ) -> Result<Report> {
+    let output = target.path;
     let in_bytes: u64 = jobs.iter().map(TensorJob::in_bytes).sum();
     let progress = Progress::new(in_bytes, show_progress);
-    write_atomic(output, |out| write_gguf(out, output, meta, jobs, &progress))?;
+    let mut file = OutputFile::create(output, target.inputs, target.overwrite)?;
+    write_gguf(file.writer(), output, meta, jobs, &progress)?;
     progress.finish();
+    check_runs(file.temp_path(), output)?;
+    file.commit()?;
     Ok(Report {
         tensors: jobs.len(),
         in_bytes,
@@ -96,23 +110,132 @@ impl From<WriteError> for ConvertError {
     }
 }
 
-/// Checks the output path before any work: a file path in an existing directory.
-pub(crate) fn check_output_file(out: &Path) -> Result<()> {
-    if out.is_dir() {
-        return Err(ConvertError::Output {
-            path: out.into(),
-            msg: "is a directory; give a file name".into(),
-        });
+/// The engine's own checks ([`airlock_engine::load::validate`], what `run` checks) on the
+/// finished temporary file: a result `run` would refuse is never moved to `out`.
+pub(crate) fn check_runs(tmp: &Path, out: &Path) -> Result<()> {
+    let written = airlock_engine::gguf::GgufFile::open(tmp)
+        .map_err(|e| ConvertError::Internal(format!("cannot read back the output: {e}")))?;
+    airlock_engine::load::validate(std::sync::Arc::new(written), out).map_err(|e| {
+        ConvertError::Refused(format!(
+            "{e}; airlock would not run the result, so nothing was written"
+        ))
+    })
+}
+
+/// The files of a checkpoint directory that `convert` may read (OUT must be none of them).
+pub(crate) fn checkpoint_inputs(dir: &Path, weights: &Weights) -> Inputs {
+    let named = [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "chat_template.jinja",
+        "model.safetensors.index.json",
+    ]
+    .map(|n| dir.join(n));
+    Inputs::new(
+        named
+            .iter()
+            .map(PathBuf::as_path)
+            .chain(weights.files.iter().map(|f| f.path.as_path())),
+    )
+}
+
+/// `vocab_size` and `num_hidden_layers` of config.json against the tensors the checkpoint
+/// holds (in both directions for the layers), before the vocabulary is allocated or any layer
+/// planned: a config.json cannot make convert allocate for a vocabulary the weights lack.
+fn check_counts(c: &HfConfig, w: &Weights) -> Result<()> {
+    let bad = |msg: String| ConvertError::json(&c.path, msg);
+    for name in ["model.embed_tokens.weight", "lm_head.weight"] {
+        let Some(file) = w.file_of(name) else {
+            continue;
+        };
+        let rows = w
+            .files
+            .iter()
+            .find(|f| f.path == file)
+            .and_then(|f| f.tensors.get(name))
+            .and_then(|t| t.shape.first().copied());
+        if rows != Some(c.vocab_size as u64) {
+            return Err(bad(format!(
+                "vocab_size {} disagrees with {name}, which has {} rows",
+                c.vocab_size,
+                rows.map_or("no".into(), |r| r.to_string())
+            )));
+        }
     }
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
+    let mut layers = BTreeSet::new();
+    for name in w.index.keys() {
+        let Some(rest) = name.strip_prefix("model.layers.") else {
+            continue;
+        };
+        let i = rest.split('.').next().and_then(|d| d.parse::<usize>().ok());
+        match i {
+            Some(i) if i < c.n_layers => {
+                layers.insert(i);
+            }
+            _ => {
+                return Err(ConvertError::tensor(
+                    w.file_of(name).unwrap_or(Path::new("?")),
+                    name,
+                    format!(
+                        "unexpected tensor: config.json's num_hidden_layers is {}",
+                        c.n_layers
+                    ),
+                ))
+            }
+        }
+    }
+    if layers.len() != c.n_layers {
+        let missing = (0..c.n_layers).find(|i| !layers.contains(i)).unwrap_or(0);
+        return Err(bad(format!(
+            "num_hidden_layers is {}, but the weights hold {} layers: tensors of \
+             model.layers.{missing}. are missing",
+            c.n_layers,
+            layers.len()
+        )));
+    }
+    if c.head_dim > airlock_engine::llama::MAX_HEAD_DIM {
+        return Err(bad(format!(
+            "head size {} is above the {} airlock runs",
+            c.head_dim,
+            airlock_engine::llama::MAX_HEAD_DIM
+        )));
+    }
+    Ok(())
+}
+
+/// Every chat template of the checkpoint through the engine's checks (size, syntax, and a
+/// sample render under the fuel, output and memory limits, in the render worker when the
+/// binary installed one): a template `run` would refuse is not written.
+fn check_templates(dir: &Path, vocab: &HfVocab) -> Result<()> {
+    let text = |key: &str| {
+        vocab
+            .special_ids
+            .iter()
+            .find(|(k, _)| *k == key)
+            .and_then(|&(_, id)| vocab.tokens.get(id as usize))
+            .cloned()
+            .unwrap_or_default()
     };
-    if !parent.is_dir() {
-        return Err(ConvertError::Output {
-            path: out.into(),
-            msg: format!("directory {} does not exist", parent.display()),
-        });
+    let (bos, eos) = (
+        text("tokenizer.ggml.bos_token_id"),
+        text("tokenizer.ggml.eos_token_id"),
+    );
+    let named = vocab.chat_template.iter().map(|t| ("default", t.as_str()));
+    let others = vocab
+        .named_templates
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.as_str()));
+    for (name, source) in named.chain(others) {
+        airlock_engine::chat::check_template(name, source, &bos, &eos).map_err(|e| {
+            let file = if dir.join("tokenizer_config.json").is_file() {
+                dir.join("tokenizer_config.json")
+            } else {
+                dir.join("chat_template.jinja")
+            };
+            ConvertError::json(file, format!("chat template {name:?}: {e}"))
+        })?;
     }
     Ok(())
 }
@@ -172,12 +295,13 @@ fn plan<'w>(
         });
     }
     let (h, v) = (c.hidden as u64, c.vocab_size as u64);
-    let mut add = |hf: &str, gguf: &str, shape: Vec<u64>, rows: RowMap, role: Role| -> Result<()> {
+    // Types are chosen below, once every tensor is known (llama.cpp's rules count layers).
+    let mut add = |hf: &str, gguf: &str, shape: Vec<u64>, rows: RowMap| -> Result<()> {
         let t = w.get(hf, &shape)?;
         let dims: Vec<u64> = shape.iter().rev().copied().collect();
         let job = TensorJob {
             name: gguf.to_string(),
-            out: policy.choose(&dims, role),
+            out: t.ty,
             dims,
             src: Source::Bytes {
                 ty: t.ty,
@@ -192,21 +316,15 @@ fn plan<'w>(
         jobs.push(job);
         Ok(())
     };
-    let embd_role = if c.tied {
-        Role::OutputHead
-    } else {
-        Role::Other
-    };
     add(
         "model.embed_tokens.weight",
         "token_embd.weight",
         vec![v, h],
         RowMap::Identity,
-        embd_role,
     )?;
     for i in 0..c.n_layers {
         for (hf, gguf, shape, rows) in layer_tensors(c, i) {
-            add(&hf, &gguf, shape, rows, Role::Other)?;
+            add(&hf, &gguf, shape, rows)?;
         }
     }
     add(
@@ -214,7 +332,6 @@ fn plan<'w>(
         "output_norm.weight",
         vec![h],
         RowMap::Identity,
-        Role::Other,
     )?;
     if !c.tied {
         add(
@@ -222,7 +339,6 @@ fn plan<'w>(
             "output.weight",
             vec![v, h],
             RowMap::Identity,
-            Role::OutputHead,
         )?;
     }
     for name in w.index.keys() {
@@ -241,6 +357,19 @@ fn plan<'w>(
                 c.n_layers
             ),
         ));
+    }
+    let facts = ModelFacts {
+        n_layer: c.n_layers as u64,
+        n_head: c.n_head as u64,
+        n_head_kv: c.n_head_kv as u64,
+    };
+    let list: Vec<(&str, &[u64], GgmlType)> = jobs
+        .iter()
+        .map(|j| (j.name.as_str(), j.dims.as_slice(), j.out))
+        .collect();
+    let types = policy.plan(&facts, &list);
+    for (j, t) in jobs.iter_mut().zip(types) {
+        j.out = t;
     }
     Ok(jobs)
 }
@@ -370,7 +499,8 @@ pub fn convert(opts: &ConvertOptions) -> Result<Report> {
             what: "checkpoint directory".into(),
         });
     }
-    check_output_file(&opts.output)?;
+    // The output path first (before any reading), then again with the inputs once they are known.
+    check_output_file(&opts.output, &Inputs::default(), opts.overwrite)?;
     let config_path = dir.join("config.json");
     if !config_path.is_file() {
         return Err(ConvertError::MissingFile {
@@ -379,8 +509,14 @@ pub fn convert(opts: &ConvertOptions) -> Result<Report> {
         });
     }
     let c = HfConfig::load(&config_path)?;
-    let vocab = HfVocab::load(dir, &c, opts.pre.as_deref())?;
     let weights = Weights::open(dir)?;
+    let inputs = checkpoint_inputs(dir, &weights);
+    check_output_file(&opts.output, &inputs, opts.overwrite)?;
+    // config.json's counts against the weights before anything is sized by them.
+    check_counts(&c, &weights)?;
+    let vocab = HfVocab::load(dir, &c, opts.pre.as_deref())?;
+    check_templates(dir, &vocab)?;
+    let _cooperate = airlock_engine::signals::cooperate().map_err(ConvertError::Usage)?;
     let mut notes = Vec::new();
     let rope_freqs = match &c.rope_scaling {
         Some(rs) if rope_type_of(rs).map(str::to_ascii_lowercase).as_deref() == Some("llama3") => {
@@ -410,5 +546,10 @@ pub fn convert(opts: &ConvertOptions) -> Result<Report> {
         sampling_keys(dir)?,
     );
     drop(vocab);
-    write_report(&opts.output, &meta, &jobs, opts.progress, start, notes)
+    let target = Target {
+        path: &opts.output,
+        inputs,
+        overwrite: opts.overwrite,
+    };
+    write_report(target, &meta, &jobs, opts.progress, start, notes)
 }

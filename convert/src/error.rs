@@ -36,6 +36,9 @@ pub enum ConvertError {
     /// A GGUF input could not be read or is not something this command handles.
     #[error("{path}: {msg}")]
     BadGguf { path: PathBuf, msg: String },
+    /// A signature was required of the input and it is missing, wrong or does not match.
+    #[error(transparent)]
+    Signature(#[from] airlock_engine::signature::SignatureError),
     /// Bad command-line choices (types, names).
     #[error("{0}")]
     Usage(String),
@@ -63,9 +66,22 @@ pub enum ConvertError {
         col: usize,
         value: f32,
     },
+    /// A model airlock would not run (the engine's checks, naming the file).
+    #[error("{0}")]
+    Refused(String),
     /// An internal invariant broke (a bug, reported instead of panicking).
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl From<airlock_engine::output::OutputError> for ConvertError {
+    fn from(e: airlock_engine::output::OutputError) -> Self {
+        use airlock_engine::output::OutputError;
+        match e {
+            OutputError::Refused { path, msg } => ConvertError::Output { path, msg },
+            OutputError::Io { path, source } => ConvertError::Write { path, source },
+        }
+    }
 }
 
 impl ConvertError {

@@ -5,13 +5,13 @@
 //! for lossless types, the same tensors.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use airlock_engine::gguf::{GgufFile, Value};
 use airlock_engine::llama::LlamaConfig;
+use airlock_engine::output::{check_output_dir, OutputDir};
 use airlock_engine::tokenizer::{PreTokenizerKind, VocabSpec};
 use airlock_kernels::GgmlType;
 use serde_json::{json, Map, Value as Json};
@@ -77,6 +77,9 @@ pub struct ExportOptions {
     /// Largest safetensors shard; one `model.safetensors` when everything fits.
     pub max_shard_bytes: u64,
     pub progress: bool,
+    /// A minisign public key the input's signed manifest must be signed by (the host policy
+    /// applies whatever this says).
+    pub require_signature: Option<PathBuf>,
 }
 
 /// A safetensors header for `(name, dtype, HF shape, n_bytes)` entries laid out back to back:
@@ -134,27 +137,6 @@ fn hf_name(name: &str, c: &LlamaConfig) -> Option<(String, RowMap)> {
     Some((format!("model.layers.{layer}.{hf}.weight"), rows))
 }
 
-/// Removes a directory tree unless disarmed.
-struct DirGuard(Option<PathBuf>);
-
-impl Drop for DirGuard {
-    fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            let _ = std::fs::remove_dir_all(p);
-        }
-    }
-}
-
-fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    let werr = |source| ConvertError::Write {
-        path: path.into(),
-        source,
-    };
-    let mut f = File::create(path).map_err(werr)?;
-    f.write_all(bytes).map_err(werr)?;
-    f.sync_all().map_err(werr)
-}
-
 fn pretty(v: &Json) -> Vec<u8> {
     let mut s = serde_json::to_string_pretty(v).unwrap_or_default();
     s.push('\n');
@@ -163,11 +145,15 @@ fn pretty(v: &Json) -> Vec<u8> {
 
 pub fn export(opts: &ExportOptions) -> Result<Report> {
     let start = Instant::now();
-    let f = open_gguf(&opts.input)?;
+    let f = std::sync::Arc::new(open_gguf(&opts.input, opts.require_signature.as_deref())?);
+    crate::quantize::check_readable(&opts.input, &f)?;
     let gerr = |msg: String| ConvertError::BadGguf {
         path: opts.input.clone(),
         msg,
     };
+    // What run would refuse is not passed on to another tool.
+    airlock_engine::load::validate(f.clone(), &opts.input)
+        .map_err(|e| ConvertError::Refused(format!("{e}; airlock would not run it")))?;
     let c = LlamaConfig::from_gguf(&f).map_err(|e| gerr(e.to_string()))?;
     let vocab = VocabSpec::from_gguf(&f).map_err(|e| gerr(e.to_string()))?;
     if vocab.model != "gpt2" {
@@ -177,29 +163,8 @@ pub fn export(opts: &ExportOptions) -> Result<Report> {
         )));
     }
     // Output directory: must not exist, or be empty.
-    let out = &opts.output;
-    if out.exists() {
-        let empty = out.is_dir()
-            && std::fs::read_dir(out)
-                .map(|mut d| d.next().is_none())
-                .unwrap_or(false);
-        if !empty {
-            return Err(ConvertError::Output {
-                path: out.clone(),
-                msg: "already exists and is not an empty directory".into(),
-            });
-        }
-    }
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    if !parent.is_dir() {
-        return Err(ConvertError::Output {
-            path: out.clone(),
-            msg: format!("directory {} does not exist", parent.display()),
-        });
-    }
+    check_output_dir(&opts.output)?;
+    let _cooperate = airlock_engine::signals::cooperate().map_err(ConvertError::Usage)?;
 
     // Tensors.
     let mut notes = Vec::new();
@@ -220,13 +185,6 @@ pub fn export(opts: &ExportOptions) -> Result<Report> {
                 "not a Llama tensor export knows how to name",
             )
         })?;
-        if !airlock_kernels::quant::has_row_codec(t.ty) {
-            return Err(ConvertError::tensor(
-                &opts.input,
-                t.name.clone(),
-                format!("type {} cannot be dequantized by airlock", t.ty),
-            ));
-        }
         jobs.push(TensorJob {
             name,
             dims: t.dims.clone(),
@@ -253,8 +211,14 @@ pub fn export(opts: &ExportOptions) -> Result<Report> {
                 Value::I64(x) => json!(x),
                 Value::U32(x) => json!(x),
                 Value::I32(x) => json!(x),
-                Value::F64(x) => json!(x),
-                Value::F32(x) => json!(*x as f64),
+                Value::F64(x) if x.is_finite() => json!(x),
+                Value::F32(x) if x.is_finite() => json!(*x as f64),
+                Value::F64(_) | Value::F32(_) => {
+                    return Err(gerr(format!(
+                        "{}: {:?} is not a finite number (config.json would get null)",
+                        e.key, e.value
+                    )))
+                }
                 _ => continue,
             };
             rope_scaling.insert(k.to_string(), v);
@@ -287,11 +251,10 @@ pub fn export(opts: &ExportOptions) -> Result<Report> {
                         .into(),
                 ),
             }
-        } else if f.get_str("llama.rope.scaling.type") == Some("linear") {
-            if let Some(factor) = f.get_f32("llama.rope.scaling.factor") {
-                rope_scaling.insert("rope_type".into(), json!("linear"));
-                rope_scaling.insert("factor".into(), json!(factor as f64));
-            }
+        } else if c.rope_freq_scale != 1.0 {
+            // Linear scaling as the engine reads it (the type defaults to linear there).
+            rope_scaling.insert("rope_type".into(), json!("linear"));
+            rope_scaling.insert("factor".into(), json!(1.0 / c.rope_freq_scale as f64));
         }
     }
 
@@ -356,18 +319,19 @@ pub fn export(opts: &ExportOptions) -> Result<Report> {
         }
     }
 
-    // Write everything into a temporary sibling directory, then rename it into place.
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "export".into());
-    let tmp = parent.join(format!(".{name}.tmp.{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir(&tmp).map_err(|source| ConvertError::Write {
-        path: tmp.clone(),
-        source,
+    // The files must be what `convert` reads back: checked before anything is written.
+    let tokenizer_bytes =
+        serde_json::to_vec(&tokenizer).map_err(|e| ConvertError::Internal(e.to_string()))?;
+    tokenizers::Tokenizer::from_bytes(&tokenizer_bytes).map_err(|e| {
+        gerr(format!(
+            "the tokenizer.json it gives does not load ({e}); nothing was written"
+        ))
     })?;
-    let mut guard = DirGuard(Some(tmp.clone()));
+    crate::checkpoint::HfConfig::from_json(&opts.output.join("config.json"), config.clone())?;
+
+    // Everything goes into a temporary sibling directory, renamed into place when complete.
+    let out = &opts.output;
+    let dir = OutputDir::create(out)?;
     let in_bytes: u64 = jobs.iter().map(TensorJob::in_bytes).sum();
     let progress = Progress::new(in_bytes, opts.progress);
     let mut weight_map = Map::new();
@@ -387,13 +351,17 @@ pub fn export(opts: &ExportOptions) -> Result<Report> {
             weight_map.insert(n.clone(), json!(file_name));
             total += b;
         }
-        let path = tmp.join(&file_name);
+        let path = dir.temp_path().join(&file_name);
         let final_path = out.join(&file_name);
         let werr = |source| ConvertError::Write {
             path: final_path.clone(),
             source,
         };
-        let file = File::create(&path).map_err(werr)?;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(werr)?;
         let mut w = BufWriter::with_capacity(1 << 20, file);
         w.write_all(&safetensors_header(&entries)).map_err(werr)?;
         stream_tensors(&mut w, &final_path, &shard_jobs, |_| 0, &progress)?;
@@ -403,38 +371,14 @@ pub fn export(opts: &ExportOptions) -> Result<Report> {
     progress.finish();
     if n_shards > 1 {
         let index = json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
-        write_file(&tmp.join("model.safetensors.index.json"), &pretty(&index))?;
+        dir.write("model.safetensors.index.json", &pretty(&index))?;
     }
-    write_file(&tmp.join("config.json"), &pretty(&config))?;
-    write_file(
-        &tmp.join("generation_config.json"),
-        &pretty(&Json::Object(gen)),
-    )?;
-    write_file(
-        &tmp.join("tokenizer.json"),
-        serde_json::to_string(&tokenizer)
-            .unwrap_or_default()
-            .as_bytes(),
-    )?;
-    write_file(&tmp.join("tokenizer_config.json"), &pretty(&tok_config))?;
-    write_file(
-        &tmp.join("special_tokens_map.json"),
-        &pretty(&Json::Object(stm)),
-    )?;
-    if out.exists() {
-        std::fs::remove_dir(out).map_err(|source| ConvertError::Write {
-            path: out.clone(),
-            source,
-        })?;
-    }
-    std::fs::rename(&tmp, out).map_err(|source| ConvertError::Write {
-        path: out.clone(),
-        source,
-    })?;
-    guard.0 = None;
-    if let Ok(d) = File::open(&parent) {
-        let _ = d.sync_all();
-    }
+    dir.write("config.json", &pretty(&config))?;
+    dir.write("generation_config.json", &pretty(&Json::Object(gen)))?;
+    dir.write("tokenizer.json", &tokenizer_bytes)?;
+    dir.write("tokenizer_config.json", &pretty(&tok_config))?;
+    dir.write("special_tokens_map.json", &pretty(&Json::Object(stm)))?;
+    dir.commit()?;
     Ok(Report {
         tensors: weight_map.len(),
         in_bytes,

@@ -7,10 +7,13 @@ use std::time::Instant;
 
 use airlock_engine::gguf::{GgufFile, Value};
 use airlock_kernels::quant::has_row_codec;
+use airlock_kernels::GgmlType;
 
-use crate::convert::{check_output_file, write_report, Report};
+use airlock_engine::output::{check_output_file, Inputs};
+
+use crate::convert::{write_report, Report, Target};
 use crate::error::{ConvertError, Result};
-use crate::policy::{Policy, Role};
+use crate::policy::{ModelFacts, Policy};
 use crate::stream::{RowMap, Source, TensorJob};
 
 #[derive(Clone, Debug)]
@@ -23,46 +26,75 @@ pub struct QuantizeOptions {
     pub progress: bool,
     /// Write tensors holding NaN or infinities instead of refusing them.
     pub allow_nonfinite: bool,
+    /// A minisign public key the input's signed manifest must be signed by (the host policy
+    /// applies whatever this says).
+    pub require_signature: Option<std::path::PathBuf>,
+    /// Replace an existing regular file (or symlink) at `output`.
+    pub overwrite: bool,
 }
 
-pub(crate) fn open_gguf(path: &std::path::Path) -> Result<GgufFile> {
+/// Open the input GGUF, checking its signed manifest first when the host policy or
+/// `require_signature` asks for one.
+pub(crate) fn open_gguf(
+    path: &std::path::Path,
+    require_signature: Option<&std::path::Path>,
+) -> Result<GgufFile> {
+    use airlock_engine::load::{open_gguf_checked, LoadError};
+    use airlock_engine::signature::Requirement;
     if !path.exists() {
         return Err(ConvertError::MissingFile {
             path: path.into(),
             what: "GGUF file".into(),
         });
     }
-    GgufFile::open(path).map_err(|e| ConvertError::BadGguf {
-        path: path.into(),
-        msg: e.to_string(),
-    })
+    let req = Requirement::for_host(require_signature)?;
+    match open_gguf_checked(path, false, &req) {
+        Ok((f, _)) => Ok(f),
+        Err(LoadError::Signature(e)) => Err(e.into()),
+        Err(LoadError::Open { error, .. }) => Err(ConvertError::BadGguf {
+            path: path.into(),
+            msg: error.to_string(),
+        }),
+        Err(LoadError::Gguf { error, .. }) => Err(ConvertError::BadGguf {
+            path: path.into(),
+            msg: error.to_string(),
+        }),
+        Err(e) => Err(ConvertError::BadGguf {
+            path: path.into(),
+            msg: e.to_string(),
+        }),
+    }
 }
 
 pub fn quantize(opts: &QuantizeOptions) -> Result<Report> {
     let start = Instant::now();
-    let f = open_gguf(&opts.input)?;
-    check_output_file(&opts.output)?;
-    let tied = f.tensor("output.weight").is_none();
+    let inputs = Inputs::new([&opts.input]);
+    check_output_file(&opts.output, &inputs, opts.overwrite)?;
+    let f = std::sync::Arc::new(open_gguf(&opts.input, opts.require_signature.as_deref())?);
+    // Types airlock cannot read first: one error that lists every such tensor.
+    check_readable(&opts.input, &f)?;
+    // What run would refuse is refused before the work, not after it.
+    airlock_engine::load::validate(f.clone(), &opts.input)
+        .map_err(|e| ConvertError::Refused(format!("{e}; airlock would not run it")))?;
+    let _cooperate = airlock_engine::signals::cooperate().map_err(ConvertError::Usage)?;
+    let facts = model_facts(&opts.input, &f, &opts.policy)?;
+    let list: Vec<(&str, &[u64], GgmlType)> = f
+        .tensors()
+        .iter()
+        .map(|t| (t.name.as_str(), t.dims.as_slice(), t.ty))
+        .collect();
+    let types = opts.policy.plan(&facts, &list);
     let mut jobs = Vec::new();
-    for t in f.tensors() {
-        let bad = |msg: String| ConvertError::tensor(&opts.input, t.name.clone(), msg);
-        if !has_row_codec(t.ty) {
-            return Err(bad(format!(
-                "type {} cannot be read by airlock (F32, F16, BF16, Q8_0, Q4_0, Q4_1 can)",
-                t.ty
-            )));
-        }
-        let role = if t.name == "output.weight" || (tied && t.name == "token_embd.weight") {
-            Role::OutputHead
-        } else {
-            Role::Other
-        };
-        let out = opts.policy.choose(&t.dims, role);
+    for (t, out) in f.tensors().iter().zip(types) {
         if t.ty.is_quantized() && t.ty != out && !opts.allow_requantize {
-            return Err(bad(format!(
+            return Err(ConvertError::tensor(
+                &opts.input,
+                t.name.clone(),
+                format!(
                 "is already quantized ({}); pass --allow-requantize to dequantize it and quantize it again as {out} (quality drops twice)",
                 t.ty
-            )));
+            ),
+            ));
         }
         jobs.push(TensorJob {
             name: t.name.clone(),
@@ -100,5 +132,98 @@ pub fn quantize(opts: &QuantizeOptions) -> Result<Report> {
     if !seen_qv {
         meta.push(("general.quantization_version".into(), Value::U32(2)));
     }
-    write_report(&opts.output, &meta, &jobs, opts.progress, start, Vec::new())
+    let target = Target {
+        path: &opts.output,
+        inputs,
+        overwrite: opts.overwrite,
+    };
+    write_report(target, &meta, &jobs, opts.progress, start, Vec::new())
+}
+
+/// One error for every tensor airlock cannot decode, listing them all (grouped by type) rather
+/// than stopping at the first.
+pub(crate) fn check_readable(path: &std::path::Path, f: &GgufFile) -> Result<()> {
+    let mut bad: Vec<(GgmlType, Vec<&str>)> = Vec::new();
+    for t in f.tensors().iter().filter(|t| !has_row_codec(t.ty)) {
+        match bad.iter_mut().find(|b| b.0 == t.ty) {
+            Some(b) => b.1.push(&t.name),
+            None => bad.push((t.ty, vec![&t.name])),
+        }
+    }
+    if bad.is_empty() {
+        return Ok(());
+    }
+    let n: usize = bad.iter().map(|b| b.1.len()).sum();
+    let groups: Vec<String> = bad
+        .iter()
+        .map(|(ty, names)| format!("{ty} ({} tensors): {}", names.len(), list_names(names)))
+        .collect();
+    Err(ConvertError::BadGguf {
+        path: path.into(),
+        msg: format!(
+            "{n} tensors have a type airlock cannot read: {}",
+            groups.join("; ")
+        ),
+    })
+}
+
+/// Names, the first 8 and a count of the rest (a 32-layer model has 32 of each).
+fn list_names(names: &[&str]) -> String {
+    const SHOWN: usize = 8;
+    let mut s = names
+        .iter()
+        .take(SHOWN)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > SHOWN {
+        s.push_str(&format!(" and {} more", names.len() - SHOWN));
+    }
+    s
+}
+
+/// The hyperparameters llama.cpp's type rules read. They only matter for quantized types without
+/// `--pure`; then the file must be a dense llama model, as those rules are llama.cpp's for it.
+fn model_facts(path: &std::path::Path, f: &GgufFile, policy: &Policy) -> Result<ModelFacts> {
+    let none = ModelFacts {
+        n_layer: 0,
+        n_head: 0,
+        n_head_kv: 0,
+    };
+    if policy.pure || !policy.ty.ggml().is_quantized() {
+        return Ok(none);
+    }
+    let bad = |msg: String| ConvertError::BadGguf {
+        path: path.into(),
+        msg,
+    };
+    let arch = f.get_str("general.architecture").unwrap_or("");
+    if arch != "llama" {
+        return Err(bad(format!(
+            "general.architecture is {arch:?}; --type {} follows llama.cpp's per-tensor rules for \"llama\" models (pass --pure to put every 2-D tensor in {})",
+            policy.ty,
+            policy.ty.ggml()
+        )));
+    }
+    if f.get_u32("llama.expert_count").unwrap_or(0) > 1 {
+        return Err(bad(
+            "llama.expert_count > 1: mixture-of-experts models are not supported".into(),
+        ));
+    }
+    let key = |k: &str| {
+        f.get_u32(k).map(u64::from).ok_or_else(|| {
+            bad(format!(
+                "{k} is missing or not a u32 (--type {} needs it)",
+                policy.ty
+            ))
+        })
+    };
+    let n_head = key("llama.attention.head_count")?;
+    Ok(ModelFacts {
+        n_layer: key("llama.block_count")?,
+        n_head,
+        n_head_kv: f
+            .get_u32("llama.attention.head_count_kv")
+            .map_or(n_head, u64::from),
+    })
 }

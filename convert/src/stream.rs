@@ -8,7 +8,6 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, sync_channel};
 use std::time::Duration;
 
@@ -21,9 +20,6 @@ use crate::error::{ConvertError, Result};
 
 /// Output bytes per chunk (a chunk is at least one row).
 const CHUNK_BYTES: usize = 8 << 20;
-
-/// Set by the CLI's Ctrl-C handler; checked between chunks.
-pub static CANCELLED: AtomicBool = AtomicBool::new(false);
 
 /// How output rows map to input rows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -334,7 +330,7 @@ pub fn stream_tensors<W: Write + Send>(
                 let in_per_row = job.in_bytes() / n_rows.max(1) as u64;
                 let mut r0 = 0;
                 while r0 < n_rows {
-                    if CANCELLED.load(Ordering::Relaxed) {
+                    if airlock_engine::signals::interrupted() {
                         return Err(ConvertError::Interrupted(out_path.to_path_buf()));
                     }
                     let r1 = (r0 + rows_per_chunk).min(n_rows);

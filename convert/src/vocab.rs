@@ -132,26 +132,23 @@ impl HfVocab {
     /// Reads `tokenizer.json` (required) and `tokenizer_config.json` (optional) from `dir`.
     pub fn load(dir: &Path, config: &HfConfig, pre_override: Option<&str>) -> Result<Self> {
         let tj_path = dir.join("tokenizer.json");
-        let meta = std::fs::metadata(&tj_path).map_err(|source| {
-            if source.kind() == std::io::ErrorKind::NotFound {
-                ConvertError::MissingFile {
-                    path: tj_path.clone(),
-                    what: "tokenizer (airlock converts byte-level BPE tokenizer.json files)".into(),
-                }
-            } else {
-                ConvertError::Io {
-                    path: tj_path.clone(),
-                    source,
-                }
-            }
-        })?;
-        if meta.len() > crate::checkpoint::MAX_JSON_BYTES {
-            return Err(ConvertError::json(&tj_path, "too large"));
-        }
-        let bytes = std::fs::read(&tj_path).map_err(|source| ConvertError::Io {
-            path: tj_path.clone(),
-            source,
-        })?;
+        // A byte limit, not the reported size: a symlink to /dev/zero reports 0 bytes.
+        let bytes =
+            airlock_engine::bounded::read_bounded(&tj_path, crate::checkpoint::MAX_JSON_BYTES)
+                .map_err(|source| match source.kind() {
+                    std::io::ErrorKind::NotFound => ConvertError::MissingFile {
+                        path: tj_path.clone(),
+                        what: "tokenizer (airlock converts byte-level BPE tokenizer.json files)"
+                            .into(),
+                    },
+                    std::io::ErrorKind::InvalidData => {
+                        ConvertError::json(&tj_path, format!("too large: {source}"))
+                    }
+                    _ => ConvertError::Io {
+                        path: tj_path.clone(),
+                        source,
+                    },
+                })?;
         let tj: Json = serde_json::from_slice(&bytes)
             .map_err(|e| ConvertError::json(&tj_path, format!("not JSON: {e}")))?;
         let bad = |msg: String| ConvertError::json(&tj_path, msg);
@@ -184,6 +181,15 @@ impl HfVocab {
                         ),
                     )
                 })?;
+            // The same id for two different texts would silently drop one of them.
+            if let Some(old) = &tokens[i] {
+                if old != text {
+                    return Err(ConvertError::json(
+                        &tj_path,
+                        format!("token id {id} is given to both {old:?} and {text:?}"),
+                    ));
+                }
+            }
             tokens[i] = Some(text.to_string());
             Ok(i)
         };
@@ -369,13 +375,14 @@ impl HfVocab {
         if chat_template.is_none() {
             let jinja = dir.join("chat_template.jinja");
             if jinja.is_file() {
-                chat_template =
-                    Some(
-                        std::fs::read_to_string(&jinja).map_err(|source| ConvertError::Io {
-                            path: jinja,
-                            source,
-                        })?,
-                    );
+                // Read to one byte past the template limit: more is refused by the check.
+                let limit = airlock_engine::chat::ChatLimits::default().max_template_bytes as u64;
+                let text = airlock_engine::bounded::read_bounded_string(&jinja, limit + 1)
+                    .map_err(|source| ConvertError::Io {
+                        path: jinja.clone(),
+                        source,
+                    })?;
+                chat_template = Some(text);
             }
         }
         Ok(HfVocab {

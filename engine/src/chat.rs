@@ -2,7 +2,11 @@
 //!
 //! A template from a model file is untrusted input. It is rendered with
 //! minijinja with no loader (no `include`/`import` of files), a fuel budget
-//! (instructions per render), a recursion limit, and a cap on the output size.
+//! (instructions per render), a recursion limit, and a cap on the output size;
+//! and, where the binary installed one ([`crate::render`]), in a child process
+//! whose address space is limited, so a template that builds huge values fails
+//! with [`ChatError::MemoryExceeded`] instead of exhausting the machine. The
+//! built-in templates are ours and render in-process.
 //! Available to templates: `messages` (list of `{role, content}`),
 //! `add_generation_prompt`, `bos_token`, `eos_token`, `raise_exception(msg)`,
 //! minijinja's built-in and `minijinja-contrib` filters, and Python string
@@ -26,7 +30,9 @@
 use std::io::Write;
 
 use minijinja::{context, Environment, Error as JinjaError, ErrorKind, Value};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+
+use crate::render::{render_sandboxed, RequestRef};
 
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
@@ -51,7 +57,7 @@ const SENTINEL_CLOSE: char = '\u{E001}';
 const SENTINEL_TAG: &str = "airlock-content-";
 
 /// Resource limits for rendering an untrusted template.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatLimits {
     /// Largest template source accepted.
     pub max_template_bytes: usize,
@@ -87,6 +93,19 @@ pub enum ChatError {
     Raised(String),
     #[error("chat template output exceeds the {0}-byte limit")]
     OutputTooLarge(usize),
+    /// The render process died: the template built values beyond the memory limit.
+    #[error(
+        "chat template {template:?} exceeded {limit_mib} MiB of memory while rendering (its \
+         render process was stopped: {how})"
+    )]
+    MemoryExceeded {
+        template: String,
+        limit_mib: u64,
+        how: String,
+    },
+    /// The render process ran out of CPU time.
+    #[error("chat template {template:?} took more than {seconds} s of CPU time to render")]
+    TimeExceeded { template: String, seconds: u64 },
     #[error("unknown built-in chat template {0:?} (known: llama3, chatml)")]
     UnknownBuiltin(String),
     #[error(
@@ -108,7 +127,7 @@ pub enum ChatError {
 type Result<T> = std::result::Result<T, ChatError>;
 
 /// One chat message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
@@ -164,6 +183,8 @@ pub struct ChatTemplate {
     bos_token: String,
     eos_token: String,
     limits: ChatLimits,
+    /// A built-in template (ours): rendered in-process even where a sandbox is installed.
+    trusted: bool,
 }
 
 impl ChatTemplate {
@@ -187,8 +208,10 @@ impl ChatTemplate {
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
             limits,
+            trusted: false,
         };
-        let env = t.environment();
+        // Parsing is bounded by the source's size, so it is checked here, in-process.
+        let env = environment(&t.limits);
         env.template_from_str(&t.source)
             .map_err(|e| ChatError::Syntax(describe(&e)))?;
         Ok(t)
@@ -201,7 +224,9 @@ impl ChatTemplate {
             "chatml" => CHATML_TEMPLATE,
             _ => return Err(ChatError::UnknownBuiltin(name.to_string())),
         };
-        Self::new(name, source, bos_token, eos_token, ChatLimits::default())
+        let mut t = Self::new(name, source, bos_token, eos_token, ChatLimits::default())?;
+        t.trusted = true;
+        Ok(t)
     }
 
     /// The template for a model: `override_name` (a built-in) if given, else the
@@ -230,61 +255,46 @@ impl ChatTemplate {
         &self.source
     }
 
-    fn environment(&self) -> Environment<'_> {
-        let mut env = Environment::new();
-        env.set_fuel(Some(self.limits.fuel));
-        env.set_recursion_limit(self.limits.recursion_limit);
-        minijinja_contrib::add_to_environment(&mut env);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> std::result::Result<Value, JinjaError> {
-                Err(JinjaError::new(
-                    ErrorKind::InvalidOperation,
-                    format!("{RAISED_PREFIX}{msg}"),
-                ))
-            },
-        );
-        env
-    }
-
     /// Renders the conversation to a string (contents included as given).
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
-        self.render_raw(messages, add_generation_prompt)
+        match self.render_outcome(messages, add_generation_prompt)? {
+            Rendered::Text(t) => Ok(t),
+            Rendered::OutOfFuel(m) => Err(ChatError::Render(m)),
+        }
     }
 
-    fn render_raw<M: Serialize>(
+    fn render_raw(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.render(messages, add_generation_prompt)
+    }
+
+    /// One rendering, in the sandbox's worker unless the template is ours or no sandbox is
+    /// installed.
+    fn render_outcome(
         &self,
-        messages: &[M],
+        messages: &[ChatMessage],
         add_generation_prompt: bool,
-    ) -> Result<String> {
-        let env = self.environment();
-        let tmpl = env
-            .template_from_str(&self.source)
-            .map_err(|e| ChatError::Syntax(describe(&e)))?;
-        let mut out = CappedWriter {
-            buf: Vec::new(),
-            max: self.limits.max_output_bytes,
-            overflowed: false,
-        };
-        let ctx = context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => &self.bos_token,
-            eos_token => &self.eos_token,
-        };
-        if let Err(e) = tmpl.render_captured_to(ctx, &mut out) {
-            if out.overflowed {
-                return Err(ChatError::OutputTooLarge(self.limits.max_output_bytes));
+    ) -> Result<Rendered> {
+        if !self.trusted {
+            let req = RequestRef {
+                source: &self.source,
+                bos_token: &self.bos_token,
+                eos_token: &self.eos_token,
+                limits: self.limits,
+                messages,
+                add_generation_prompt,
+            };
+            if let Some(r) = render_sandboxed(&req, &self.name) {
+                return r;
             }
-            return Err(match e.detail() {
-                Some(d) if d.starts_with(RAISED_PREFIX) => {
-                    ChatError::Raised(d[RAISED_PREFIX.len()..].to_string())
-                }
-                _ => ChatError::Render(describe(&e)),
-            });
         }
-        String::from_utf8(out.buf).map_err(|_| ChatError::Render("output is not UTF-8".into()))
+        render_in_process(
+            &self.source,
+            &self.bos_token,
+            &self.eos_token,
+            &self.limits,
+            messages,
+            add_generation_prompt,
+        )
     }
 
     /// Renders and splits into framing and content segments (see the module doc).
@@ -366,6 +376,117 @@ impl ChatTemplate {
 }
 
 const RAISED_PREFIX: &str = "raise_exception: ";
+
+/// A rendering, or the message of a render that ran out of fuel (kept apart from other render
+/// errors so [`check_template`] can tell a template that works too hard from one that fails).
+#[derive(Debug)]
+pub(crate) enum Rendered {
+    Text(String),
+    OutOfFuel(String),
+}
+
+fn environment(limits: &ChatLimits) -> Environment<'static> {
+    let mut env = Environment::new();
+    env.set_fuel(Some(limits.fuel));
+    env.set_recursion_limit(limits.recursion_limit);
+    minijinja_contrib::add_to_environment(&mut env);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<Value, JinjaError> {
+            Err(JinjaError::new(
+                ErrorKind::InvalidOperation,
+                format!("{RAISED_PREFIX}{msg}"),
+            ))
+        },
+    );
+    env
+}
+
+/// Compiles and renders `source` in this process: fuel, recursion limit and output cap, no
+/// memory bound (the render worker adds that around this very function).
+pub(crate) fn render_in_process(
+    source: &str,
+    bos_token: &str,
+    eos_token: &str,
+    limits: &ChatLimits,
+    messages: &[ChatMessage],
+    add_generation_prompt: bool,
+) -> Result<Rendered> {
+    if source.len() > limits.max_template_bytes {
+        return Err(ChatError::TemplateTooLarge {
+            size: source.len(),
+            max: limits.max_template_bytes,
+        });
+    }
+    let env = environment(limits);
+    let tmpl = env
+        .template_from_str(source)
+        .map_err(|e| ChatError::Syntax(describe(&e)))?;
+    let mut out = CappedWriter {
+        buf: Vec::new(),
+        max: limits.max_output_bytes,
+        overflowed: false,
+    };
+    let ctx = context! {
+        messages => messages,
+        add_generation_prompt => add_generation_prompt,
+        bos_token => bos_token,
+        eos_token => eos_token,
+    };
+    if let Err(e) = tmpl.render_captured_to(ctx, &mut out) {
+        if out.overflowed {
+            return Err(ChatError::OutputTooLarge(limits.max_output_bytes));
+        }
+        if e.kind() == ErrorKind::OutOfFuel {
+            return Ok(Rendered::OutOfFuel(format!(
+                "chat template failed to render: {} (more than {} instructions)",
+                describe(&e),
+                limits.fuel
+            )));
+        }
+        return Err(match e.detail() {
+            Some(d) if d.starts_with(RAISED_PREFIX) => {
+                ChatError::Raised(d[RAISED_PREFIX.len()..].to_string())
+            }
+            _ => ChatError::Render(describe(&e)),
+        });
+    }
+    String::from_utf8(out.buf)
+        .map(Rendered::Text)
+        .map_err(|_| ChatError::Render("output is not UTF-8".into()))
+}
+
+/// A short conversation every chat template should render.
+fn sample_conversation() -> [ChatMessage; 4] {
+    [
+        ChatMessage::system("You are a helpful assistant."),
+        ChatMessage::user("Hello!"),
+        ChatMessage::assistant("Hi. How can I help?"),
+        ChatMessage::user("What is phishing?"),
+    ]
+}
+
+/// The checks a model file's chat template must pass to be written or called valid
+/// (`convert`, `quantize`, `inspect`): within the size limit, compiles, and renders a short
+/// sample conversation within the fuel, output and memory limits. A template that raises an
+/// exception or fails otherwise on the sample is accepted: it may only refuse that
+/// conversation, and `chat` reports it when it happens.
+pub fn check_template(name: &str, source: &str, bos_token: &str, eos_token: &str) -> Result<()> {
+    let t = ChatTemplate::new(name, source, bos_token, eos_token, ChatLimits::default())?;
+    match t.render_outcome(&sample_conversation(), true) {
+        Ok(Rendered::Text(_)) => Ok(()),
+        Ok(Rendered::OutOfFuel(m)) => Err(ChatError::Render(format!(
+            "{m}, on a four-message sample conversation"
+        ))),
+        Err(
+            e @ (ChatError::MemoryExceeded { .. }
+            | ChatError::TimeExceeded { .. }
+            | ChatError::OutputTooLarge(_)),
+        ) => Err(e),
+        Err(_) => Ok(()),
+    }
+}
 
 fn describe(e: &JinjaError) -> String {
     let mut s = e.to_string();

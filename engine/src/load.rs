@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use crate::gguf::{GgufError, GgufFile, OpenOptions};
 use crate::llama::{KvType, LlamaModel, ModelError, Precision, Session};
-use crate::memory::{available_memory, human_bytes, MemoryEstimate};
+use crate::memory::{available_memory, human_bytes, machine_memory, MemoryEstimate};
+use crate::signature::{self, Requirement, SignatureError, Verified};
 use crate::tokenizer::{Tokenizer, TokenizerError, VocabSpec};
 
 /// Why a model could not be loaded. Each variant names the file; none names a front end's
@@ -53,6 +54,23 @@ pub enum LoadError {
         n_ctx: usize,
         available: u64,
     },
+    /// More memory than the machine has at all: refused even when forced.
+    #[error(
+        "{} needs at least {} that cannot be paged out (KV cache {} at context {n_ctx}, buffers \
+         and copies) but this machine has {} of memory and swap in all; forcing cannot help, \
+         lower the context size",
+        path.display(),
+        human_bytes(*need),
+        human_bytes(estimate.kv_cache),
+        human_bytes(*machine)
+    )]
+    BeyondMachine {
+        path: PathBuf,
+        estimate: MemoryEstimate,
+        need: u64,
+        machine: u64,
+        n_ctx: usize,
+    },
     #[error(
         "cannot lock {} in memory: {error} (raise the locked-memory limit, RLIMIT_MEMLOCK)",
         path.display()
@@ -94,6 +112,21 @@ pub enum LoadError {
         vocab: usize,
         rows: usize,
     },
+    /// A signature was required and is missing, wrong or does not match (or the host policy
+    /// is broken).
+    #[error(transparent)]
+    Signature(#[from] SignatureError),
+    #[error("{}: metadata {}", path.display(), problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; "))]
+    Keys {
+        path: PathBuf,
+        problems: Vec<crate::keys::KeyProblem>,
+    },
+    #[error("{}: {key}: {error}", path.display())]
+    ChatTemplate {
+        path: PathBuf,
+        key: String,
+        error: crate::chat::ChatError,
+    },
 }
 
 /// How to load a model. [`Default`] gives the CLI's defaults.
@@ -107,7 +140,7 @@ pub struct LoadOptions {
     pub mlock: bool,
     /// Read the file into memory instead of mapping it.
     pub no_mmap: bool,
-    /// Copy Q4_0/Q4_1/Q8_0 matrices into the packed layout where the SIMD path has packed
+    /// Copy Q4_0/Q4_1/Q8_0/Q5_0/Q4_K/Q6_K matrices into the packed layout where the SIMD path has packed
     /// kernels. Ignored on the exact path, which reads the map only.
     pub repack: bool,
     /// Load even when the memory estimate exceeds what is available.
@@ -116,6 +149,9 @@ pub struct LoadOptions {
     pub tokenizer_json: Option<PathBuf>,
     /// Prompt tokens per forward pass, for the estimate of the activation buffers.
     pub batch: usize,
+    /// A minisign public key the model's signed manifest must be signed by. The host policy
+    /// ([`signature::HostPolicy::system`]) is enforced whatever this says.
+    pub require_signature: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
@@ -130,6 +166,7 @@ impl Default for LoadOptions {
             force: false,
             tokenizer_json: None,
             batch: 512,
+            require_signature: None,
         }
     }
 }
@@ -149,6 +186,8 @@ pub struct LoadReport {
     /// Why the tokenizer may split text differently from the model's own (an unknown
     /// pre-tokenizer), if it may.
     pub pre_tokenizer_warning: Option<String>,
+    /// The signed manifest the bytes were checked against, when a signature was required.
+    pub signature: Option<Verified>,
 }
 
 /// A model ready to run: weights, tokenizer, and the settings its sessions use.
@@ -172,7 +211,12 @@ impl LoadedModel {
 
 /// Open and validate a GGUF file.
 pub fn open_gguf(path: &Path, no_mmap: bool) -> Result<GgufFile, LoadError> {
-    GgufFile::open_with(path, &OpenOptions { no_mmap }).map_err(|e| match e {
+    GgufFile::open_with(path, &OpenOptions { no_mmap }).map_err(|e| gguf_error(path, e))
+}
+
+/// A reader error as a load error: an I/O error names the file it could not open.
+pub(crate) fn gguf_error(path: &Path, e: GgufError) -> LoadError {
+    match e {
         GgufError::Io { path, source } => LoadError::Open {
             path,
             error: source,
@@ -181,27 +225,59 @@ pub fn open_gguf(path: &Path, no_mmap: bool) -> Result<GgufFile, LoadError> {
             path: path.to_path_buf(),
             error,
         },
-    })
+    }
+}
+
+/// Open a GGUF file under `req`: when a signature is required, the signed manifest beside it is
+/// checked against the bytes (mapped, or read with `no_mmap`) before the reader parses them,
+/// then against the parsed tensor table. Returns the manifest that held, if one was required.
+pub fn open_gguf_checked(
+    path: &Path,
+    no_mmap: bool,
+    req: &Requirement,
+) -> Result<(GgufFile, Option<Verified>), LoadError> {
+    if !req.is_required() {
+        return Ok((open_gguf(path, no_mmap)?, None));
+    }
+    let source =
+        GgufFile::read_source(path, &OpenOptions { no_mmap }).map_err(|e| gguf_error(path, e))?;
+    let verified = signature::check_signed_bytes(path, &source, req.keys())?;
+    let file = GgufFile::from_source(source).map_err(|e| gguf_error(path, e))?;
+    verified.check_layout(path, &file)?;
+    Ok((file, Some(verified)))
 }
 
 /// The tokenizer of an opened GGUF (`path` names it in errors), or of `json` built on the
-/// GGUF's special tokens when given.
+/// GGUF's special tokens when given. Under a signature requirement `json` must be signed too
+/// (`JSON.minisig` by every required key); it is read once and checked before it is parsed.
 pub fn tokenizer_for(
     file: &GgufFile,
     path: &Path,
     json: Option<&Path>,
+    req: &Requirement,
 ) -> Result<Tokenizer, LoadError> {
     let spec = VocabSpec::from_gguf(file).map_err(|error| LoadError::Vocabulary {
         path: path.to_path_buf(),
         error,
     })?;
+    let json_err = |json: &Path, error| LoadError::TokenizerJson {
+        path: path.to_path_buf(),
+        json: json.to_path_buf(),
+        error,
+    };
     match json {
+        Some(json) if req.is_required() => {
+            let bytes = signature::read_signed(
+                json,
+                crate::tokenizer::MAX_TOKENIZER_JSON_BYTES,
+                "tokenizer override",
+                req.keys(),
+            )?;
+            Tokenizer::from_tokenizer_json_bytes(json, &bytes, &spec)
+                .map_err(|error| json_err(json, error))
+        }
         Some(json) => {
-            Tokenizer::from_tokenizer_json(json, &spec).map_err(|error| LoadError::TokenizerJson {
-                path: path.to_path_buf(),
-                json: json.to_path_buf(),
-                error,
-            })
+            Tokenizer::from_tokenizer_json(json, &spec).map_err(|error| json_err(json, error))
         }
         None => Tokenizer::from_spec(&spec).map_err(|error| LoadError::Tokenizer {
             path: path.to_path_buf(),
@@ -210,15 +286,85 @@ pub fn tokenizer_for(
     }
 }
 
+/// Everything `run` checks of a model file, without running it: the well-known keys' types and
+/// ranges ([`crate::keys`]), hyperparameters, math-changing
+/// keys and tensors ([`LlamaModel::load`]), the tokenizer and its agreement with the embedding
+/// table, and every chat template ([`crate::chat::check_template`]). `convert` and `quantize`
+/// run it on what they wrote before it appears, `export` on its input, `inspect` for its
+/// verdict: none of them passes on a file `run` would refuse.
+pub fn validate(file: Arc<GgufFile>, path: &Path) -> Result<(), LoadError> {
+    let problems = crate::keys::check_known_keys(&file);
+    if !problems.is_empty() {
+        return Err(LoadError::Keys {
+            path: path.to_path_buf(),
+            problems,
+        });
+    }
+    let model = LlamaModel::load(file).map_err(|error| LoadError::Model {
+        path: path.to_path_buf(),
+        error,
+    })?;
+    let tokenizer = tokenizer_for(&model.file, path, None, &Requirement::none())?;
+    if tokenizer.vocab_size() != model.config.vocab_size {
+        return Err(LoadError::VocabularyMismatch {
+            path: path.to_path_buf(),
+            vocab: tokenizer.vocab_size(),
+            rows: model.config.vocab_size,
+        });
+    }
+    let text = |id: Option<u32>| {
+        id.and_then(|i| tokenizer.token_text(i))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let (bos, eos) = (text(tokenizer.bos()), text(tokenizer.eos()));
+    for e in model.file.metadata() {
+        let name = match e.key.as_str() {
+            "tokenizer.chat_template" => "gguf",
+            k => match k.strip_prefix("tokenizer.chat_template.") {
+                Some(n) => n,
+                None => continue,
+            },
+        };
+        let bad = |error| LoadError::ChatTemplate {
+            path: path.to_path_buf(),
+            key: e.key.clone(),
+            error,
+        };
+        let source = e.value.as_str().ok_or_else(|| {
+            bad(crate::chat::ChatError::Render(format!(
+                "expected a string, found {:?}",
+                e.value.value_type()
+            )))
+        })?;
+        crate::chat::check_template(name, source, &bos, &eos).map_err(bad)?;
+    }
+    Ok(())
+}
+
 /// Load the model at `path` for running: open and validate it, cap the context at the model's,
 /// check the memory estimate against what is available (unless forced), lock and repack the
 /// weights as asked, and build the tokenizer, checking that it matches the embedding table.
+///
+/// A signature is required when `opts.require_signature` names a key or the host policy file
+/// exists; the check runs before any tensor or metadata value is used.
 pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, LoadError> {
+    let req = Requirement::for_host(opts.require_signature.as_deref())?;
+    load_with(path, opts, &req)
+}
+
+/// [`load`] under an explicit requirement instead of this host's (tests, or a front end that
+/// resolved it already).
+pub fn load_with(
+    path: &Path,
+    opts: &LoadOptions,
+    req: &Requirement,
+) -> Result<LoadedModel, LoadError> {
     let t0 = Instant::now();
     if opts.n_ctx == 0 {
         return Err(LoadError::ZeroContext);
     }
-    let file = open_gguf(path, opts.no_mmap)?;
+    let (file, signature) = open_gguf_checked(path, opts.no_mmap, req)?;
     let mut model = LlamaModel::load(Arc::new(file)).map_err(|error| LoadError::Model {
         path: path.to_path_buf(),
         error,
@@ -239,6 +385,20 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, LoadError> {
             });
         }
     }
+    // Whatever forcing says: what no machine of this size can give is refused before it is
+    // allocated (an over-committed allocation is killed later, not refused).
+    if let Some(machine) = machine_memory() {
+        let need = estimate.anonymous(repack, opts.no_mmap);
+        if need > machine {
+            return Err(LoadError::BeyondMachine {
+                path: path.to_path_buf(),
+                estimate,
+                need,
+                machine,
+                n_ctx,
+            });
+        }
+    }
     if opts.mlock {
         model.file.mlock().map_err(|error| LoadError::Mlock {
             path: path.to_path_buf(),
@@ -255,7 +415,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, LoadError> {
         0
     };
     let repack_time = t.elapsed();
-    let tokenizer = tokenizer_for(&model.file, path, opts.tokenizer_json.as_deref())?;
+    let tokenizer = tokenizer_for(&model.file, path, opts.tokenizer_json.as_deref(), req)?;
     if tokenizer.vocab_size() != model.config.vocab_size {
         return Err(LoadError::VocabularyMismatch {
             path: path.to_path_buf(),
@@ -278,6 +438,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, LoadError> {
             repack_time,
             load_time: t0.elapsed(),
             pre_tokenizer_warning,
+            signature,
         },
     })
 }

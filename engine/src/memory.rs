@@ -43,6 +43,46 @@ impl MemoryEstimate {
     pub fn total(&self) -> u64 {
         self.weights + self.kv_cache + self.buffers + self.repacked_extra
     }
+
+    /// The part that must be resident (anonymous memory the kernel cannot page back to the
+    /// file): KV cache, buffers, packed copies (about the weights' size when repacking) and the
+    /// weights themselves when read instead of mapped.
+    pub fn anonymous(&self, repack: bool, no_mmap: bool) -> u64 {
+        let copies = u64::from(repack) + u64::from(no_mmap);
+        self.kv_cache
+            .saturating_add(self.buffers)
+            .saturating_add(self.weights.saturating_mul(copies))
+    }
+}
+
+/// All the memory this process could ever get: RAM plus swap, lowered to the cgroup v2 limit
+/// (plus its swap limit) when one is set. An allocation beyond it cannot succeed: with
+/// overcommit it "succeeds" and the process is killed when the pages are touched, so it is
+/// refused up front whatever `--force` says. None where it cannot be read.
+pub fn machine_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            let kb = |name: &str| -> Option<u64> {
+                let line = text.lines().find(|l| l.starts_with(name))?;
+                line.split_whitespace().nth(1)?.parse::<u64>().ok()
+            };
+            let total = kb("MemTotal:")?;
+            let swap = kb("SwapTotal:").unwrap_or(0);
+            total.checked_add(swap)?.checked_mul(1024)
+        });
+    let read = |f: &str| -> Option<u64> {
+        std::fs::read_to_string(format!("/sys/fs/cgroup/{f}"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    let cgroup = read("memory.max").map(|m| m.saturating_add(read("memory.swap.max").unwrap_or(0)));
+    match (meminfo, cgroup) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 /// Memory this process can still use, in bytes: MemAvailable from /proc/meminfo, lowered to

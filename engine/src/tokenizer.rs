@@ -389,13 +389,23 @@ impl Tokenizer {
     /// special ids, `add_bos`/`add_eos` and the chat template come from `base`
     /// (the model file's metadata). Only byte-level BPE files are supported.
     pub fn from_tokenizer_json(path: &Path, base: &VocabSpec) -> Result<Self> {
+        let bytes = crate::bounded::read_bounded(path, MAX_TOKENIZER_JSON_BYTES).map_err(|e| {
+            TokenizerError::TokenizerJson {
+                path: path.display().to_string(),
+                msg: e.to_string(),
+            }
+        })?;
+        Self::from_tokenizer_json_bytes(path, &bytes, base)
+    }
+
+    /// [`Self::from_tokenizer_json`] on bytes already read (and, under a signature requirement,
+    /// verified), so the file is not read a second time; `path` names them in errors.
+    pub fn from_tokenizer_json_bytes(path: &Path, bytes: &[u8], base: &VocabSpec) -> Result<Self> {
         let jerr = |msg: String| TokenizerError::TokenizerJson {
             path: path.display().to_string(),
             msg,
         };
-        let bytes = crate::bounded::read_bounded(path, MAX_TOKENIZER_JSON_BYTES)
-            .map_err(|e| jerr(e.to_string()))?;
-        let mut hf = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| jerr(e.to_string()))?;
+        let mut hf = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| jerr(e.to_string()))?;
         if !matches!(hf.get_model(), ModelWrapper::BPE(_)) {
             return Err(jerr("only BPE models are supported".into()));
         }
@@ -470,6 +480,10 @@ impl Tokenizer {
         let eom = check("EOM", spec.eom)?;
         let pad = check("padding", spec.pad)?;
         check("unknown", spec.unk)?;
+        // Refused here, not at the first prompt: such a vocabulary cannot encode anything.
+        if spec.add_bos && bos.is_none() {
+            return Err(TokenizerError::NoBos);
+        }
 
         let mut piece_bytes = Vec::new();
         let mut piece_ends = Vec::with_capacity(n);
@@ -987,6 +1001,12 @@ mod tests {
         assert!(matches!(
             Tokenizer::from_spec(&s),
             Err(TokenizerError::SpecialIdOutOfRange { name: "BOS", .. })
+        ));
+        let mut s = tiny_spec();
+        s.add_bos = true;
+        assert!(matches!(
+            Tokenizer::from_spec(&s),
+            Err(TokenizerError::NoBos)
         ));
         let mut s = tiny_spec();
         s.unk = Some(9);

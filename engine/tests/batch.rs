@@ -2,7 +2,8 @@
 //! alone or in a batch with others, whatever the others bring (prompt chunks or single decode
 //! tokens), however its own prompt is chunked, on one thread or two, and after its cache is cut
 //! back to a shared prefix (prompt reuse). Checked on the fast path (file layout and, where the
-//! CPU has packed kernels, repacked) and on the exact path, with the real SmolLM2 model.
+//! CPU has packed kernels, repacked) and on the exact path, with the real SmolLM2 model, and on
+//! the fast paths with it requantized into every K-quant and Q5 format (`mixed_model`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,6 +13,8 @@ use airlock_engine::llama::{
     forward_batch, BatchSeq, KvCache, KvType, LlamaModel, Logits, ModelError, Precision, Session,
     Workspace,
 };
+
+mod mixed_model;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -37,6 +40,16 @@ fn variants() -> Vec<(&'static str, LlamaModel, Precision)> {
     let mut packed = smollm2();
     if packed.repack().unwrap() > 0 {
         v.push(("fast, repacked", packed, Precision::Fast));
+    }
+    // Every K-quant and Q5 format, through both layouts (mixed_model's docs).
+    v.push((
+        "mixed types, file layout",
+        mixed_model::mixed_model(),
+        Precision::Fast,
+    ));
+    let mut packed = mixed_model::mixed_model();
+    if packed.repack().unwrap() > 0 {
+        v.push(("mixed types, repacked", packed, Precision::Fast));
     }
     v
 }

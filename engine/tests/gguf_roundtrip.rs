@@ -6,9 +6,8 @@ mod gguf_support;
 
 use std::io::Write;
 
-use airlock_engine::gguf::{
-    write_atomic, Array, GgufFile, GgufWriter, TensorSpec, Value, WriteError,
-};
+use airlock_engine::gguf::{Array, GgufFile, GgufWriter, TensorSpec, Value, WriteError};
+use airlock_engine::output::{write_file, Inputs};
 use airlock_kernels::types::GgmlType;
 use gguf_support::*;
 
@@ -271,8 +270,10 @@ fn writer_checks_tensor_data_order_and_sizes() {
     parse(w.finish().unwrap());
 }
 
+type BoxError = Box<dyn std::error::Error>;
+
 #[test]
-fn write_atomic_leaves_the_file_or_nothing() {
+fn the_output_helper_leaves_the_file_or_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.gguf");
     let specs = vec![spec("a", GgmlType::F32, 1)];
@@ -286,20 +287,20 @@ fn write_atomic_leaves_the_file_or_nothing() {
     };
 
     // Failure half-way: nothing at the target, no temporary left.
-    let r = write_atomic(&path, |out| {
+    let r = write_file(&path, Inputs::default(), false, |out| {
         let mut w = GgufWriter::new(out, &[], &specs)?;
         w.write_tensor_data(&[1; 3])?;
-        Ok::<_, WriteError>(())
+        Ok::<_, BoxError>(())
     });
     assert!(r.is_err());
     assert!(files().is_empty(), "{:?}", files());
 
     // Success: exactly the file.
-    write_atomic(&path, |out| {
+    write_file(&path, Inputs::default(), false, |out| {
         let mut w = GgufWriter::new(out, &[], &specs)?;
         w.write_tensor_data(&[1; 8])?;
         w.finish()?;
-        Ok::<_, WriteError>(())
+        Ok::<_, BoxError>(())
     })
     .unwrap();
     assert_eq!(files(), ["m.gguf"]);
@@ -308,9 +309,9 @@ fn write_atomic_leaves_the_file_or_nothing() {
 
     // A failed rewrite keeps the old file intact.
     let before = std::fs::read(&path).unwrap();
-    let r: Result<(), WriteError> = write_atomic(&path, |out| {
+    let r: Result<(), BoxError> = write_file(&path, Inputs::default(), true, |out| {
         out.write_all(b"GGUF partial")?;
-        Err(WriteError::Invalid("converter gave up".into()))
+        Err(WriteError::Invalid("converter gave up".into()).into())
     });
     assert!(r.is_err());
     assert_eq!(std::fs::read(&path).unwrap(), before);
@@ -319,7 +320,12 @@ fn write_atomic_leaves_the_file_or_nothing() {
     // A panic in the closure also cleans up.
     let other = dir.path().join("p.gguf");
     let caught = std::panic::catch_unwind(|| {
-        let _ = write_atomic(&other, |_| -> Result<(), WriteError> { panic!("boom") });
+        let _ = write_file(
+            &other,
+            Inputs::default(),
+            false,
+            |_| -> Result<(), BoxError> { panic!("boom") },
+        );
     });
     assert!(caught.is_err());
     assert_eq!(files(), ["m.gguf"]);

@@ -166,14 +166,28 @@ fn a_run_that_does_not_fit_is_refused_unless_forced() {
         "{msg}"
     );
     assert_names_no_flag(&msg);
-    // Forced, it loads: the estimate is only a check, and no cache is allocated until a
-    // session is made.
+    // Forced, it is still refused: 256 GiB of KV cache is more than this machine has at all
+    // (memory and swap), and an allocation that cannot succeed is refused before it is made
+    // instead of aborting the process (or being killed) when the session allocates it.
+    let machine = airlock_engine::memory::machine_memory().expect("/proc/meminfo");
+    assert!(
+        machine < 256 << 30,
+        "this test needs a machine with less than 256 GiB of memory and swap"
+    );
     let forced = LoadOptions {
         force: true,
         ..opts
     };
-    let m = load(&path, &forced).unwrap();
-    assert_eq!(m.n_ctx, 1 << 30);
+    let e = load(&path, &forced)
+        .err()
+        .expect("forced 256 GiB run loaded");
+    assert!(
+        matches!(e, LoadError::BeyondMachine { need, .. } if need >= 256 << 30),
+        "{e}"
+    );
+    let msg = e.to_string();
+    assert!(msg.contains("forcing cannot help"), "{msg}");
+    assert_names_no_flag(&msg);
 }
 
 #[test]

@@ -12,9 +12,12 @@
 use bytemuck::{cast_slice, cast_slice_mut, Pod};
 use rayon::prelude::*;
 
-use crate::dot::{self, kernels, GemmFn, Kernels, Tiles};
+use crate::dot::{self, kernels, ActFormat, DotFormat, GemmFn, Kernels, Tiles};
 use crate::quant::float::{Bf16Bytes, F16Bytes, F32Bytes};
-use crate::quant::{self, BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1};
+use crate::quant::{
+    self, BlockQ2_K, BlockQ3_K, BlockQ4_0, BlockQ4_1, BlockQ4_K, BlockQ5_0, BlockQ5_1, BlockQ5_K,
+    BlockQ6_K, BlockQ8_0,
+};
 use crate::{GgmlType, KernelError};
 
 /// A row-major weight matrix stored in ggml blocks, borrowed in place.
@@ -147,10 +150,10 @@ fn gemm<W: Pod + Sync, A: Copy + Sync>(
 }
 
 /// Fast path: activations are first converted to `w.ty.vec_dot_type()` (Q8_0
-/// for Q4_0/Q8_0, Q8_1 for Q4_1, f16/bf16 for F16/BF16 weights) exactly as
-/// ggml does, into `scratch`, then each output is one [`crate::dot`] call on
-/// the weight bytes in place. Supports the types with
-/// [`GgmlType::can_compute`].
+/// for Q4_0/Q5_0/Q8_0, Q8_1 for Q4_1/Q5_1, Q8_K for the K-quants, f16/bf16
+/// for F16/BF16 weights) exactly as ggml does, into `scratch`, then each
+/// output is one [`crate::dot`] call on the weight bytes in place. Supports
+/// the types with [`GgmlType::can_compute`].
 pub fn matmul(
     w: &WeightView,
     x: &[f32],
@@ -214,127 +217,126 @@ fn matmul_chunked_with(
         return Ok(Tiles::default());
     }
 
-    let vt = w.ty.vec_dot_type();
-    if vt != GgmlType::F32 {
-        quantize_activations(ks, vt, x, cols, scratch)?;
-    }
-    let act: &[u8] = scratch;
-    let bs = w.ty.block_size();
-    let k = cols / bs;
-    let tiles = match w.ty {
-        GgmlType::Q4_0 => gemm::<BlockQ4_0, BlockQ8_0>(
-            cast_slice(w.data),
-            cast_slice(act),
-            k,
-            rows,
-            n_tokens,
-            chunk,
-            y,
-            ks.q4_0,
-        ),
-        GgmlType::Q4_1 => gemm::<BlockQ4_1, BlockQ8_1>(
-            cast_slice(w.data),
-            cast_slice(act),
-            k,
-            rows,
-            n_tokens,
-            chunk,
-            y,
-            ks.q4_1,
-        ),
-        GgmlType::Q8_0 => gemm::<BlockQ8_0, BlockQ8_0>(
-            cast_slice(w.data),
-            cast_slice(act),
-            k,
-            rows,
-            n_tokens,
-            chunk,
-            y,
-            ks.q8_0,
-        ),
-        GgmlType::F16 => gemm::<F16Bytes, F16Bytes>(
-            cast_slice(w.data),
-            cast_slice(act),
-            k,
-            rows,
-            n_tokens,
-            chunk,
-            y,
-            ks.f16,
-        ),
-        GgmlType::BF16 => gemm::<Bf16Bytes, Bf16Bytes>(
-            cast_slice(w.data),
-            cast_slice(act),
-            k,
-            rows,
-            n_tokens,
-            chunk,
-            y,
-            ks.bf16,
-        ),
-        GgmlType::F32 => gemm::<F32Bytes, f32>(
-            cast_slice(w.data),
-            x,
-            k,
-            rows,
-            n_tokens,
-            chunk,
-            y,
-            ks.f32_le,
-        ),
-        _ => unreachable!("can_compute checked above"),
+    use GgmlType::*;
+    let (data, k) = (w.data, cols / w.ty.block_size());
+    let quant: QuantGemm = match w.ty {
+        Q4_0 => quant_gemm::<BlockQ4_0>,
+        Q4_1 => quant_gemm::<BlockQ4_1>,
+        Q5_0 => quant_gemm::<BlockQ5_0>,
+        Q5_1 => quant_gemm::<BlockQ5_1>,
+        Q8_0 => quant_gemm::<BlockQ8_0>,
+        Q2_K => quant_gemm::<BlockQ2_K>,
+        Q3_K => quant_gemm::<BlockQ3_K>,
+        Q4_K => quant_gemm::<BlockQ4_K>,
+        Q5_K => quant_gemm::<BlockQ5_K>,
+        Q6_K => quant_gemm::<BlockQ6_K>,
+        // ggml's F16 and BF16 weights take activations of their own type.
+        F16 => {
+            convert_rows(x, cols, 2 * cols, scratch, |src, dst| {
+                crate::quant::float::quantize_row_f16(src, cast_slice_mut(dst))
+            });
+            let kernel = ks.f16;
+            let (w, a) = (cast_slice(data), cast_slice(scratch));
+            return Ok(gemm::<F16Bytes, F16Bytes>(
+                w, a, k, rows, n_tokens, chunk, y, kernel,
+            ));
+        }
+        BF16 => {
+            convert_rows(x, cols, 2 * cols, scratch, |src, dst| {
+                crate::quant::float::quantize_row_bf16(src, cast_slice_mut(dst))
+            });
+            let kernel = ks.bf16;
+            let (w, a) = (cast_slice(data), cast_slice(scratch));
+            return Ok(gemm::<Bf16Bytes, Bf16Bytes>(
+                w, a, k, rows, n_tokens, chunk, y, kernel,
+            ));
+        }
+        F32 => {
+            let w = cast_slice(data);
+            return Ok(gemm::<F32Bytes, f32>(
+                w, x, k, rows, n_tokens, chunk, y, ks.f32_le,
+            ));
+        }
+        Q8_1 | Q8_K | IQ2_XXS | IQ2_XS | IQ3_XXS | IQ1_S | IQ4_NL | IQ3_S | IQ2_S | IQ4_XS
+        | IQ1_M | TQ1_0 | TQ2_0 | MXFP4 | NVFP4 | Q1_0 | I8 | I16 | I32 | I64 | F64 => {
+            return Err(KernelError::Unsupported {
+                ty: w.ty,
+                op: "matmul",
+            })
+        }
     };
-    Ok(tiles)
+    Ok(quant(ks, data, x, cols, n_tokens, chunk, y, scratch))
 }
 
-/// Converts each token's activations to `vt` into `scratch`
-/// (`n_tokens * vt.row_bytes(cols)` bytes).
-fn quantize_activations(
+/// [`quant_gemm`] for one weight type.
+type QuantGemm =
+    fn(&Kernels, &[u8], &[f32], usize, usize, usize, &mut [f32], &mut Vec<u8>) -> Tiles;
+
+/// A quantized weight type's fast path: each token's activations quantized
+/// to `W::Act` with the path's quantizer (the reference bytes) into
+/// `scratch`, then the path's GEMM for `W` over the weight bytes in place.
+#[allow(clippy::too_many_arguments)]
+fn quant_gemm<W: DotFormat>(
     ks: &Kernels,
-    vt: GgmlType,
+    data: &[u8],
     x: &[f32],
     cols: usize,
+    n_tokens: usize,
+    chunk: usize,
+    y: &mut [f32],
     scratch: &mut Vec<u8>,
-) -> Result<(), KernelError> {
-    let row = vt
-        .row_bytes(cols as u64)
-        .ok_or(KernelError::NotBlockMultiple {
-            ty: vt,
-            n: cols as u64,
-        })? as usize;
+) -> Tiles {
+    let k = cols / <W as crate::quant::BlockFormat>::BLOCK;
+    let quantize = <W::Act as ActFormat>::quantizer(ks);
+    convert_rows(
+        x,
+        cols,
+        k * std::mem::size_of::<W::Act>(),
+        scratch,
+        |src, dst| quantize(src, cast_slice_mut(dst)),
+    );
+    let rows = data.len() / (k * std::mem::size_of::<W>());
+    gemm::<W, W::Act>(
+        cast_slice(data),
+        cast_slice(scratch),
+        k,
+        rows,
+        n_tokens,
+        chunk,
+        y,
+        W::gemm(ks),
+    )
+}
+
+/// Converts each token's row of `x` (`cols` values) into `row` bytes of
+/// `scratch` with `f`, in parallel from four tokens on.
+fn convert_rows(
+    x: &[f32],
+    cols: usize,
+    row: usize,
+    scratch: &mut Vec<u8>,
+    f: impl Fn(&[f32], &mut [u8]) + Sync,
+) {
     let n_tokens = x.len() / cols;
     scratch.clear();
     scratch.resize(row * n_tokens, 0);
-    // Q8 through the path's quantizer (same bytes as the reference one).
-    let one = |src: &[f32], dst: &mut [u8]| match vt {
-        GgmlType::Q8_0 => {
-            (ks.quantize_q8_0)(src, cast_slice_mut(dst));
-            Ok(())
-        }
-        GgmlType::Q8_1 => {
-            (ks.quantize_q8_1)(src, cast_slice_mut(dst));
-            Ok(())
-        }
-        _ => quant::quantize_row(vt, src, dst),
-    };
     if n_tokens < 4 {
         for (dst, src) in scratch.chunks_exact_mut(row).zip(x.chunks_exact(cols)) {
-            one(src, dst)?;
+            f(src, dst);
         }
     } else {
         scratch
             .par_chunks_exact_mut(row)
             .zip(x.par_chunks_exact(cols))
-            .try_for_each(|(dst, src)| one(src, dst))?;
+            .for_each(|(dst, src)| f(src, dst));
     }
-    Ok(())
 }
 
 /// Exact path: each weight row is dequantized to f32 (one row at a time, in
 /// a buffer per task) and dotted with the f32 activations using f64 products
 /// and an f64 accumulator, rounded to f32 once at the end. The reference for
 /// accuracy checks against float32 frameworks. Supports every type
-/// [`crate::dequantize_row`] does (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q8_1).
+/// [`crate::dequantize_row`] does.
 pub fn matmul_exact(
     w: &WeightView,
     x: &[f32],

@@ -10,14 +10,21 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-/// Inverse frequencies of RoPE for the rotated pairs: `base^(-2i/dim) / factor_i`, where the
-/// factors are Llama 3.1's `rope_freqs` (1 when absent). Computed in f64 once per model.
-pub fn rope_inv_freqs(base: f32, rope_dim: usize, factors: Option<&[f32]>) -> Vec<f32> {
+/// Inverse frequencies of RoPE for the rotated pairs: `freq_scale * base^(-2i/dim) / factor_i`,
+/// where the factors are Llama 3.1's `rope_freqs` (1 when absent) and `freq_scale` is linear
+/// RoPE scaling's `1 / factor` (1 without it; llama.cpp's `freq_scale`, which multiplies the
+/// angle). Computed in f64 once per model.
+pub fn rope_inv_freqs(
+    base: f32,
+    rope_dim: usize,
+    factors: Option<&[f32]>,
+    freq_scale: f32,
+) -> Vec<f32> {
     (0..rope_dim / 2)
         .map(|i| {
             let f = (base as f64).powf(-2.0 * i as f64 / rope_dim as f64);
             let factor = factors.and_then(|v| v.get(i)).copied().unwrap_or(1.0) as f64;
-            (f / factor) as f32
+            (freq_scale as f64 * f / factor) as f32
         })
         .collect()
 }
@@ -216,7 +223,7 @@ mod tests {
 
     #[test]
     fn rope_rotates_pairs_by_position_times_frequency() {
-        let inv = rope_inv_freqs(10000.0, 4, None);
+        let inv = rope_inv_freqs(10000.0, 4, None, 1.0);
         assert_eq!(inv[0], 1.0);
         assert!((inv[1] - 0.01).abs() < 1e-9);
         let mut h = [1.0f32, 0.0, 1.0, 0.0];
@@ -231,9 +238,17 @@ mod tests {
 
     #[test]
     fn rope_factors_divide_frequencies() {
-        let inv = rope_inv_freqs(10000.0, 4, Some(&[2.0, 8.0]));
+        let inv = rope_inv_freqs(10000.0, 4, Some(&[2.0, 8.0]), 1.0);
         assert_eq!(inv[0], 0.5);
         assert!((inv[1] - 0.01 / 8.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn linear_scaling_multiplies_frequencies() {
+        // Linear RoPE scaling by 4 (freq_scale 1/4): position 4 turns as far as position 1 did.
+        let inv = rope_inv_freqs(10000.0, 4, Some(&[2.0, 8.0]), 0.25);
+        assert_eq!(inv[0], 0.125);
+        assert!((inv[1] - 0.01 / 32.0).abs() < 1e-9);
     }
 
     #[test]

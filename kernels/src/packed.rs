@@ -1,4 +1,6 @@
-//! Weights repacked at load into a 16-row interleaved layout (Q4_0, Q4_1, Q8_0).
+//! Weights repacked at load into a 16-row interleaved layout (Q4_0, Q4_1,
+//! Q8_0 here; Q5_0, Q4_K and Q6_K in [`kq`], with their own layouts and
+//! generic kernels).
 //!
 //! In the file a row's blocks follow one another (18 or 34 bytes each), so a
 //! SIMD kernel spends more instructions gathering bytes and scales than
@@ -59,6 +61,9 @@ mod avx512;
 mod avx512vnni;
 #[cfg(target_arch = "x86_64")]
 mod avxvnni;
+pub mod kq;
+#[cfg(test)]
+mod kq_tests;
 mod scalar;
 #[cfg(test)]
 mod tests;
@@ -70,9 +75,12 @@ use bytemuck::{Pod, Zeroable};
 use crate::buffer::Buffer;
 use crate::dot::Tiles;
 use crate::matmul::{check_len, WeightView};
-use crate::quant::{self, BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1};
+use crate::quant::{
+    self, BlockQ4_0, BlockQ4_1, BlockQ4_K, BlockQ5_0, BlockQ6_K, BlockQ8_0, BlockQ8_1, BlockQ8_K,
+};
 use crate::simd::{simd_path, SimdPath};
 use crate::{GgmlType, KernelError};
+pub use kq::ActBlockK;
 
 /// Rows per packed group: one per 32-bit lane of a 512-bit register.
 pub const GROUP_ROWS: usize = 16;
@@ -99,7 +107,9 @@ const _: () = assert!(std::mem::size_of::<ActBlock>() == 44);
 pub struct PackedScratch {
     q8: Vec<BlockQ8_0>,
     q8_1: Vec<BlockQ8_1>,
+    q8_k: Vec<BlockQ8_K>,
     act: Vec<ActBlock>,
+    act_k: Vec<ActBlockK>,
     /// Whether the Q8_0 activations of the last [`prepare_acts`] hold a -128.
     minus_128: bool,
 }
@@ -151,12 +161,17 @@ impl Out {
     }
 }
 
+use kq::PathTiles as KqTiles;
+
 /// The packed kernels of one path.
 pub struct PackedKernels {
     pub path: SimdPath,
     q4_0: PackedGemmFn,
     q4_1: PackedGemmFn,
     q8_0: PackedGemmFn,
+    q5_0: KqTiles<ActBlock>,
+    q4_k: KqTiles<ActBlockK>,
+    q6_k: KqTiles<ActBlockK>,
     /// Whether `q8_0` is exact for a -128 activation quant. The `vpmaddubsw`
     /// kernels' sign trick cannot negate it; quantizers give it only from a
     /// -inf that a NaN hid from the block maximum, or a block whose scale is
@@ -165,14 +180,58 @@ pub struct PackedKernels {
 }
 
 impl PackedKernels {
-    /// The kernel for `ty` weights, given whether the activations hold a
-    /// -128 quant (Q8_0 weights only; [`PackedScratch`] knows after quantizing).
-    fn gemm(&self, ty: GgmlType, minus_128: bool) -> PackedGemmFn {
+    /// The kernel for the Q8_0-activation formats, given whether the
+    /// activations hold a -128 quant (Q8_0 weights only; [`PackedScratch`]
+    /// knows after quantizing). `None` for the [`kq`] formats.
+    fn gemm(&self, f: Fmt, minus_128: bool) -> Option<PackedGemmFn> {
+        match f {
+            Fmt::Q4_0 => Some(self.q4_0),
+            Fmt::Q4_1 => Some(self.q4_1),
+            Fmt::Q8_0 if minus_128 && !self.q8_0_takes_minus_128 => Some(SCALAR.q8_0),
+            Fmt::Q8_0 => Some(self.q8_0),
+            Fmt::Q5_0 | Fmt::Q4K | Fmt::Q6K => None,
+        }
+    }
+}
+
+/// The formats [`PackedWeights`] holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fmt {
+    Q4_0,
+    Q4_1,
+    Q8_0,
+    Q5_0,
+    Q4K,
+    Q6K,
+}
+
+impl Fmt {
+    /// The packed format of `ty`, if it has one (each type named).
+    const fn of(ty: GgmlType) -> Option<Fmt> {
+        use GgmlType::*;
         match ty {
-            GgmlType::Q4_0 => self.q4_0,
-            GgmlType::Q4_1 => self.q4_1,
-            _ if minus_128 && !self.q8_0_takes_minus_128 => SCALAR.q8_0,
-            _ => self.q8_0,
+            Q4_0 => Some(Fmt::Q4_0),
+            Q4_1 => Some(Fmt::Q4_1),
+            Q8_0 => Some(Fmt::Q8_0),
+            GgmlType::Q5_0 => Some(Fmt::Q5_0),
+            Q4_K => Some(Fmt::Q4K),
+            Q6_K => Some(Fmt::Q6K),
+            // Q5_1, Q2_K, Q3_K and Q5_K run from the file layout ([`crate::matmul`]).
+            F32 | F16 | BF16 | Q5_1 | Q8_1 | Q2_K | Q3_K | Q5_K | Q8_K | IQ2_XXS | IQ2_XS
+            | IQ3_XXS | IQ1_S | IQ4_NL | IQ3_S | IQ2_S | IQ4_XS | I8 | I16 | I32 | I64 | F64
+            | IQ1_M | TQ1_0 | TQ2_0 | MXFP4 | NVFP4 | Q1_0 => None,
+        }
+    }
+
+    /// Bytes of a group of `k` blocks, if that fits a usize.
+    fn group_len(self, k: usize) -> Option<usize> {
+        match self {
+            Fmt::Q4_0 => group_len(256, 32, k),
+            Fmt::Q4_1 => group_len(256, 64, k),
+            Fmt::Q8_0 => group_len(512, 32, k),
+            Fmt::Q5_0 => k.div_ceil(2).checked_mul(kq::Q5_0_UNIT),
+            Fmt::Q4K => k.checked_mul(kq::Q4K_SB),
+            Fmt::Q6K => k.checked_mul(kq::Q6K_SB),
         }
     }
 }
@@ -184,6 +243,9 @@ pub static SCALAR: PackedKernels = PackedKernels {
     q4_0: scalar::gemm_q4_0,
     q4_1: scalar::gemm_q4_1,
     q8_0: scalar::gemm_q8_0,
+    q5_0: (kq::portable::<kq::Q5_0>(), 16),
+    q4_k: (kq::portable::<kq::Q4K>(), 16),
+    q6_k: (kq::portable::<kq::Q6K>(), 16),
     q8_0_takes_minus_128: true,
 };
 
@@ -229,14 +291,16 @@ pub fn packed_kernels() -> Option<&'static PackedKernels> {
     simd_path().ok().and_then(packed_kernels_for)
 }
 
-/// Whether [`PackedWeights::pack`] takes this type.
+/// Whether [`PackedWeights::pack`] takes this type: Q4_0, Q4_1, Q8_0, Q5_0,
+/// Q4_K and Q6_K.
 pub fn can_pack(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
+    Fmt::of(ty).is_some()
 }
 
 /// A weight matrix in the packed layout, with the kernels that read it.
 pub struct PackedWeights {
     ty: GgmlType,
+    fmt: Fmt,
     rows: usize,
     cols: usize,
     /// Bytes of one group (a multiple of 64).
@@ -254,22 +318,6 @@ impl std::fmt::Debug for PackedWeights {
             .field("bytes", &self.n_bytes())
             .field("path", &self.kernels.path)
             .finish()
-    }
-}
-
-/// Quant bytes per block in a group.
-fn group_quant_bytes(ty: GgmlType) -> usize {
-    match ty {
-        GgmlType::Q4_0 | GgmlType::Q4_1 => 256,
-        _ => 512,
-    }
-}
-
-/// Scale bytes per block in a group: 16 f16 scales (and 16 minimums for Q4_1).
-fn group_scale_bytes(ty: GgmlType) -> usize {
-    match ty {
-        GgmlType::Q4_1 => 64,
-        _ => 32,
     }
 }
 
@@ -304,19 +352,17 @@ impl PackedWeights {
     /// column count that is not a whole number of blocks, or data whose
     /// length disagrees with the shape.
     pub fn pack(w: &WeightView, kernels: &'static PackedKernels) -> Result<Self, KernelError> {
-        if !can_pack(w.ty) {
+        let Some(fmt) = Fmt::of(w.ty) else {
             return Err(KernelError::Unsupported {
                 ty: w.ty,
                 op: "pack",
             });
-        }
+        };
         let row_bytes = w.checked_row_bytes()?;
-        let k = w.cols / 32;
-        let group_bytes = group_len(group_quant_bytes(w.ty), group_scale_bytes(w.ty), k).ok_or(
-            KernelError::Overflow {
-                what: "packed group",
-            },
-        )?;
+        let k = w.cols / w.ty.block_size();
+        let group_bytes = fmt.group_len(k).ok_or(KernelError::Overflow {
+            what: "packed group",
+        })?;
         let groups = w.rows.div_ceil(GROUP_ROWS);
         let total = groups
             .checked_mul(group_bytes)
@@ -336,12 +382,13 @@ impl PackedWeights {
                         .chunks_exact(row_bytes)
                         .enumerate()
                     {
-                        pack_row(w.ty, src, i, dst);
+                        pack_row(fmt, src, i, dst);
                     }
                 });
         }
         Ok(PackedWeights {
             ty: w.ty,
+            fmt,
             rows: w.rows,
             cols: w.cols,
             group_bytes,
@@ -364,7 +411,7 @@ impl PackedWeights {
 
     /// Blocks per row.
     pub fn blocks(&self) -> usize {
-        self.cols / 32
+        self.cols / self.ty.block_size()
     }
 
     /// Memory the packed matrix holds.
@@ -372,8 +419,27 @@ impl PackedWeights {
         self.data.len()
     }
 
-    fn gemm_fn(&self, minus_128: bool) -> PackedGemmFn {
-        self.kernels.gemm(self.ty, minus_128)
+    /// Rows `r0..r0 + nr` times the activations `s` prepared for this
+    /// matrix's format ([`prepare_acts`]), written to `out`.
+    ///
+    /// Safety: [`PackedGemmFn`]'s, with `s`'s activations.
+    unsafe fn run(&self, r0: usize, nr: usize, s: &PackedScratch, out: Out) -> Tiles {
+        let ks = self.kernels;
+        // SAFETY (every arm): the caller's guarantee, passed on; the tables'
+        // kernels run only on CPUs with their features (packed_kernels_for).
+        unsafe {
+            match self.fmt {
+                Fmt::Q4_0 | Fmt::Q4_1 | Fmt::Q8_0 => {
+                    let gemm = ks
+                        .gemm(self.fmt, s.minus_128)
+                        .expect("Q8_0-activation format");
+                    gemm(self, r0, nr, &s.act, out)
+                }
+                Fmt::Q5_0 => kq::gemm(self, r0, nr, &s.act, out, ks.q5_0.1, ks.q5_0.0),
+                Fmt::Q4K => kq::gemm(self, r0, nr, &s.act_k, out, ks.q4_k.1, ks.q4_k.0),
+                Fmt::Q6K => kq::gemm(self, r0, nr, &s.act_k, out, ks.q6_k.1, ks.q6_k.0),
+            }
+        }
     }
 
     /// Group g's bytes: its units of quants and scales ([`block_at`]).
@@ -383,11 +449,11 @@ impl PackedWeights {
 }
 
 /// Scatters one row (row `i` of its group) into the group's quants and
-/// scales ([`block_at`]), as 32-bit and 16-bit words (the group is 64-byte
-/// aligned, quants at multiples of 64 bytes and scales of 32 within it).
-fn pack_row(ty: GgmlType, src: &[u8], i: usize, group: &mut [u8]) {
-    let (qb, sb) = (group_quant_bytes(ty), group_scale_bytes(ty));
-    let put = |b: usize, d: [u8; 2], qs: &[u8], group: &mut [u8]| {
+/// scales ([`block_at`], or the [`kq`] layouts), as 32-bit and 16-bit words
+/// (the group is 64-byte aligned, quants at multiples of 64 bytes and
+/// scales of 32 within it).
+fn pack_row(f: Fmt, src: &[u8], i: usize, group: &mut [u8]) {
+    let put = |(qb, sb): (usize, usize), b: usize, d: [u8; 2], qs: &[u8], group: &mut [u8]| {
         let (qo, so) = block_at(qb, sb, b);
         group[so + 2 * i..so + 2 * i + 2].copy_from_slice(&d);
         let q32: &mut [u32] = bytemuck::cast_slice_mut(&mut group[qo..qo + qb]);
@@ -395,28 +461,31 @@ fn pack_row(ty: GgmlType, src: &[u8], i: usize, group: &mut [u8]) {
             q32[j * 16 + i] = u32::from_ne_bytes([four[0], four[1], four[2], four[3]]);
         }
     };
-    match ty {
-        GgmlType::Q4_0 => {
+    match f {
+        Fmt::Q4_0 => {
             let blocks: &[BlockQ4_0] = bytemuck::cast_slice(src);
             for (b, blk) in blocks.iter().enumerate() {
-                put(b, blk.d, &blk.qs, group);
+                put((256, 32), b, blk.d, &blk.qs, group);
             }
         }
-        GgmlType::Q4_1 => {
+        Fmt::Q4_1 => {
             let blocks: &[BlockQ4_1] = bytemuck::cast_slice(src);
             for (b, blk) in blocks.iter().enumerate() {
-                put(b, blk.d, &blk.qs, group);
-                let so = block_at(qb, sb, b).1 + 32 + 2 * i;
+                put((256, 64), b, blk.d, &blk.qs, group);
+                let so = block_at(256, 64, b).1 + 32 + 2 * i;
                 group[so..so + 2].copy_from_slice(&blk.m);
             }
         }
-        _ => {
+        Fmt::Q8_0 => {
             let blocks: &[BlockQ8_0] = bytemuck::cast_slice(src);
             for (b, blk) in blocks.iter().enumerate() {
                 // Stored as x + 128, the unsigned side of `vpdpbusd`.
-                put(b, blk.d, &blk.qs.map(|v| v as u8 ^ 0x80), group);
+                put((512, 32), b, blk.d, &blk.qs.map(|v| v as u8 ^ 0x80), group);
             }
         }
+        Fmt::Q5_0 => kq::pack_row_q5_0(bytemuck::cast_slice::<u8, BlockQ5_0>(src), i, group),
+        Fmt::Q4K => kq::pack_row_q4_k(bytemuck::cast_slice::<u8, BlockQ4_K>(src), i, group),
+        Fmt::Q6K => kq::pack_row_q6_k(bytemuck::cast_slice::<u8, BlockQ6_K>(src), i, group),
     }
 }
 
@@ -474,10 +543,9 @@ pub fn matmul_packed_multi(
         check_len("output", w.rows, y.len())?;
     }
     prepare_acts(ty, x, cols, scratch)?;
-    let (act, minus_128) = (&scratch.act, scratch.minus_128);
+    let s = &*scratch;
     use rayon::prelude::*;
     ws.par_iter_mut().for_each(|(w, y)| {
-        let gemm = w.gemm_fn(minus_128);
         let chunk = chunk_rows(w.rows, w.cols);
         y.par_chunks_mut(chunk).enumerate().for_each(|(c, out)| {
             let (r0, nr) = (c * chunk, out.len());
@@ -486,7 +554,7 @@ pub fn matmul_packed_multi(
                 ld: nr,
             };
             // SAFETY: one token; `out` is this chunk's own nr outputs.
-            unsafe { gemm(w, r0, nr, act, o) };
+            unsafe { w.run(r0, nr, s, o) };
         });
     });
     Ok(())
@@ -518,8 +586,7 @@ fn matmul_packed_chunked(
         return Ok(Tiles::default());
     }
     prepare_acts(w.ty, x, w.cols, scratch)?;
-    let act = &scratch.act;
-    let gemm = w.gemm_fn(scratch.minus_128);
+    let s = &*scratch;
     let out = Out {
         ptr: y.as_mut_ptr(),
         ld: w.rows,
@@ -533,13 +600,14 @@ fn matmul_packed_chunked(
             let nr = chunk.min(rows - r0);
             // SAFETY: y holds n_tokens x rows (checked above); chunk c writes
             // y[t * rows + r0 + i] for i < nr only, columns no other chunk writes.
-            unsafe { gemm(w, r0, nr, act, out.offset(r0)) }
+            unsafe { w.run(r0, nr, s, out.offset(r0)) }
         })
         .sum())
 }
 
-/// Quantizes each token's row to Q8_0 (Q8_1 for Q4_1 weights) and rewrites
-/// the blocks as the packed kernels for `ty` weights read them.
+/// Quantizes each token's row to Q8_0 (Q8_1 for Q4_1 weights, Q8_K for the
+/// K-quants) and rewrites the blocks as the packed kernels for `ty` weights
+/// read them.
 fn prepare_acts(
     ty: GgmlType,
     x: &[f32],
@@ -547,11 +615,36 @@ fn prepare_acts(
     s: &mut PackedScratch,
 ) -> Result<(), KernelError> {
     let ks = crate::dot::kernels()?;
-    let k = cols / 32;
+    let fmt = Fmt::of(ty).ok_or(KernelError::Unsupported { ty, op: "pack" })?;
     let n = x.len() / cols;
+    if matches!(fmt, Fmt::Q4K | Fmt::Q6K) {
+        let k = cols / quant::QK_K;
+        s.q8_k.resize(n * k, BlockQ8_K::zeroed());
+        s.act_k.resize(n * k, ActBlockK::zeroed());
+        let (q8, act) = (&mut s.q8_k[..n * k], &mut s.act_k[..n * k]);
+        let f = |(src, (q, a)): (&[f32], (&mut [BlockQ8_K], &mut [ActBlockK]))| {
+            (ks.quantize_q8_k)(src, q);
+            for (a, b) in a.iter_mut().zip(q.iter()) {
+                *a = ActBlockK::new(b);
+            }
+        };
+        use rayon::prelude::*;
+        if n < 4 {
+            x.chunks_exact(cols)
+                .zip(q8.chunks_exact_mut(k).zip(act.chunks_exact_mut(k)))
+                .for_each(f);
+        } else {
+            x.par_chunks_exact(cols)
+                .zip(q8.par_chunks_exact_mut(k).zip(act.par_chunks_exact_mut(k)))
+                .for_each(f);
+        }
+        s.minus_128 = false;
+        return Ok(());
+    }
+    let k = cols / 32;
     // Every element is overwritten below: resize only grows the buffers, no clearing pass.
     s.act.resize(n * k, ActBlock::default());
-    if ty == GgmlType::Q4_1 {
+    if fmt == Fmt::Q4_1 {
         s.q8_1.resize(n * k, BlockQ8_1::zeroed());
         each_token(x, cols, &mut s.q8_1, &mut s.act, |src, q8, act| {
             (ks.quantize_q8_1)(src, q8);
@@ -624,17 +717,30 @@ fn each_token<Q: Send>(
     }
 }
 
-/// One Q8_0 activation block as the packed kernels for `ty` (Q4_0 or Q8_0)
-/// weights read it.
+/// The offset a packed format's stored quants carry, which `ActBlock::c`
+/// takes back off: Q4_0 nibbles are x + 8, Q5_0's five bits x + 16, Q8_0
+/// bytes x + 128.
+pub(crate) fn act_offset(ty: GgmlType) -> i32 {
+    match Fmt::of(ty) {
+        Some(Fmt::Q4_0) => 8,
+        Some(Fmt::Q5_0) => 16,
+        Some(Fmt::Q8_0) => 128,
+        Some(Fmt::Q4_1 | Fmt::Q4K | Fmt::Q6K) | None => {
+            panic!("{ty} weights take no Q8_0 activation blocks")
+        }
+    }
+}
+
+/// One Q8_0 activation block as the packed kernels for `ty` (Q4_0, Q5_0 or
+/// Q8_0) weights read it.
 pub(crate) fn act_block(ty: GgmlType, b: &BlockQ8_0) -> ActBlock {
     let mut a = ActBlock {
         d: quant::scale(b.d),
         ..ActBlock::default()
     };
     a.qs = bytemuck::cast(b.qs);
-    // The weights' offset times sum(y): Q4_0 nibbles are x + 8, Q8_0 bytes x + 128.
-    let offset = if ty == GgmlType::Q4_0 { 8 } else { 128 };
-    a.c = -offset * b.qs.iter().map(|&v| v as i32).sum::<i32>();
+    // The weights' offset times sum(y).
+    a.c = -act_offset(ty) * b.qs.iter().map(|&v| v as i32).sum::<i32>();
     a
 }
 

@@ -152,12 +152,12 @@ impl GgmlType {
     }
 
     /// Elements per block (1 for the plain scalar types).
-    pub fn block_size(self) -> usize {
+    pub const fn block_size(self) -> usize {
         self.traits().block_size
     }
 
     /// Bytes per block.
-    pub fn type_size(self) -> usize {
+    pub const fn type_size(self) -> usize {
         self.traits().type_size
     }
 
@@ -170,10 +170,18 @@ impl GgmlType {
         self.traits().is_quantized
     }
 
-    /// Types [`crate::matmul::matmul`] can run today.
-    pub fn can_compute(self) -> bool {
+    /// Types [`crate::matmul::matmul`] can run as weights (each named: a
+    /// new type does not compile until someone decides).
+    pub const fn can_compute(self) -> bool {
         use GgmlType::*;
-        matches!(self, F32 | F16 | BF16 | Q8_0 | Q4_0 | Q4_1)
+        match self {
+            F32 | F16 | BF16 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q2_K | Q3_K | Q4_K | Q5_K
+            | Q6_K => true,
+            // Activation-only formats (ggml has no dot product with them as weights).
+            Q8_1 | Q8_K => false,
+            IQ2_XXS | IQ2_XS | IQ3_XXS | IQ1_S | IQ4_NL | IQ3_S | IQ2_S | IQ4_XS | IQ1_M
+            | TQ1_0 | TQ2_0 | MXFP4 | NVFP4 | Q1_0 | I8 | I16 | I32 | I64 | F64 => false,
+        }
     }
 
     /// Bytes taken by `n_elements` values; `None` when `n_elements` is not a

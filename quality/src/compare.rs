@@ -16,11 +16,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use airlock_convert::{OutType, Policy};
-use airlock_engine::gguf::{write_atomic, WriteError};
+use airlock_engine::gguf::WriteError;
 use airlock_engine::kld::{kl_divergence, BaseFile, BaseWriter};
 use airlock_engine::llama::{KvType, Logits, Session};
 use airlock_engine::load::{load, LoadOptions, LoadedModel};
 use airlock_engine::memory::MemoryEstimate;
+use airlock_engine::output::{write_file, Inputs, OutputError};
 use airlock_engine::perplexity::{check_text, run_chunks, PerplexityError, PerplexityParams};
 use airlock_kernels::GgmlType;
 use serde::Serialize;
@@ -57,6 +58,8 @@ pub enum CompareError {
     Convert(#[from] airlock_convert::ConvertError),
     #[error(transparent)]
     Write(#[from] WriteError),
+    #[error(transparent)]
+    Output(#[from] OutputError),
     #[error("writing the report: {0}")]
     Report(String),
 }
@@ -291,6 +294,8 @@ pub fn compare(
             pre: None,
             progress: false,
             allow_nonfinite: false,
+            // A fresh path in compare's own temporary directory.
+            overwrite: false,
         })
         .map_err(|e| match e {
             airlock_convert::ConvertError::Interrupted(_) => CompareError::Interrupted,
@@ -330,6 +335,9 @@ pub fn compare(
                     allow_requantize: false,
                     progress: false,
                     allow_nonfinite: false,
+                    // The base was checked when it was opened; this output is our own.
+                    require_signature: None,
+                    overwrite: false,
                 });
                 match r {
                     Ok(_) => (out, Some(t.name().to_string())),
@@ -516,7 +524,8 @@ fn measure(
         ));
         let vocab = loaded.model.config.vocab_size;
         let head = &tokens[..n_chunks * opts.n_ctx];
-        let (estimate, n, time) = write_atomic(base_file, |w| {
+        let (estimate, n, time) = // A fresh path in compare's own temporary directory.
+        write_file(base_file, Inputs::new([&path]), false, |w| {
             let mut on_chunk = |e: &airlock_engine::perplexity::Estimate| {
                 progress(Progress::Count {
                     done: e.chunks,
@@ -684,9 +693,11 @@ pub fn write_reports(dir: &Path, r: &Report) -> Result<(), CompareError> {
         ("report.json", json + "\n"),
         ("report.svg", svg),
     ] {
-        write_atomic(dir.join(name), |w| {
+        // -o DIR is compare's own report directory: its reports are replaced on each run.
+        write_file(&dir.join(name), Inputs::new::<&Path>([]), true, |w| {
             use std::io::Write;
-            w.write_all(body.as_bytes()).map_err(WriteError::Io)
+            w.write_all(body.as_bytes())
+                .map_err(|e| CompareError::Write(WriteError::Io(e)))
         })?;
     }
     Ok(())

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use airlock_engine::gguf::GgufFile;
 use airlock_engine::llama::{KvType, LlamaModel, Logits, Precision, Session};
 use airlock_engine::load::tokenizer_for;
+use airlock_engine::signature::Requirement;
 use airlock_engine::tokenizer::Tokenizer;
 use airlock_quality::eval::{evaluate, EvalParams, Prompting, Score, Summary};
 use airlock_quality::tasks::{load_tasks, Task, TaskFormat};
@@ -25,7 +26,7 @@ fn smollm2() -> (LlamaModel, Tokenizer) {
         path.display()
     );
     let f = Arc::new(GgufFile::open(&path).unwrap());
-    let tok = tokenizer_for(&f, &path, None).unwrap();
+    let tok = tokenizer_for(&f, &path, None, &Requirement::none()).unwrap();
     (LlamaModel::load(f).unwrap(), tok)
 }
 

@@ -2,10 +2,11 @@
 //! chat and text completions.
 
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use airlock_engine::chat::{tokenize_chat, ChatError, ChatMessage, ChatTemplate};
 use airlock_engine::generate::{GenerateParams, Generation, StopReason};
@@ -13,8 +14,8 @@ use airlock_engine::load::LoadedModel;
 use airlock_engine::sampling::{Sampler, SamplerConfig, SamplingError};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
@@ -25,20 +26,33 @@ use serde_json::{json, Map, Value};
 use subtle::ConstantTimeEq;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
-use crate::scheduler::{Event, Job};
+use crate::metrics::HttpCounts;
+use crate::scheduler::{Event, Job, Penalties, Stats, TokenLogprob};
 use crate::ServerConfig;
 
 pub struct AppState {
-    loaded: Arc<LoadedModel>,
+    pub(crate) loaded: Arc<LoadedModel>,
     template: Option<ChatTemplate>,
     queue: SyncSender<Job>,
     keys: Vec<Vec<u8>>,
-    model_name: String,
+    pub(crate) model_name: String,
     defaults: SamplerConfig,
     fingerprint: String,
     started: u64,
     counter: AtomicU64,
     pub draining: AtomicBool,
+    pub(crate) stats: Arc<Stats>,
+    pub(crate) http: HttpCounts,
+    pub(crate) n_slots: usize,
+    /// Origins that get CORS headers (`--cors-origin`; "*" = any).
+    cors: Vec<String>,
+    /// Bound to loopback: requests must name a loopback host or one of `allow_hosts`.
+    check_host: bool,
+    allow_hosts: Vec<String>,
+    timeout: Option<Duration>,
+    max_tokens: Option<usize>,
+    log_prompts: bool,
+    page: crate::page::Page,
 }
 
 impl AppState {
@@ -48,6 +62,8 @@ impl AppState {
         queue: SyncSender<Job>,
         cfg: &ServerConfig,
         fingerprint: String,
+        stats: Arc<Stats>,
+        loopback: bool,
     ) -> Self {
         AppState {
             loaded,
@@ -60,6 +76,16 @@ impl AppState {
             started: unix_now(),
             counter: AtomicU64::new(0),
             draining: AtomicBool::new(false),
+            stats,
+            http: HttpCounts::default(),
+            n_slots: cfg.parallel,
+            cors: cfg.cors_origins.clone(),
+            check_host: loopback,
+            allow_hosts: cfg.allow_hosts.clone(),
+            timeout: cfg.timeout,
+            max_tokens: cfg.max_tokens,
+            log_prompts: cfg.log_prompts,
+            page: crate::page::Page::new(),
         }
     }
 }
@@ -70,17 +96,56 @@ type AppStateRef = Arc<AppState>;
 const MAX_STOP: usize = 16;
 const MAX_STOP_BYTES: usize = 256;
 
+/// Most alternatives `top_logprobs` / completions' `logprobs` may ask for.
+const MAX_TOP_LOGPROBS: u64 = 20;
+
 pub fn router(state: AppStateRef, max_body: usize) -> Router {
+    // Layers run outermost last-added first: count the request, check its Host, answer CORS
+    // preflights (which carry no key), then check the key.
     Router::new()
+        .route("/", get(page))
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
+        .route("/tokenize", post(tokenize_route))
+        .route("/detokenize", post(detokenize_route))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
         .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .layer(middleware::from_fn_with_state(state.clone(), cors))
+        .layer(middleware::from_fn_with_state(state.clone(), host_check))
+        .layer(middleware::from_fn_with_state(state.clone(), count))
         .with_state(state)
+}
+
+/// What answers while the model loads: 503 everywhere (`/health` says "loading"), so a load
+/// balancer or a client sees the server is coming rather than a hanging connection.
+pub fn loading_router() -> Router {
+    Router::new()
+        .route(
+            "/health",
+            get(|| async {
+                let mut r = (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Json(json!({"status": "loading"})),
+                )
+                    .into_response();
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                r
+            }),
+        )
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("loading"),
+                "the model is still loading; retry shortly".into(),
+            )
+        })
 }
 
 fn unix_now() -> u64 {
@@ -169,8 +234,9 @@ async fn not_found(req: Request) -> ApiError {
         "invalid_request_error",
         Some("not_found"),
         format!(
-            "no route {} {}: the API has GET /health, GET /v1/models, POST /v1/chat/completions \
-             and POST /v1/completions",
+            "no route {} {}: the API has GET /health, GET /metrics, GET /v1/models, \
+             POST /v1/chat/completions, POST /v1/completions, POST /tokenize, POST /detokenize \
+             and the chat page at GET /",
             req.method(),
             req.uri().path()
         ),
@@ -186,10 +252,134 @@ async fn method_not_allowed(req: Request) -> ApiError {
     )
 }
 
-/// Every route but /health needs a key when keys are set. Keys are compared in constant time
-/// (each candidate against each key; a length difference shows only as a mismatch).
+/// Counts every response by route and status for /metrics (routes by their pattern, so the
+/// series stay few whatever paths clients send).
+async fn count(State(st): State<AppStateRef>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("other", |p| match p.as_str() {
+            "/" => "/",
+            "/health" => "/health",
+            "/metrics" => "/metrics",
+            "/v1/models" => "/v1/models",
+            "/v1/chat/completions" => "/v1/chat/completions",
+            "/v1/completions" => "/v1/completions",
+            "/tokenize" => "/tokenize",
+            "/detokenize" => "/detokenize",
+            _ => "other",
+        });
+    let resp = next.run(req).await;
+    st.http.add(route, resp.status().as_u16());
+    resp
+}
+
+/// Is `host` (a Host header: name or address, maybe a port) a loopback name, or one allowed
+/// with --allow-host? Names compare without their port and case.
+pub(crate) fn host_allowed(host: &str, allowed: &[String]) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        // [v6]:port
+        rest.split(']').next().unwrap_or("")
+    } else {
+        match host.rsplit_once(':') {
+            Some((n, port)) if port.bytes().all(|b| b.is_ascii_digit()) => n,
+            _ => host,
+        }
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        || allowed
+            .iter()
+            .any(|a| a.eq_ignore_ascii_case(name) || a.eq_ignore_ascii_case(host))
+}
+
+/// On a loopback bind, a request whose Host is not a loopback name is refused: a web page
+/// whose name an attacker re-points at 127.0.0.1 (DNS rebinding) must not reach the model
+/// from an analyst's browser. A request without Host (HTTP/1.0) cannot come from a browser.
+async fn host_check(State(st): State<AppStateRef>, req: Request, next: Next) -> Response {
+    if st.check_host {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .map(|h| h.to_str().unwrap_or("\u{fffd}"))
+            .or_else(|| req.uri().authority().map(|a| a.as_str()));
+        if let Some(host) = host {
+            if !host_allowed(host, &st.allow_hosts) {
+                eprintln!("refused a request for Host {host:?} (not loopback; see --allow-host)");
+                return ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "invalid_request_error",
+                    Some("host_not_allowed"),
+                    format!(
+                        "Host {host:?} is not allowed: this server listens on loopback and \
+                         answers only requests for localhost or a loopback address (a proxy \
+                         should send `Host: 127.0.0.1`, or start the server with --allow-host \
+                         NAME)"
+                    ),
+                )
+                .into_response();
+            }
+        }
+    }
+    next.run(req).await
+}
+
+/// CORS only for the origins given with --cors-origin: a preflight from one of them is
+/// answered here (it carries no key), and its other responses get the allow-origin header.
+/// Without the flag no CORS header is ever sent, so browsers keep other sites' pages out.
+async fn cors(State(st): State<AppStateRef>, req: Request, next: Next) -> Response {
+    if st.cors.is_empty() {
+        return next.run(req).await;
+    }
+    let allowed = req
+        .headers()
+        .get(header::ORIGIN)
+        .and_then(|o| o.to_str().ok())
+        .filter(|o| st.cors.iter().any(|c| c == "*" || c == o))
+        .map(|o| {
+            if st.cors.iter().any(|c| c == o) {
+                o.to_string()
+            } else {
+                "*".to_string()
+            }
+        });
+    let Some(origin) = allowed.and_then(|o| HeaderValue::from_str(&o).ok()) else {
+        return next.run(req).await;
+    };
+    let preflight = req.method() == Method::OPTIONS
+        && req
+            .headers()
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    let mut resp = if preflight {
+        let mut r = StatusCode::NO_CONTENT.into_response();
+        let h = r.headers_mut();
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("GET, POST, OPTIONS"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static("Authorization, Content-Type"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("600"),
+        );
+        r
+    } else {
+        next.run(req).await
+    };
+    let h = resp.headers_mut();
+    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    h.append(header::VARY, HeaderValue::from_static("Origin"));
+    resp
+}
+
+/// Every route but /health and the chat page needs a key when keys are set (the page holds
+/// no data: it asks for the key and sends it with each call). Keys are compared in constant
+/// time (each candidate against each key; a length difference shows only as a mismatch).
 async fn auth(State(st): State<AppStateRef>, req: Request, next: Next) -> Response {
-    if st.keys.is_empty() || req.uri().path() == "/health" {
+    if st.keys.is_empty() || req.uri().path() == "/health" || req.uri().path() == "/" {
         return next.run(req).await;
     }
     let given = req
@@ -250,6 +440,102 @@ async fn models(State(st): State<AppStateRef>) -> Json<Value> {
     }))
 }
 
+/// The chat page: one static document built into the binary, with a Content-Security-Policy
+/// that lets it load nothing from anywhere else.
+async fn page(State(st): State<AppStateRef>) -> Response {
+    st.page.response()
+}
+
+async fn metrics(State(st): State<AppStateRef>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        crate::metrics::render(&st),
+    )
+        .into_response()
+}
+
+/// llama-server's POST /tokenize: `content`, `add_special` (BOS; default false),
+/// `parse_special` (control-token texts become their ids; default true), `with_pieces`.
+async fn tokenize_route(
+    State(st): State<AppStateRef>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let m = parse_body(body)?;
+    let content = match field(&m, "content") {
+        Some(Value::String(s)) => s.clone(),
+        Some(_) => return Err(ApiError::bad("`content` must be a string")),
+        None => return Err(ApiError::bad("`content` is required")),
+    };
+    let add_special = opt_bool(&m, "add_special")?.unwrap_or(false);
+    let parse_special = opt_bool(&m, "parse_special")?.unwrap_or(true);
+    let with_pieces = opt_bool(&m, "with_pieces")?.unwrap_or(false);
+    let st2 = st.clone();
+    let ids = tokio::task::spawn_blocking(move || {
+        let tok = &st2.loaded.tokenizer;
+        tok.encode(
+            &content,
+            add_special && tok.add_bos_default(),
+            parse_special,
+        )
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("tokenizing failed: {e}")))?
+    .map_err(|e| ApiError::bad(format!("`content` cannot be tokenized: {e}")))?;
+    let tok = &st.loaded.tokenizer;
+    let tokens: Vec<Value> = if with_pieces {
+        ids.iter()
+            .map(|&id| {
+                let bytes = tok.token_piece(id).unwrap_or(&[]);
+                // As llama-server: the piece as a string when it is valid UTF-8, else its bytes.
+                let piece = match std::str::from_utf8(bytes) {
+                    Ok(s) => json!(s),
+                    Err(_) => json!(bytes),
+                };
+                json!({"id": id, "piece": piece})
+            })
+            .collect()
+    } else {
+        ids.iter().map(|&id| json!(id)).collect()
+    };
+    Ok(Json(json!({ "tokens": tokens })))
+}
+
+/// llama-server's POST /detokenize: `tokens` (ids) in, `content` out (control tokens
+/// rendered as their text, as llama-server does).
+async fn detokenize_route(
+    State(st): State<AppStateRef>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let m = parse_body(body)?;
+    let list = match field(&m, "tokens") {
+        Some(Value::Array(a)) => a,
+        Some(_) => return Err(ApiError::bad("`tokens` must be an array of token ids")),
+        None => return Err(ApiError::bad("`tokens` is required")),
+    };
+    let n_vocab = st.loaded.tokenizer.vocab_size();
+    let mut ids = Vec::with_capacity(list.len());
+    for (i, v) in list.iter().enumerate() {
+        match v.as_u64() {
+            Some(id) if id < n_vocab as u64 => ids.push(id as u32),
+            _ => {
+                return Err(ApiError::bad(format!(
+                    "`tokens[{i}]` = {v} is not a token id (0 to {})",
+                    n_vocab - 1
+                )))
+            }
+        }
+    }
+    let content = st
+        .loaded
+        .tokenizer
+        .decode(&ids, true)
+        .map_err(|e| ApiError::bad(format!("`tokens`: {e}")))?;
+    Ok(Json(json!({ "content": content })))
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Chat,
@@ -277,6 +563,10 @@ struct Parsed {
     params: GenerateParams,
     stream: bool,
     include_usage: bool,
+    /// Alternatives per token when log-probabilities are asked for.
+    logprobs: Option<usize>,
+    penalties: Penalties,
+    cache_prompt: bool,
 }
 
 enum Input {
@@ -363,22 +653,48 @@ fn parse_request(m: &Map<String, Value>, kind: Kind, st: &AppState) -> Result<Pa
             ));
         }
     }
-    let logprobs_wanted = match field(m, "logprobs") {
-        None => false,
-        Some(Value::Bool(b)) => *b,
-        Some(_) if kind == Kind::Text => true,
-        Some(_) => return Err(ApiError::bad("`logprobs` must be true or false")),
-    };
-    if logprobs_wanted {
-        return Err(ApiError::unsupported("`logprobs` is not supported yet"));
-    }
-    for name in ["presence_penalty", "frequency_penalty"] {
-        if opt_f32(m, name)?.is_some_and(|x| x != 0.0) {
-            return Err(ApiError::unsupported(format!(
-                "`{name}` is not supported yet (use `repeat_penalty`)"
+    // Chat: `logprobs` true/false and `top_logprobs` alternatives; completions: `logprobs`
+    // is the number of alternatives.
+    let top_range = |name: &str, n: u64| -> Result<usize, ApiError> {
+        if n > MAX_TOP_LOGPROBS {
+            return Err(ApiError::bad(format!(
+                "`{name}` = {n} is too large (at most {MAX_TOP_LOGPROBS})"
             )));
         }
+        Ok(n as usize)
+    };
+    let logprobs = match kind {
+        Kind::Chat => {
+            let on = opt_bool(m, "logprobs")?.unwrap_or(false);
+            let top = opt_u64(m, "top_logprobs")?;
+            match (on, top) {
+                (false, None | Some(0)) => None,
+                (false, Some(_)) => {
+                    return Err(ApiError::bad("`top_logprobs` needs `logprobs`: true"))
+                }
+                (true, top) => Some(top_range("top_logprobs", top.unwrap_or(0))?),
+            }
+        }
+        Kind::Text => match opt_u64(m, "logprobs")? {
+            None => None,
+            Some(n) => Some(top_range("logprobs", n)?),
+        },
+    };
+    let mut penalties = Penalties::default();
+    for (name, slot) in [
+        ("presence_penalty", &mut penalties.presence),
+        ("frequency_penalty", &mut penalties.frequency),
+    ] {
+        if let Some(x) = opt_f32(m, name)? {
+            if !(-2.0..=2.0).contains(&x) {
+                return Err(ApiError::bad(format!(
+                    "`{name}` = {x} is out of range: expected a number from -2 to 2"
+                )));
+            }
+            *slot = x;
+        }
     }
+    let cache_prompt = opt_bool(m, "cache_prompt")?.unwrap_or(true);
     if kind == Kind::Text && opt_bool(m, "echo")? == Some(true) {
         return Err(ApiError::unsupported("`echo` is not supported"));
     }
@@ -422,9 +738,18 @@ fn parse_request(m: &Map<String, Value>, kind: Kind, st: &AppState) -> Result<Pa
             .ok_or_else(|| ApiError::bad("`seed` must be an integer"))?;
         sampler.seed = Some(s);
     }
-    let max_tokens = match opt_u64(m, "max_completion_tokens")? {
-        Some(n) => Some(n),
-        None => opt_u64(m, "max_tokens")?,
+    let (mt_name, max_tokens) = match opt_u64(m, "max_completion_tokens")? {
+        Some(n) => ("max_completion_tokens", Some(n)),
+        None => ("max_tokens", opt_u64(m, "max_tokens")?),
+    };
+    let max_tokens = match (max_tokens, st.max_tokens) {
+        (Some(n), Some(cap)) if n > cap as u64 => {
+            return Err(ApiError::bad(format!(
+                "`{mt_name}` = {n} is more than this server allows ({cap}, its --max-tokens)"
+            )))
+        }
+        (Some(n), _) => Some(n.min(usize::MAX as u64) as usize),
+        (None, cap) => cap,
     };
     let stop = match field(m, "stop") {
         None => Vec::new(),
@@ -455,7 +780,7 @@ fn parse_request(m: &Map<String, Value>, kind: Kind, st: &AppState) -> Result<Pa
         Some(_) => return Err(ApiError::bad("`stream_options` must be an object")),
     };
     let params = GenerateParams {
-        max_tokens: max_tokens.map(|n| n as usize),
+        max_tokens,
         batch: 0,
         stop,
         ignore_eos: opt_bool(m, "ignore_eos")?.unwrap_or(false),
@@ -467,6 +792,9 @@ fn parse_request(m: &Map<String, Value>, kind: Kind, st: &AppState) -> Result<Pa
         params,
         stream,
         include_usage,
+        logprobs,
+        penalties,
+        cache_prompt,
     })
 }
 
@@ -599,8 +927,29 @@ fn finish_reason(r: StopReason) -> &'static str {
     }
 }
 
-fn usage(prompt: usize, completion: usize) -> Value {
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+fn usage(prompt: usize, cached: usize, completion: usize) -> Value {
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    })
+}
+
+fn queue_timeout(st: &AppState, id: &str) -> ApiError {
+    eprintln!("{id}: timed out waiting for a slot (--timeout)");
+    st.stats.timed_out.fetch_add(1, Ordering::Relaxed);
+    let timeout = st.timeout;
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server_error",
+        Some("timeout"),
+        format!(
+            "the server is busy: no slot came free within this server's request time limit \
+             ({} s, --timeout); retry later",
+            timeout.map_or(0.0, |t| t.as_secs_f64())
+        ),
+    )
 }
 
 async fn complete(
@@ -608,10 +957,21 @@ async fn complete(
     body: Result<Bytes, BytesRejection>,
     kind: Kind,
 ) -> Result<Response, ApiError> {
+    // The request's time limit counts from its arrival: queueing, prompt and generation.
+    let deadline = st.timeout.map(|t| Instant::now() + t);
     let m = parse_body(body)?;
     let parsed = parse_request(&m, kind, &st)?;
     drop(m);
     let sampler = Sampler::new(parsed.sampler).map_err(sampling_error)?;
+    let log_input = st.log_prompts.then(|| match &parsed.input {
+        Input::Prompt(p) => format!("{p:?}"),
+        Input::Messages(ms) => Value::Array(
+            ms.iter()
+                .map(|m| json!({"role": m.role, "content": m.content}))
+                .collect(),
+        )
+        .to_string(),
+    });
     let prompt = {
         let st = st.clone();
         let input = parsed.input;
@@ -625,7 +985,7 @@ async fn complete(
         Kind::Chat => format!("chatcmpl-{:x}{n:06x}", st.started),
         Kind::Text => format!("cmpl-{:x}{n:06x}", st.started),
     };
-    let (tx, rx) = unbounded_channel();
+    let (tx, mut rx) = unbounded_channel();
     let generation = Generation::new(sampler, &parsed.params, &prompt);
     let prompt_len = prompt.len();
     let job = Job {
@@ -633,10 +993,18 @@ async fn complete(
         prompt,
         generation,
         events: tx,
+        cache_prompt: parsed.cache_prompt,
+        logprobs: parsed.logprobs,
+        max_tokens: parsed.params.max_tokens,
+        penalties: parsed.penalties,
+        deadline,
+        log_text: st.log_prompts,
     };
+    st.stats.queued.fetch_add(1, Ordering::Relaxed);
     match st.queue.try_send(job) {
         Ok(()) => {}
         Err(TrySendError::Full(_)) => {
+            st.stats.queued.fetch_sub(1, Ordering::Relaxed);
             eprintln!("{id}: refused, the queue is full");
             return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -647,12 +1015,13 @@ async fn complete(
             ));
         }
         Err(TrySendError::Disconnected(_)) => {
+            st.stats.queued.fetch_sub(1, Ordering::Relaxed);
             return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
                 Some("shutting_down"),
                 "the server is shutting down".into(),
-            ))
+            ));
         }
     }
     eprintln!(
@@ -667,12 +1036,42 @@ async fn complete(
             .map_or("none".to_string(), |n| n.to_string()),
         parsed.stream
     );
+    if let Some(text) = log_input {
+        eprintln!("{id}: prompt: {text}");
+    }
+    // Wait for a slot, at most until the deadline; giving up drops the receiver, so the
+    // scheduler skips the request.
+    let first = match deadline {
+        Some(d) => match tokio::time::timeout_at(d.into(), rx.recv()).await {
+            Ok(ev) => ev,
+            Err(_) => return Err(queue_timeout(&st, &id)),
+        },
+        None => rx.recv().await,
+    };
+    match first {
+        Some(Event::Started { .. }) => {}
+        Some(Event::Error(e)) => return Err(ApiError::internal(e)),
+        Some(_) => return Err(ApiError::internal("the scheduler skipped the start")),
+        None if deadline.is_some_and(|d| Instant::now() >= d) => {
+            return Err(queue_timeout(&st, &id))
+        }
+        None => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("shutting_down"),
+                "the server is shutting down".into(),
+            ))
+        }
+    }
     let head = Head {
         id,
         created: unix_now(),
         model: st.model_name.clone(),
         fingerprint: st.fingerprint.clone(),
         kind,
+        logprobs: parsed.logprobs.is_some(),
+        st: st.clone(),
     };
     if parsed.stream {
         Ok(stream_response(head, rx, parsed.include_usage))
@@ -688,6 +1087,9 @@ struct Head {
     model: String,
     fingerprint: String,
     kind: Kind,
+    /// Log-probabilities were asked for (`logprobs` is then an object, else null).
+    logprobs: bool,
+    st: AppStateRef,
 }
 
 impl Head {
@@ -707,18 +1109,86 @@ impl Head {
         })
     }
 
+    /// The `logprobs` of a choice for these tokens: OpenAI's chat shape (`content`: token,
+    /// logprob, bytes, top_logprobs) or its completions shape (tokens, token_logprobs,
+    /// top_logprobs, text_offset, counted from `offset` bytes into the text).
+    fn logprobs(&self, lps: &[TokenLogprob], offset: usize) -> Value {
+        if !self.logprobs {
+            return Value::Null;
+        }
+        let tok = &self.st.loaded.tokenizer;
+        let piece = |id: u32| tok.token_piece(id).unwrap_or(&[]);
+        let text = |id: u32| String::from_utf8_lossy(piece(id)).into_owned();
+        match self.kind {
+            Kind::Chat => {
+                let content: Vec<Value> = lps
+                    .iter()
+                    .map(|lp| {
+                        let top: Vec<Value> = lp
+                            .top
+                            .iter()
+                            .map(|&(id, l)| {
+                                json!({"token": text(id), "logprob": l, "bytes": piece(id)})
+                            })
+                            .collect();
+                        json!({
+                            "token": text(lp.token),
+                            "logprob": lp.logprob,
+                            "bytes": piece(lp.token),
+                            "top_logprobs": top,
+                        })
+                    })
+                    .collect();
+                json!({ "content": content })
+            }
+            Kind::Text => {
+                let mut at = offset;
+                let mut offsets = Vec::with_capacity(lps.len());
+                for lp in lps {
+                    offsets.push(at);
+                    at += text(lp.token).len();
+                }
+                json!({
+                    "tokens": lps.iter().map(|lp| text(lp.token)).collect::<Vec<_>>(),
+                    "token_logprobs": lps.iter().map(|lp| lp.logprob).collect::<Vec<_>>(),
+                    "top_logprobs": lps
+                        .iter()
+                        .map(|lp| {
+                            lp.top
+                                .iter()
+                                .map(|&(id, l)| (text(id), json!(l)))
+                                .collect::<Map<String, Value>>()
+                        })
+                        .collect::<Vec<_>>(),
+                    "text_offset": offsets,
+                })
+            }
+        }
+    }
+
     /// A streamed chunk carrying `text` (and the finish reason on the last).
-    fn chunk(&self, text: Option<&str>, finish: Option<&str>) -> Value {
+    fn chunk(
+        &self,
+        text: Option<&str>,
+        finish: Option<&str>,
+        lps: &[TokenLogprob],
+        offset: usize,
+    ) -> Value {
+        let logprobs = if lps.is_empty() {
+            Value::Null
+        } else {
+            self.logprobs(lps, offset)
+        };
         let choice = match self.kind {
             Kind::Chat => {
                 let delta = match text {
                     Some(t) => json!({"content": t}),
                     None => json!({}),
                 };
-                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+                json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
             }
             Kind::Text => {
-                json!({"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish})
+                json!({"index": 0, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish})
             }
         };
         self.object(json!([choice]), true)
@@ -730,35 +1200,45 @@ async fn collect_response(
     mut rx: UnboundedReceiver<Event>,
 ) -> Result<Response, ApiError> {
     let mut text = String::new();
+    let mut lps = Vec::new();
     loop {
         match rx.recv().await {
-            Some(Event::Text(t)) => text.push_str(&t),
+            Some(Event::Text { text: t, logprobs }) => {
+                text.push_str(&t);
+                lps.extend(logprobs);
+            }
             Some(Event::Done {
                 text: last,
                 reason,
+                timed_out: _,
                 prompt_tokens,
+                cached_tokens,
                 completion_tokens,
+                logprobs,
             }) => {
                 text.push_str(&last);
+                lps.extend(logprobs);
+                let logprobs = head.logprobs(&lps, 0);
                 let choice = match head.kind {
                     Kind::Chat => json!({
                         "index": 0,
                         "message": {"role": "assistant", "content": text},
-                        "logprobs": null,
+                        "logprobs": logprobs,
                         "finish_reason": finish_reason(reason),
                     }),
                     Kind::Text => json!({
                         "index": 0,
                         "text": text,
-                        "logprobs": null,
+                        "logprobs": logprobs,
                         "finish_reason": finish_reason(reason),
                     }),
                 };
                 let mut body = head.object(json!([choice]), false);
-                body["usage"] = usage(prompt_tokens, completion_tokens);
+                body["usage"] = usage(prompt_tokens, cached_tokens, completion_tokens);
                 return Ok(Json(body).into_response());
             }
             Some(Event::Error(e)) => return Err(ApiError::internal(e)),
+            Some(Event::Started { .. }) => {}
             None => return Err(ApiError::internal("the scheduler stopped")),
         }
     }
@@ -775,28 +1255,34 @@ fn stream_response(head: Head, rx: UnboundedReceiver<Event>, include_usage: bool
         first.push(data(head.object(json!([choice]), true)));
     }
     let head = Arc::new(head);
-    let events = futures_util::stream::unfold(Some(rx), move |state| {
+    // (receiver, bytes of text sent so far: completions' text_offset)
+    let events = futures_util::stream::unfold(Some((rx, 0usize)), move |state| {
         let head = head.clone();
         async move {
-            let mut rx = state?;
+            let (mut rx, sent) = state?;
             let out = match rx.recv().await {
-                Some(Event::Text(t)) => {
-                    return Some((vec![data(head.chunk(Some(&t), None))], Some(rx)));
+                Some(Event::Text { text, logprobs }) => {
+                    let chunk = data(head.chunk(Some(&text), None, &logprobs, sent));
+                    return Some((vec![chunk], Some((rx, sent + text.len()))));
                 }
+                Some(Event::Started { .. }) => return Some((Vec::new(), Some((rx, sent)))),
                 Some(Event::Done {
                     text,
                     reason,
+                    timed_out: _,
                     prompt_tokens,
+                    cached_tokens,
                     completion_tokens,
+                    logprobs,
                 }) => {
                     let mut out = Vec::new();
-                    if !text.is_empty() {
-                        out.push(data(head.chunk(Some(&text), None)));
+                    if !text.is_empty() || !logprobs.is_empty() {
+                        out.push(data(head.chunk(Some(&text), None, &logprobs, sent)));
                     }
-                    out.push(data(head.chunk(None, Some(finish_reason(reason)))));
+                    out.push(data(head.chunk(None, Some(finish_reason(reason)), &[], 0)));
                     if include_usage {
                         let mut u = head.object(json!([]), true);
-                        u["usage"] = usage(prompt_tokens, completion_tokens);
+                        u["usage"] = usage(prompt_tokens, cached_tokens, completion_tokens);
                         out.push(data(u));
                     }
                     out
@@ -814,4 +1300,40 @@ fn stream_response(head: Head, rx: UnboundedReceiver<Event>, include_usage: bool
         .chain(events)
         .map(Ok::<_, Infallible>);
     Sse::new(all).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_allowed;
+
+    #[test]
+    fn only_loopback_hosts_and_allowed_names_pass() {
+        let none: Vec<String> = Vec::new();
+        for h in [
+            "localhost",
+            "LOCALHOST:8080",
+            "127.0.0.1",
+            "127.0.0.1:8080",
+            "127.1.2.3:1",
+            "[::1]",
+            "[::1]:8080",
+        ] {
+            assert!(host_allowed(h, &none), "{h}");
+        }
+        for h in [
+            "evil.example",
+            "evil.example:8080",
+            "localhost.evil.example",
+            "127.0.0.1.evil.example",
+            "10.0.0.1:8080",
+            "[::2]:80",
+            "",
+            "airlock",
+        ] {
+            assert!(!host_allowed(h, &none), "{h}");
+        }
+        let allowed = vec!["airlock.internal".to_string()];
+        assert!(host_allowed("Airlock.Internal:443", &allowed));
+        assert!(!host_allowed("other.internal", &allowed));
+    }
 }

@@ -4,6 +4,7 @@
 //! model and runs one batched forward pass per step for every request that holds a slot. The
 //! engine itself has no async runtime.
 
+use std::future::IntoFuture;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -15,6 +16,8 @@ use airlock_engine::sampling::SamplerConfig;
 use anyhow::{anyhow, bail, Context, Result};
 
 mod api;
+mod metrics;
+mod page;
 pub mod scheduler;
 
 /// Everything `airlock serve` is told, apart from the model.
@@ -44,6 +47,31 @@ pub struct ServerConfig {
     pub defaults: SamplerConfig,
     /// A built-in chat template to use instead of the model's.
     pub chat_template: Option<String>,
+    /// How long a request may take from arrival (queue, prompt, generation); None = no limit.
+    pub timeout: Option<Duration>,
+    /// Most tokens a request may ask for, and what one that gives no `max_tokens` gets;
+    /// None = up to the slot's context.
+    pub max_tokens: Option<usize>,
+    /// Origins that get CORS headers (`--cors-origin`); empty = no CORS headers at all.
+    pub cors_origins: Vec<String>,
+    /// Host names accepted besides loopback ones when bound to loopback (`--allow-host`).
+    pub allow_hosts: Vec<String>,
+    /// Log prompt and completion text (off: logs carry ids, counts and timings only).
+    pub log_prompts: bool,
+}
+
+/// Is `origin` what a browser sends as Origin: `scheme://host[:port]`, nothing after?
+fn valid_origin(origin: &str) -> bool {
+    let Some((scheme, rest)) = origin.split_once("://") else {
+        return false;
+    };
+    !scheme.is_empty()
+        && scheme
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'-' || b == b'.')
+        && !rest.is_empty()
+        && !rest.contains(['/', '?', '#', '@'])
+        && rest.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// The address `host` names: an IP address or `localhost` (no name lookups: the server makes
@@ -96,6 +124,26 @@ impl ServerConfig {
         if self.api_keys.iter().any(|k| k.is_empty()) {
             bail!("an API key must not be empty");
         }
+        if self.batch == 0 {
+            bail!("-b must be at least 1");
+        }
+        if self.max_tokens == Some(0) {
+            bail!("--max-tokens must be at least 1");
+        }
+        for o in &self.cors_origins {
+            if o != "*" && !valid_origin(o) {
+                bail!(
+                    "--cors-origin {o:?} is not an origin: give scheme://host[:port] as the \
+                     browser sends it (e.g. https://soc.example:8443, no path or trailing \
+                     slash), or * for any"
+                );
+            }
+        }
+        for h in &self.allow_hosts {
+            if h.is_empty() || !h.bytes().all(|b| b.is_ascii_graphic()) || h.contains('/') {
+                bail!("--allow-host {h:?} is not a host name (e.g. airlock.internal)");
+            }
+        }
         Ok(SocketAddr::new(ip, self.port))
     }
 
@@ -106,9 +154,69 @@ impl ServerConfig {
     }
 }
 
-/// Serves `loaded` on `listener` until SIGINT or SIGTERM, then lets in-flight requests finish
+/// Runs `load` while `listener` already answers: 503 to every request (`/health` says
+/// "loading"). Then serves what it loaded, as [`serve`] does.
+pub fn serve_after_load(
+    listener: TcpListener,
+    cfg: ServerConfig,
+    load: impl FnOnce() -> Result<LoadedModel>,
+) -> Result<()> {
+    cfg.check()?;
+    // One runtime for both phases (the server's own, started early).
+    let rt = http_runtime()?;
+    // A second handle on the same socket: connections that arrive while this one is being
+    // closed wait in the backlog for the real server.
+    let during = listener
+        .try_clone()
+        .context("cannot share the listening socket")?;
+    during.set_nonblocking(true)?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let answering = rt.spawn(async move {
+        let Ok(l) = tokio::net::TcpListener::from_std(during) else {
+            return;
+        };
+        let (grace_tx, grace_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = axum::serve(l, api::loading_router())
+            .with_graceful_shutdown(async {
+                let _ = grace_rx.await;
+            })
+            .into_future();
+        tokio::pin!(server);
+        tokio::select! {
+            _ = &mut server => return,
+            _ = stop_rx => {}
+        }
+        let _ = grace_tx.send(());
+        // A connection still busy a moment later is cut: it only ever got 503s.
+        let _ = tokio::time::timeout(Duration::from_secs(1), server).await;
+    });
+    let loaded = load();
+    let _ = stop_tx.send(());
+    let _ = rt.block_on(answering);
+    serve_on(rt, listener, loaded?, cfg)
+}
+
+fn http_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("airlock-http")
+        .enable_all()
+        .build()
+        .context("cannot start the HTTP runtime")
+}
+
+/// Serves `loaded` on `listener` until SIGINT, SIGTERM or SIGHUP, then lets in-flight requests finish
 /// for `cfg.grace` and returns.
 pub fn serve(listener: TcpListener, loaded: LoadedModel, cfg: ServerConfig) -> Result<()> {
+    serve_on(http_runtime()?, listener, loaded, cfg)
+}
+
+fn serve_on(
+    rt: tokio::runtime::Runtime,
+    listener: TcpListener,
+    loaded: LoadedModel,
+    cfg: ServerConfig,
+) -> Result<()> {
     cfg.check()?;
     let template =
         match ChatTemplate::for_tokenizer(&loaded.tokenizer, cfg.chat_template.as_deref()) {
@@ -127,13 +235,15 @@ pub fn serve(listener: TcpListener, loaded: LoadedModel, cfg: ServerConfig) -> R
         Err(e) => bail!("no usable kernel path: {e}"),
     };
     let loaded = Arc::new(loaded);
+    let stats = Arc::new(scheduler::Stats::default());
     let (queue_tx, queue_rx) = std::sync::mpsc::sync_channel(cfg.queue);
     let scheduler = {
         let loaded = loaded.clone();
+        let stats = stats.clone();
         let (parallel, batch) = (cfg.parallel, cfg.batch);
         std::thread::Builder::new()
             .name("airlock-scheduler".into())
-            .spawn(move || scheduler::run(loaded, parallel, batch, queue_rx))
+            .spawn(move || scheduler::run(loaded, parallel, batch, queue_rx, stats))
             .context("cannot start the scheduler thread")?
     };
 
@@ -145,18 +255,14 @@ pub fn serve(listener: TcpListener, loaded: LoadedModel, cfg: ServerConfig) -> R
         queue_tx,
         &cfg,
         fingerprint,
+        stats,
+        local.ip().is_loopback(),
     ));
     let app = api::router(state.clone(), cfg.max_body);
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("airlock-http")
-        .enable_all()
-        .build()
-        .context("cannot start the HTTP runtime")?;
     let drained = rt.block_on(async {
         let listener = tokio::net::TcpListener::from_std(listener)?;
-        let signal = shutdown_signal()?;
+        let (_signal_guard, signal) = shutdown_signal()?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(async move {
             axum::serve(listener, app)
@@ -215,29 +321,28 @@ pub fn serve(listener: TcpListener, loaded: LoadedModel, cfg: ServerConfig) -> R
     Ok(())
 }
 
-/// Installs the SIGINT and SIGTERM handlers now (so a signal that comes right after the
-/// "listening" line is not lost to the default action) and returns a future that resolves on
-/// the first, with its name.
-fn shutdown_signal() -> Result<impl std::future::Future<Output = &'static str>> {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-        let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-        Ok(async move {
-            tokio::select! {
-                _ = int.recv() => "SIGINT",
-                _ = term.recv() => "SIGTERM",
-            }
+/// Installs the process-wide SIGINT/SIGTERM/SIGHUP handler now ([`airlock_engine::signals`],
+/// the one the output helper's cleanup uses too), so a signal that comes right after the
+/// "listening" line is not lost to the default action, and returns a future that resolves on
+/// the first signal. While the returned guard lives the first signal only starts the graceful
+/// shutdown; a second one exits at once (status 130).
+fn shutdown_signal() -> Result<(
+    airlock_engine::signals::Cooperate,
+    impl std::future::Future<Output = &'static str>,
+)> {
+    let guard = airlock_engine::signals::cooperate().map_err(|e| anyhow!(e))?;
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("airlock-signal".into())
+        .spawn(move || {
+            airlock_engine::signals::wait();
+            let _ = tx.send(());
         })
-    }
-    #[cfg(not(unix))]
-    {
-        Ok(async {
-            let _ = tokio::signal::ctrl_c().await;
-            "Ctrl-C"
-        })
-    }
+        .context("cannot start the signal thread")?;
+    Ok((guard, async move {
+        let _ = rx.await;
+        "signal (SIGINT, SIGTERM or SIGHUP)"
+    }))
 }
 
 /// Is the server draining (after a signal)? /health answers 503 then.
@@ -263,6 +368,38 @@ mod tests {
             model_name: "m".into(),
             defaults: SamplerConfig::default(),
             chat_template: None,
+            timeout: None,
+            max_tokens: None,
+            cors_origins: Vec::new(),
+            allow_hosts: Vec::new(),
+            log_prompts: false,
+        }
+    }
+
+    #[test]
+    fn cors_origins_and_allowed_hosts_are_checked_at_start() {
+        let with = |origins: &[&str], hosts: &[&str]| {
+            let mut c = cfg("127.0.0.1", &[], false);
+            c.cors_origins = origins.iter().map(|s| s.to_string()).collect();
+            c.allow_hosts = hosts.iter().map(|s| s.to_string()).collect();
+            c.check()
+        };
+        for ok in ["*", "https://soc.example", "http://127.0.0.1:3000"] {
+            assert!(with(&[ok], &[]).is_ok(), "{ok}");
+        }
+        for bad in [
+            "soc.example",
+            "https://soc.example/",
+            "https://",
+            "https://a b",
+            "",
+        ] {
+            let e = with(&[bad], &[]).unwrap_err().to_string();
+            assert!(e.contains("--cors-origin"), "{bad}: {e}");
+        }
+        assert!(with(&[], &["airlock.internal"]).is_ok());
+        for bad in ["", "a b", "http://x/"] {
+            assert!(with(&[], &[bad]).is_err(), "{bad}");
         }
     }
 

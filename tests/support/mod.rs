@@ -40,3 +40,58 @@ fn require_passes_a_present_component_and_fails_naming_the_script_otherwise() {
     assert!(msg.contains("`no-such-component`"), "{msg}");
     assert!(msg.contains("scripts/install-test-deps.sh"), "{msg}");
 }
+
+/// The tiny Llama 3 fixture (llama.cpp-made, 8.8 MB, runs in milliseconds).
+pub fn tiny_llama3() -> PathBuf {
+    root().join("tests/fixtures/llama3/tiny-llama3-q8_0.gguf")
+}
+
+pub type Tensors = Vec<(airlock_engine::gguf::TensorSpec, Vec<u8>)>;
+
+/// A copy of `src` at `dst` with its metadata and tensors edited by `edit`.
+pub fn rewrite_gguf(
+    src: &std::path::Path,
+    dst: &std::path::Path,
+    edit: impl FnOnce(&mut Vec<(String, airlock_engine::gguf::Value)>, &mut Tensors),
+) {
+    use airlock_engine::gguf::{GgufFile, GgufWriter, TensorSpec};
+    use std::io::Write;
+    let f = GgufFile::open(src).unwrap();
+    let mut meta: Vec<_> = f
+        .metadata()
+        .iter()
+        .map(|e| (e.key.clone(), e.value.clone()))
+        .collect();
+    let mut tensors: Tensors = f
+        .tensors()
+        .iter()
+        .map(|t| {
+            let spec = TensorSpec {
+                name: t.name.clone(),
+                dims: t.dims.clone(),
+                ty: t.ty,
+            };
+            (spec, f.tensor_data(t).to_vec())
+        })
+        .collect();
+    edit(&mut meta, &mut tensors);
+    let specs: Vec<TensorSpec> = tensors.iter().map(|(s, _)| s.clone()).collect();
+    let out = std::io::BufWriter::new(std::fs::File::create(dst).unwrap());
+    let mut w = GgufWriter::new(out, &meta, &specs).unwrap();
+    for (_, data) in &tensors {
+        w.write_tensor_data(data).unwrap();
+    }
+    w.finish().unwrap().flush().unwrap();
+}
+
+/// Sets (or adds) one metadata key.
+pub fn set_key(
+    meta: &mut Vec<(String, airlock_engine::gguf::Value)>,
+    key: &str,
+    v: airlock_engine::gguf::Value,
+) {
+    match meta.iter_mut().find(|(k, _)| k == key) {
+        Some((_, old)) => *old = v,
+        None => meta.push((key.to_string(), v)),
+    }
+}

@@ -19,4 +19,4 @@ pub use reader::{
     MAX_TENSOR_NAME,
 };
 pub use value::{Array, StrArray, Value, ValueType};
-pub use writer::{write_atomic, GgufWriter, TensorSpec, WriteError, GGUF_VERSION};
+pub use writer::{GgufWriter, TensorSpec, WriteError, GGUF_VERSION};

@@ -105,6 +105,8 @@ pub struct GgufFile {
     source: Source,
     pub version: u32,
     pub alignment: u64,
+    /// Bytes of the header, metadata and tensor infos; the alignment padding follows.
+    pub header_len: u64,
     /// Absolute file offset of the tensor data section.
     pub data_offset: u64,
     metadata: Vec<MetadataEntry>,
@@ -137,6 +139,12 @@ impl GgufFile {
     }
 
     pub fn open_with(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Self> {
+        Self::from_source(Self::read_source(path, opts)?)
+    }
+
+    /// The bytes of `path`, mapped or read as `opts` says, not yet validated: a caller that
+    /// must check them first (a signed manifest) does so, then hands them to [`Self::from_source`].
+    pub fn read_source(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Source> {
         let path = path.as_ref();
         let io = |source| GgufError::Io {
             path: path.to_path_buf(),
@@ -161,6 +169,11 @@ impl GgufFile {
             let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
             Source::Mmap(map)
         };
+        Ok(source)
+    }
+
+    /// Validate bytes from [`Self::read_source`] and keep them.
+    pub fn from_source(source: Source) -> Result<Self> {
         Self::parse(source)
     }
 
@@ -179,6 +192,7 @@ impl GgufFile {
         Ok(GgufFile {
             version: p.version,
             alignment: p.alignment,
+            header_len: p.header_len,
             data_offset: p.data_offset,
             metadata: p.metadata,
             key_index: p.key_index,
@@ -336,6 +350,7 @@ pub(crate) fn shown(s: &str) -> String {
 struct Parsed {
     version: u32,
     alignment: u64,
+    header_len: u64,
     data_offset: u64,
     metadata: Vec<MetadataEntry>,
     key_index: Vec<u32>,
@@ -620,6 +635,7 @@ impl Parsed {
         Ok(Parsed {
             version,
             alignment,
+            header_len: header_end,
             data_offset,
             metadata,
             key_index,

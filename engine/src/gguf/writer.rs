@@ -8,9 +8,8 @@
 //!
 //! Everything the reader refuses is refused here first, so whatever this writes reads back.
 
-use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::io::Write;
+use std::path::PathBuf;
 
 use airlock_kernels::types::GgmlType;
 
@@ -198,81 +197,6 @@ impl<W: Write> GgufWriter<W> {
         }
         self.out.flush()?;
         Ok(self.out)
-    }
-}
-
-/// Writes a file atomically: `write` fills a temporary file in the same directory; it is flushed,
-/// fsynced and renamed over `path` only if `write` succeeds. On any error (or panic) the temporary
-/// file is removed and `path` is left as it was: nothing new appears there.
-///
-/// ```ignore
-/// write_atomic(&path, |out| {
-///     let mut w = GgufWriter::new(out, &metadata, &specs)?;
-///     for t in &specs { w.write_tensor_data(&data_of(t))?; }
-///     w.finish()?;
-///     Ok::<_, WriteError>(())
-/// })?;
-/// ```
-pub fn write_atomic<T, E>(
-    path: impl AsRef<Path>,
-    write: impl FnOnce(&mut BufWriter<File>) -> Result<T, E>,
-) -> Result<T, E>
-where
-    E: From<WriteError>,
-{
-    let path = path.as_ref();
-    let at = |source| WriteError::Path {
-        path: path.to_path_buf(),
-        source,
-    };
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| at(std::io::Error::other("not a file path")))?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let (file, tmp) = create_temp(&dir, file_name).map_err(at)?;
-    let mut guard = TempGuard(Some(tmp.clone()));
-    let mut out = BufWriter::with_capacity(1 << 20, file);
-    let value = write(&mut out)?;
-    let file = out.into_inner().map_err(|e| at(e.into_error()))?;
-    file.sync_all().map_err(at)?;
-    drop(file);
-    std::fs::rename(&tmp, path).map_err(at)?;
-    guard.0 = None;
-    // Make the rename itself durable; not every platform can open a directory, so best effort.
-    if let Ok(d) = File::open(&dir) {
-        let _ = d.sync_all();
-    }
-    Ok(value)
-}
-
-/// Removes the temporary file unless disarmed.
-struct TempGuard(Option<PathBuf>);
-
-impl Drop for TempGuard {
-    fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            let _ = std::fs::remove_file(p);
-        }
-    }
-}
-
-fn create_temp(dir: &Path, name: &std::ffi::OsStr) -> std::io::Result<(File, PathBuf)> {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    loop {
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let mut tmp_name = std::ffi::OsString::from(".");
-        tmp_name.push(name);
-        tmp_name.push(format!(".tmp.{}.{n}", std::process::id()));
-        let tmp = dir.join(tmp_name);
-        match OpenOptions::new().write(true).create_new(true).open(&tmp) {
-            Ok(f) => return Ok((f, tmp)),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e),
-        }
     }
 }
 

@@ -34,10 +34,9 @@ pub enum ModelError {
     MissingTensor(String),
     #[error("tensor {tensor}: {reason}")]
     BadTensor { tensor: String, reason: String },
-    #[error(
-        "tensor {tensor} has type {ty}, which airlock cannot compute yet (type not supported yet)"
-    )]
-    UnsupportedTensorType { tensor: String, ty: &'static str },
+    /// Every matrix whose type airlock cannot compute, each with its type, in file order.
+    #[error("{}", unsupported_message(.0))]
+    UnsupportedTensorTypes(Vec<(String, &'static str)>),
     #[error("context is full: {needed} tokens needed, the context holds {n_ctx}")]
     ContextFull { needed: usize, n_ctx: usize },
     #[error(
@@ -54,6 +53,16 @@ pub enum ModelError {
     InvalidToken { id: u32, vocab_size: usize },
     #[error(transparent)]
     Kernel(#[from] airlock_kernels::KernelError),
+}
+
+/// "N tensors have types airlock cannot compute yet (type not supported yet): a (T), b (T)".
+fn unsupported_message(list: &[(String, &'static str)]) -> String {
+    let names: Vec<String> = list.iter().map(|(t, ty)| format!("{t} ({ty})")).collect();
+    let (n, s) = (list.len(), if list.len() == 1 { "" } else { "s" });
+    format!(
+        "{n} tensor{s} with a type airlock cannot compute yet (type not supported yet): {}",
+        names.join(", ")
+    )
 }
 
 /// A loaded model: the mapped file plus the validated layout of its weights.
@@ -73,6 +82,7 @@ impl LlamaModel {
             config.rope_base,
             config.rope_dim,
             weights.rope_freqs.as_deref(),
+            config.rope_freq_scale,
         );
         Ok(LlamaModel {
             file,
@@ -82,7 +92,7 @@ impl LlamaModel {
         })
     }
 
-    /// Copies the Q4_0/Q4_1/Q8_0 matrices into the packed layout when the active SIMD path has
+    /// Copies the Q4_0/Q4_1/Q8_0/Q5_0/Q4_K/Q6_K matrices into the packed layout when the active SIMD path has
     /// packed kernels (the x86 paths from AVX2 up); returns the bytes allocated (0 when it has
     /// none: scalar, NEON).
     pub fn repack(&mut self) -> Result<u64, ModelError> {
@@ -108,6 +118,9 @@ impl LlamaModel {
     /// Bytes a KV cache of `n_ctx` positions takes.
     pub fn kv_cache_bytes(&self, n_ctx: usize, kv: KvType) -> u64 {
         let c = &self.config;
-        2 * c.n_layers as u64 * n_ctx as u64 * c.kv_dim() as u64 * kv.bytes_per_value() as u64
+        // Saturating: a count no machine holds must compare as huge, not wrap to small.
+        [c.n_layers, n_ctx, c.kv_dim(), kv.bytes_per_value()]
+            .iter()
+            .fold(2u64, |acc, &x| acc.saturating_mul(x as u64))
     }
 }

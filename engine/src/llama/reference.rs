@@ -59,6 +59,7 @@ fn rope(head: &mut [f32], pos: usize, model: &LlamaModel) {
         if let Some(f) = factors {
             freq /= f[i] as f64;
         }
+        freq *= c.rope_freq_scale as f64;
         let angle = pos as f64 * freq;
         let (a, b) = (head[2 * i] as f64, head[2 * i + 1] as f64);
         head[2 * i] = (a * angle.cos() - b * angle.sin()) as f32;

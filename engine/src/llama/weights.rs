@@ -77,17 +77,20 @@ pub struct LlamaWeights {
 
 impl LlamaWeights {
     pub fn from_gguf(f: &GgufFile, c: &LlamaConfig) -> Result<Self, ModelError> {
+        // Every matrix of a type airlock cannot compute, named in one error, before anything else.
+        let unsupported: Vec<(String, &'static str)> = matrix_names(c.n_layers)
+            .filter_map(|n| f.tensor(&n).map(|t| (n, t.ty)))
+            .filter(|(_, ty)| !ty.can_compute())
+            .map(|(n, ty)| (n, ty.name()))
+            .collect();
+        if !unsupported.is_empty() {
+            return Err(ModelError::UnsupportedTensorTypes(unsupported));
+        }
         let matrix = |name: &str, rows: usize, cols: usize| -> Result<Weight, ModelError> {
             let t = f
                 .tensor(name)
                 .ok_or_else(|| ModelError::MissingTensor(name.into()))?;
             expect_shape(t, &[cols as u64, rows as u64])?;
-            if !t.ty.can_compute() {
-                return Err(ModelError::UnsupportedTensorType {
-                    tensor: name.into(),
-                    ty: t.ty.name(),
-                });
-            }
             Ok(Weight {
                 name: name.into(),
                 ty: t.ty,
@@ -141,6 +144,7 @@ impl LlamaWeights {
                 Some(v)
             }
         };
+        check_no_other_tensors(f, c.n_layers)?;
         Ok(LlamaWeights {
             token_embd,
             layers,
@@ -185,8 +189,8 @@ impl LlamaWeights {
             .sum()
     }
 
-    /// Copies every Q4_0/Q4_1/Q8_0 matrix into the packed layout of `kernels`; returns the bytes
-    /// allocated. The forward pass then reads the packed copies on the fast path.
+    /// Copies every matrix of a type the packed kernels take (Q4_0, Q4_1, Q8_0, Q5_0, Q4_K,
+    /// Q6_K) into the packed layout of `kernels`; returns the bytes allocated. The forward pass then reads the packed copies on the fast path.
     pub fn repack(
         &mut self,
         f: &crate::gguf::GgufFile,
@@ -218,6 +222,64 @@ impl LlamaWeights {
     pub fn bytes_per_token(&self) -> usize {
         self.matrices().map(|w| w.n_bytes()).sum()
     }
+}
+
+/// The names of the matrices a Llama model multiplies by (and the embedding), in file order.
+fn matrix_names(n_layers: usize) -> impl Iterator<Item = String> {
+    const LAYER: [&str; 7] = [
+        "attn_q",
+        "attn_k",
+        "attn_v",
+        "attn_output",
+        "ffn_gate",
+        "ffn_up",
+        "ffn_down",
+    ];
+    std::iter::once("token_embd.weight".to_string())
+        .chain((0..n_layers).flat_map(|i| LAYER.iter().map(move |m| format!("blk.{i}.{m}.weight"))))
+        .chain(std::iter::once("output.weight".to_string()))
+}
+
+/// Tensors the Llama forward pass reads in layer `blk.N` (the `N` stripped).
+const LAYER_TENSORS: [&str; 9] = [
+    "attn_norm.weight",
+    "attn_q.weight",
+    "attn_k.weight",
+    "attn_v.weight",
+    "attn_output.weight",
+    "ffn_norm.weight",
+    "ffn_gate.weight",
+    "ffn_up.weight",
+    "ffn_down.weight",
+];
+
+/// Refuses any tensor the forward pass would not read: llama.cpp's llama architecture uses
+/// optional ones (attention and FFN biases, expert weights), so ignoring one would change the
+/// output without a word.
+fn check_no_other_tensors(f: &GgufFile, n_layers: usize) -> Result<(), ModelError> {
+    for t in f.tensors() {
+        let known = match t.name.as_str() {
+            "token_embd.weight" | "output_norm.weight" | "output.weight" | "rope_freqs.weight" => {
+                true
+            }
+            name => name
+                .strip_prefix("blk.")
+                .and_then(|r| r.split_once('.'))
+                .is_some_and(|(i, part)| {
+                    i.parse::<usize>().is_ok_and(|i| i < n_layers) && LAYER_TENSORS.contains(&part)
+                }),
+        };
+        if !known {
+            return Err(ModelError::BadTensor {
+                tensor: t.name.clone(),
+                reason: "is not one airlock's Llama reads (llama.cpp would use it: a bias, \
+                         experts or another architecture's weights); running without it would \
+                         give wrong output"
+                    .into(),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn expect_shape(t: &TensorInfo, want: &[u64]) -> Result<(), ModelError> {

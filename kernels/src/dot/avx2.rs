@@ -441,6 +441,13 @@ macro_rules! simd256_kernels {
             q4_0: gemm_q4_0,
             q4_1: gemm_q4_1,
             q8_0: gemm_q8_0,
+            q5_0: crate::dot::kq::gemm_avx2::<crate::quant::BlockQ5_0>,
+            q5_1: crate::dot::kq::gemm_avx2::<crate::quant::BlockQ5_1>,
+            q2_k: crate::dot::kq::gemm_avx2::<crate::quant::BlockQ2_K>,
+            q3_k: crate::dot::kq::gemm_avx2::<crate::quant::BlockQ3_K>,
+            q4_k: crate::dot::kq::gemm_avx2::<crate::quant::BlockQ4_K>,
+            q5_k: crate::dot::kq::gemm_avx2::<crate::quant::BlockQ5_K>,
+            q6_k: crate::dot::kq::gemm_avx2::<crate::quant::BlockQ6_K>,
             f16: gemm_f16,
             bf16: gemm_bf16,
             f32_le: gemm_f32_le,
@@ -449,6 +456,7 @@ macro_rules! simd256_kernels {
             f32: gemm_f32,
             quantize_q8_0,
             quantize_q8_1,
+            quantize_q8_k: crate::quant::quantize_row_q8_k,
         };
     };
 }

@@ -48,12 +48,85 @@ mod avx512vnni;
 mod neon;
 
 #[cfg(test)]
+mod kq_tests;
+#[cfg(test)]
 mod tests;
 
+mod kq;
+
 use crate::quant::float::{Bf16Bytes, F16Bytes, F32Bytes};
-use crate::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1};
+use crate::quant::{
+    BlockFormat, BlockQ2_K, BlockQ3_K, BlockQ4_0, BlockQ4_1, BlockQ4_K, BlockQ5_0, BlockQ5_1,
+    BlockQ5_K, BlockQ6_K, BlockQ8_0, BlockQ8_1, BlockQ8_K,
+};
 use crate::simd::{simd_path, SimdPath};
 use crate::KernelError;
+
+/// A weight block format's dot product: the activation format (ggml's
+/// `vec_dot_type`), the scalar reference (ggml's generic order, the scalar
+/// path's kernel and the oracle of every SIMD kernel), and which field of a
+/// path's [`Kernels`] runs it. Implemented next to each block struct.
+pub trait DotFormat: BlockFormat {
+    type Act: ActFormat;
+    /// `x . y` over whole blocks, in ggml's generic order.
+    fn vec_dot(x: &[Self], y: &[Self::Act]) -> f32;
+    /// This format's GEMM in the table `ks`.
+    fn gemm(ks: &Kernels) -> GemmFn<Self, Self::Act>;
+}
+
+/// An activation format: what its quantizer is in a path's table (the same
+/// bytes as the reference quantizer on every path).
+pub trait ActFormat: BlockFormat {
+    fn quantizer(ks: &Kernels) -> fn(&[f32], &mut [Self]);
+}
+
+impl ActFormat for BlockQ8_0 {
+    fn quantizer(ks: &Kernels) -> fn(&[f32], &mut [Self]) {
+        ks.quantize_q8_0
+    }
+}
+
+impl ActFormat for BlockQ8_1 {
+    fn quantizer(ks: &Kernels) -> fn(&[f32], &mut [Self]) {
+        ks.quantize_q8_1
+    }
+}
+
+impl ActFormat for BlockQ8_K {
+    fn quantizer(ks: &Kernels) -> fn(&[f32], &mut [Self]) {
+        ks.quantize_q8_k
+    }
+}
+
+impl DotFormat for BlockQ4_0 {
+    type Act = BlockQ8_0;
+    fn vec_dot(x: &[Self], y: &[BlockQ8_0]) -> f32 {
+        scalar::vec_dot_q4_0_q8_0(x, y)
+    }
+    fn gemm(ks: &Kernels) -> GemmFn<Self, BlockQ8_0> {
+        ks.q4_0
+    }
+}
+
+impl DotFormat for BlockQ4_1 {
+    type Act = BlockQ8_1;
+    fn vec_dot(x: &[Self], y: &[BlockQ8_1]) -> f32 {
+        scalar::vec_dot_q4_1_q8_1(x, y)
+    }
+    fn gemm(ks: &Kernels) -> GemmFn<Self, BlockQ8_1> {
+        ks.q4_1
+    }
+}
+
+impl DotFormat for BlockQ8_0 {
+    type Act = BlockQ8_0;
+    fn vec_dot(x: &[Self], y: &[BlockQ8_0]) -> f32 {
+        scalar::vec_dot_q8_0_q8_0(x, y)
+    }
+    fn gemm(ks: &Kernels) -> GemmFn<Self, BlockQ8_0> {
+        ks.q8_0
+    }
+}
 
 /// How many micro-kernel calls one GEMM call made: `full` ones had the
 /// path's whole tile shape (several rows x several tokens), `edge` ones a
@@ -97,6 +170,13 @@ pub struct Kernels {
     pub q4_0: GemmFn<BlockQ4_0, BlockQ8_0>,
     pub q4_1: GemmFn<BlockQ4_1, BlockQ8_1>,
     pub q8_0: GemmFn<BlockQ8_0, BlockQ8_0>,
+    pub q5_0: GemmFn<BlockQ5_0, BlockQ8_0>,
+    pub q5_1: GemmFn<BlockQ5_1, BlockQ8_1>,
+    pub q2_k: GemmFn<BlockQ2_K, BlockQ8_K>,
+    pub q3_k: GemmFn<BlockQ3_K, BlockQ8_K>,
+    pub q4_k: GemmFn<BlockQ4_K, BlockQ8_K>,
+    pub q5_k: GemmFn<BlockQ5_K, BlockQ8_K>,
+    pub q6_k: GemmFn<BlockQ6_K, BlockQ8_K>,
     /// f16 weights . f16 activations (ggml's F16 vec_dot_type).
     pub f16: GemmFn<F16Bytes, F16Bytes>,
     pub bf16: GemmFn<Bf16Bytes, Bf16Bytes>,
@@ -108,6 +188,8 @@ pub struct Kernels {
     pub quantize_q8_0: fn(&[f32], &mut [BlockQ8_0]),
     /// Same bytes as [`crate::quant::quantize_row_q8_1`] for every input.
     pub quantize_q8_1: fn(&[f32], &mut [BlockQ8_1]),
+    /// Same bytes as [`crate::quant::quantize_row_q8_k`] for every input.
+    pub quantize_q8_k: fn(&[f32], &mut [BlockQ8_K]),
 }
 
 /// The kernels of `path`, or an error when this CPU or build lacks it.
@@ -227,6 +309,13 @@ macro_rules! scalar_gemm {
 scalar_gemm!(s_q4_0, BlockQ4_0, BlockQ8_0, scalar::vec_dot_q4_0_q8_0);
 scalar_gemm!(s_q4_1, BlockQ4_1, BlockQ8_1, scalar::vec_dot_q4_1_q8_1);
 scalar_gemm!(s_q8_0, BlockQ8_0, BlockQ8_0, scalar::vec_dot_q8_0_q8_0);
+scalar_gemm!(s_q5_0, BlockQ5_0, BlockQ8_0, scalar::vec_dot_q5_0_q8_0);
+scalar_gemm!(s_q5_1, BlockQ5_1, BlockQ8_1, scalar::vec_dot_q5_1_q8_1);
+scalar_gemm!(s_q2_k, BlockQ2_K, BlockQ8_K, scalar::vec_dot_q2_k_q8_k);
+scalar_gemm!(s_q3_k, BlockQ3_K, BlockQ8_K, scalar::vec_dot_q3_k_q8_k);
+scalar_gemm!(s_q4_k, BlockQ4_K, BlockQ8_K, scalar::vec_dot_q4_k_q8_k);
+scalar_gemm!(s_q5_k, BlockQ5_K, BlockQ8_K, scalar::vec_dot_q5_k_q8_k);
+scalar_gemm!(s_q6_k, BlockQ6_K, BlockQ8_K, scalar::vec_dot_q6_k_q8_k);
 scalar_gemm!(s_f16, F16Bytes, F16Bytes, scalar::vec_dot_f16);
 scalar_gemm!(s_bf16, Bf16Bytes, Bf16Bytes, scalar::vec_dot_bf16);
 scalar_gemm!(s_f32_le, F32Bytes, f32, scalar::vec_dot_f32_le);
@@ -240,6 +329,13 @@ static SCALAR: Kernels = Kernels {
     q4_0: s_q4_0,
     q4_1: s_q4_1,
     q8_0: s_q8_0,
+    q5_0: s_q5_0,
+    q5_1: s_q5_1,
+    q2_k: s_q2_k,
+    q3_k: s_q3_k,
+    q4_k: s_q4_k,
+    q5_k: s_q5_k,
+    q6_k: s_q6_k,
     f16: s_f16,
     bf16: s_bf16,
     f32_le: s_f32_le,
@@ -248,6 +344,7 @@ static SCALAR: Kernels = Kernels {
     f32: s_f32,
     quantize_q8_0: crate::quant::quantize_row_q8_0,
     quantize_q8_1: crate::quant::quantize_row_q8_1,
+    quantize_q8_k: crate::quant::quantize_row_q8_k,
 };
 
 /// The process-wide kernels; panics with the message when `AIRLOCK_SIMD`

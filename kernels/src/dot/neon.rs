@@ -83,7 +83,7 @@ macro_rules! neon_float_gemm {
 }
 
 macro_rules! neon_kernels {
-    (features = $feat:literal, path = $path:expr, dotprod = $dotprod:literal) => {
+    (features = $feat:literal, path = $path:expr, dotprod = $dotprod:literal, kq = $kq:ident) => {
         use std::arch::aarch64::*;
         use std::arch::asm;
 
@@ -573,6 +573,13 @@ macro_rules! neon_kernels {
             q4_0: gemm_q4_0,
             q4_1: gemm_q4_1,
             q8_0: gemm_q8_0,
+            q5_0: crate::dot::kq::$kq::<crate::quant::BlockQ5_0>,
+            q5_1: crate::dot::kq::$kq::<crate::quant::BlockQ5_1>,
+            q2_k: crate::dot::kq::$kq::<crate::quant::BlockQ2_K>,
+            q3_k: crate::dot::kq::$kq::<crate::quant::BlockQ3_K>,
+            q4_k: crate::dot::kq::$kq::<crate::quant::BlockQ4_K>,
+            q5_k: crate::dot::kq::$kq::<crate::quant::BlockQ5_K>,
+            q6_k: crate::dot::kq::$kq::<crate::quant::BlockQ6_K>,
             f16: gemm_f16,
             bf16: gemm_bf16,
             f32_le: gemm_f32_le,
@@ -581,6 +588,7 @@ macro_rules! neon_kernels {
             f32: gemm_f32,
             quantize_q8_0,
             quantize_q8_1,
+            quantize_q8_k: crate::quant::quantize_row_q8_k,
         };
     };
 }
@@ -590,7 +598,8 @@ pub(super) mod plain {
     neon_kernels!(
         features = "neon",
         path = crate::simd::SimdPath::Neon,
-        dotprod = false
+        dotprod = false,
+        kq = gemm_neon
     );
 }
 
@@ -599,6 +608,7 @@ pub(super) mod dotprod {
     neon_kernels!(
         features = "neon,dotprod",
         path = crate::simd::SimdPath::NeonDotprod,
-        dotprod = true
+        dotprod = true,
+        kq = gemm_neon_dotprod
     );
 }

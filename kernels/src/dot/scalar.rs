@@ -12,6 +12,16 @@
 use crate::quant::float::{bf16_to_f32, f16_to_f32, Bf16Bytes, F16Bytes, F32Bytes};
 use crate::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1};
 
+// The newer formats keep their scalar dot products next to their block
+// structs; these are the same functions.
+pub use crate::quant::q2_k::vec_dot_q2_k_q8_k;
+pub use crate::quant::q3_k::{vec_dot_q3_k_q8_k, vec_dot_q3_k_q8_k_sb};
+pub use crate::quant::q4_k::{vec_dot_q4_k_q8_k, vec_dot_q4_k_q8_k_sb};
+pub use crate::quant::q5_0::vec_dot_q5_0_q8_0;
+pub use crate::quant::q5_1::vec_dot_q5_1_q8_1;
+pub use crate::quant::q5_k::{vec_dot_q5_k_q8_k, vec_dot_q5_k_q8_k_sb};
+pub use crate::quant::q6_k::{vec_dot_q6_k_q8_k, vec_dot_q6_k_q8_k_sb};
+
 pub fn vec_dot_q4_0_q8_0(x: &[BlockQ4_0], y: &[BlockQ8_0]) -> f32 {
     assert_eq!(x.len(), y.len(), "block counts");
     let mut sumf = 0.0f32;

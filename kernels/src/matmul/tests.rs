@@ -314,7 +314,7 @@ fn shape_errors() {
         Err(KernelError::NotBlockMultiple { n: 48, .. })
     ));
     let k = WeightView {
-        ty: GgmlType::Q4_K,
+        ty: GgmlType::IQ4_NL,
         ..c.view()
     };
     assert!(matches!(
@@ -324,6 +324,15 @@ fn shape_errors() {
     assert!(matches!(
         matmul_exact(&k, &c.x, 2, &mut y),
         Err(KernelError::Unsupported { .. })
+    ));
+    // A K-quant is computed, but its rows must be whole super-blocks.
+    let k = WeightView {
+        ty: GgmlType::Q4_K,
+        ..c.view()
+    };
+    assert!(matches!(
+        matmul(&k, &c.x, 2, &mut y, &mut s),
+        Err(KernelError::NotBlockMultiple { n: 64, .. })
     ));
     let huge = WeightView {
         rows: usize::MAX,

@@ -68,6 +68,9 @@ pub(super) static KERNELS: PackedKernels = PackedKernels {
     q4_0: gemm_q4_0,
     q4_1: gemm_q4_1,
     q8_0: gemm_q8_0,
+    q5_0: super::kq::x86::avx2::<super::kq::Q5_0>(),
+    q4_k: super::kq::x86::avx2::<super::kq::Q4K>(),
+    q6_k: super::kq::x86::avx2::<super::kq::Q6K>(),
     q8_0_takes_minus_128: false,
 };
 
@@ -318,6 +321,7 @@ packed_gemm!(gemm_q8_0, tile_q8_0[], 512, 32);
 pub(super) unsafe fn quantize_acts(ty: GgmlType, x: &[f32], act: &mut [ActBlock]) -> bool {
     assert_eq!(x.len(), act.len() * 32, "activation row length");
     let q8 = ty == GgmlType::Q8_0;
+    let offset = super::act_offset(ty);
     let flip = _mm256_set1_epi8(-128);
     let mut minus_128 = false;
     for (a, xs) in act.iter_mut().zip(x.chunks_exact(32)) {
@@ -327,16 +331,14 @@ pub(super) unsafe fn quantize_acts(ty: GgmlType, x: &[f32], act: &mut [ActBlock]
                 // The scale as the f16 of the block, widened exactly.
                 a.d = f16_to_f32(f32_to_f16(d));
                 a.s = 0.0;
-                // The weights' offset (Q4_0 x + 8, Q8_0 x + 128) times sum(y), as act_block.
+                // The weights' offset (Q4_0 x + 8, Q5_0 x + 16, Q8_0 x + 128) times sum(y), as act_block.
                 if q8 {
                     let p = a.qs.as_ptr() as *const __m256i;
                     // SAFETY: a.qs holds 32 bytes; unaligned load.
                     let q = unsafe { _mm256_loadu_si256(p) };
                     minus_128 |= _mm256_movemask_epi8(_mm256_cmpeq_epi8(q, flip)) != 0;
-                    a.c = -128 * sum;
-                } else {
-                    a.c = -8 * sum;
                 }
+                a.c = -offset * sum;
             }
             None => {
                 // NaN, infinity or an overflowing scale: the reference block, as the quantizer does.

@@ -33,6 +33,9 @@ pub(super) static KERNELS: PackedKernels = PackedKernels {
     q4_0: gemm_q4_0,
     q4_1: gemm_q4_1,
     q8_0: gemm_q8_0,
+    q5_0: super::kq::x86::avx512::<super::kq::Q5_0>(),
+    q4_k: super::kq::x86::avx512::<super::kq::Q4K>(),
+    q6_k: super::kq::x86::avx512::<super::kq::Q6K>(),
     q8_0_takes_minus_128: false,
 };
 

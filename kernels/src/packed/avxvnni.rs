@@ -18,7 +18,7 @@
 
 /// The tiles and [`super::PackedGemmFn`]s for one encoding of `vpdpbusd`.
 macro_rules! vnni256_kernels {
-    (features = $features:literal, dpbusd = $dpbusd:ident) => {
+    (features = $features:literal, dpbusd = $dpbusd:ident, kq = $kq:ident) => {
         use std::arch::x86_64::*;
 
         use crate::dot::Tiles;
@@ -199,6 +199,9 @@ macro_rules! vnni256_kernels {
                 q4_0: gemm_q4_0,
                 q4_1: gemm_q4_1,
                 q8_0: gemm_q8_0,
+                q5_0: crate::packed::kq::x86::$kq::<crate::packed::kq::Q5_0>(),
+                q4_k: crate::packed::kq::x86::$kq::<crate::packed::kq::Q4K>(),
+                q6_k: crate::packed::kq::x86::$kq::<crate::packed::kq::Q6K>(),
                 q8_0_takes_minus_128: true,
             };
     };
@@ -210,7 +213,8 @@ macro_rules! vnni256_kernels {
 pub(super) mod vex {
     vnni256_kernels!(
         features = "avx2,fma,f16c,avxvnni",
-        dpbusd = _mm256_dpbusd_avx_epi32
+        dpbusd = _mm256_dpbusd_avx_epi32,
+        kq = avxvnni
     );
 }
 
@@ -220,7 +224,8 @@ pub(super) mod vex {
 pub(super) mod evex {
     vnni256_kernels!(
         features = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl",
-        dpbusd = _mm256_dpbusd_epi32
+        dpbusd = _mm256_dpbusd_epi32,
+        kq = avxvnni_evex
     );
 
     /// Whether this CPU can run the EVEX instantiation.

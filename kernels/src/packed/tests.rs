@@ -514,7 +514,7 @@ fn run_blocks(
     // As matmul_packed routes it: a -128 in Q8_0 activations (a qs byte of 0x80) goes to
     // the twin on paths that cannot take it.
     let minus_128 = act.iter().any(|a| a.qs.contains(&0x80));
-    let gemm = ks.gemm(p.ty(), minus_128);
+    let gemm = ks.gemm(p.fmt, minus_128).expect("a Q8_0-activation format");
     let out = Out {
         ptr: y.as_mut_ptr(),
         ld: p.rows(),

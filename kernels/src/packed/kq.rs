@@ -1,0 +1,1013 @@
+//! Packed Q4_K, Q6_K and Q5_0: layouts and kernels, written once as
+//! `#[inline(always)]` bodies generic over the row-lane vector type
+//! [`RowLanes`] (one 32-bit lane per weight row), with short
+//! `#[target_feature]` entry points per instruction set (the pattern of
+//! `attention/lanes.rs`); the same bodies on [`Portable`] lanes are the
+//! scalar twin.
+//!
+//! Layouts (16-row groups as for the other packed types; a "chunk" is 64
+//! bytes holding 4 bytes of each of the group's 16 rows, lane i row i):
+//! - Q4_K, per super-block (2304 bytes, the file's 16 x 144): 32 quant
+//!   chunks, chunk 8p + c holding `qs[32p + 4c..+4]` (low nibbles: elements
+//!   64p + 4c.., sub-block 2p; high: 64p + 32 + 4c.., sub-block 2p + 1);
+//!   3 chunks of the 12 scale bytes; 16 f16 `d` then 16 f16 `dmin`.
+//! - Q6_K, per super-block (3392 bytes: the file's 3360 and 32 of padding):
+//!   32 `ql` chunks (16h + c: `ql[64h + 4c..]`), 16 `qh` chunks (8h + c:
+//!   `qh[32h + 4c..]`), 4 chunks of the i8 scales, 16 f16 `d`, 32 zero bytes.
+//! - Q5_0, in units of two blocks (704 bytes, the file's 16 x 44 and 0): both
+//!   blocks' 4 nibble chunks (as Q4_0), then both blocks' high-bit words,
+//!   then both blocks' 16 f16 scales. A row's high-bit word is the block's
+//!   `qh` with its bits moved so that bit 8b + s is element
+//!   `16 (s % 2) + 4 (s / 2) + b`: chunk j's low (s = 2j) or high (s = 2j+1)
+//!   nibbles get their fifth bits with one shift and one AND.
+//!
+//! Integer sums are exact on every path (u8 quants up to 63 times i8
+//! activations, `vpdpbusd` or its `vpmaddubsw` + `vpmaddwd` emulation, then
+//! i32 products with the sub-block scales), and the f32 side is the format
+//! twin's (`vec_dot_*_sb` for the K-quants, ggml's generic for Q5_0) lane
+//! for lane, without FMA: every output is the twin's bits, whatever the
+//! path, tile or batch.
+
+use super::{Out, PackedWeights, GROUP_ROWS};
+use crate::dot::Tiles;
+use crate::quant::{BlockQ4_K, BlockQ5_0, BlockQ6_K, BlockQ8_K, QK_K};
+
+/// Bytes of one Q4_K super-block of a group.
+pub(crate) const Q4K_SB: usize = 2304;
+/// Bytes of one Q6_K super-block of a group.
+pub(crate) const Q6K_SB: usize = 3392;
+/// Bytes of one Q5_0 unit (two blocks) of a group.
+pub(crate) const Q5_0_UNIT: usize = 704;
+
+/// A K-quant activation block as the packed kernels read it: the Q8_K
+/// quants and scale, and the block sums in the forms the kernels add.
+#[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(C)]
+pub struct ActBlockK {
+    pub qs: [i8; QK_K],
+    pub d: f32,
+    /// Q6_K: `-32 * bsum_j`, the start of sub-block j's integer sum (its
+    /// quants are stored as q + 32).
+    pub c6: [i32; 16],
+    /// Q4_K: the sums of 32 (`bs_j = bsum_2j + bsum_2j+1`) as i16 pairs
+    /// `(bs_0, bs_2), (bs_1, bs_3), (bs_4, bs_6), (bs_5, bs_7)`, the other
+    /// sides of `vpmaddwd` with the minimums.
+    pub mp: [i32; 4],
+}
+
+impl ActBlockK {
+    pub(crate) fn new(b: &BlockQ8_K) -> ActBlockK {
+        let bs = |j: usize| b.bsum(2 * j) as i32 + b.bsum(2 * j + 1) as i32;
+        let pair = |a: usize, c: usize| (bs(a) & 0xFFFF) | (bs(c) << 16);
+        ActBlockK {
+            qs: b.qs,
+            d: b.d(),
+            c6: std::array::from_fn(|j| -32 * b.bsum(j) as i32),
+            mp: [pair(0, 2), pair(1, 3), pair(4, 6), pair(5, 7)],
+        }
+    }
+
+    /// Activation bytes `e..e + 4` as the broadcast operand of a dot.
+    #[inline(always)]
+    fn group(&self, e: usize) -> i32 {
+        i32::from_le_bytes([
+            self.qs[e] as u8,
+            self.qs[e + 1] as u8,
+            self.qs[e + 2] as u8,
+            self.qs[e + 3] as u8,
+        ])
+    }
+}
+
+// ------------------------------------------------------------------ packing
+
+/// Writes 4 bytes of row `i` into chunk `c` of `dst` (a run of chunks).
+#[inline]
+fn put(dst: &mut [u8], c: usize, i: usize, four: &[u8]) {
+    dst[64 * c + 4 * i..64 * c + 4 * i + 4].copy_from_slice(four);
+}
+
+/// Row `i`'s Q4_K blocks into its group.
+pub(crate) fn pack_row_q4_k(blocks: &[BlockQ4_K], i: usize, group: &mut [u8]) {
+    for (b, x) in blocks.iter().enumerate() {
+        let sb = &mut group[b * Q4K_SB..(b + 1) * Q4K_SB];
+        for c in 0..32 {
+            put(sb, c, i, &x.qs[4 * c..4 * c + 4]);
+        }
+        for v in 0..3 {
+            put(&mut sb[2048..], v, i, &x.scales[4 * v..4 * v + 4]);
+        }
+        sb[2240 + 2 * i..2240 + 2 * i + 2].copy_from_slice(&x.d);
+        sb[2272 + 2 * i..2272 + 2 * i + 2].copy_from_slice(&x.dmin);
+    }
+}
+
+/// Row `i`'s Q6_K blocks into its group.
+pub(crate) fn pack_row_q6_k(blocks: &[BlockQ6_K], i: usize, group: &mut [u8]) {
+    for (b, x) in blocks.iter().enumerate() {
+        let sb = &mut group[b * Q6K_SB..(b + 1) * Q6K_SB];
+        for c in 0..32 {
+            put(sb, c, i, &x.ql[4 * c..4 * c + 4]);
+        }
+        for c in 0..16 {
+            put(&mut sb[2048..], c, i, &x.qh[4 * c..4 * c + 4]);
+        }
+        let sc: &[u8] = bytemuck::cast_slice(&x.scales);
+        for v in 0..4 {
+            put(&mut sb[3072..], v, i, &sc[4 * v..4 * v + 4]);
+        }
+        sb[3328 + 2 * i..3328 + 2 * i + 2].copy_from_slice(&x.d);
+    }
+}
+
+/// Q5_0's high bits rearranged: bit 8b + s of the result is bit
+/// `16 (s % 2) + 4 (s / 2) + b` of `qh`.
+pub(crate) fn q5_0_high_word(qh: u32) -> u32 {
+    let mut w = 0u32;
+    for s in 0..8 {
+        for b in 0..4 {
+            let e = 16 * (s % 2) + 4 * (s / 2) + b;
+            w |= ((qh >> e) & 1) << (8 * b + s);
+        }
+    }
+    w
+}
+
+/// Where block `b`'s nibbles, high-bit word and scale start in a Q5_0 group.
+#[inline(always)]
+pub(crate) const fn q5_0_at(b: usize) -> (usize, usize, usize) {
+    let (u, i) = (b / 2, b % 2);
+    let unit = u * Q5_0_UNIT;
+    (unit + 256 * i, unit + 512 + 64 * i, unit + 640 + 32 * i)
+}
+
+/// Row `i`'s Q5_0 blocks into its group.
+pub(crate) fn pack_row_q5_0(blocks: &[BlockQ5_0], i: usize, group: &mut [u8]) {
+    for (b, x) in blocks.iter().enumerate() {
+        let (qo, ho, so) = q5_0_at(b);
+        for j in 0..4 {
+            put(&mut group[qo..], j, i, &x.qs[4 * j..4 * j + 4]);
+        }
+        let w = q5_0_high_word(u32::from_le_bytes(x.qh));
+        put(&mut group[ho..], 0, i, &w.to_le_bytes());
+        group[so + 2 * i..so + 2 * i + 2].copy_from_slice(&x.d);
+    }
+}
+
+// ------------------------------------------------------------------ lanes
+
+/// i32 lanes, one per weight row, and their f32 twins. Every method is
+/// `unsafe` and `#[inline(always)]`: the SIMD ones may only run on a CPU with
+/// their features, inside the `#[target_feature]` entry points. Loads read
+/// `4 * ROWS` bytes (`2 * ROWS` for f16).
+pub(crate) trait RowLanes: Copy {
+    /// Rows per vector: 16 (a whole group) or 8 (half a group).
+    const ROWS: usize;
+    type F: Copy;
+    unsafe fn load(p: *const u8) -> Self;
+    unsafe fn splat(v: i32) -> Self;
+    unsafe fn and(self, o: Self) -> Self;
+    unsafe fn or(self, o: Self) -> Self;
+    unsafe fn add(self, o: Self) -> Self;
+    unsafe fn mullo(self, o: Self) -> Self;
+    unsafe fn shr(self, n: u32) -> Self;
+    unsafe fn shl(self, n: u32) -> Self;
+    /// Arithmetic shift right.
+    unsafe fn sra(self, n: u32) -> Self;
+    /// `self` plus, per lane, the dot of its 4 bytes of `u` (unsigned, at
+    /// most 63) with the 4 bytes of `y` (signed). Exact.
+    unsafe fn dot4(self, u: Self, y: i32) -> Self;
+    /// `self` plus, per lane, `lo16(u) * lo16(p) + hi16(u) * hi16(p)` (i16).
+    unsafe fn madd(self, u: Self, p: i32) -> Self;
+    unsafe fn cvt(self) -> Self::F;
+    unsafe fn load_f16(p: *const u8) -> Self::F;
+    unsafe fn fsplat(v: f32) -> Self::F;
+    unsafe fn fzero() -> Self::F;
+    unsafe fn fmul(a: Self::F, b: Self::F) -> Self::F;
+    unsafe fn fadd(a: Self::F, b: Self::F) -> Self::F;
+    unsafe fn fsub(a: Self::F, b: Self::F) -> Self::F;
+    /// Stores the first `n` lanes (n <= ROWS) at `p`.
+    unsafe fn store(v: Self::F, p: *mut f32, n: usize);
+    /// Hint that the 64 bytes at `p` are read soon (any address).
+    unsafe fn prefetch(p: *const u8);
+}
+
+/// The portable twin: 16 lanes in arrays, plain Rust (no FMA, as the SIMD
+/// kernels here use none).
+#[derive(Clone, Copy)]
+pub(crate) struct Portable([i32; 16]);
+
+#[derive(Clone, Copy)]
+pub(crate) struct PortableF([f32; 16]);
+
+impl Portable {
+    #[inline(always)]
+    fn map2(self, o: Self, f: impl Fn(i32, i32) -> i32) -> Self {
+        Portable(std::array::from_fn(|i| f(self.0[i], o.0[i])))
+    }
+}
+
+impl RowLanes for Portable {
+    const ROWS: usize = 16;
+    type F = PortableF;
+    #[inline(always)]
+    unsafe fn load(p: *const u8) -> Self {
+        // SAFETY: the caller guarantees 64 readable bytes at p.
+        let b = unsafe { (p as *const [u8; 64]).read_unaligned() };
+        Portable(std::array::from_fn(|i| {
+            i32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]])
+        }))
+    }
+    #[inline(always)]
+    unsafe fn splat(v: i32) -> Self {
+        Portable([v; 16])
+    }
+    #[inline(always)]
+    unsafe fn and(self, o: Self) -> Self {
+        self.map2(o, |a, b| a & b)
+    }
+    #[inline(always)]
+    unsafe fn or(self, o: Self) -> Self {
+        self.map2(o, |a, b| a | b)
+    }
+    #[inline(always)]
+    unsafe fn add(self, o: Self) -> Self {
+        self.map2(o, i32::wrapping_add)
+    }
+    #[inline(always)]
+    unsafe fn mullo(self, o: Self) -> Self {
+        self.map2(o, i32::wrapping_mul)
+    }
+    #[inline(always)]
+    unsafe fn shr(self, n: u32) -> Self {
+        Portable(self.0.map(|a| ((a as u32) >> n) as i32))
+    }
+    #[inline(always)]
+    unsafe fn shl(self, n: u32) -> Self {
+        Portable(self.0.map(|a| ((a as u32) << n) as i32))
+    }
+    #[inline(always)]
+    unsafe fn sra(self, n: u32) -> Self {
+        Portable(self.0.map(|a| a >> n))
+    }
+    #[inline(always)]
+    unsafe fn dot4(self, u: Self, y: i32) -> Self {
+        let y = y.to_le_bytes();
+        Portable(std::array::from_fn(|i| {
+            let u = u.0[i].to_le_bytes();
+            let s: i32 = (0..4).map(|k| u[k] as i32 * y[k] as i8 as i32).sum();
+            self.0[i] + s
+        }))
+    }
+    #[inline(always)]
+    unsafe fn madd(self, u: Self, p: i32) -> Self {
+        let (plo, phi) = (p as i16 as i32, (p >> 16) as i16 as i32);
+        Portable(std::array::from_fn(|i| {
+            let (lo, hi) = (u.0[i] as i16 as i32, (u.0[i] >> 16) as i16 as i32);
+            self.0[i] + lo * plo + hi * phi
+        }))
+    }
+    #[inline(always)]
+    unsafe fn cvt(self) -> PortableF {
+        PortableF(self.0.map(|a| a as f32))
+    }
+    #[inline(always)]
+    unsafe fn load_f16(p: *const u8) -> PortableF {
+        // SAFETY: the caller guarantees 32 readable bytes at p.
+        let b = unsafe { (p as *const [u8; 32]).read_unaligned() };
+        PortableF(std::array::from_fn(|i| {
+            crate::quant::float::f16_to_f32(u16::from_le_bytes([b[2 * i], b[2 * i + 1]]))
+        }))
+    }
+    #[inline(always)]
+    unsafe fn fsplat(v: f32) -> PortableF {
+        PortableF([v; 16])
+    }
+    #[inline(always)]
+    unsafe fn fzero() -> PortableF {
+        PortableF([0.0; 16])
+    }
+    #[inline(always)]
+    unsafe fn fmul(a: PortableF, b: PortableF) -> PortableF {
+        PortableF(std::array::from_fn(|i| a.0[i] * b.0[i]))
+    }
+    #[inline(always)]
+    unsafe fn fadd(a: PortableF, b: PortableF) -> PortableF {
+        PortableF(std::array::from_fn(|i| a.0[i] + b.0[i]))
+    }
+    #[inline(always)]
+    unsafe fn fsub(a: PortableF, b: PortableF) -> PortableF {
+        PortableF(std::array::from_fn(|i| a.0[i] - b.0[i]))
+    }
+    #[inline(always)]
+    unsafe fn store(v: PortableF, p: *mut f32, n: usize) {
+        for (i, &x) in v.0[..n].iter().enumerate() {
+            // SAFETY: the caller guarantees n writable f32s at p.
+            unsafe { *p.add(i) = x };
+        }
+    }
+    #[inline(always)]
+    unsafe fn prefetch(_: *const u8) {}
+}
+
+// ------------------------------------------------------------------ bodies
+
+/// A packed format: the body of one block of a tile.
+pub(crate) trait PackedFmt {
+    type Act: Copy;
+    /// Accumulates block `b` of the tile (`g` the group, `h` which vector
+    /// of the group's lanes: 0 for 16-row vectors, 0 or 1 for 8-row ones)
+    /// into `acc[t]` for `C` tokens (`act[t * k + b]`).
+    ///
+    /// # Safety
+    /// `V`'s features; `g` holds the group's `k` blocks; `act` `C * k`.
+    unsafe fn block<V: RowLanes, const C: usize>(
+        g: *const u8,
+        h: usize,
+        b: usize,
+        k: usize,
+        act: *const Self::Act,
+        acc: &mut [V::F; C],
+    );
+}
+
+pub(crate) struct Q4K;
+pub(crate) struct Q6K;
+pub(crate) struct Q5_0;
+
+/// Sub-block `j`'s byte of the 4-byte lanes `v` (bytes j % 4), zero-extended.
+#[inline(always)]
+unsafe fn byte_lane<V: RowLanes>(v: V, j: usize) -> V {
+    // SAFETY: V's features, as the caller guarantees.
+    unsafe { v.shr(8 * (j as u32 % 4)).and(V::splat(0xFF)) }
+}
+
+impl PackedFmt for Q4K {
+    type Act = ActBlockK;
+    #[inline(always)]
+    unsafe fn block<V: RowLanes, const C: usize>(
+        g: *const u8,
+        h: usize,
+        b: usize,
+        k: usize,
+        act: *const ActBlockK,
+        acc: &mut [V::F; C],
+    ) {
+        // SAFETY (whole body): offsets stay inside super-block b of the group
+        // and tokens below C, as the caller guarantees.
+        unsafe {
+            let sb = g.add(b * Q4K_SB);
+            let lane = |c: usize| sb.add(64 * c + 4 * V::ROWS * h);
+            V::prefetch(sb.add(Q4K_SB * 2));
+            // The 6-bit scales and minimums, four per vector of bytes.
+            let (s0, s1, s2) = (V::load(lane(32)), V::load(lane(33)), V::load(lane(34)));
+            let m6 = V::splat(0x3F3F_3F3F);
+            let sc_lo = s0.and(m6);
+            let m_lo = s1.and(m6);
+            let top = V::splat(0x3030_3030);
+            let sc_hi = s2.and(V::splat(0x0F0F_0F0F)).or(s0.shr(2).and(top));
+            let m_hi = s2.shr(4).and(V::splat(0x0F0F_0F0F)).or(s1.shr(2).and(top));
+            let mut isum = [V::splat(0); C];
+            let m4 = V::splat(0x0F0F_0F0F);
+            for p in 0..4 {
+                let sc = if p < 2 { sc_lo } else { sc_hi };
+                let (sa, sb_) = (byte_lane(sc, 2 * p), byte_lane(sc, 2 * p + 1));
+                let mut lo = [V::splat(0); 8];
+                let mut hi = [V::splat(0); 8];
+                for c in 0..8 {
+                    let q = V::load(lane(8 * p + c));
+                    lo[c] = q.and(m4);
+                    hi[c] = q.shr(4).and(m4);
+                }
+                for (t, isum_t) in isum.iter_mut().enumerate() {
+                    let a = &*act.add(t * k + b);
+                    let (mut x0, mut x1) = (V::splat(0), V::splat(0));
+                    for c in 0..8 {
+                        x0 = x0.dot4(lo[c], a.group(64 * p + 4 * c));
+                        x1 = x1.dot4(hi[c], a.group(64 * p + 32 + 4 * c));
+                    }
+                    *isum_t = isum_t.add(x0.mullo(sa)).add(x1.mullo(sb_));
+                }
+            }
+            // Minimums as i16 pairs: (m0, m2), (m1, m3), (m4, m6), (m5, m7).
+            let ff = V::splat(0x00FF_00FF);
+            let mpairs = [
+                m_lo.and(ff),
+                m_lo.shr(8).and(ff),
+                m_hi.and(ff),
+                m_hi.shr(8).and(ff),
+            ];
+            let dx = V::load_f16(sb.add(2240 + 2 * V::ROWS * h));
+            let dmx = V::load_f16(sb.add(2272 + 2 * V::ROWS * h));
+            for t in 0..C {
+                let a = &*act.add(t * k + b);
+                let mut msum = V::splat(0);
+                for (mp, &ap) in mpairs.iter().zip(&a.mp) {
+                    msum = msum.madd(*mp, ap);
+                }
+                let dy = V::fsplat(a.d);
+                let t1 = V::fmul(V::fmul(dx, dy), isum[t].cvt());
+                let t2 = V::fmul(V::fmul(dmx, dy), msum.cvt());
+                acc[t] = V::fadd(acc[t], V::fsub(t1, t2));
+            }
+        }
+    }
+}
+
+impl PackedFmt for Q6K {
+    type Act = ActBlockK;
+    #[inline(always)]
+    unsafe fn block<V: RowLanes, const C: usize>(
+        g: *const u8,
+        h: usize,
+        b: usize,
+        k: usize,
+        act: *const ActBlockK,
+        acc: &mut [V::F; C],
+    ) {
+        // SAFETY (whole body): as for Q4_K.
+        unsafe {
+            let sb = g.add(b * Q6K_SB);
+            let lane = |c: usize| sb.add(64 * c + 4 * V::ROWS * h);
+            V::prefetch(sb.add(Q6K_SB * 2));
+            let mut isum = [V::splat(0); C];
+            let (m4, m30) = (V::splat(0x0F0F_0F0F), V::splat(0x3030_3030));
+            for half in 0..2 {
+                for cg in 0..2 {
+                    // Quarter q of chunks c = 4cg..4cg + 4 is sub-block 8 half + 2q + cg:
+                    // its 16 quant vectors first (shared by the tokens), then per token four
+                    // sums, each starting at -32 bsum (the quants are stored as q + 32).
+                    let mut w = [[V::splat(0); 4]; 4];
+                    for (i, wi) in w.iter_mut().enumerate() {
+                        let c = 4 * cg + i;
+                        let qa = V::load(lane(16 * half + c));
+                        let qb = V::load(lane(16 * half + 8 + c));
+                        let qh = V::load(lane(32 + 8 * half + c));
+                        wi[0] = qa.and(m4).or(qh.shl(4).and(m30));
+                        wi[1] = qb.and(m4).or(qh.shl(2).and(m30));
+                        wi[2] = qa.shr(4).and(m4).or(qh.and(m30));
+                        wi[3] = qb.shr(4).and(m4).or(qh.shr(2).and(m30));
+                    }
+                    // The i8 scales of sub-blocks 8 half + cg + {0, 2, 4, 6}: bytes cg,
+                    // cg + 2 of scale chunks 2 half and 2 half + 1, sign-extended.
+                    let (lo, hi) = (V::load(lane(48 + 2 * half)), V::load(lane(49 + 2 * half)));
+                    let sext = |v: V, byte: u32| v.shl(24 - 8 * byte).sra(24);
+                    let sc = [
+                        sext(lo, cg as u32),
+                        sext(lo, cg as u32 + 2),
+                        sext(hi, cg as u32),
+                        sext(hi, cg as u32 + 2),
+                    ];
+                    for (t, isum_t) in isum.iter_mut().enumerate() {
+                        let a = &*act.add(t * k + b);
+                        let e0 = 128 * half + 16 * cg;
+                        for (q, scq) in sc.iter().enumerate() {
+                            let mut s = V::splat(a.c6[8 * half + 2 * q + cg]);
+                            for (i, wi) in w.iter().enumerate() {
+                                s = s.dot4(wi[q], a.group(e0 + 32 * q + 4 * i));
+                            }
+                            *isum_t = isum_t.add(s.mullo(*scq));
+                        }
+                    }
+                }
+            }
+            let dx = V::load_f16(sb.add(3328 + 2 * V::ROWS * h));
+            for (t, acc_t) in acc.iter_mut().enumerate() {
+                let a = &*act.add(t * k + b);
+                let t1 = V::fmul(V::fmul(dx, V::fsplat(a.d)), isum[t].cvt());
+                *acc_t = V::fadd(*acc_t, t1);
+            }
+        }
+    }
+}
+
+impl PackedFmt for Q5_0 {
+    type Act = super::ActBlock;
+    #[inline(always)]
+    unsafe fn block<V: RowLanes, const C: usize>(
+        g: *const u8,
+        h: usize,
+        b: usize,
+        k: usize,
+        act: *const super::ActBlock,
+        acc: &mut [V::F; C],
+    ) {
+        // SAFETY (whole body): as for Q4_K.
+        unsafe {
+            let (qo, ho, so) = q5_0_at(b);
+            let off = 4 * V::ROWS * h;
+            if b.is_multiple_of(2) {
+                V::prefetch(g.add(qo + 2 * Q5_0_UNIT));
+            }
+            let w = V::load(g.add(ho + off));
+            let (m4, b4) = (V::splat(0x0F0F_0F0F), V::splat(0x1010_1010));
+            // Fifth bits of chunk j's low (s = 2j) and high (s = 2j + 1) nibbles.
+            let fifth = |s: u32| {
+                let v = if s <= 4 { w.shl(4 - s) } else { w.shr(s - 4) };
+                v.and(b4)
+            };
+            let mut lo = [V::splat(0); 4];
+            let mut hi = [V::splat(0); 4];
+            for j in 0..4 {
+                let q = V::load(g.add(qo + 64 * j + off));
+                lo[j] = q.and(m4).or(fifth(2 * j as u32));
+                hi[j] = q.shr(4).and(m4).or(fifth(2 * j as u32 + 1));
+            }
+            let dx = V::load_f16(g.add(so + 2 * V::ROWS * h));
+            for (t, acc_t) in acc.iter_mut().enumerate() {
+                let a = &*act.add(t * k + b);
+                let mut s = V::splat(a.c);
+                let ay =
+                    |e: usize| i32::from_le_bytes([a.qs[e], a.qs[e + 1], a.qs[e + 2], a.qs[e + 3]]);
+                for j in 0..4 {
+                    s = s.dot4(lo[j], ay(4 * j)).dot4(hi[j], ay(16 + 4 * j));
+                }
+                let t1 = V::fmul(V::fmul(dx, V::fsplat(a.d)), s.cvt());
+                *acc_t = V::fadd(*acc_t, t1);
+            }
+        }
+    }
+}
+
+/// One tile: the rows of vector `h` of a group x C tokens, every block.
+///
+/// # Safety
+/// `V`'s features; `g` holds the group's `k` blocks, `act` `C * k`; the
+/// first `n` lanes of `out + t * ld` (t < C) are writable.
+#[inline(always)]
+unsafe fn tile<V: RowLanes, P: PackedFmt, const C: usize>(
+    g: *const u8,
+    h: usize,
+    k: usize,
+    act: *const P::Act,
+    out: *mut f32,
+    ld: usize,
+    n: usize,
+) {
+    // SAFETY (whole body): as the caller guarantees.
+    unsafe {
+        let mut acc = [V::fzero(); C];
+        for b in 0..k {
+            P::block::<V, C>(g, h, b, k, act, &mut acc);
+        }
+        for (t, a) in acc.into_iter().enumerate() {
+            V::store(a, out.add(t * ld), n);
+        }
+    }
+}
+
+/// Tokens per full tile.
+pub(crate) const C_FULL: usize = 4;
+
+/// One tile entry point: `(g, h, k, act, out, ld, n)`.
+pub(crate) type TileFn<A> = unsafe fn(*const u8, usize, usize, *const A, *mut f32, usize, usize);
+
+/// A path's tile entry points for one format (full tile, one token) and the
+/// rows its vectors hold.
+pub(crate) type PathTiles<A> = ((TileFn<A>, TileFn<A>), usize);
+
+/// A [`super::PackedGemmFn`]-shaped walk over groups and token tiles, with
+/// `full` (C_FULL tokens) and `one` (a single token) tiles.
+///
+/// # Safety
+/// [`super::PackedGemmFn`]'s; `full` and `one` may run here (their
+/// features are present).
+pub(crate) unsafe fn gemm<A>(
+    w: &PackedWeights,
+    r0: usize,
+    nr: usize,
+    act: &[A],
+    out: Out,
+    rows_per_vec: usize,
+    (full, one): (TileFn<A>, TileFn<A>),
+) -> Tiles {
+    let k = w.blocks();
+    let n = gemm_shape_k(w, r0, nr, act.len(), k);
+    let mut tiles = Tiles::default();
+    for g0 in (0..nr).step_by(GROUP_ROWS) {
+        let real = (nr - g0).min(GROUP_ROWS);
+        let group = w.group((r0 + g0) / GROUP_ROWS);
+        let g = group.as_ptr();
+        let mut t0 = 0;
+        while t0 < n {
+            let c = if n - t0 >= C_FULL { C_FULL } else { 1 };
+            for h in 0..GROUP_ROWS / rows_per_vec {
+                let lanes = real.saturating_sub(h * rows_per_vec).min(rows_per_vec);
+                if lanes == 0 {
+                    continue;
+                }
+                // SAFETY: the group holds k blocks (w.group checked its length
+                // against the layout); tokens t0..t0 + c < n have k blocks each;
+                // lanes below `lanes` of out.at(t0 + t, g0 + h rows_per_vec) are
+                // this call's rows, which the caller lets us write.
+                unsafe {
+                    let a = act.as_ptr().add(t0 * k);
+                    let o = out.at(t0, g0 + h * rows_per_vec);
+                    let f = if c == C_FULL { full } else { one };
+                    f(g, h, k, a, o, out.ld(), lanes);
+                }
+            }
+            if c == C_FULL && real == GROUP_ROWS {
+                tiles.full += 1;
+            } else {
+                tiles.edge += 1;
+            }
+            t0 += c;
+        }
+    }
+    tiles
+}
+
+/// Checks a K-layout gemm's arguments; returns `n_tokens`.
+fn gemm_shape_k(w: &PackedWeights, r0: usize, nr: usize, act_len: usize, k: usize) -> usize {
+    assert!(k > 0 && r0.is_multiple_of(GROUP_ROWS), "packed gemm: shape");
+    assert!(
+        act_len.is_multiple_of(k) && act_len > 0,
+        "packed gemm: activation length"
+    );
+    assert!(
+        r0.checked_add(nr).is_some_and(|end| end <= w.rows()),
+        "packed gemm: rows out of range"
+    );
+    act_len / k
+}
+
+/// The portable twin's tile entry points.
+pub(crate) const fn portable<P: PackedFmt>() -> (TileFn<P::Act>, TileFn<P::Act>) {
+    (tile::<Portable, P, C_FULL>, tile::<Portable, P, 1>)
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86 {
+    //! The x86 lane types and entry points: [`Zmm`] (16 rows, AVX-512BW,
+    //! `vpdpbusd` with VNNI or its `vpmaddubsw` emulation) and [`Ymm`] (8
+    //! rows, AVX2, with AVX-VNNI's VEX `vpdpbusd`, AVX-512 VNNI's EVEX one,
+    //! or the emulation).
+
+    use std::arch::x86_64::*;
+
+    use super::{tile, PackedFmt, PathTiles, RowLanes, C_FULL};
+
+    /// `Zmm<VNNI>`: 16 rows in a zmm.
+    #[derive(Clone, Copy)]
+    pub(crate) struct Zmm<const VNNI: bool>(__m512i);
+
+    // SAFETY (every method): the intrinsics need AVX-512F/BW (+ VNNI when
+    // VNNI) and F16C, which the caller guarantees (the methods only run in
+    // the entry points below, reached through tables handed out after
+    // detection); pointers are valid by the trait's contract.
+    impl<const VNNI: bool> RowLanes for Zmm<VNNI> {
+        const ROWS: usize = 16;
+        type F = __m512;
+        #[inline(always)]
+        unsafe fn load(p: *const u8) -> Self {
+            // SAFETY: see the impl comment.
+            Zmm(unsafe { _mm512_loadu_si512(p as *const _) })
+        }
+        #[inline(always)]
+        unsafe fn splat(v: i32) -> Self {
+            // SAFETY: see the impl comment.
+            Zmm(unsafe { _mm512_set1_epi32(v) })
+        }
+        #[inline(always)]
+        unsafe fn and(self, o: Self) -> Self {
+            // SAFETY: see the impl comment.
+            Zmm(unsafe { _mm512_and_si512(self.0, o.0) })
+        }
+        #[inline(always)]
+        unsafe fn or(self, o: Self) -> Self {
+            // SAFETY: see the impl comment.
+            Zmm(unsafe { _mm512_or_si512(self.0, o.0) })
+        }
+        #[inline(always)]
+        unsafe fn add(self, o: Self) -> Self {
+            // SAFETY: see the impl comment.
+            Zmm(unsafe { _mm512_add_epi32(self.0, o.0) })
+        }
+        #[inline(always)]
+        unsafe fn mullo(self, o: Self) -> Self {
+            // SAFETY: see the impl comment.
+            Zmm(unsafe { _mm512_mullo_epi32(self.0, o.0) })
+        }
+        #[inline(always)]
+        unsafe fn shr(self, n: u32) -> Self {
+            // SAFETY: see the impl comment.
+            Zmm(unsafe { _mm512_srl_epi32(self.0, _mm_cvtsi32_si128(n as i32)) })
+        }
+        #[inline(always)]
+        unsafe fn shl(self, n: u32) -> Self {
+            // SAFETY: see the impl comment.
+            Zmm(unsafe { _mm512_sll_epi32(self.0, _mm_cvtsi32_si128(n as i32)) })
+        }
+        #[inline(always)]
+        unsafe fn sra(self, n: u32) -> Self {
+            // SAFETY: see the impl comment.
+            Zmm(unsafe { _mm512_sra_epi32(self.0, _mm_cvtsi32_si128(n as i32)) })
+        }
+        #[inline(always)]
+        unsafe fn dot4(self, u: Self, y: i32) -> Self {
+            // SAFETY: see the impl comment.
+            unsafe {
+                let y = _mm512_set1_epi32(y);
+                if VNNI {
+                    Zmm(_mm512_dpbusd_epi32(self.0, u.0, y))
+                } else {
+                    // Pairs of u * y at most 2 * 63 * 128: no i16 saturation.
+                    let p = _mm512_maddubs_epi16(u.0, y);
+                    Zmm(_mm512_add_epi32(
+                        self.0,
+                        _mm512_madd_epi16(p, _mm512_set1_epi16(1)),
+                    ))
+                }
+            }
+        }
+        #[inline(always)]
+        unsafe fn madd(self, u: Self, p: i32) -> Self {
+            // SAFETY: see the impl comment.
+            Zmm(unsafe { _mm512_add_epi32(self.0, _mm512_madd_epi16(u.0, _mm512_set1_epi32(p))) })
+        }
+        #[inline(always)]
+        unsafe fn cvt(self) -> __m512 {
+            // SAFETY: see the impl comment.
+            unsafe { _mm512_cvtepi32_ps(self.0) }
+        }
+        #[inline(always)]
+        unsafe fn load_f16(p: *const u8) -> __m512 {
+            // SAFETY: see the impl comment.
+            unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
+        }
+        #[inline(always)]
+        unsafe fn fsplat(v: f32) -> __m512 {
+            // SAFETY: see the impl comment.
+            unsafe { _mm512_set1_ps(v) }
+        }
+        #[inline(always)]
+        unsafe fn fzero() -> __m512 {
+            // SAFETY: see the impl comment.
+            unsafe { _mm512_setzero_ps() }
+        }
+        #[inline(always)]
+        unsafe fn fmul(a: __m512, b: __m512) -> __m512 {
+            // SAFETY: see the impl comment.
+            unsafe { _mm512_mul_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn fadd(a: __m512, b: __m512) -> __m512 {
+            // SAFETY: see the impl comment.
+            unsafe { _mm512_add_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn fsub(a: __m512, b: __m512) -> __m512 {
+            // SAFETY: see the impl comment.
+            unsafe { _mm512_sub_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn store(v: __m512, p: *mut f32, n: usize) {
+            // SAFETY: see the impl comment; masked-off lanes are not accessed.
+            unsafe {
+                let mask = ((1u32 << n) - 1) as __mmask16;
+                _mm512_mask_storeu_ps(p, mask, v)
+            }
+        }
+        #[inline(always)]
+        unsafe fn prefetch(p: *const u8) {
+            // SAFETY: a prefetch is a hint with no architectural effect.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) }
+        }
+    }
+
+    /// `Ymm<DOT>`: 8 rows in a ymm; DOT 0: `vpmaddubsw` emulation, 1:
+    /// AVX-VNNI (VEX), 2: AVX-512 VNNI + VL (EVEX, for tests on CPUs
+    /// without AVX-VNNI).
+    #[derive(Clone, Copy)]
+    pub(crate) struct Ymm<const DOT: u8>(__m256i);
+
+    // SAFETY (every method): the intrinsics need AVX2, FMA, F16C (+ AVX-VNNI
+    // for DOT 1, AVX-512 VNNI + VL for DOT 2), which the caller guarantees
+    // (the methods only run in the entry points below); pointers are valid
+    // by the trait's contract.
+    impl<const DOT: u8> RowLanes for Ymm<DOT> {
+        const ROWS: usize = 8;
+        type F = __m256;
+        #[inline(always)]
+        unsafe fn load(p: *const u8) -> Self {
+            // SAFETY: see the impl comment.
+            Ymm(unsafe { _mm256_loadu_si256(p as *const __m256i) })
+        }
+        #[inline(always)]
+        unsafe fn splat(v: i32) -> Self {
+            // SAFETY: see the impl comment.
+            Ymm(unsafe { _mm256_set1_epi32(v) })
+        }
+        #[inline(always)]
+        unsafe fn and(self, o: Self) -> Self {
+            // SAFETY: see the impl comment.
+            Ymm(unsafe { _mm256_and_si256(self.0, o.0) })
+        }
+        #[inline(always)]
+        unsafe fn or(self, o: Self) -> Self {
+            // SAFETY: see the impl comment.
+            Ymm(unsafe { _mm256_or_si256(self.0, o.0) })
+        }
+        #[inline(always)]
+        unsafe fn add(self, o: Self) -> Self {
+            // SAFETY: see the impl comment.
+            Ymm(unsafe { _mm256_add_epi32(self.0, o.0) })
+        }
+        #[inline(always)]
+        unsafe fn mullo(self, o: Self) -> Self {
+            // SAFETY: see the impl comment.
+            Ymm(unsafe { _mm256_mullo_epi32(self.0, o.0) })
+        }
+        #[inline(always)]
+        unsafe fn shr(self, n: u32) -> Self {
+            // SAFETY: see the impl comment.
+            Ymm(unsafe { _mm256_srl_epi32(self.0, _mm_cvtsi32_si128(n as i32)) })
+        }
+        #[inline(always)]
+        unsafe fn shl(self, n: u32) -> Self {
+            // SAFETY: see the impl comment.
+            Ymm(unsafe { _mm256_sll_epi32(self.0, _mm_cvtsi32_si128(n as i32)) })
+        }
+        #[inline(always)]
+        unsafe fn sra(self, n: u32) -> Self {
+            // SAFETY: see the impl comment.
+            Ymm(unsafe { _mm256_sra_epi32(self.0, _mm_cvtsi32_si128(n as i32)) })
+        }
+        #[inline(always)]
+        unsafe fn dot4(self, u: Self, y: i32) -> Self {
+            // SAFETY: see the impl comment.
+            unsafe {
+                let y = _mm256_set1_epi32(y);
+                match DOT {
+                    1 => Ymm(_mm256_dpbusd_avx_epi32(self.0, u.0, y)),
+                    2 => Ymm(_mm256_dpbusd_epi32(self.0, u.0, y)),
+                    _ => {
+                        let p = _mm256_maddubs_epi16(u.0, y);
+                        Ymm(_mm256_add_epi32(
+                            self.0,
+                            _mm256_madd_epi16(p, _mm256_set1_epi16(1)),
+                        ))
+                    }
+                }
+            }
+        }
+        #[inline(always)]
+        unsafe fn madd(self, u: Self, p: i32) -> Self {
+            // SAFETY: see the impl comment.
+            Ymm(unsafe { _mm256_add_epi32(self.0, _mm256_madd_epi16(u.0, _mm256_set1_epi32(p))) })
+        }
+        #[inline(always)]
+        unsafe fn cvt(self) -> __m256 {
+            // SAFETY: see the impl comment.
+            unsafe { _mm256_cvtepi32_ps(self.0) }
+        }
+        #[inline(always)]
+        unsafe fn load_f16(p: *const u8) -> __m256 {
+            // SAFETY: see the impl comment.
+            unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+        }
+        #[inline(always)]
+        unsafe fn fsplat(v: f32) -> __m256 {
+            // SAFETY: see the impl comment.
+            unsafe { _mm256_set1_ps(v) }
+        }
+        #[inline(always)]
+        unsafe fn fzero() -> __m256 {
+            // SAFETY: see the impl comment.
+            unsafe { _mm256_setzero_ps() }
+        }
+        #[inline(always)]
+        unsafe fn fmul(a: __m256, b: __m256) -> __m256 {
+            // SAFETY: see the impl comment.
+            unsafe { _mm256_mul_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn fadd(a: __m256, b: __m256) -> __m256 {
+            // SAFETY: see the impl comment.
+            unsafe { _mm256_add_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn fsub(a: __m256, b: __m256) -> __m256 {
+            // SAFETY: see the impl comment.
+            unsafe { _mm256_sub_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn store(v: __m256, p: *mut f32, n: usize) {
+            // SAFETY: see the impl comment; masked-off lanes are not accessed.
+            unsafe {
+                if n == 8 {
+                    _mm256_storeu_ps(p, v)
+                } else {
+                    let mask = _mm256_cmpgt_epi32(
+                        _mm256_set1_epi32(n as i32),
+                        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                    );
+                    _mm256_maskstore_ps(p, mask, v)
+                }
+            }
+        }
+        #[inline(always)]
+        unsafe fn prefetch(p: *const u8) {
+            // SAFETY: a prefetch is a hint with no architectural effect.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) }
+        }
+    }
+
+    /// # Safety
+    /// The CPU has the features named here; [`tile`]'s conditions.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    unsafe fn e512vnni<P: PackedFmt, const C: usize>(
+        g: *const u8,
+        h: usize,
+        k: usize,
+        act: *const P::Act,
+        out: *mut f32,
+        ld: usize,
+        n: usize,
+    ) {
+        // SAFETY: this function's features are Zmm<true>'s; the caller's guarantees.
+        unsafe { tile::<Zmm<true>, P, C>(g, h, k, act, out, ld, n) }
+    }
+
+    /// # Safety
+    /// The CPU has the features named here; [`tile`]'s conditions.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    unsafe fn e512<P: PackedFmt, const C: usize>(
+        g: *const u8,
+        h: usize,
+        k: usize,
+        act: *const P::Act,
+        out: *mut f32,
+        ld: usize,
+        n: usize,
+    ) {
+        // SAFETY: this function's features are Zmm<false>'s; the caller's guarantees.
+        unsafe { tile::<Zmm<false>, P, C>(g, h, k, act, out, ld, n) }
+    }
+
+    /// # Safety
+    /// The CPU has the features named here; [`tile`]'s conditions.
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    unsafe fn e256vnni<P: PackedFmt, const C: usize>(
+        g: *const u8,
+        h: usize,
+        k: usize,
+        act: *const P::Act,
+        out: *mut f32,
+        ld: usize,
+        n: usize,
+    ) {
+        // SAFETY: this function's features are Ymm<1>'s; the caller's guarantees.
+        unsafe { tile::<Ymm<1>, P, C>(g, h, k, act, out, ld, n) }
+    }
+
+    /// # Safety
+    /// The CPU has the features named here; [`tile`]'s conditions.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl")]
+    unsafe fn e256evex<P: PackedFmt, const C: usize>(
+        g: *const u8,
+        h: usize,
+        k: usize,
+        act: *const P::Act,
+        out: *mut f32,
+        ld: usize,
+        n: usize,
+    ) {
+        // SAFETY: this function's features are Ymm<2>'s; the caller's guarantees.
+        unsafe { tile::<Ymm<2>, P, C>(g, h, k, act, out, ld, n) }
+    }
+
+    /// # Safety
+    /// The CPU has the features named here; [`tile`]'s conditions.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn e256<P: PackedFmt, const C: usize>(
+        g: *const u8,
+        h: usize,
+        k: usize,
+        act: *const P::Act,
+        out: *mut f32,
+        ld: usize,
+        n: usize,
+    ) {
+        // SAFETY: this function's features are Ymm<0>'s; the caller's guarantees.
+        unsafe { tile::<Ymm<0>, P, C>(g, h, k, act, out, ld, n) }
+    }
+
+    /// Tile entry points per path: (full, one token), rows per vector.
+    pub(crate) const fn avx512vnni<P: PackedFmt>() -> PathTiles<P::Act> {
+        ((e512vnni::<P, C_FULL>, e512vnni::<P, 1>), 16)
+    }
+    pub(crate) const fn avx512<P: PackedFmt>() -> PathTiles<P::Act> {
+        ((e512::<P, C_FULL>, e512::<P, 1>), 16)
+    }
+    pub(crate) const fn avxvnni<P: PackedFmt>() -> PathTiles<P::Act> {
+        ((e256vnni::<P, C_FULL>, e256vnni::<P, 1>), 8)
+    }
+    pub(crate) const fn avxvnni_evex<P: PackedFmt>() -> PathTiles<P::Act> {
+        ((e256evex::<P, C_FULL>, e256evex::<P, 1>), 8)
+    }
+    pub(crate) const fn avx2<P: PackedFmt>() -> PathTiles<P::Act> {
+        ((e256::<P, C_FULL>, e256::<P, 1>), 8)
+    }
+}

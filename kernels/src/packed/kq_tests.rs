@@ -1,0 +1,237 @@
+//! Packed Q5_0, Q4_K and Q6_K on every path (the portable twin included)
+//! against the format's twin on the file layout, bit for bit: random
+//! quantized and raw blocks, row counts that are not whole groups or halves,
+//! token counts that are not whole tiles, chunked and whole, one matrix or
+//! several. What could be wrong: the scatter into chunks, the nibble and
+//! bit order, the 6-bit scale unpacking in lanes, the minimum pairs, the Q6_K
+//! and Q5_0 offsets, the masked stores and the token tiling.
+
+use super::*;
+use crate::dot::scalar;
+use crate::quant::BlockFormat;
+use crate::test_util::values;
+
+fn paths() -> Vec<&'static PackedKernels> {
+    let mut v = vec![&SCALAR];
+    v.extend(
+        SimdPath::available()
+            .into_iter()
+            .filter_map(packed_kernels_for),
+    );
+    v.extend(super::avxvnni_evex_kernels());
+    v
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Rows of random quantized weights, or (`raw`) random bytes with finite
+/// f16 scales at `halves`.
+fn weights<B: BlockFormat>(
+    rows: usize,
+    k: usize,
+    seed: u64,
+    raw: bool,
+    halves: &[usize],
+) -> Vec<B> {
+    let mut v = vec![B::zeroed(); rows * k];
+    if raw {
+        let mut r = Rng((seed * 0x9E37_79B9) | 1);
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut v);
+        bytes.iter_mut().for_each(|b| *b = r.next() as u8);
+        for blk in bytes.chunks_exact_mut(std::mem::size_of::<B>()) {
+            for &o in halves {
+                let f = ((r.next() >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0;
+                blk[o..o + 2].copy_from_slice(&crate::quant::float::f32_to_f16(f).to_le_bytes());
+            }
+        }
+    } else {
+        let x: Vec<f32> = values(rows * k * B::BLOCK, seed)
+            .iter()
+            .map(|v| v + 0.1)
+            .collect();
+        B::quantize_row(&x, &mut v);
+    }
+    v
+}
+
+/// `ty` weights (`blocks`, rows x k) times `n` tokens through the packed
+/// kernels `ks` (chunks of `chunk` rows), and through the file-layout twin.
+#[allow(clippy::too_many_arguments)]
+fn run<B: BlockFormat>(
+    ty: GgmlType,
+    blocks: &[B],
+    rows: usize,
+    n: usize,
+    ks: &'static PackedKernels,
+    chunk: usize,
+    twin: impl Fn(&[B], &[f32]) -> f32,
+    seed: u64,
+) -> (Vec<f32>, Vec<f32>) {
+    let cols = blocks.len() / rows * B::BLOCK;
+    let data: &[u8] = bytemuck::cast_slice(blocks);
+    let w = WeightView {
+        ty,
+        data,
+        rows,
+        cols,
+    };
+    let p = PackedWeights::pack(&w, ks).unwrap();
+    let x: Vec<f32> = values(n * cols, seed ^ 0xACE)
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v * (1.0 + (i / 32 % 7) as f32))
+        .collect();
+    let mut y = vec![f32::NAN; n * rows];
+    let mut s = PackedScratch::default();
+    matmul_packed_chunked(&p, &x, n, &mut y, &mut s, chunk).unwrap();
+    let k = blocks.len() / rows;
+    let mut want = vec![0f32; n * rows];
+    for t in 0..n {
+        for r in 0..rows {
+            want[t * rows + r] = twin(&blocks[r * k..(r + 1) * k], &x[t * cols..(t + 1) * cols]);
+        }
+    }
+    (y, want)
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+fn check<B: BlockFormat>(
+    ty: GgmlType,
+    halves: &[usize],
+    twin: impl Fn(&[B], &[f32]) -> f32 + Copy,
+) {
+    let mut seed = 0;
+    for &(rows, k) in &[(1, 1), (7, 2), (16, 1), (23, 3), (40, 2)] {
+        for n in [1, 3, 4, 9] {
+            for raw in [false, true] {
+                seed += 1;
+                let blocks = weights::<B>(rows, k, seed, raw, halves);
+                for &ks in &paths() {
+                    for chunk in [16, 64] {
+                        let (got, want) = run(ty, &blocks, rows, n, ks, chunk, twin, seed);
+                        assert_eq!(
+                            bits(&got),
+                            bits(&want),
+                            "{ty} {:?} rows {rows} k {k} n {n} raw {raw} chunk {chunk}",
+                            ks.path
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn packed_q4_k_gives_the_twin_bits_on_every_path() {
+    check::<BlockQ4_K>(GgmlType::Q4_K, &[0, 2], |w, x| {
+        let mut a = vec![BlockQ8_K::zeroed(); w.len()];
+        quant::quantize_row_q8_k(x, &mut a);
+        scalar::vec_dot_q4_k_q8_k_sb(w, &a)
+    });
+}
+
+#[test]
+fn packed_q6_k_gives_the_twin_bits_on_every_path() {
+    check::<BlockQ6_K>(GgmlType::Q6_K, &[208], |w, x| {
+        let mut a = vec![BlockQ8_K::zeroed(); w.len()];
+        quant::quantize_row_q8_k(x, &mut a);
+        scalar::vec_dot_q6_k_q8_k_sb(w, &a)
+    });
+}
+
+#[test]
+fn packed_q5_0_gives_ggml_generic_bits_on_every_path() {
+    check::<BlockQ5_0>(GgmlType::Q5_0, &[0], |w, x| {
+        let mut a = vec![BlockQ8_0::zeroed(); w.len()];
+        quant::quantize_row_q8_0(x, &mut a);
+        scalar::vec_dot_q5_0_q8_0(w, &a)
+    });
+}
+
+#[test]
+fn q5_0_high_word_places_each_bit() {
+    for e in 0..32 {
+        let w = kq::q5_0_high_word(1 << e);
+        assert_eq!(w.count_ones(), 1, "element {e}");
+        let pos = w.trailing_zeros();
+        let (b, s) = (pos / 8, pos % 8);
+        assert_eq!(16 * (s % 2) + 4 * (s / 2) + b, e, "element {e}");
+    }
+}
+
+#[test]
+fn packed_k_memory_is_the_tensor_plus_padding() {
+    use GgmlType::*;
+    // 20 rows: two groups (the second 4 real rows). Q4_K packs exactly the
+    // file's bytes per row; Q6_K adds 32 bytes per group and super-block;
+    // Q5_0 an empty half unit when k is odd.
+    for (ty, cols, want) in [
+        (Q4_K, 512, 2 * 2 * 2304),
+        (Q6_K, 256, 2 * 3392),
+        (Q5_0, 96, 2 * 2 * 704),
+    ] {
+        let rb = ty.row_bytes(cols as u64).unwrap() as usize;
+        let data = vec![0u8; 20 * rb];
+        let w = WeightView {
+            ty,
+            data: &data,
+            rows: 20,
+            cols,
+        };
+        let p = PackedWeights::pack(&w, &SCALAR).unwrap();
+        assert_eq!(p.n_bytes(), want, "{ty}");
+    }
+    // A K-quant row must be whole super-blocks.
+    let data = vec![0u8; 144];
+    let w = WeightView {
+        ty: Q4_K,
+        data: &data,
+        rows: 1,
+        cols: 128,
+    };
+    assert!(matches!(
+        PackedWeights::pack(&w, &SCALAR),
+        Err(KernelError::NotBlockMultiple { .. })
+    ));
+}
+
+#[test]
+fn multi_matches_one_at_a_time_for_k_quants() {
+    // Decode with matmul_packed_multi (one quantization, one parallel region).
+    let (rows, k) = (24, 2);
+    let a = weights::<BlockQ4_K>(rows, k, 3, false, &[0, 2]);
+    let b = weights::<BlockQ4_K>(rows, k, 4, false, &[0, 2]);
+    let cols = k * 256;
+    let ks = paths().pop().unwrap();
+    let pack = |bl: &[BlockQ4_K]| {
+        let w = WeightView {
+            ty: GgmlType::Q4_K,
+            data: bytemuck::cast_slice(bl),
+            rows,
+            cols,
+        };
+        PackedWeights::pack(&w, ks).unwrap()
+    };
+    let (pa, pb) = (pack(&a), pack(&b));
+    let x = values(cols, 9);
+    let mut s = PackedScratch::default();
+    let (mut ya, mut yb) = (vec![0f32; rows], vec![0f32; rows]);
+    matmul_packed_multi(&mut [(&pa, &mut ya[..]), (&pb, &mut yb[..])], &x, 1, &mut s).unwrap();
+    let (mut za, mut zb) = (vec![0f32; rows], vec![0f32; rows]);
+    matmul_packed(&pa, &x, 1, &mut za, &mut s).unwrap();
+    matmul_packed(&pb, &x, 1, &mut zb, &mut s).unwrap();
+    assert_eq!(bits(&ya), bits(&za));
+    assert_eq!(bits(&yb), bits(&zb));
+}
