@@ -60,8 +60,8 @@ pub struct CompareArgs {
         default_value = "compare-report"
     )]
     pub output: PathBuf,
-    /// Make these variants from BASE with airlock's quantizer (comma-separated: q8_0,q4_1,q4_0,
-    /// f16, bf16)
+    /// Make these variants from BASE with airlock's quantizer (comma-separated, any
+    /// `airlock quantize --type`: q8_0,q6_k,q4_k_m,q4_1,q4_0, f16, bf16, ...)
     #[arg(long, value_name = "TYPES", value_delimiter = ',', value_parser = out_type)]
     pub types: Vec<OutType>,
     /// Keep the variants --types makes (in DIR) instead of deleting each once measured
