@@ -50,6 +50,9 @@ need cargo          "install Rust (stable) with rustup: https://rustup.rs" \
 cmd  clippy-rustfmt "rustup component add clippy rustfmt" \
                     "cargo clippy --version && cargo fmt --version" \
                     "cargo clippy -D warnings and cargo fmt --check"
+deb  xz             "xz-utils" \
+                    "command -v xz" \
+                    "decompresses llama-perplexity's KL-divergence base file in tests/fixtures/llamacpp"
 deb  python3        "python3 python3-venv python3-pip" \
                     "python3 -c 'import sys, venv, ensurepip, pip; assert sys.version_info >= (3, 11)'" \
                     "Python 3.11+ with venv and pip: the tests' venv, and the model download"

@@ -20,11 +20,8 @@ use crate::load::{load_error, warn_oversubscribed, KvTypeArg};
 
 const MAX_TEXT_BYTES: u64 = 256 << 20;
 
-fn out_types(s: &str) -> Result<Vec<OutType>, String> {
-    s.split(',')
-        .filter(|t| !t.trim().is_empty())
-        .map(|t| OutType::parse(t.trim()).map_err(|e| e.to_string()))
-        .collect()
+fn out_type(s: &str) -> Result<OutType, String> {
+    OutType::parse(s.trim()).map_err(|e| e.to_string())
 }
 
 #[derive(clap::Args)]
@@ -62,10 +59,10 @@ pub struct CompareArgs {
         default_value = "compare-report"
     )]
     pub output: PathBuf,
-    /// Make these variants from BASE with airlock's quantizer (comma-separated: q8_0,q4_1,q4_0,
-    /// f16, bf16)
-    #[arg(long, value_name = "TYPES", value_parser = out_types)]
-    pub types: Option<Vec<OutType>>,
+    /// Make these variants from BASE with airlock's quantizer (comma-separated, any
+    /// `airlock quantize --type`: q8_0,q6_k,q4_k_m,q4_1,q4_0, f16, bf16, ...)
+    #[arg(long, value_name = "TYPES", value_delimiter = ',', value_parser = out_type)]
+    pub types: Vec<OutType>,
     /// Keep the variants --types makes (in DIR) instead of deleting each once measured
     #[arg(long)]
     pub keep: bool,
@@ -167,7 +164,7 @@ pub fn run(args: CompareArgs) -> Result<ExitCode> {
     let opts = CompareOptions {
         base: args.base.clone(),
         variants: args.variants.clone(),
-        types: args.types.clone().unwrap_or_default(),
+        types: args.types.clone(),
         keep: args.keep,
         out_dir: args.output.clone(),
         text,

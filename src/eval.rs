@@ -1,6 +1,7 @@
 //! `airlock eval`: multiple-choice accuracy by log-likelihood (the quality crate's `tasks` and
 //! `eval` modules do the work).
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -172,6 +173,8 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
     let n = prepared.len();
     let (mut done, mut correct) = (0, 0);
     let show = args.show_tasks;
+    // The running accuracy on one terminal line; nothing when stderr is a log.
+    let progress = std::io::stderr().is_terminal();
     let run = evaluate(
         &loaded.model,
         loaded.precision,
@@ -192,13 +195,17 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
                     scores.join(", ")
                 );
             }
-            eprint!(
-                "\r[{done}/{n}] accuracy {:.2}%",
-                100.0 * correct as f64 / done as f64
-            );
+            if progress {
+                eprint!(
+                    "\r[{done}/{n}] accuracy {:.2}%",
+                    100.0 * correct as f64 / done as f64
+                );
+            }
         },
     )?;
-    eprintln!();
+    if progress {
+        eprintln!();
+    }
     print!("{}", Summary::new(&run).text());
     Ok(ExitCode::SUCCESS)
 }

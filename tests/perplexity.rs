@@ -1,10 +1,17 @@
-//! `airlock perplexity` against llama-perplexity's figure on the same file and text
-//! (tests/fixtures/llamacpp/perplexity-smollm2.json), its output lines, and its batch
-//! invariance: the figures do not depend on how many chunks share a forward pass.
+//! `airlock perplexity` against llama-perplexity's figures on the same files and text
+//! (tests/fixtures/llamacpp/perplexity-smollm2.json: the demo Q4_1 model and its f16, q8_0,
+//! q4_0 and q4_k_m requantizations, made here by airlock's quantizer and checked to hold
+//! llama-quantize's very tensors), its output lines, and its batch invariance: the figures do not depend on how
+//! many chunks share a forward pass. Then the KL-divergence mode against a base file written by
+//! llama-perplexity itself, and the base file airlock writes against that one.
 
 mod support;
 
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use sha2::{Digest, Sha256};
 
 fn airlock(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_airlock"))
@@ -38,6 +45,151 @@ fn parse(stdout: &str) -> (f64, Vec<String>) {
     (ppl, running)
 }
 
+fn fixture() -> serde_json::Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(
+            support::root().join("tests/fixtures/llamacpp/perplexity-smollm2.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap()
+}
+
+/// SHA-256 over a GGUF's tensors sorted by name (name, 0, type id, n_dims, dims, data), as the
+/// fixture's `tensor_sha256`: equal for files that differ only in metadata or tensor order.
+fn tensor_sha256(path: &Path) -> String {
+    let f = airlock_engine::gguf::GgufFile::open(path).unwrap();
+    let mut ts: Vec<_> = f.tensors().iter().collect();
+    ts.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut h = Sha256::new();
+    for t in ts {
+        h.update(t.name.as_bytes());
+        h.update([0u8]);
+        h.update(t.ty.id().to_le_bytes());
+        h.update((t.dims.len() as u32).to_le_bytes());
+        for d in &t.dims {
+            h.update(d.to_le_bytes());
+        }
+        h.update(f.tensor_data(t));
+    }
+    format!("{:x}", h.finalize())
+}
+
+/// The demo model requantized by `airlock quantize --allow-requantize` (cached under the
+/// target directory), refused unless its tensors are llama-quantize's, byte for byte: only
+/// then does llama.cpp's figure for that file apply to it.
+fn variant(ty: &str) -> PathBuf {
+    static MADE: [OnceLock<PathBuf>; 4] = [
+        OnceLock::new(),
+        OnceLock::new(),
+        OnceLock::new(),
+        OnceLock::new(),
+    ];
+    let i = ["f16", "q8_0", "q4_0", "q4_k_m"]
+        .iter()
+        .position(|&t| t == ty)
+        .unwrap();
+    MADE[i]
+        .get_or_init(|| {
+            let want = fixture()["files"][ty]["tensor_sha256"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("variants");
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join(format!("smollm2-{ty}.gguf"));
+            if !path.exists() || tensor_sha256(&path) != want {
+                // Another test binary may be making it too: write aside, then rename.
+                let tmp = dir.join(format!("smollm2-{ty}.{}.gguf", std::process::id()));
+                let o = airlock(&[
+                    "quantize",
+                    "--allow-requantize",
+                    "-q",
+                    "--type",
+                    ty,
+                    support::model().to_str().unwrap(),
+                    "-o",
+                    tmp.to_str().unwrap(),
+                ]);
+                assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+                std::fs::rename(&tmp, &path).unwrap();
+            }
+            assert_eq!(
+                tensor_sha256(&path),
+                want,
+                "airlock quantize --type {ty} no longer writes llama-quantize's tensors, so \
+                 llama.cpp's figures for that file do not apply"
+            );
+            path
+        })
+        .clone()
+}
+
+#[test]
+fn the_demo_model_is_the_file_the_figures_are_for() {
+    let model = support::model();
+    let bytes = std::fs::read(&model).unwrap();
+    assert_eq!(
+        format!("{:x}", Sha256::digest(&bytes)),
+        fixture()["files"]["q4_1"]["sha256"].as_str().unwrap()
+    );
+    assert_eq!(
+        tensor_sha256(&model),
+        fixture()["files"]["q4_1"]["tensor_sha256"]
+            .as_str()
+            .unwrap()
+    );
+}
+
+/// airlock's PPL on the whole text against llama-perplexity's figure for the same file.
+fn check_variant_ppl(ty: &str) {
+    let model = variant(ty);
+    let o = airlock(&[
+        "perplexity",
+        "-m",
+        model.to_str().unwrap(),
+        "-f",
+        &eval_txt(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (ppl, running) = parse(&String::from_utf8_lossy(&o.stdout));
+    assert_eq!(running.len(), 19);
+    // A figure measured for the very file the hash names, where the shared one is for another
+    // (q4_k_m: see the fixture's ppl_note).
+    let fx = fixture();
+    let want = fx["files"][ty]["ppl"]
+        .as_f64()
+        .unwrap_or_else(|| fx["ppl"][ty].as_f64().unwrap());
+    // The issue's bound (fast path: 8-bit activations, not llama.cpp's exact kernels).
+    // Measured: f16 0.004%, q8_0 0.07%, q4_0 0.06%, q4_k_m 0.006%.
+    assert!(
+        (ppl / want - 1.0).abs() < 0.01,
+        "{ty}: airlock {ppl}, llama.cpp {want}"
+    );
+}
+
+#[test]
+fn f16_variant_matches_llama_perplexity() {
+    check_variant_ppl("f16");
+}
+
+#[test]
+fn q8_0_variant_matches_llama_perplexity() {
+    check_variant_ppl("q8_0");
+}
+
+#[test]
+fn q4_0_variant_matches_llama_perplexity() {
+    check_variant_ppl("q4_0");
+}
+
+#[test]
+fn q4_k_m_variant_matches_llama_perplexity() {
+    // A mix (Q5_0, Q6_K, Q8_0 beside Q4_K): airlock quantize writes llama-quantize's types and
+    // bytes for every tensor (tensor_sha256), and the forward pass runs each type.
+    check_variant_ppl("q4_k_m");
+}
+
 #[test]
 fn perplexity_matches_llama_perplexity_on_the_demo_model() {
     let model = support::model();
@@ -51,14 +203,7 @@ fn perplexity_matches_llama_perplexity_on_the_demo_model() {
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let (ppl, running) = parse(&out);
-    let fx: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(
-            support::root().join("tests/fixtures/llamacpp/perplexity-smollm2.json"),
-        )
-        .unwrap(),
-    )
-    .unwrap();
-    let want = fx["ppl"]["q4_1"].as_f64().unwrap();
+    let want = fixture()["ppl"]["q4_1"].as_f64().unwrap();
     // The issue's bound: the fast path quantizes activations to 8 bits like llama.cpp, but not
     // with its exact kernels, so the last digits differ (0.07% measured).
     assert!(
@@ -167,4 +312,349 @@ fn bad_inputs_get_one_clear_error() {
     }
     let o = airlock(&["perplexity", "-m", m, "-f", &eval_txt(), "--chunks", "0"]);
     assert!(!o.status.success());
+}
+
+/// llama-perplexity's own base file for the f16 variant (-c 128, two chunks), decompressed.
+fn llamacpp_base() -> PathBuf {
+    static BASE: OnceLock<PathBuf> = OnceLock::new();
+    BASE.get_or_init(|| {
+        support::require("xz");
+        let src = support::root().join("tests/fixtures/llamacpp/kld-base-smollm2-f16-c128.kld.xz");
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let out = dir.join(format!("kld-base-f16-c128.{}.kld", std::process::id()));
+        let o = Command::new("xz").arg("-dc").arg(&src).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        std::fs::write(&out, &o.stdout).unwrap();
+        out
+    })
+    .clone()
+}
+
+/// `label: value` of a summary line, the number after the label.
+fn summary_value(out: &str, label: &str) -> f64 {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(label))
+        .unwrap_or_else(|| panic!("no {label:?} in {out}"));
+    line[label.len()..]
+        .trim_start_matches([' ', ':'])
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .trim_end_matches('%')
+        .parse()
+        .unwrap()
+}
+
+/// llama-perplexity's summary labels, in its order.
+const SUMMARY_LABELS: [&str; 37] = [
+    "====== Perplexity statistics ======",
+    "Mean PPL(Q)                   : ",
+    "Mean PPL(base)                : ",
+    "Cor(ln(PPL(Q)), ln(PPL(base))): ",
+    "Mean ln(PPL(Q)/PPL(base))     : ",
+    "Mean PPL(Q)/PPL(base)         : ",
+    "Mean PPL(Q)-PPL(base)         : ",
+    "====== KL divergence statistics ======",
+    "Mean    KLD: ",
+    "Maximum KLD: ",
+    "99.9%   KLD: ",
+    "99.0%   KLD: ",
+    "95.0%   KLD: ",
+    "90.0%   KLD: ",
+    "Median  KLD: ",
+    "10.0%   KLD: ",
+    " 5.0%   KLD: ",
+    " 1.0%   KLD: ",
+    " 0.1%   KLD: ",
+    "Minimum KLD: ",
+    "====== Token probability statistics ======",
+    "Mean    Δp: ",
+    "Maximum Δp: ",
+    "99.9%   Δp: ",
+    "99.0%   Δp: ",
+    "95.0%   Δp: ",
+    "90.0%   Δp: ",
+    "75.0%   Δp: ",
+    "Median  Δp: ",
+    "25.0%   Δp: ",
+    "10.0%   Δp: ",
+    " 5.0%   Δp: ",
+    " 1.0%   Δp: ",
+    " 0.1%   Δp: ",
+    "Minimum Δp: ",
+    "RMS Δp    : ",
+    "Same top p: ",
+];
+
+/// The per-chunk table before the summary: its header and one line per chunk.
+const TABLE_LINES: [&str; 3] = [
+    "chunk             PPL               ln(PPL(Q)/PPL(base))          KL Divergence",
+    "   1 ",
+    "   2 ",
+];
+
+#[test]
+fn kld_against_llama_perplexitys_own_base_file() {
+    let base = llamacpp_base();
+    let f16 = variant("f16");
+    let o = airlock(&[
+        "perplexity",
+        "-m",
+        f16.to_str().unwrap(),
+        "--kl-divergence-base",
+        base.to_str().unwrap(),
+        "--kl-divergence",
+        "-f",
+        &eval_txt(),
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Every label, each on a line of its own, the summary in llama-perplexity's order.
+    let lines: Vec<&str> = out.lines().collect();
+    let mut at = 0;
+    for label in TABLE_LINES.iter().chain(&SUMMARY_LABELS) {
+        let i = lines[at..]
+            .iter()
+            .position(|l| l.starts_with(label))
+            .unwrap_or_else(|| panic!("{label:?} missing or out of order in\n{out}"));
+        at += i + 1;
+    }
+    // The same model, computed by another engine: the issue's bounds (measured: 6e-6, 100%).
+    let kld = summary_value(&out, "Mean    KLD");
+    let same_top = summary_value(&out, "Same top p");
+    assert!(kld.abs() < 1e-4, "mean KLD {kld}");
+    assert!(same_top >= 99.0, "same top {same_top}");
+    // PPL(base) is read from llama.cpp's records: its figure for these 126 positions.
+    let ppl_base = summary_value(&out, "Mean PPL(base)");
+    let ppl_q = summary_value(&out, "Mean PPL(Q)");
+    assert!((ppl_q / ppl_base - 1.0).abs() < 0.01, "{ppl_q} {ppl_base}");
+}
+
+#[test]
+fn a_base_file_airlock_writes_matches_llama_perplexitys() {
+    let theirs = std::fs::read(llamacpp_base()).unwrap();
+    let f16 = variant("f16");
+    let dir = tempfile::tempdir().unwrap();
+    let ours_path = dir.path().join("ours.kld");
+    let o = airlock(&[
+        "perplexity",
+        "-m",
+        f16.to_str().unwrap(),
+        "-f",
+        &eval_txt(),
+        "-c",
+        "128",
+        "--chunks",
+        "2",
+        "--kl-divergence-base",
+        ours_path.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ours = std::fs::read(&ours_path).unwrap();
+    assert_eq!(ours.len(), theirs.len());
+    // Header (magic, n_ctx, n_vocab, n_chunk) and the 256 tokens: the same bytes.
+    let head = 20 + 4 * 256;
+    assert_eq!(ours[..head], theirs[..head]);
+    // The records: the distributions they hold agree at every position.
+    let vocab = 49152;
+    let nv = airlock_engine::kld::record_len(vocab);
+    let recs = |b: &[u8]| -> Vec<Vec<f32>> {
+        let u: Vec<u16> = b[head..]
+            .chunks_exact(2)
+            .map(|x| u16::from_le_bytes([x[0], x[1]]))
+            .collect();
+        u.chunks_exact(nv)
+            .map(|r| airlock_engine::kld::decode_record(r, vocab))
+            .collect()
+    };
+    let (a, b) = (recs(&ours), recs(&theirs));
+    assert_eq!(a.len(), 126);
+    let mut same_top = 0;
+    for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+        let top_b = b.iter().cloned().fold(f32::MIN, f32::max);
+        // KL(theirs || ours) over the entries above the clamp (max - 16).
+        let kl: f64 = a
+            .iter()
+            .zip(b)
+            .filter(|(_, &y)| y > top_b - 16.0)
+            .map(|(&x, &y)| (y as f64).exp() * (y as f64 - x as f64))
+            .sum();
+        // Measured: at most 7.6e-5 (mean 6.3e-6); two engines' f16 matmuls round differently.
+        assert!(kl < 1e-3, "position {i}: KL {kl}");
+        let arg = |v: &[f32]| (0..v.len()).fold(0, |m, j| if v[j] > v[m] { j } else { m });
+        same_top += (arg(a) == arg(b)) as usize;
+    }
+    assert!(
+        same_top * 100 >= 99 * a.len(),
+        "same top {same_top} of {}",
+        a.len()
+    );
+}
+
+#[test]
+fn a_model_against_its_own_base_file_has_zero_kld() {
+    let model = support::model();
+    let m = model.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("self.kld");
+    let b = base.to_str().unwrap();
+    let o = airlock(&[
+        "perplexity",
+        "-m",
+        m,
+        "-f",
+        &eval_txt(),
+        "-c",
+        "128",
+        "--chunks",
+        "2",
+        "--kl-divergence-base",
+        b,
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (ppl, running) = parse(&String::from_utf8_lossy(&o.stdout));
+    assert_eq!(running.len(), 2);
+    // Without -f: the tokens come from the file.
+    let o = airlock(&[
+        "perplexity",
+        "-m",
+        m,
+        "--kl-divergence-base",
+        b,
+        "--kl-divergence",
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Only the records' 16-bit rounding separates the two.
+    assert!(summary_value(&out, "Mean    KLD").abs() < 1e-5, "{out}");
+    assert_eq!(summary_value(&out, "Same top p"), 100.0);
+    assert!((summary_value(&out, "Mean PPL(Q)") / ppl - 1.0).abs() < 1e-5);
+}
+
+#[test]
+fn bad_base_files_are_refused_with_one_clear_error() {
+    let model = support::model();
+    let m = model.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let base = llamacpp_base();
+    let b = base.to_str().unwrap();
+    let run = |args: &[&str], needle: &str| {
+        let o = airlock(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    };
+    // Another vocabulary (the tiny Llama 3's 128256 tokens): refused, llama.cpp only logs it.
+    let tiny = support::root().join("tests/fixtures/llama3/tiny-llama3-q8_0.gguf");
+    run(
+        &[
+            "perplexity",
+            "-m",
+            tiny.to_str().unwrap(),
+            "--kl-divergence-base",
+            b,
+            "--kl-divergence",
+        ],
+        "vocabulary of 49152 tokens, but the model has 128256",
+    );
+    // Tokens that are not the text's, with -f: refused, naming the first that differs.
+    let other = dir.path().join("other.txt");
+    std::fs::write(&other, "Other text entirely. ".repeat(400)).unwrap();
+    run(
+        &[
+            "perplexity",
+            "-m",
+            m,
+            "--kl-divergence-base",
+            b,
+            "--kl-divergence",
+            "-f",
+            other.to_str().unwrap(),
+        ],
+        "token 0 is",
+    );
+    // Truncated: the length is checked against the header before anything is allocated.
+    let bytes = std::fs::read(&base).unwrap();
+    let cut = dir.path().join("cut.kld");
+    std::fs::write(&cut, &bytes[..bytes.len() - 1]).unwrap();
+    run(
+        &[
+            "perplexity",
+            "-m",
+            m,
+            "--kl-divergence-base",
+            cut.to_str().unwrap(),
+            "--kl-divergence",
+        ],
+        "but its header (n_ctx 128, n_vocab 49152, n_chunk 2) says 12388356",
+    );
+    run(
+        &[
+            "perplexity",
+            "-m",
+            m,
+            "--kl-divergence-base",
+            "/dev/zero",
+            "--kl-divergence",
+        ],
+        "not a regular file",
+    );
+    run(
+        &[
+            "perplexity",
+            "-m",
+            m,
+            "--kl-divergence-base",
+            "/nonexistent.kld",
+            "--kl-divergence",
+        ],
+        "/nonexistent.kld",
+    );
+    // --kl-divergence needs a base file; without --kl-divergence, -f is needed.
+    run(
+        &["perplexity", "-m", m, "--kl-divergence"],
+        "--kl-divergence-base",
+    );
+    run(&["perplexity", "-m", m], "-f FILE is needed");
+    // A model without a vocabulary: one clear error.
+    let novocab = dir.path().join("novocab.gguf");
+    write_without_vocabulary(&tiny, &novocab);
+    run(
+        &[
+            "perplexity",
+            "-m",
+            novocab.to_str().unwrap(),
+            "-f",
+            &eval_txt(),
+        ],
+        "cannot read the vocabulary",
+    );
+}
+
+/// `src` with every tokenizer.* key dropped.
+fn write_without_vocabulary(src: &Path, dst: &Path) {
+    use airlock_engine::gguf::{GgufFile, GgufWriter, TensorSpec};
+    let f = GgufFile::open(src).unwrap();
+    let meta: Vec<_> = f
+        .metadata()
+        .iter()
+        .filter(|e| !e.key.starts_with("tokenizer."))
+        .map(|e| (e.key.clone(), e.value.clone()))
+        .collect();
+    let specs: Vec<TensorSpec> = f
+        .tensors()
+        .iter()
+        .map(|t| TensorSpec {
+            name: t.name.clone(),
+            dims: t.dims.clone(),
+            ty: t.ty,
+        })
+        .collect();
+    let mut w = GgufWriter::new(std::fs::File::create(dst).unwrap(), &meta, &specs).unwrap();
+    for t in f.tensors() {
+        w.write_tensor_data(f.tensor_data(t)).unwrap();
+    }
+    w.finish().unwrap();
 }

@@ -216,10 +216,15 @@ impl TaskResult {
 
 #[derive(Clone, Debug)]
 pub struct EvalParams {
-    /// Most tokens per forward pass (tasks are grouped up to it; a longer task runs alone).
+    /// Most tokens per forward pass: tasks are grouped up to it, and a prompt or option longer
+    /// than it goes in pieces. It also bounds the logits buffer (tokens x vocabulary).
     pub batch: usize,
     /// Longest sequence allowed (the context).
     pub n_ctx: usize,
+    /// Most KV-cache positions held at once (prefixes plus the option caches copied from
+    /// them); options go in waves within it. Default: twice `n_ctx`, so a hostile task file
+    /// (26 long options) costs at most twice the KV memory of one full context.
+    pub max_cache_positions: Option<usize>,
     /// Most tasks per group.
     pub max_tasks: usize,
     pub cancel: Option<Arc<AtomicBool>>,
@@ -230,9 +235,18 @@ impl Default for EvalParams {
         EvalParams {
             batch: 2048,
             n_ctx: 4096,
+            max_cache_positions: None,
             max_tasks: 32,
             cancel: None,
         }
+    }
+}
+
+impl EvalParams {
+    fn cache_budget(&self) -> usize {
+        self.max_cache_positions
+            .unwrap_or(2 * self.n_ctx)
+            .max(self.n_ctx)
     }
 }
 
@@ -268,21 +282,31 @@ pub fn evaluate(
     let mut results = Vec::with_capacity(tasks.len());
     let mut tokens = 0;
     let mut i = 0;
+    let budget = p.cache_budget();
+    // A group's prefix caches stay while its options run: they share the budget.
+    let prefixes = |t: &[Prepared]| t.iter().map(|t| t.common).sum::<usize>();
     while i < tasks.len() {
         if p.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
             return Err(EvalError::Interrupted);
         }
-        // As many tasks as the batch holds (at least one).
+        // As many tasks as the batch and the cache budget hold (at least one).
         let mut j = i + 1;
         let mut run = tasks[i].tokens_run();
         while j < tasks.len()
             && j - i < p.max_tasks.max(1)
             && run + tasks[j].tokens_run() <= p.batch
+            && prefixes(&tasks[i..=j])
+                + tasks[i..=j]
+                    .iter()
+                    .map(Prepared::max_len)
+                    .max()
+                    .unwrap_or(0)
+                <= budget
         {
             run += tasks[j].tokens_run();
             j += 1;
         }
-        for r in score_group(model, precision, kv_type, &mut ws, &tasks[i..j])? {
+        for r in score_group(model, precision, kv_type, &mut ws, &tasks[i..j], p)? {
             on_task(&r);
             results.push(r);
         }
@@ -296,90 +320,191 @@ pub fn evaluate(
     })
 }
 
-/// Two passes for a group of tasks: every task's shared prefix (logits of its last token),
-/// then every option's own tokens from a copy of its task's prefix cache.
+/// Runs each sequence's tokens into its cache, in passes of at most `batch` tokens: several
+/// sequences share a pass while they fit; one longer than `batch` goes alone, in pieces.
+/// `on_rows(seq, first, rows)` receives the logits asked for (`all`: every token's, rows for
+/// tokens `first..`; otherwise only the last token's, `first` = its index), each sequence's in
+/// token order.
+fn feed(
+    model: &LlamaModel,
+    precision: Precision,
+    ws: &mut Workspace,
+    seqs: &mut [(&mut KvCache, &[u32])],
+    all: bool,
+    batch: usize,
+    on_rows: &mut dyn FnMut(usize, usize, &[f32]),
+) -> Result<(), EvalError> {
+    let vocab = model.config.vocab_size;
+    let batch = batch.max(1);
+    let mut i = 0;
+    while i < seqs.len() {
+        let mut j = i + 1;
+        let mut n = seqs[i].1.len();
+        while j < seqs.len() && n + seqs[j].1.len() <= batch {
+            n += seqs[j].1.len();
+            j += 1;
+        }
+        if j == i + 1 && n > batch {
+            // Alone, in pieces.
+            let (cache, toks) = &mut seqs[i];
+            for a in (0..toks.len()).step_by(batch) {
+                let b = (a + batch).min(toks.len());
+                let last = b == toks.len();
+                let logits = match (all, last) {
+                    (true, _) => Logits::All,
+                    (false, true) => Logits::Last,
+                    (false, false) => Logits::None,
+                };
+                let rows = forward_batch(
+                    model,
+                    precision,
+                    ws,
+                    &mut [BatchSeq {
+                        cache,
+                        tokens: &toks[a..b],
+                        logits,
+                    }],
+                )?;
+                if all {
+                    on_rows(i, a, rows);
+                } else if last {
+                    on_rows(i, toks.len() - 1, rows);
+                }
+            }
+        } else {
+            let group = &mut seqs[i..j];
+            let counts: Vec<usize> = group.iter().map(|(_, t)| t.len()).collect();
+            let mut batch_seqs: Vec<BatchSeq> = group
+                .iter_mut()
+                .map(|(cache, tokens)| BatchSeq {
+                    cache,
+                    tokens,
+                    logits: if all { Logits::All } else { Logits::Last },
+                })
+                .collect();
+            let rows = forward_batch(model, precision, ws, &mut batch_seqs)?;
+            let mut at = 0;
+            for (k, &c) in counts.iter().enumerate() {
+                let r = if all { c } else { 1 };
+                on_rows(
+                    i + k,
+                    if all { 0 } else { c - 1 },
+                    &rows[at * vocab..(at + r) * vocab],
+                );
+                at += r;
+            }
+        }
+        i = j;
+    }
+    Ok(())
+}
+
+/// Every task's shared prefix (the logits of its last token score each option's first own
+/// token), then the options' own tokens from copies of their task's prefix cache, in waves
+/// that fit the cache budget. An option's score adds its tokens' log-probabilities in order.
 fn score_group(
     model: &LlamaModel,
     precision: Precision,
     kv_type: KvType,
     ws: &mut Workspace,
     tasks: &[Prepared],
+    p: &EvalParams,
 ) -> Result<Vec<TaskResult>, EvalError> {
-    let vocab = model.config.vocab_size;
-    // caches[t][o]: option o of task t; option 0's cache first holds the prefix.
-    let mut caches: Vec<Vec<KvCache>> = tasks
-        .iter()
-        .map(|t| {
-            t.seqs
-                .iter()
-                .map(|s| KvCache::new(model, s.len(), kv_type))
-                .collect()
-        })
-        .collect();
+    // (sum, count) per option.
     let mut scores: Vec<Vec<(f64, usize)>> =
         tasks.iter().map(|t| vec![(0.0, 0); t.seqs.len()]).collect();
+    let mut prefix: Vec<KvCache> = tasks
+        .iter()
+        .map(|t| KvCache::new(model, t.common, kv_type))
+        .collect();
+    {
+        let mut seqs: Vec<(&mut KvCache, &[u32])> = prefix
+            .iter_mut()
+            .zip(tasks)
+            .map(|(c, t)| (c, &t.seqs[0][..t.common]))
+            .collect();
+        feed(
+            model,
+            precision,
+            ws,
+            &mut seqs,
+            false,
+            p.batch,
+            &mut |ti, _, row| {
+                let t = &tasks[ti];
+                for (seq, s) in t.seqs.iter().zip(scores[ti].iter_mut()) {
+                    *s = (log_softmax(row, seq[t.common] as usize), 1);
+                }
+            },
+        )?;
+    }
 
-    let mut batch: Vec<BatchSeq> = caches
-        .iter_mut()
-        .zip(tasks)
-        .map(|(c, t)| BatchSeq {
-            cache: &mut c[0],
-            tokens: &t.seqs[0][..t.common],
-            logits: Logits::Last,
+    // Options with tokens of their own after the first (the last token needs no logits).
+    let pairs: Vec<(usize, usize)> = tasks
+        .iter()
+        .enumerate()
+        .flat_map(|(ti, t)| {
+            (0..t.seqs.len())
+                .filter(move |&o| t.seqs[o].len() - 1 > t.common)
+                .map(move |o| (ti, o))
         })
         .collect();
-    let rows = forward_batch(model, precision, ws, &mut batch)?;
-    for ((row, t), s) in rows.chunks_exact(vocab).zip(tasks).zip(&mut scores) {
-        for (seq, s) in t.seqs.iter().zip(s.iter_mut()) {
-            *s = (log_softmax(row, seq[t.common] as usize), 1);
-        }
-    }
-
-    for (c, t) in caches.iter_mut().zip(tasks) {
-        let (first, rest) = c.split_at_mut(1);
-        for r in rest {
-            r.copy_prefix_from(&first[0], t.common)?;
-        }
-    }
-    // Each option's tokens after the prefix but its last: row k predicts token common+1+k.
-    let mut batch = Vec::new();
-    let mut want: Vec<(usize, usize, usize)> = Vec::new();
-    for ((c, t), ti) in caches.iter_mut().zip(tasks).zip(0..) {
-        for ((cache, seq), o) in c.iter_mut().zip(&t.seqs).zip(0..) {
-            let own = &seq[t.common..seq.len() - 1];
-            if own.is_empty() {
-                continue;
+    let budget = p
+        .cache_budget()
+        .saturating_sub(tasks.iter().map(|t| t.common).sum());
+    let mut k = 0;
+    while k < pairs.len() {
+        let mut end = k + 1;
+        let mut held = tasks[pairs[k].0].seqs[pairs[k].1].len();
+        while end < pairs.len() {
+            let len = tasks[pairs[end].0].seqs[pairs[end].1].len();
+            if held + len > budget {
+                break;
             }
-            want.push((ti, o, own.len()));
-            batch.push(BatchSeq {
-                cache,
-                tokens: own,
-                logits: Logits::All,
-            });
+            held += len;
+            end += 1;
         }
-    }
-    if !batch.is_empty() {
-        let rows = forward_batch(model, precision, ws, &mut batch)?;
-        // (row, next token) pairs in batch order, log-softmax in parallel, summed in order.
-        let mut pairs = Vec::new();
-        for &(ti, o, n) in &want {
-            let t = &tasks[ti];
-            pairs.extend(t.seqs[o][t.common + 1..t.common + 1 + n].iter().copied());
+        let wave = &pairs[k..end];
+        let mut caches = Vec::with_capacity(wave.len());
+        for &(ti, o) in wave {
+            let mut c = KvCache::new(model, tasks[ti].seqs[o].len(), kv_type);
+            c.copy_prefix_from(&prefix[ti], tasks[ti].common)?;
+            caches.push(c);
         }
-        let lps: Vec<f64> = rows
-            .par_chunks_exact(vocab)
-            .zip(pairs.par_iter())
-            .map(|(row, &next)| log_softmax(row, next as usize))
+        let mut seqs: Vec<(&mut KvCache, &[u32])> = caches
+            .iter_mut()
+            .zip(wave)
+            .map(|(c, &(ti, o))| {
+                let t = &tasks[ti];
+                (c, &t.seqs[o][t.common..t.seqs[o].len() - 1])
+            })
             .collect();
-        let mut k = 0;
-        for &(ti, o, n) in &want {
-            let s = &mut scores[ti][o];
-            for lp in &lps[k..k + n] {
-                s.0 += lp;
-                s.1 += 1;
-            }
-            k += n;
-        }
+        let vocab = model.config.vocab_size;
+        feed(
+            model,
+            precision,
+            ws,
+            &mut seqs,
+            true,
+            p.batch,
+            &mut |w, first, rows| {
+                let (ti, o) = wave[w];
+                let t = &tasks[ti];
+                // Row r predicts own token first + r + 1.
+                let next = &t.seqs[o][t.common + first + 1..];
+                let lps: Vec<f64> = rows
+                    .par_chunks_exact(vocab)
+                    .zip(next.par_iter())
+                    .map(|(row, &n)| log_softmax(row, n as usize))
+                    .collect();
+                let s = &mut scores[ti][o];
+                for lp in lps {
+                    s.0 += lp;
+                    s.1 += 1;
+                }
+            },
+        )?;
+        k = end;
     }
 
     Ok(tasks

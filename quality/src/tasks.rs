@@ -191,9 +191,11 @@ fn parse_answer(v: &serde_json::Value, n: usize) -> Result<usize, String> {
         other => return Err(format!("answer {other} is neither a letter nor an index")),
     };
     if i >= n {
-        return Err(format!(
-            "the answer is option {i} but there are {n} options"
-        ));
+        let label = match v {
+            serde_json::Value::String(s) => s.trim().to_string(),
+            other => other.to_string(),
+        };
+        return Err(format!("the answer {label} is not one of the {n} options"));
     }
     Ok(i)
 }
@@ -386,7 +388,7 @@ mod tests {
         for (bad, needle) in [
             (
                 "{\"question\":\"Q\",\"options\":[\"a\",\"b\"],\"answer\":\"C\"}",
-                "2 options",
+                "answer C is not one of the 2",
             ),
             (
                 "{\"question\":\"Q\",\"options\":[\"a\"],\"answer\":\"A\"}",
