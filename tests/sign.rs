@@ -511,7 +511,7 @@ fn every_model_loading_command_takes_require_signature() {
 }
 
 #[test]
-fn quantize_sign_signs_the_output_once_it_is_in_place() {
+fn quantize_and_convert_sign_their_output_once_it_is_in_place() {
     let dir = tempfile::tempdir().unwrap();
     let (pubkey, seckey) = keygen(dir.path(), "k");
     let src = copy_tiny(dir.path(), "src.gguf");
@@ -538,6 +538,38 @@ fn quantize_sign_signs_the_output_once_it_is_in_place() {
         s(&pubkey),
         "--full",
     ]));
+    // export under the requirement, then convert back with --sign.
+    let hf = dir.path().join("hf");
+    ok(airlock(&[
+        "export",
+        s(&out),
+        "-o",
+        s(&hf),
+        "--require-signature",
+        s(&pubkey),
+        "-q",
+    ]));
+    let converted = dir.path().join("converted.gguf");
+    let o = ok(airlock(&[
+        "convert",
+        s(&hf),
+        "-o",
+        s(&converted),
+        "--type",
+        "q8_0",
+        "--sign",
+        s(&seckey),
+        "-q",
+    ]));
+    assert!(stderr(&o).contains("signed "), "{}", stderr(&o));
+    ok(airlock(&[
+        "verify",
+        s(&converted),
+        "--pubkey",
+        s(&pubkey),
+        "--full",
+    ]));
+
     // A key that cannot be used stops the run before any work, leaving nothing.
     let out2 = dir.path().join("out2.gguf");
     fails_with(
