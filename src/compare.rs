@@ -17,15 +17,12 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::eval::{FormatArg, ScoreArg};
-use crate::load::{load_error, warn_oversubscribed, KvTypeArg};
+use crate::load::{load_error, warn_oversubscribed, KvTypeArg, SignatureArgs};
 
 const MAX_TEXT_BYTES: u64 = 256 << 20;
 
-fn out_types(s: &str) -> Result<Vec<OutType>, String> {
-    s.split(',')
-        .filter(|t| !t.trim().is_empty())
-        .map(|t| OutType::parse(t.trim()).map_err(|e| e.to_string()))
-        .collect()
+fn out_type(s: &str) -> Result<OutType, String> {
+    OutType::parse(s.trim()).map_err(|e| e.to_string())
 }
 
 #[derive(clap::Args)]
@@ -43,7 +40,10 @@ fn out_types(s: &str) -> Result<Vec<OutType>, String> {
     first) one at a time, each deleted once measured unless --keep (then they stay in DIR).\n\n\
     Writes DIR/report.md (a table), DIR/report.json (every figure) and DIR/report.svg (perplexity\n\
     against size, labelled with generation speed), rewritten after each file: Ctrl-C stops at the\n\
-    next forward pass and leaves the report of the files finished (exit status 130).")]
+    next forward pass and leaves the report of the files finished (exit status 130).\n\n\
+    --require-signature KEY.pub checks BASE and every VARIANT before anything runs (and again as\n\
+    each loads); a Hugging Face directory cannot be signed, so it is refused as BASE. Variants\n\
+    made with --types come from BASE's checked bytes in this run and need no signature.")]
 pub struct CompareArgs {
     /// The reference model: a GGUF file (f16, bf16 or q8_0 for meaningful KL divergence), or a
     /// Hugging Face checkpoint directory with --types
@@ -65,8 +65,10 @@ pub struct CompareArgs {
     pub output: PathBuf,
     /// Make these variants from BASE with airlock's quantizer (comma-separated: q8_0,q4_1,q4_0,
     /// f16, bf16)
-    #[arg(long, value_name = "TYPES", value_parser = out_types)]
-    pub types: Option<Vec<OutType>>,
+    // One value split at commas: an `Option<Vec<_>>` from a parser that returns the whole
+    // list made clap panic at the first use of --types.
+    #[arg(long, value_name = "TYPES", value_delimiter = ',', value_parser = out_type)]
+    pub types: Vec<OutType>,
     /// Keep the variants --types makes (in DIR) instead of deleting each once measured
     #[arg(long)]
     pub keep: bool,
@@ -115,6 +117,10 @@ pub struct CompareArgs {
     /// No progress bar
     #[arg(short = 'q', long)]
     pub quiet: bool,
+    // --require-signature: every file given (BASE and each VARIANT) is checked before anything
+    // runs; variants made with --types come from BASE's checked bytes in this run.
+    #[command(flatten)]
+    pub signature: SignatureArgs,
 }
 
 pub fn run(args: CompareArgs) -> Result<ExitCode> {
@@ -168,7 +174,7 @@ pub fn run(args: CompareArgs) -> Result<ExitCode> {
     let opts = CompareOptions {
         base: args.base.clone(),
         variants: args.variants.clone(),
-        types: args.types.clone().unwrap_or_default(),
+        types: args.types.clone(),
         keep: args.keep,
         out_dir: args.output.clone(),
         text,
@@ -188,6 +194,7 @@ pub fn run(args: CompareArgs) -> Result<ExitCode> {
         bench_prompt: args.bench_prompt,
         bench_gen: args.bench_gen,
         cancel,
+        require_signature: args.signature.require_signature.clone(),
     };
     let bars = !args.quiet && std::io::stderr().is_terminal();
     let mut bar: Option<ProgressBar> = None;
