@@ -212,7 +212,7 @@ pub(crate) fn render_sandboxed(
 }
 
 fn render_with(s: &Sandbox, req: &RequestRef, template: &str) -> Result<Rendered, ChatError> {
-    let body = serde_json::to_vec(req).map_err(|e| ChatError::Render(e.to_string()))?;
+    let body = serde_json::to_vec(req).map_err(|e| ChatError::Worker(e.to_string()))?;
     let mut slot = WORKER.lock().unwrap_or_else(|e| e.into_inner());
     let exceeded = |how: String| ChatError::MemoryExceeded {
         template: template.to_string(),
@@ -236,10 +236,7 @@ fn render_with(s: &Sandbox, req: &RequestRef, template: &str) -> Result<Rendered
         let mut w = match live {
             Some(w) => w,
             None => Worker::spawn(s).map_err(|e| {
-                ChatError::Render(format!(
-                    "cannot start the template render process {}: {e}",
-                    s.program.display()
-                ))
+                ChatError::Worker(format!("cannot start {}: {e}", s.program.display()))
             })?,
         };
         if write_frame(&mut w.stdin, &body).is_err() {
@@ -267,8 +264,8 @@ fn render_with(s: &Sandbox, req: &RequestRef, template: &str) -> Result<Rendered
             }
         }
     }
-    Err(ChatError::Render(
-        "the template render process keeps dying".into(),
+    Err(ChatError::Worker(
+        "it keeps dying before it reads a request".into(),
     ))
 }
 
