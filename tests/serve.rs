@@ -602,6 +602,16 @@ fn client_mistakes_get_openai_errors_and_the_server_goes_on() {
     field_error("/v1/completions", json!({"prompt": "x", "n": 2}), "`n`");
     field_error(
         "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "x"}], "n": 3}),
+        "`n`",
+    );
+    field_error(
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": "many"}),
+        "`max_completion_tokens`",
+    );
+    field_error(
+        "/v1/chat/completions",
         json!({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}),
         "`tools`",
     );
