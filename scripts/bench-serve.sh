@@ -8,24 +8,33 @@
 #     prompt cache helps), --requests (2) per client, back to back;
 #   - time to first token of a ~512-token streamed prompt on the idle server, and again while
 #     4 other streams decode (the issue's target: at most 2x the idle figure);
-#   - how long GET /health takes while the most clients run (is the HTTP side responsive
-#     while the compute threads are busy?).
+#   - how long GET /health takes (p50, p99, max; one probe every 50 ms) while the most clients
+#     run: is the HTTP side responsive while the compute threads are busy?
+# Then, once, airlock alone for the -t advice in the README: /health latency while the most
+# clients decode (one request of 2x --tokens each), at each -t of --health-threads (default:
+# THREADS and THREADS-1, e.g. 2 and 1 on a 2-core host: compute threads as many as the cores,
+# or one core left to the HTTP side).
 #
 #   scripts/bench-serve.sh MODEL.gguf [-t THREADS] [--rounds 2] [--clients 1,2,4,8] [--tokens 64]
-#                          [--requests 2] [--ctx 1024] [--airlock-only]
+#                          [--requests 2] [--ctx 1024] [--health-threads T,T-1] [--airlock-only]
 #
+# About 5 minutes on a quiet 2-core host for the 1B-shape Q4_0 file with the defaults (each
+# server-round about a minute, the -t phase under one). --health-threads 0 skips that phase.
 # --airlock-only measures airlock alone (no llama-server needed; no ratios between servers).
-# llama-server comes from ../shared/tools/llama-cpp-anchor.sh (or LLAMA_SERVER=path).
+# llama-server comes from ../shared/tools/llama-cpp-anchor.sh (or LLAMA_SERVER=path); AIRLOCK_BIN=path
+# runs that airlock binary instead of building target/release/airlock.
 # The issue's file, Llama-3.2-1B-shaped Q4_0 with random weights:
 #   target/release/airlock bench --synthetic llama-3.2-1b --type q4_0 --save /tmp/l1b-q4_0.gguf -p 1 -n 0 -r 1
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ $# -ge 1 ] || { sed -n 2,20p "$0" >&2; exit 2; }
+[ $# -ge 1 ] || { sed -n 2,27p "$0" >&2; exit 2; }
 model=$1; shift
 threads=$(nproc); rounds=2; clients=1,2,4,8; tokens=64; requests=2; ctx=1024; servers="llama airlock"
+health_threads=
 while [ $# -gt 0 ]; do
   case "$1" in
     -t) threads=$2; shift ;;
+    --health-threads) health_threads=$2; shift ;;
     --rounds) rounds=$2; shift ;;
     --clients) clients=$2; shift ;;
     --tokens) tokens=$2; shift ;;
@@ -36,10 +45,14 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
+if [ -z "$health_threads" ]; then
+  health_threads=$threads
+  [ "$threads" -le 1 ] || health_threads="$threads,$((threads - 1))"
+fi
 LS=${LLAMA_SERVER:-$HOME/.cache/llama-cpp-anchor/build/bin/llama-server}
 [ "$servers" = airlock ] || [ -x "$LS" ] || { echo "llama-server not found: run ../shared/tools/llama-cpp-anchor.sh or set LLAMA_SERVER" >&2; exit 1; }
-cargo build --release --quiet
-A=target/release/airlock
+# AIRLOCK_BIN=path uses a binary already built instead of building target/release/airlock.
+if [ -n "${AIRLOCK_BIN:-}" ]; then A=$AIRLOCK_BIN; else cargo build --release --quiet; A=target/release/airlock; fi
 slots=8
 out=$(mktemp -d)
 pid=
@@ -48,16 +61,17 @@ trap cleanup EXIT
 
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-# One server's measurements, into $out/NAME.ROUND.json.
-measure() { # name round command...
-  local name=$1 round=$2; shift 2
+# One server's measurements, into $out/NAME.ROUND.json (MODE full: everything; health: only
+# /health latency while the most clients decode).
+measure() { # mode name round command...
+  local mode=$1 name=$2 round=$3; shift 3
   local p; p=$(port)
   "$@" --port "$p" >"$out/$name.$round.log" 2>&1 &
   pid=$!
-  python3 - "$p" "$name" "$round" "$clients" "$tokens" "$requests" "$ctx" >"$out/$name.$round.json" <<'PY'
+  python3 - "$p" "$name" "$round" "$clients" "$tokens" "$requests" "$ctx" "$mode" >"$out/$name.$round.json" <<'PY'
 import json, sys, threading, time, urllib.request, http.client
 port, name, rnd, clients = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
-tokens, requests, ctx = int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
+tokens, requests, ctx, mode = int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7]), sys.argv[8]
 base = f"http://127.0.0.1:{port}"
 t0 = time.time()
 while True:
@@ -89,36 +103,50 @@ def post(body):
 
 post({"prompt": prompt(f"warm {rnd}", 16), "max_tokens": 4, "temperature": 0})
 result = {"throughput": {}, "ttft": {}}
-for c in map(int, clients.split(",")):
+most = max(map(int, clients.split(",")))
+
+def run_clients(c, n_requests, n_tokens, tag, probe_health):
+    """c clients, each n_requests back to back; returns (tokens, wall seconds) and, with
+    probe_health, puts /health latencies (ms: p50, p99, max, probes) in result."""
     done = []
     def client(k):
-        for i in range(requests):
-            r = post({"prompt": prompt(f"{rnd}.{c}.{k}.{i}", 24), "max_tokens": tokens,
+        for i in range(n_requests):
+            r = post({"prompt": prompt(f"{tag}.{c}.{k}.{i}", 24), "max_tokens": n_tokens,
                       "temperature": 0, "ignore_eos": True})
             done.append(r["usage"]["completion_tokens"])
     ts = [threading.Thread(target=client, args=(k,)) for k in range(c)]
-    # While the most clients run, GET /health every 100 ms: does the HTTP side stay
-    # responsive while the compute threads (as many as the cores) are busy?
+    # GET /health every 50 ms, one at a time, on a fresh connection each (as a load
+    # balancer's probe): does the HTTP side stay responsive while the compute threads are busy?
     probe_stop, lat = threading.Event(), []
     def probe():
         while not probe_stop.is_set():
             t1 = time.time()
             urllib.request.urlopen(base + "/health", timeout=60).read()
             lat.append(time.time() - t1)
-            probe_stop.wait(0.1)
+            probe_stop.wait(0.05)
     pt = threading.Thread(target=probe)
     t = time.time()
     for th in ts: th.start()
-    if c == max(map(int, clients.split(","))): pt.start()
+    if probe_health: pt.start()
     for th in ts: th.join()
     wall = time.time() - t
     probe_stop.set()
-    if pt.is_alive() or lat:
+    if probe_health:
         pt.join()
         lat.sort()
-        result["health_ms"] = [1000 * lat[len(lat) // 2], 1000 * lat[-1], len(lat)]
-    assert sum(done) == c * requests * tokens, done
-    result["throughput"][c] = sum(done) / wall
+        q = lambda f: 1000 * lat[min(len(lat) - 1, int(f * len(lat)))]
+        result["health_ms"] = [q(0.5), q(0.99), 1000 * lat[-1], len(lat)]
+    assert sum(done) == c * n_requests * n_tokens, done
+    return sum(done), wall
+
+if mode == "health":
+    run_clients(most, 1, 2 * tokens, f"health {rnd}", True)
+    print(json.dumps(result))
+    sys.exit(0)
+
+for c in map(int, clients.split(",")):
+    n, wall = run_clients(c, requests, tokens, rnd, c == most)
+    result["throughput"][c] = n / wall
 
 def stream(body, first_token=None, stop=None):
     """Streams a completion; sets first_token (an Event) at the first text and returns the
@@ -166,22 +194,30 @@ PY
   kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
 }
 
-run_airlock() { measure airlock "$1" "$A" serve -m "$model" -t "$threads" --parallel "$slots" -c "$ctx"; }
-run_llama() { [ "$servers" = airlock ] || measure llama "$1" "$LS" -m "$model" -t "$threads" -np "$slots" -c $((slots * ctx)) --host 127.0.0.1; }
+run_airlock() { measure full airlock "$1" "$A" serve -m "$model" -t "$threads" --parallel "$slots" -c "$ctx"; }
+run_llama() { [ "$servers" = airlock ] || measure full llama "$1" "$LS" -m "$model" -t "$threads" -np "$slots" -c $((slots * ctx)) --host 127.0.0.1; }
 
 echo "model $model, $threads threads, $slots slots of $ctx tokens, $tokens tokens per request, $requests requests per client, $rounds rounds; $(lscpu | sed -n 's/^Model name:[[:space:]]*//p'); $(date -u '+%Y-%m-%d %H:%M UTC')"
 for r in $(seq 1 "$rounds"); do
   if [ $((r % 2)) = 1 ]; then run_llama "$r"; run_airlock "$r"; else run_airlock "$r"; run_llama "$r"; fi
 done
+# The -t advice: airlock's /health while the most clients decode, at each --health-threads.
+ht=()
+for t in ${health_threads//,/ }; do
+  [ "$t" -ge 1 ] || continue
+  ht+=("$t")
+  measure health health "t$t" "$A" serve -m "$model" -t "$t" --parallel "$slots" -c "$ctx"
+done
 
-python3 - "$out" "$rounds" "$servers" <<'PY'
+python3 - "$out" "$rounds" "$servers" "$threads" "${ht[*]:-}" <<'PY'
 import json, sys, statistics as st
-out, rounds, servers = sys.argv[1], int(sys.argv[2]), sys.argv[3].split()
+out, rounds, servers, threads = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), sys.argv[4]
+health_threads = sys.argv[5].split()
 res = {n: [json.load(open(f"{out}/{n}.{r}.json")) for r in range(1, rounds + 1)] for n in servers}
 nan = float("nan")
 if "llama" not in res:
     res["llama"] = [{"throughput": {c: nan for c in r["throughput"]}, "ttft": {"idle": nan, "busy": nan},
-                     "health_ms": [nan, nan, 0]} for r in res["airlock"]]
+                     "health_ms": [nan, nan, nan, 0]} for r in res["airlock"]]
 print()
 print("| clients | llama-server tok/s per round | airlock tok/s per round | airlock / llama-server (means) | airlock / its 1 client |")
 print("| ---: | --- | --- | ---: | ---: |")
@@ -192,12 +228,17 @@ for c in res["airlock"][0]["throughput"]:
     print(f"| {c} | {', '.join(f'{x:.1f}' for x in l)} | {', '.join(f'{x:.1f}' for x in a)} | "
           f"{st.mean(a) / st.mean(l):.2f}x | {st.mean(a) / a1:.2f}x |")
 print()
-print("| GET /health while the most clients run | median (ms) | max (ms) | probes |")
-print("| --- | ---: | ---: | ---: |")
+most = max(int(c) for c in res["airlock"][0]["throughput"])
+print(f"| GET /health while {most} clients decode | -t | p50 per round (ms) | p99 per round (ms) | max (ms) | probes |")
+print("| --- | ---: | --- | --- | ---: | ---: |")
+def health_row(label, t, h):
+    print(f"| {label} | {t} | {', '.join(f'{x[0]:.1f}' for x in h)} | {', '.join(f'{x[1]:.1f}' for x in h)} | "
+          f"{max(x[2] for x in h):.1f} | {sum(x[3] for x in h)} |")
 for name in ("llama", "airlock"):
-    h = [r["health_ms"] for r in res[name]]
-    print(f"| {'llama-server' if name == 'llama' else 'airlock'} | {st.median(x[0] for x in h):.1f} | "
-          f"{max(x[1] for x in h):.1f} | {sum(x[2] for x in h)} |")
+    health_row("llama-server" if name == "llama" else "airlock", threads, [r["health_ms"] for r in res[name]])
+for t in health_threads:
+    health_row(f"airlock, 1 request of 2x tokens per client", t,
+               [json.load(open(f"{out}/health.t{t}.json"))["health_ms"]])
 print()
 n = res["airlock"][0]["ttft_prompt_tokens"]
 print(f"| time to first token, {n}-token prompt | idle (s) | while 4 streams decode (s) | busy / idle |")

@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::eval::{FormatArg, ScoreArg};
-use crate::load::{load_error, warn_oversubscribed, KvTypeArg};
+use crate::load::{load_error, warn_oversubscribed, KvTypeArg, SignatureArgs};
 
 const MAX_TEXT_BYTES: u64 = 256 << 20;
 
@@ -39,7 +39,10 @@ fn out_type(s: &str) -> Result<OutType, String> {
     first) one at a time, each deleted once measured unless --keep (then they stay in DIR).\n\n\
     Writes DIR/report.md (a table), DIR/report.json (every figure) and DIR/report.svg (perplexity\n\
     against size, labelled with generation speed), rewritten after each file: Ctrl-C stops at the\n\
-    next forward pass and leaves the report of the files finished (exit status 130).")]
+    next forward pass and leaves the report of the files finished (exit status 130).\n\n\
+    --require-signature KEY.pub checks BASE and every VARIANT before anything runs (and again as\n\
+    each loads); a Hugging Face directory cannot be signed, so it is refused as BASE. Variants\n\
+    made with --types come from BASE's checked bytes in this run and need no signature.")]
 pub struct CompareArgs {
     /// The reference model: a GGUF file (f16, bf16 or q8_0 for meaningful KL divergence), or a
     /// Hugging Face checkpoint directory with --types
@@ -61,6 +64,8 @@ pub struct CompareArgs {
     pub output: PathBuf,
     /// Make these variants from BASE with airlock's quantizer (comma-separated, any
     /// `airlock quantize --type`: q8_0,q6_k,q4_k_m,q4_1,q4_0, f16, bf16, ...)
+    // One value split at commas: an `Option<Vec<_>>` from a parser that returns the whole
+    // list made clap panic at the first use of --types.
     #[arg(long, value_name = "TYPES", value_delimiter = ',', value_parser = out_type)]
     pub types: Vec<OutType>,
     /// Keep the variants --types makes (in DIR) instead of deleting each once measured
@@ -111,6 +116,10 @@ pub struct CompareArgs {
     /// No progress bar
     #[arg(short = 'q', long)]
     pub quiet: bool,
+    // --require-signature: every file given (BASE and each VARIANT) is checked before anything
+    // runs; variants made with --types come from BASE's checked bytes in this run.
+    #[command(flatten)]
+    pub signature: SignatureArgs,
 }
 
 pub fn run(args: CompareArgs) -> Result<ExitCode> {
@@ -181,6 +190,7 @@ pub fn run(args: CompareArgs) -> Result<ExitCode> {
         bench_prompt: args.bench_prompt,
         bench_gen: args.bench_gen,
         cancel,
+        require_signature: args.signature.require_signature.clone(),
     };
     let bars = !args.quiet && std::io::stderr().is_terminal();
     let mut bar: Option<ProgressBar> = None;

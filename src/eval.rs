@@ -11,7 +11,7 @@ use airlock_quality::tasks::{letter, load_tasks, select, TaskFormat};
 use anyhow::{bail, Result};
 
 use crate::chat::template_error;
-use crate::load::{load, KvTypeArg, ModelArgs};
+use crate::load::{load, KvTypeArg, ModelArgs, SignatureArgs};
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 pub enum ScoreArg {
@@ -101,6 +101,8 @@ pub struct EvalArgs {
     /// Run even when the estimated memory exceeds what is available
     #[arg(long)]
     pub force: bool,
+    #[command(flatten)]
+    pub signature: SignatureArgs,
 }
 
 pub fn run(args: EvalArgs) -> Result<ExitCode> {
@@ -137,6 +139,7 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
         exact: args.exact,
         no_repack: args.no_repack,
         force: args.force,
+        signature: args.signature.clone(),
         ..ModelArgs::new(args.model.clone())
     })?;
     let chat = args.chat || args.chat_template.is_some();

@@ -357,6 +357,11 @@ pub struct Signed {
 /// signature. The file is read once (mapped); the manifest's range digests, its whole-file
 /// SHA-256 and the whole-file BLAKE2b of the signature are computed side by side.
 pub fn sign_file(path: &Path, key: &SigningKey) -> Result<Signed> {
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot open {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("{} is not a regular file", path.display());
+    }
     let source =
         GgufFile::read_source(path, &GgufOpen { no_mmap: false }).map_err(|e| anyhow!("{e}"))?;
     // A file that claims to be GGUF must be one that airlock reads: its manifest names its

@@ -2,7 +2,8 @@
 //! bounded, not only what it prints. Rendered in airlock's own render worker (the binary's
 //! hidden subcommand) with an address-space limit, each is refused with a clear error naming the
 //! template and the limit; the worker's peak resident memory, read from the kernel after it
-//! died, stays under the limit, and this process's own peak does not grow. One test function,
+//! died, stays under the limit, and this process's own peak does not grow; a template that only
+//! burns CPU time is ended by the worker's CPU limit. One test function,
 //! so no other test's allocations blur the peaks.
 
 use airlock_engine::chat::{ChatError, ChatLimits, ChatMessage, ChatTemplate};
@@ -10,6 +11,9 @@ use airlock_engine::chat::{ChatError, ChatLimits, ChatMessage, ChatTemplate};
 /// The limit for these tests: smaller than the CLI's (256 MiB) so each hostile template dies
 /// sooner; the mechanism is the same.
 const LIMIT: u64 = 128 << 20;
+
+/// CPU seconds per render for these tests: shorter than the CLI's (10 s), the same mechanism.
+const CPU_SECONDS: u64 = 2;
 
 /// Templates that double a string (the first is also in tests/hostile.rs), a list or a dict in a loop, or ask for a huge padding.
 const GROWING: &[(&str, &str)] = &[
@@ -52,11 +56,12 @@ fn template(src: &str) -> ChatTemplate {
 }
 
 #[test]
-fn templates_that_grow_memory_are_refused_within_the_bound() {
-    assert!(airlock_engine::render::install(
+fn templates_that_grow_memory_or_burn_cpu_are_refused_within_the_bounds() {
+    assert!(airlock_engine::render::install_with_cpu(
         env!("CARGO_BIN_EXE_airlock").into(),
         vec![airlock_engine::render::WORKER_ARG.into()],
         LIMIT,
+        CPU_SECONDS,
     ));
     let msgs = [ChatMessage::user("hi")];
     // An honest template renders through the worker.
@@ -99,4 +104,25 @@ fn templates_that_grow_memory_are_refused_within_the_bound() {
         long.render(&msgs, true),
         Err(ChatError::OutputTooLarge(_))
     ));
+    // Time: a loop cheap in fuel (a few instructions a step), small in memory (two 10 MB
+    // strings) and output (8 bytes a step), whose every step copies 10 MB, would run for many
+    // minutes; the worker's CPU limit ends it.
+    let slow = template(
+        "{% set big = 'a' * 10000000 %}{% for i in range(100000) %}{{ big|replace('a', 'b')|length }}{% endfor %}",
+    );
+    match slow.render(&msgs, true) {
+        Err(e @ ChatError::TimeExceeded { .. }) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("\"hostile\"") && msg.contains("more than 2 s of CPU time"),
+                "{msg}"
+            );
+        }
+        other => panic!("expected TimeExceeded, got {other:?}"),
+    }
+    assert_eq!(
+        ok.render(&msgs, true).unwrap(),
+        "[user] hi",
+        "after the slow one"
+    );
 }

@@ -768,3 +768,38 @@ fn chat_outgrowing_a_small_context_keeps_answering_with_the_system_prompt() {
     assert!(used.iter().all(|&u| u < 160), "{used:?}");
     assert!(used.windows(2).any(|w| w[1] < w[0]), "{used:?}");
 }
+
+#[test]
+fn threads_beyond_the_cpus_warn_and_a_pool_that_cannot_start_is_an_error() {
+    let tiny = tiny_llama3();
+    let m = tiny.to_str().unwrap();
+    // One more than this process may use: it runs, with a warning (spinning workers make
+    // oversubscription slow, not wrong).
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let t = (cpus + 1).to_string();
+    let o = airlock(&[
+        "run", "-m", m, "-t", &t, "-p", "hi", "-n", "1", "--temp", "0",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains(&format!("warning: -t {t} is more than the {cpus} CPUs")),
+        "{err}"
+    );
+    // Under an address-space limit 500 thread stacks (2 MiB each) cannot all be mapped: the
+    // pool's failure is one error naming the thread count, not a panic.
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -v 300000; exec '{}' run -m '{m}' -t 500 -p hi -n 1",
+            env!("CARGO_BIN_EXE_airlock")
+        ))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot start 500 compute threads"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(o.stdout.is_empty());
+}

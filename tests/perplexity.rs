@@ -658,3 +658,33 @@ fn write_without_vocabulary(src: &Path, dst: &Path) {
     }
     w.finish().unwrap();
 }
+
+#[test]
+fn compare_types_takes_a_comma_separated_list() {
+    // `--types` once made clap panic (a list parser behind an Option<Vec<_>>): a list must
+    // reach compare's own checks, and a bad name get clap's error naming it.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("report");
+    let tiny = support::tiny_llama3();
+    let compare = |types: &str| {
+        airlock(&[
+            "compare",
+            tiny.to_str().unwrap(),
+            "--types",
+            types,
+            "-f",
+            &eval_txt(),
+            "-o",
+            out.to_str().unwrap(),
+        ])
+    };
+    let o = compare("q8_0,q4_0");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("from an unquantized base"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let o = compare("q8_0,q9_9");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("q9_9") && !err.contains("panicked"), "{err}");
+}

@@ -34,11 +34,14 @@ struct Server {
 
 impl Server {
     fn start(extra: &[&str]) -> Server {
-        let model = smollm2();
+        Server::start_model(&smollm2(), extra)
+    }
+
+    fn start_model(model: &std::path::Path, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_airlock"))
             .arg("serve")
             .arg("-m")
-            .arg(&model)
+            .arg(model)
             .args(["-t", "1", "--port", "0"])
             .args(if extra.contains(&"-c") {
                 &[][..]
@@ -599,6 +602,16 @@ fn client_mistakes_get_openai_errors_and_the_server_goes_on() {
     field_error("/v1/completions", json!({"prompt": "x", "n": 2}), "`n`");
     field_error(
         "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "x"}], "n": 3}),
+        "`n`",
+    );
+    field_error(
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": "many"}),
+        "`max_completion_tokens`",
+    );
+    field_error(
+        "/v1/chat/completions",
         json!({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}),
         "`tools`",
     );
@@ -874,6 +887,117 @@ fn sigterm_finishes_in_flight_requests_and_exits_zero() {
     };
     assert!(status.success(), "{status:?}\n{}", server.log());
     assert!(TcpStream::connect(a).is_err());
+}
+
+#[test]
+fn while_draining_health_and_new_requests_get_503_until_the_stream_ends() {
+    let mut server = Server::start(&["--grace", "60"]);
+    let a = server.addr;
+    assert_eq!(http(a, "GET", "/health", &[], b"").status, 200);
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 64, "temperature": 0, "ignore_eos": true, "stream": true}).to_string();
+    let mut s = TcpStream::connect(a).unwrap();
+    s.write_all(&request_bytes(
+        a,
+        "POST",
+        "/v1/completions",
+        &[],
+        body.as_bytes(),
+    ))
+    .unwrap();
+    let mut got = read_until(&mut s, "\"text\":\"").into_bytes();
+    let kill = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    server.wait_log("no longer accepting requests", Duration::from_secs(30));
+    // The listener still answers: a load balancer's probe sees 503, and a new completion is
+    // refused with a 503 it may retry elsewhere, while the stream goes on.
+    let r = http(a, "GET", "/health", &[], b"");
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["status"], "draining");
+    let r = http(
+        a,
+        "POST",
+        "/v1/completions",
+        &[],
+        b"{\"prompt\": \"Hi\", \"max_tokens\": 2}",
+    );
+    let e = r.error(503);
+    assert_eq!(e["code"], "shutting_down");
+    assert_eq!(r.header("retry-after").as_deref(), Some("1"));
+    s.read_to_end(&mut got).unwrap();
+    let chunks = stream_chunks(&parse_response(&got));
+    let (text, finish) = stream_text(&chunks);
+    assert_eq!(finish, "length");
+    assert!(!text.is_empty());
+    // Then it exits 0 well before the 60 s of grace: it waited for the stream only.
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = server.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "still running:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}\n{}", server.log());
+    assert!(
+        !server.log().contains("grace period over"),
+        "{}",
+        server.log()
+    );
+    assert!(TcpStream::connect(a).is_err());
+}
+
+#[test]
+fn messages_a_model_template_cannot_render_are_the_clients_400() {
+    // A model whose template fails on some messages only: it renders the load's sample
+    // conversation, so what fails later is the request's messages.
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("picky.gguf");
+    let template = "{% for m in messages %}\
+        {% if m.content.startswith('grow') %}{% set ns = namespace(v='x') %}\
+        {% for i in range(40) %}{% set ns.v = ns.v ~ ns.v %}{% endfor %}{{ ns.v|length }}{% endif %}\
+        {% if m.content.startswith('raise') %}{{ raise_exception('no raising here') }}{% endif %}\
+        <|start_header_id|>{{ m.role }}<|end_header_id|>\n\n\
+        {% if m.content.startswith('shout') %}{{ m.content.upper() }}{% else %}{{ m.content }}{% endif %}\
+        <|eot_id|>{% endfor %}\
+        {% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}";
+    support::rewrite_gguf(&support::tiny_llama3(), &model, |m, _| {
+        support::set_key(
+            m,
+            "tokenizer.chat_template",
+            airlock_engine::gguf::Value::String(template.into()),
+        )
+    });
+    let server = Server::start_model(&model, &["-c", "64"]);
+    let chat = |content: &str| {
+        server.post(
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": content}], "max_tokens": 2}),
+        )
+    };
+    for (content, needle) in [
+        ("grow, please", "MiB"),
+        ("raise it", "no raising here"),
+        ("shout it", "transforms message contents"),
+    ] {
+        let e = chat(content).error(400);
+        let msg = e["message"].as_str().unwrap();
+        assert_eq!(e["type"], "invalid_request_error", "{e}");
+        assert!(
+            msg.contains("`messages`") && msg.contains(needle),
+            "{content}: {msg}"
+        );
+    }
+    // The server goes on, the render worker replaced.
+    let r = chat("hello");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["usage"]["completion_tokens"], 2);
 }
 
 #[test]

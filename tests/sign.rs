@@ -475,6 +475,18 @@ fn require_signature_refuses_an_unsigned_model_before_generating_anything() {
         &run(&["--require-signature", s(&pubkey), "--tokenizer", s(&tok)]),
         "does not verify",
     );
+    // --chat-template takes only the binary's built-in names: a template file (signed or not)
+    // is never read, so no unsigned template reaches a signed model.
+    let jinja = dir.path().join("evil.jinja");
+    std::fs::write(&jinja, "{{ 'injected' }}").unwrap();
+    let o = run(&[
+        "--require-signature",
+        s(&pubkey),
+        "--chat-template",
+        s(&jinja),
+    ]);
+    fails_with(&o, "evil.jinja");
+    assert!(o.stdout.is_empty());
 }
 
 #[test]
@@ -485,6 +497,7 @@ fn every_model_loading_command_takes_require_signature() {
     let out = dir.path().join("out");
     let k = s(&pubkey);
     let text = support::root().join("tests/fixtures/text/eval.txt");
+    let task = support::root().join("examples/tasks/security-mcq.jsonl");
     let cases: Vec<Vec<&str>> = vec![
         vec!["run", "-m", s(&m), "-p", "hi", "-n", "1"],
         vec!["chat", "-m", s(&m)],
@@ -495,6 +508,8 @@ fn every_model_loading_command_takes_require_signature() {
         vec!["quantize", s(&m), "-o", s(&out), "--type", "q8_0"],
         vec!["export", s(&m), "-o", s(&out)],
         vec!["serve", "-m", s(&m), "--port", "0"],
+        vec!["eval", "-m", s(&m), "--task", s(&task)],
+        vec!["compare", s(&m), "-f", s(&text), "-o", s(&out)],
     ];
     for mut args in cases {
         args.extend_from_slice(&["--require-signature", k]);
@@ -511,7 +526,116 @@ fn every_model_loading_command_takes_require_signature() {
 }
 
 #[test]
-fn quantize_sign_signs_the_output_once_it_is_in_place() {
+fn eval_and_compare_check_every_file_before_anything_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pubkey, seckey) = keygen(dir.path(), "k");
+    let signed = copy_tiny(dir.path(), "signed.gguf");
+    ok(airlock(&["sign", s(&signed), "--key", s(&seckey)]));
+    let unsigned = copy_tiny(dir.path(), "unsigned.gguf");
+    let text = support::root().join("tests/fixtures/text/eval.txt");
+    let task = support::root().join("examples/tasks/security-mcq.jsonl");
+    let report = dir.path().join("report");
+    let k = s(&pubkey);
+
+    // The environment default applies to eval as the flag does.
+    let o = command(&[
+        "eval",
+        "-m",
+        s(&unsigned),
+        "--task",
+        s(&task),
+        "--limit",
+        "2",
+    ])
+    .env("AIRLOCK_REQUIRE_SIGNATURE", k)
+    .output()
+    .unwrap();
+    fails_with(&o, "unsigned.gguf is not signed");
+    assert!(o.stdout.is_empty());
+    assert!(!stderr(&o).contains("eval: "), "{}", stderr(&o));
+    let o = ok(airlock(&[
+        "eval",
+        "-m",
+        s(&signed),
+        "--task",
+        s(&task),
+        "--limit",
+        "2",
+        "--require-signature",
+        k,
+    ]));
+    assert!(
+        stderr(&o).contains("matches its signed manifest"),
+        "{}",
+        stderr(&o)
+    );
+
+    // A signed base with an unsigned variant: refused before the base is measured (no report
+    // directory), whichever way the key is given.
+    let args = [
+        "compare",
+        s(&signed),
+        s(&unsigned),
+        "-f",
+        s(&text),
+        "-o",
+        s(&report),
+        "--chunks",
+        "1",
+        "-c",
+        "32",
+    ];
+    let mut flagged = args.to_vec();
+    flagged.extend_from_slice(&["--require-signature", k]);
+    fails_with(&airlock(&flagged), "unsigned.gguf is not signed");
+    let o = command(&args)
+        .env("AIRLOCK_REQUIRE_SIGNATURE", k)
+        .output()
+        .unwrap();
+    fails_with(&o, "unsigned.gguf is not signed");
+    assert!(o.stdout.is_empty());
+    assert!(!report.exists(), "compare wrote a report");
+    // Both signed: it runs.
+    let signed2 = copy_tiny(dir.path(), "signed2.gguf");
+    ok(airlock(&["sign", s(&signed2), "--key", s(&seckey)]));
+    let mut both = args.to_vec();
+    both[2] = s(&signed2);
+    both.extend_from_slice(&[
+        "--bench-prompt",
+        "8",
+        "--bench-gen",
+        "2",
+        "--mem-ctx",
+        "64",
+        "-q",
+        "--require-signature",
+        k,
+    ]);
+    ok(airlock(&both));
+    assert!(report.join("report.md").is_file());
+    std::fs::remove_dir_all(&report).unwrap();
+    // A checkpoint directory cannot be signed, so it is refused as BASE under a requirement.
+    let hf = support::root().join("tests/fixtures/smollm2/hf");
+    fails_with(
+        &airlock(&[
+            "compare",
+            s(&hf),
+            "--types",
+            "q8_0",
+            "-f",
+            s(&text),
+            "-o",
+            s(&report),
+            "--require-signature",
+            k,
+        ]),
+        "Hugging Face checkpoint, which a signature cannot cover",
+    );
+    assert!(!report.exists(), "compare wrote a report");
+}
+
+#[test]
+fn quantize_and_convert_sign_their_output_once_it_is_in_place() {
     let dir = tempfile::tempdir().unwrap();
     let (pubkey, seckey) = keygen(dir.path(), "k");
     let src = copy_tiny(dir.path(), "src.gguf");
@@ -538,6 +662,38 @@ fn quantize_sign_signs_the_output_once_it_is_in_place() {
         s(&pubkey),
         "--full",
     ]));
+    // export under the requirement, then convert back with --sign.
+    let hf = dir.path().join("hf");
+    ok(airlock(&[
+        "export",
+        s(&out),
+        "-o",
+        s(&hf),
+        "--require-signature",
+        s(&pubkey),
+        "-q",
+    ]));
+    let converted = dir.path().join("converted.gguf");
+    let o = ok(airlock(&[
+        "convert",
+        s(&hf),
+        "-o",
+        s(&converted),
+        "--type",
+        "q8_0",
+        "--sign",
+        s(&seckey),
+        "-q",
+    ]));
+    assert!(stderr(&o).contains("signed "), "{}", stderr(&o));
+    ok(airlock(&[
+        "verify",
+        s(&converted),
+        "--pubkey",
+        s(&pubkey),
+        "--full",
+    ]));
+
     // A key that cannot be used stops the run before any work, leaving nothing.
     let out2 = dir.path().join("out2.gguf");
     fails_with(

@@ -106,6 +106,10 @@ pub enum ChatError {
     /// The render process ran out of CPU time.
     #[error("chat template {template:?} took more than {seconds} s of CPU time to render")]
     TimeExceeded { template: String, seconds: u64 },
+    /// The render process could not be started or run (a fault of this machine, not of the
+    /// template or the messages).
+    #[error("chat template render process: {0}")]
+    Worker(String),
     #[error("unknown built-in chat template {0:?} (known: llama3, chatml)")]
     UnknownBuiltin(String),
     #[error(

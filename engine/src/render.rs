@@ -97,6 +97,7 @@ struct Sandbox {
     program: PathBuf,
     args: Vec<OsString>,
     limit: u64,
+    cpu_seconds: u64,
 }
 
 static SANDBOX: OnceLock<Sandbox> = OnceLock::new();
@@ -106,11 +107,23 @@ static WORKER: Mutex<Option<Worker>> = Mutex::new(None);
 /// `args`, then the limit in bytes (for the `airlock` binary: itself with [`WORKER_ARG`]).
 /// The first call wins; returns false if a sandbox was already installed.
 pub fn install(program: PathBuf, args: Vec<OsString>, limit_bytes: u64) -> bool {
+    install_with_cpu(program, args, limit_bytes, RENDER_CPU_SECONDS)
+}
+
+/// [`install`] with `cpu_seconds` per render instead of [`RENDER_CPU_SECONDS`] (at least 1;
+/// tests use a shorter bound to show it holds).
+pub fn install_with_cpu(
+    program: PathBuf,
+    args: Vec<OsString>,
+    limit_bytes: u64,
+    cpu_seconds: u64,
+) -> bool {
     SANDBOX
         .set(Sandbox {
             program,
             args,
             limit: limit_bytes,
+            cpu_seconds: cpu_seconds.max(1),
         })
         .is_ok()
 }
@@ -137,6 +150,7 @@ impl Worker {
         let mut cmd = Command::new(&s.program);
         cmd.args(&s.args)
             .arg(s.limit.to_string())
+            .arg(s.cpu_seconds.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             // A template that dies of the limit makes the allocator print a line; the error
@@ -212,7 +226,7 @@ pub(crate) fn render_sandboxed(
 }
 
 fn render_with(s: &Sandbox, req: &RequestRef, template: &str) -> Result<Rendered, ChatError> {
-    let body = serde_json::to_vec(req).map_err(|e| ChatError::Render(e.to_string()))?;
+    let body = serde_json::to_vec(req).map_err(|e| ChatError::Worker(e.to_string()))?;
     let mut slot = WORKER.lock().unwrap_or_else(|e| e.into_inner());
     let exceeded = |how: String| ChatError::MemoryExceeded {
         template: template.to_string(),
@@ -236,10 +250,7 @@ fn render_with(s: &Sandbox, req: &RequestRef, template: &str) -> Result<Rendered
         let mut w = match live {
             Some(w) => w,
             None => Worker::spawn(s).map_err(|e| {
-                ChatError::Render(format!(
-                    "cannot start the template render process {}: {e}",
-                    s.program.display()
-                ))
+                ChatError::Worker(format!("cannot start {}: {e}", s.program.display()))
             })?,
         };
         if write_frame(&mut w.stdin, &body).is_err() {
@@ -260,15 +271,15 @@ fn render_with(s: &Sandbox, req: &RequestRef, template: &str) -> Result<Rendered
                 if status.cpu {
                     return Err(ChatError::TimeExceeded {
                         template: template.to_string(),
-                        seconds: RENDER_CPU_SECONDS,
+                        seconds: s.cpu_seconds,
                     });
                 }
                 return Err(exceeded(status.text));
             }
         }
     }
-    Err(ChatError::Render(
-        "the template render process keeps dying".into(),
+    Err(ChatError::Worker(
+        "it keeps dying before it reads a request".into(),
     ))
 }
 
@@ -348,13 +359,19 @@ fn limit_cpu(seconds: u64) -> Result<(), String> {
     }
 }
 
-/// The worker: `args` is what follows [`WORKER_ARG`] (the limit in bytes). Limits itself,
-/// then renders requests from stdin until it closes. Exit status 0 at EOF, 2 on misuse.
+/// The worker: `args` is what follows [`WORKER_ARG`] (the limit in bytes, then optionally the
+/// CPU seconds per render). Limits itself, then renders requests from stdin until it closes.
+/// Exit status 0 at EOF, 2 on misuse.
 pub fn worker_main(args: &[OsString]) -> ExitCode {
-    let limit = match args.first().and_then(|a| a.to_str()?.parse::<u64>().ok()) {
-        Some(l) if l > 0 => l,
+    let number = |i: usize| args.get(i).and_then(|a| a.to_str()?.parse::<u64>().ok());
+    let (limit, cpu_seconds) = match (number(0), args.get(1).map(|_| number(1))) {
+        (Some(l), None) if l > 0 => (l, RENDER_CPU_SECONDS),
+        (Some(l), Some(Some(c))) if l > 0 && c > 0 && args.len() == 2 => (l, c),
         _ => {
-            eprintln!("usage: airlock {WORKER_ARG} LIMIT_BYTES (internal: renders chat templates)");
+            eprintln!(
+                "usage: airlock {WORKER_ARG} LIMIT_BYTES [CPU_SECONDS] (internal: renders chat \
+                 templates)"
+            );
             return ExitCode::from(2);
         }
     };
@@ -376,7 +393,7 @@ pub fn worker_main(args: &[OsString]) -> ExitCode {
         let (tag, text) = match serde_json::from_slice::<Request>(&body) {
             Ok(req) => {
                 drop(body);
-                if let Err(e) = limit_cpu(RENDER_CPU_SECONDS) {
+                if let Err(e) = limit_cpu(cpu_seconds) {
                     eprintln!("render worker: cannot limit CPU time: {e}");
                     return ExitCode::from(2);
                 }

@@ -19,10 +19,11 @@ use airlock_convert::{OutType, Policy};
 use airlock_engine::gguf::WriteError;
 use airlock_engine::kld::{kl_divergence, BaseFile, BaseWriter};
 use airlock_engine::llama::{KvType, Logits, Session};
-use airlock_engine::load::{load, LoadOptions, LoadedModel};
+use airlock_engine::load::{load_with, open_gguf_checked, LoadOptions, LoadedModel};
 use airlock_engine::memory::MemoryEstimate;
 use airlock_engine::output::{write_file, Inputs, OutputError};
 use airlock_engine::perplexity::{check_text, run_chunks, PerplexityError, PerplexityParams};
+use airlock_engine::signature::Requirement;
 use airlock_kernels::GgmlType;
 use serde::Serialize;
 
@@ -62,6 +63,8 @@ pub enum CompareError {
     Output(#[from] OutputError),
     #[error("writing the report: {0}")]
     Report(String),
+    #[error(transparent)]
+    Signature(#[from] airlock_engine::signature::SignatureError),
 }
 
 /// The tasks to score every file on.
@@ -99,6 +102,9 @@ pub struct CompareOptions {
     pub bench_gen: usize,
     /// Set by Ctrl-C: the run stops at the next forward pass and the report keeps what is done.
     pub cancel: Arc<AtomicBool>,
+    /// A minisign public key every given file's signed manifest must be signed by (the host
+    /// policy applies whatever this says).
+    pub require_signature: Option<PathBuf>,
 }
 
 /// How much of a file's bytes one tensor type holds.
@@ -236,6 +242,26 @@ pub fn compare(
             )));
         }
     }
+    // Under a signature requirement every given file is checked before anything runs, so an
+    // unsigned variant does not wait for the base's measurement to be refused. Each is checked
+    // again when it is loaded (what runs is what was checked). Variants made with `types` come
+    // from the base's checked bytes in this run and are loaded without a signature of their own.
+    let req = Requirement::for_host(opts.require_signature.as_deref())?;
+    if req.is_required() {
+        if opts.base.is_dir() {
+            return Err(CompareError::Usage(format!(
+                "{} is a Hugging Face checkpoint, which a signature cannot cover: convert it \
+                 (`airlock convert ... --sign KEY.key`) and compare the signed GGUF",
+                opts.base.display()
+            )));
+        }
+        for path in std::iter::once(&opts.base).chain(&opts.variants) {
+            open_gguf_checked(path, false, &req).map_err(|error| CompareError::Load {
+                path: path.to_path_buf(),
+                error: Box::new(error),
+            })?;
+        }
+    }
     std::fs::create_dir_all(&opts.out_dir).map_err(io(&opts.out_dir))?;
     let work = WorkDir(
         opts.out_dir
@@ -312,6 +338,7 @@ pub fn compare(
     entries.extend(opts.variants.iter().cloned().map(Entry::Given));
     entries.extend(opts.types.iter().map(|&t| Entry::Made(t)));
 
+    let made = Requirement::none();
     let base_file = work.0.join("base.kld");
     let mut base_ppl = None;
     for (index, (entry, name)) in entries.iter().zip(&names).enumerate() {
@@ -335,8 +362,8 @@ pub fn compare(
                     allow_requantize: false,
                     progress: false,
                     allow_nonfinite: false,
-                    // The base was checked when it was opened; this output is our own.
-                    require_signature: None,
+                    // The bytes quantized are checked like any load's (the host policy too).
+                    require_signature: opts.require_signature.clone(),
                     overwrite: false,
                 });
                 match r {
@@ -352,6 +379,7 @@ pub fn compare(
         };
         let measured = measure(
             opts,
+            if made_as.is_some() { &made } else { &req },
             &path,
             name,
             made_as,
@@ -414,6 +442,7 @@ fn check_unquantized(path: &Path) -> Result<(), CompareError> {
 #[allow(clippy::too_many_arguments)]
 fn measure(
     opts: &CompareOptions,
+    req: &Requirement,
     path: &Path,
     name: &str,
     made_as: Option<String>,
@@ -436,7 +465,7 @@ fn measure(
         .map_or(0, |_| 4096)
         .max(opts.n_ctx)
         .max(opts.bench_prompt + opts.bench_gen);
-    let loaded = load(
+    let loaded = load_with(
         path,
         &LoadOptions {
             n_ctx: eval_ctx,
@@ -444,6 +473,7 @@ fn measure(
             batch: opts.batch,
             ..LoadOptions::default()
         },
+        req,
     )
     .map_err(|error| CompareError::Load {
         path: path.to_path_buf(),

@@ -3,7 +3,7 @@
 
 use std::convert::Infallible;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -42,6 +42,9 @@ pub struct AppState {
     started: u64,
     counter: AtomicU64,
     pub draining: AtomicBool,
+    /// Completion requests from arrival until their response is sent (a stream: until its
+    /// body ends or its client leaves); draining waits for this to reach 0.
+    pub(crate) in_flight: AtomicUsize,
     pub(crate) stats: Arc<Stats>,
     pub(crate) http: HttpCounts,
     pub(crate) n_slots: usize,
@@ -77,6 +80,7 @@ impl AppState {
             started: unix_now(),
             counter: AtomicU64::new(0),
             draining: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
             stats,
             http: HttpCounts::default(),
             n_slots: cfg.parallel,
@@ -92,6 +96,22 @@ impl AppState {
 }
 
 type AppStateRef = Arc<AppState>;
+
+/// Counts one completion request in [`AppState::in_flight`] while it lives.
+struct InFlight(AppStateRef);
+
+impl InFlight {
+    fn new(st: &AppStateRef) -> Self {
+        st.in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight(st.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 /// Most stop strings a request may give, and the longest one in bytes.
 const MAX_STOP: usize = 16;
@@ -896,9 +916,16 @@ fn chat_ids(st: &AppState, messages: &[ChatMessage]) -> Result<Vec<u32>, ApiErro
             ChatError::Raised(msg) => {
                 ApiError::bad(format!("`messages` refused by the chat template: {msg}"))
             }
-            ChatError::OutputTooLarge(_) | ChatError::Render(_) => {
-                ApiError::bad(format!("`messages`: {e}"))
-            }
+            // The template compiled and rendered a sample conversation when the model
+            // loaded, so a render that fails now, or that these messages push past a
+            // limit, is the request's doing: a 400 naming it, not a server fault.
+            ChatError::OutputTooLarge(_)
+            | ChatError::Render(_)
+            | ChatError::MemoryExceeded { .. }
+            | ChatError::TimeExceeded { .. }
+            | ChatError::ContentTransformed => ApiError::bad(format!("`messages`: {e}")),
+            // The render process failing to start, or a template that no longer
+            // compiles: this server's fault.
             e => ApiError::internal(format!("chat template: {e}")),
         })?;
     tokenize_chat(tok, &segments, tok.add_bos_default())
@@ -1016,11 +1043,28 @@ fn queue_timeout(st: &AppState, id: &str) -> ApiError {
     )
 }
 
+/// A completion refused because the server is stopping (a load balancer retries elsewhere).
+fn shutting_down() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server_error",
+        Some("shutting_down"),
+        "the server is shutting down: it finishes the requests in flight and takes no new ones"
+            .into(),
+    )
+}
+
 async fn complete(
     st: AppStateRef,
     body: Result<Bytes, BytesRejection>,
     kind: Kind,
 ) -> Result<Response, ApiError> {
+    // Counted before the draining check, so a drain that sees 0 in flight cannot miss a request
+    // that got past it.
+    let in_flight = InFlight::new(&st);
+    if crate::is_draining(&st.draining) {
+        return Err(shutting_down());
+    }
     // The request's time limit counts from its arrival: queueing, prompt and generation.
     let deadline = st.timeout.map(|t| Instant::now() + t);
     let m = parse_body(body)?;
@@ -1080,12 +1124,7 @@ async fn complete(
         }
         Err(TrySendError::Disconnected(_)) => {
             st.stats.queued.fetch_sub(1, Ordering::Relaxed);
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                Some("shutting_down"),
-                "the server is shutting down".into(),
-            ));
+            return Err(shutting_down());
         }
     }
     eprintln!(
@@ -1126,14 +1165,7 @@ async fn complete(
         None if deadline.is_some_and(|d| Instant::now() >= d) => {
             return Err(queue_timeout(&st, &id))
         }
-        None => {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                Some("shutting_down"),
-                "the server is shutting down".into(),
-            ))
-        }
+        None => return Err(shutting_down()),
     }
     let head = Head {
         id,
@@ -1146,9 +1178,11 @@ async fn complete(
         st: st.clone(),
     };
     let mut response = if parsed.stream {
-        stream_response(head, rx, parsed.include_usage)
+        stream_response(head, rx, parsed.include_usage, in_flight)
     } else {
-        collect_response(head, rx).await?
+        let r = collect_response(head, rx).await;
+        drop(in_flight);
+        r?
     };
     if let Some(s) = shift {
         if let Ok(v) = HeaderValue::from_str(&s.header()) {
@@ -1327,7 +1361,12 @@ async fn collect_response(
 /// Server-sent events: a role chunk (chat), one chunk per piece of text, a chunk with the
 /// finish reason, a usage chunk if asked for, then `[DONE]`. Dropping the stream (the client
 /// left) drops the receiver, which frees the request's slot.
-fn stream_response(head: Head, rx: UnboundedReceiver<Event>, include_usage: bool) -> Response {
+fn stream_response(
+    head: Head,
+    rx: UnboundedReceiver<Event>,
+    include_usage: bool,
+    in_flight: InFlight,
+) -> Response {
     let data = |v: Value| SseEvent::default().data(v.to_string());
     let mut first = Vec::new();
     if head.kind == Kind::Chat {
@@ -1337,6 +1376,9 @@ fn stream_response(head: Head, rx: UnboundedReceiver<Event>, include_usage: bool
     let head = Arc::new(head);
     // (receiver, bytes of text sent so far: completions' text_offset)
     let events = futures_util::stream::unfold(Some((rx, 0usize)), move |state| {
+        // The closure owns the guard, so the request counts until the body is dropped (sent
+        // to its end, or its client left).
+        let _counted = &in_flight;
         let head = head.clone();
         async move {
             let (mut rx, sent) = state?;

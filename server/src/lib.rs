@@ -291,26 +291,44 @@ fn serve_on(
             }
             name = &mut signal => {
                 eprintln!(
-                    "airlock serve: {name}: no longer accepting connections; finishing in-flight \
-                     requests (up to {} s)",
+                    "airlock serve: {name}: no longer accepting requests (503, /health too); \
+                     finishing in-flight requests (up to {} s)",
                     cfg.grace.as_secs_f64()
                 );
             }
         }
+        // Draining: the listener stays open so that load balancers probing /health see 503
+        // and new completions get a 503 they can retry elsewhere (rather than a refused
+        // connection), until the requests in flight are done or the grace period ends.
         state.draining.store(true, Ordering::SeqCst);
+        let grace_end = tokio::time::Instant::now() + cfg.grace;
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        while state.in_flight.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < grace_end
+        {
+            tokio::select! {
+                r = &mut server => {
+                    r.context("the HTTP server task failed")?.context("the HTTP server failed")?;
+                    return Ok(true);
+                }
+                _ = tick.tick() => {}
+            }
+        }
         let _ = stop_tx.send(());
-        match tokio::time::timeout(cfg.grace, &mut server).await {
+        if state.in_flight.load(Ordering::SeqCst) > 0 {
+            eprintln!("airlock serve: grace period over; cancelling what is still running");
+            server.abort();
+            return Ok(false);
+        }
+        // Every response is complete: what is left is closing connections (a client still
+        // sending a request body is cut after a second).
+        match tokio::time::timeout(Duration::from_secs(1), &mut server).await {
             Ok(r) => {
                 r.context("the HTTP server task failed")?
                     .context("the HTTP server failed")?;
-                Ok(true)
             }
-            Err(_) => {
-                eprintln!("airlock serve: grace period over; cancelling what is still running");
-                server.abort();
-                Ok(false)
-            }
+            Err(_) => server.abort(),
         }
+        Ok(true)
     })?;
     // Dropping the runtime drops every handler, and with them the queue's senders: the
     // scheduler frees their slots and returns.
