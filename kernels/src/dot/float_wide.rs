@@ -15,6 +15,9 @@ use crate::quant::float::{bf16_to_f32, f16_to_f32, Bf16Bytes, F16Bytes};
 /// Weight rows and tokens of a full tile.
 const MR: usize = 6;
 const NR: usize = 4;
+/// The full tile, for tests that count tiles.
+#[cfg(test)]
+pub(crate) const TILE: (usize, usize) = (MR, NR);
 
 /// Eight f16 (`BF` false) or bf16 values at `p` as f32, exactly.
 #[inline(always)]

@@ -45,7 +45,7 @@ mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod avx512vnni;
 #[cfg(target_arch = "x86_64")]
-mod float_wide;
+pub(crate) mod float_wide;
 #[cfg(all(target_arch = "aarch64", target_endian = "little"))]
 mod neon;
 

@@ -446,7 +446,20 @@ fn batches_take_the_tiled_path_through_matmul() {
             } else {
                 // Chunks of 17 rows (the last 14): full row tiles x full
                 // token tiles in each.
-                let (mr, nr) = if ty == GgmlType::F16 { (4, 2) } else { ks.tile };
+                // F16: the AVX-512 paths' wide float tile, 4 x 2 elsewhere.
+                #[cfg(target_arch = "x86_64")]
+                let f16_tile = if matches!(p, SimdPath::Avx512 | SimdPath::Avx512Vnni) {
+                    crate::dot::float_wide::TILE
+                } else {
+                    (4, 2)
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                let f16_tile = (4, 2);
+                let (mr, nr) = if ty == GgmlType::F16 {
+                    f16_tile
+                } else {
+                    ks.tile
+                };
                 let want = (3 * (17 / mr) + 14 / mr) * (9 / nr);
                 assert_eq!(tiles.full, want, "{p} {ty}: {tiles:?}");
             }
