@@ -51,7 +51,12 @@ fn main() {
                 || chosen.split(',').any(|c| c == t.name().to_lowercase())
         })
         .collect();
-    let (rows, cols) = (4096usize, 4096usize);
+    // `KQ_ROWS=32768` makes the matrices larger than the caches (decode then reads DRAM).
+    let rows: usize = std::env::var("KQ_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4096);
+    let cols = 4096usize;
     let n = 64;
     struct M {
         ty: GgmlType,
