@@ -687,7 +687,7 @@ pub(crate) mod x86 {
 
     /// Decode prefetch distance of the zmm and ymm kernels, in super-blocks
     /// ([`super::prefetch_part`]).
-    const PF_DECODE_ZMM: usize = 2;
+    const PF_DECODE_SB: usize = 2;
 
     /// `Zmm<VNNI>`: 16 rows in a zmm.
     #[derive(Clone, Copy)]
@@ -815,7 +815,7 @@ pub(crate) mod x86 {
             // SAFETY: a prefetch is a hint with no architectural effect.
             unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) }
         }
-        const PF_DECODE: usize = PF_DECODE_ZMM;
+        const PF_DECODE: usize = PF_DECODE_SB;
         #[inline(always)]
         unsafe fn prefetch_l2(p: *const u8) {
             // SAFETY: a prefetch is a hint with no architectural effect.
@@ -959,7 +959,7 @@ pub(crate) mod x86 {
             // SAFETY: a prefetch is a hint with no architectural effect.
             unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) }
         }
-        const PF_DECODE: usize = PF_DECODE_ZMM;
+        const PF_DECODE: usize = PF_DECODE_SB;
         #[inline(always)]
         unsafe fn prefetch_l2(p: *const u8) {
             // SAFETY: a prefetch is a hint with no architectural effect.
