@@ -613,6 +613,7 @@ fn carve<const N: usize>(scratch: &mut Vec<f32>, sizes: [usize; N]) -> [&mut [f3
     })
 }
 
+#[cfg(test)]
 /// Sum of a block's TILE probabilities in one fixed order: the halves folded onto each other
 /// (i + 16, then i + 8, ...), which the prompt path computes with vertical vector adds.
 #[inline(always)]
@@ -626,6 +627,26 @@ fn tree_sum(x: &[f32]) -> f32 {
         }
     }
     b[0]
+}
+
+/// [`tree_sum`] of a block held in `NV` vectors (`NV * L::LANES == TILE`): the vectors'
+/// halves added onto each other, then the lanes'.
+///
+/// # Safety
+/// `L`'s features.
+#[inline(always)]
+unsafe fn block_sum<L: Lanes, const NV: usize>(mut e: [L; NV]) -> f32 {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let mut n = NV;
+        while n > 1 {
+            n /= 2;
+            for v in 0..n {
+                e[v] = L::add(e[v], e[v + n]);
+            }
+        }
+        e[0].fold_sum()
+    }
 }
 
 /// Fold span state (m, l, acc) into the running state (rm, rl, racc); `first`: the running
@@ -742,7 +763,10 @@ unsafe fn decode_head<
     let keys = span * SPAN..((span + 1) * SPAN).min(n_keys);
     assert!(!keys.is_empty());
 
-    let [qs, sc, corr, st] = carve(scratch, [group * hd, group * TILE, group, group * sr]);
+    let [qs, sc, corr, mb, st] = carve(
+        scratch,
+        [group * hd, group * TILE, group, group, group * sr],
+    );
     // The group's queries, scaled (the prompt path's multiply, lane by lane).
     let scale = 1.0 / (hd as f32).sqrt();
     let q0 = h_kv * group * hd;
@@ -789,27 +813,45 @@ unsafe fn decode_head<
             for row in sc.chunks_exact_mut(TILE) {
                 row[nvis..].fill(f32::NEG_INFINITY);
             }
-            // Online softmax, per query.
+            // Online softmax, per query: the block's max, then every correction exp(m_old -
+            // m_new) in one vector pass, then the probabilities and their tree sum, all in
+            // vectors (lane-wise exp and max give the prompt path's bits).
             for i in 0..group {
-                let row = &mut sc[i * TILE..(i + 1) * TILE];
-                let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                let (m_old, l_old) = (st[i * sr], st[i * sr + 1]);
-                let m_new = m_old.max(mx);
+                let row = sc.as_ptr().add(i * TILE);
+                let mut mv = L::load(row);
+                for v in 1..NV {
+                    mv = L::max(mv, L::load(row.add(v * nl)));
+                }
+                let m_old = st[i * sr];
+                let m_new = m_old.max(mv.fold_max());
                 let base = if m_new > f32::NEG_INFINITY {
                     m_new
                 } else {
                     0.0
                 };
-                let c = L::exp(L::splat(m_old - base)).first();
-                let bv = L::splat(base);
-                for v in 0..NV {
-                    let p = row.as_mut_ptr().add(v * nl);
-                    L::exp(L::sub(L::load(p), bv)).store(p);
-                }
-                let sum = tree_sum(row);
                 st[i * sr] = m_new;
-                st[i * sr + 1] = L::mul_add(L::splat(l_old), L::splat(c), L::splat(sum)).first();
-                corr[i] = c;
+                mb[i] = base;
+                corr[i] = m_old - base;
+            }
+            for c in corr.chunks_mut(nl) {
+                let mut lanes = [0.0f32; 16];
+                lanes[..c.len()].copy_from_slice(c);
+                L::exp(L::load(lanes.as_ptr())).store(lanes.as_mut_ptr());
+                c.copy_from_slice(&lanes[..c.len()]);
+            }
+            for i in 0..group {
+                let row = sc.as_mut_ptr().add(i * TILE);
+                let bv = L::splat(mb[i]);
+                let mut e = [L::splat(0.0); NV];
+                for (v, y) in e.iter_mut().enumerate() {
+                    let p = row.add(v * nl);
+                    *y = L::exp(L::sub(L::load(p), bv));
+                    y.store(p);
+                }
+                let sum = block_sum(e);
+                let l_old = st[i * sr + 1];
+                st[i * sr + 1] =
+                    L::mul_add(L::splat(l_old), L::splat(corr[i]), L::splat(sum)).first();
             }
             // acc = acc * corr + P V over the keys the token sees, up to QT queries at once.
             let acc = st.as_mut_ptr().add(STATE_HEAD);
@@ -1836,6 +1878,86 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// [`block_sum`] and a block's max on `L`, from 32 values.
+    ///
+    /// # Safety
+    /// `L`'s features.
+    #[inline(always)]
+    unsafe fn sum_max<L: Lanes, const NV: usize>(x: &[f32; TILE]) -> (f32, f32) {
+        // SAFETY: the caller's contract; x holds NV * LANES values.
+        unsafe {
+            let e: [L; NV] = std::array::from_fn(|v| L::load(x.as_ptr().add(v * L::LANES)));
+            let mut m = e[0];
+            for y in &e[1..] {
+                m = L::max(m, *y);
+            }
+            (block_sum(e), m.fold_max())
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn sum_max_zmm(x: &[f32; TILE]) -> (f32, f32) {
+        // SAFETY: this function's features are Zmm's.
+        unsafe { sum_max::<lanes::Zmm, 2>(x) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn sum_max_ymm(x: &[f32; TILE]) -> (f32, f32) {
+        // SAFETY: this function's features are Ymm's.
+        unsafe { sum_max::<lanes::Ymm, 4>(x) }
+    }
+
+    /// The decode path sums a block's probabilities in vectors; the prompt path relies on the
+    /// order of `tree_sum` (values of mixed magnitude make any other order round differently).
+    #[test]
+    fn vector_block_sums_and_maxes_keep_the_tree_order() {
+        let mut rng = 0x2545_f491u32;
+        let mut mismatched_naive = 0;
+        for _ in 0..2000 {
+            let x: [f32; TILE] = std::array::from_fn(|_| {
+                rng ^= rng << 13;
+                rng ^= rng >> 17;
+                rng ^= rng << 5;
+                let m = (rng >> 8) as f32 / (1u32 << 24) as f32;
+                m * [1.0, 1e-3, 3e4, 0.5][(rng & 3) as usize]
+            });
+            let want = (
+                tree_sum(&x),
+                x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)),
+            );
+            let naive: f32 = x.iter().sum();
+            mismatched_naive += (naive.to_bits() != want.0.to_bits()) as usize;
+            // SAFETY: Scalar8 needs no features.
+            let got = unsafe { sum_max::<Scalar8, 4>(&x) };
+            assert_eq!(
+                (got.0.to_bits(), got.1.to_bits()),
+                (want.0.to_bits(), want.1.to_bits())
+            );
+            #[cfg(target_arch = "x86_64")]
+            {
+                if SimdPath::Avx2.is_available() {
+                    // SAFETY: AVX2, FMA and F16C were detected.
+                    let got = unsafe { sum_max_ymm(&x) };
+                    assert_eq!(got.0.to_bits(), want.0.to_bits());
+                    assert_eq!(got.1.to_bits(), want.1.to_bits());
+                }
+                if SimdPath::Avx512.is_available() {
+                    // SAFETY: AVX-512F and the AVX2 set were detected.
+                    let got = unsafe { sum_max_zmm(&x) };
+                    assert_eq!(got.0.to_bits(), want.0.to_bits());
+                    assert_eq!(got.1.to_bits(), want.1.to_bits());
+                }
+            }
+        }
+        // The data would expose a wrong order: a plain left-to-right sum differs often.
+        assert!(
+            mismatched_naive > 100,
+            "only {mismatched_naive} of 2000 differ"
+        );
     }
 
     #[test]

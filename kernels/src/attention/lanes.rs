@@ -35,6 +35,11 @@ pub(crate) trait Lanes: Copy {
     unsafe fn gather(base: *const f32, idx: &[i32; 16]) -> Self;
     /// Lane 0.
     unsafe fn first(self) -> f32;
+    /// Sum of the lanes, the upper half added onto the lower until one lane is left (lane
+    /// i + LANES/2, then i + LANES/4, ...): the order of `tree_sum`'s last steps.
+    unsafe fn fold_sum(self) -> f32;
+    /// Largest lane, as [`Lanes::max`] folds it (upper half onto lower).
+    unsafe fn fold_max(self) -> f32;
 }
 
 /// The portable twin: eight lanes that the compiler may vectorize, with `a * b + c` rounded
@@ -124,6 +129,26 @@ impl Lanes for Scalar8 {
     #[inline(always)]
     unsafe fn first(self) -> f32 {
         self.0[0]
+    }
+    #[inline(always)]
+    unsafe fn fold_sum(self) -> f32 {
+        let mut b = self.0;
+        for n in [4, 2, 1] {
+            for i in 0..n {
+                b[i] += b[i + n];
+            }
+        }
+        b[0]
+    }
+    #[inline(always)]
+    unsafe fn fold_max(self) -> f32 {
+        let mut b = self.0;
+        for n in [4, 2, 1] {
+            for i in 0..n {
+                b[i] = b[i].max(b[i + n]);
+            }
+        }
+        b[0]
     }
 }
 
@@ -229,6 +254,41 @@ mod x86 {
             // SAFETY: see the impl comment.
             unsafe { _mm256_cvtss_f32(self.0) }
         }
+        #[inline(always)]
+        unsafe fn fold_sum(self) -> f32 {
+            // SAFETY: see the impl comment.
+            unsafe {
+                fold4(
+                    _mm256_castps256_ps128(self.0),
+                    _mm256_extractf128_ps::<1>(self.0),
+                    |a, b| _mm_add_ps(a, b),
+                )
+            }
+        }
+        #[inline(always)]
+        unsafe fn fold_max(self) -> f32 {
+            // SAFETY: see the impl comment.
+            unsafe {
+                fold4(
+                    _mm256_castps256_ps128(self.0),
+                    _mm256_extractf128_ps::<1>(self.0),
+                    |a, b| _mm_max_ps(a, b),
+                )
+            }
+        }
+    }
+
+    /// `op` of lanes i and i + 4 of (lo, hi), then lanes i and i + 2, then 0 and 1.
+    ///
+    /// Safety: SSE3 (every x86-64 path here has it).
+    #[inline(always)]
+    unsafe fn fold4(lo: __m128, hi: __m128, op: impl Fn(__m128, __m128) -> __m128) -> f32 {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let s4 = op(lo, hi);
+            let s2 = op(s4, _mm_movehl_ps(s4, s4));
+            _mm_cvtss_f32(op(s2, _mm_movehdup_ps(s2)))
+        }
     }
 
     /// 16 lanes of AVX-512F; needs AVX-512F, AVX2, FMA and F16C.
@@ -319,5 +379,29 @@ mod x86 {
             // SAFETY: see the impl comment on `Ymm`.
             unsafe { _mm512_cvtss_f32(self.0) }
         }
+        #[inline(always)]
+        unsafe fn fold_sum(self) -> f32 {
+            // SAFETY: see the impl comment on `Ymm`.
+            unsafe { Ymm(_mm256_add_ps(lo256(self.0), hi256(self.0))).fold_sum() }
+        }
+        #[inline(always)]
+        unsafe fn fold_max(self) -> f32 {
+            // SAFETY: see the impl comment on `Ymm`.
+            unsafe { Ymm(_mm256_max_ps(lo256(self.0), hi256(self.0))).fold_max() }
+        }
+    }
+
+    /// Lanes 0..8 and 8..16 of a zmm.
+    ///
+    /// Safety: AVX-512F.
+    #[inline(always)]
+    unsafe fn lo256(x: __m512) -> __m256 {
+        // SAFETY: the caller's contract.
+        unsafe { _mm512_castps512_ps256(x) }
+    }
+    #[inline(always)]
+    unsafe fn hi256(x: __m512) -> __m256 {
+        // SAFETY: the caller's contract.
+        unsafe { _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(x))) }
     }
 }
