@@ -5,6 +5,8 @@
 //!
 //! `cargo bench -p airlock-kernels --bench attention -- --warm-up-time 1 --measurement-time 3`
 //!
+//! `1b_ctx4096_16_layers` and `1b_ctx16384_16_layers` are a whole 1B-shape token's attention
+//! at that context, its caches read from memory.
 //! `AIRLOCK_SIMD=scalar` measures the portable path. Throughput is in
 //! query-key pairs per head per second (elements), so the numbers compare
 //! across shapes.
@@ -22,6 +24,10 @@ struct Case {
     pos0: usize,
     n_tokens: usize,
     kv: KvType,
+    /// Layers run one after the other per iteration, each with its own cache: with 16, the
+    /// caches of a 1B-shape token at ctx 4096 (134 MB) come from memory as in a real decode
+    /// step, not from the last iteration's cache lines.
+    layers: usize,
 }
 
 fn run(c: &mut Criterion, group: &str, cases: &[Case]) {
@@ -33,9 +39,11 @@ fn run(c: &mut Criterion, group: &str, cases: &[Case]) {
         let q = values(cs.n_tokens * cs.n_head * cs.head_dim, 1);
         let k: Vec<f32> = values(rows * kvd, 2).iter().map(|&x| x * 4.0).collect();
         let v = values(rows * kvd, 3);
-        let mut store = KvStore::new(cs.kv, 1, cs.n_head_kv, cs.head_dim, rows);
-        for p in 0..rows {
-            store.write(0, p, &k[p * kvd..][..kvd], &v[p * kvd..][..kvd]);
+        let mut store = KvStore::new(cs.kv, cs.layers, cs.n_head_kv, cs.head_dim, rows);
+        for l in 0..cs.layers {
+            for p in 0..rows {
+                store.write(l, p, &k[p * kvd..][..kvd], &v[p * kvd..][..kvd]);
+            }
         }
         let mut out = vec![0.0f32; q.len()];
         let s = AttentionShape {
@@ -46,9 +54,13 @@ fn run(c: &mut Criterion, group: &str, cases: &[Case]) {
         };
         // Query-key pairs that the causal mask leaves visible, per head.
         let pairs: usize = (0..cs.n_tokens).map(|t| cs.pos0 + t + 1).sum();
-        g.throughput(Throughput::Elements((pairs * cs.n_head) as u64));
+        g.throughput(Throughput::Elements((pairs * cs.n_head * cs.layers) as u64));
         g.bench_function(BenchmarkId::from_parameter(cs.name), |b| {
-            b.iter(|| attention(s, black_box(&q), store.layer(0), &mut out))
+            b.iter(|| {
+                for l in 0..cs.layers {
+                    attention(s, black_box(&q), store.layer(l), &mut out)
+                }
+            })
         });
     }
     g.finish();
@@ -63,6 +75,7 @@ fn prompt(c: &mut Criterion) {
         pos0,
         n_tokens,
         kv: KvType::F16,
+        layers: 1,
     };
     let b8 = |name, pos0, n_tokens| Case {
         name,
@@ -72,6 +85,7 @@ fn prompt(c: &mut Criterion) {
         pos0,
         n_tokens,
         kv: KvType::F16,
+        layers: 1,
     };
     run(
         c,
@@ -94,6 +108,7 @@ fn decode(c: &mut Criterion) {
         pos0,
         n_tokens: 1,
         kv,
+        layers: 1,
     };
     let b1 = |name, pos0, kv| Case {
         name,
@@ -103,6 +118,7 @@ fn decode(c: &mut Criterion) {
         pos0,
         n_tokens: 1,
         kv,
+        layers: 1,
     };
     let sm = |name, pos0| Case {
         name,
@@ -112,6 +128,7 @@ fn decode(c: &mut Criterion) {
         pos0,
         n_tokens: 1,
         kv: KvType::F16,
+        layers: 1,
     };
     run(
         c,
@@ -124,6 +141,14 @@ fn decode(c: &mut Criterion) {
             b1("1b_ctx4096", 4095, KvType::F16),
             b1("1b_ctx4096_q8_0", 4095, KvType::Q8_0),
             b1("1b_ctx16384", 16383, KvType::F16),
+            Case {
+                layers: 16,
+                ..b1("1b_ctx4096_16_layers", 4095, KvType::F16)
+            },
+            Case {
+                layers: 16,
+                ..b1("1b_ctx16384_16_layers", 16383, KvType::F16)
+            },
             sm("smollm2_ctx512", 511),
         ],
     );
