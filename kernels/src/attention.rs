@@ -649,6 +649,17 @@ unsafe fn block_sum<L: Lanes, const NV: usize>(mut e: [L; NV]) -> f32 {
     }
 }
 
+/// What the scores are shifted by before `exp`: the running max `m`, or 0 while no key has
+/// been seen (m = -inf), so that -inf - -inf never makes a NaN.
+#[inline(always)]
+fn exp_base(m: f32) -> f32 {
+    if m > f32::NEG_INFINITY {
+        m
+    } else {
+        0.0
+    }
+}
+
 /// Fold span state (m, l, acc) into the running state (rm, rl, racc); `first`: the running
 /// state is empty, so it becomes a copy. Both paths fold with this, in span order.
 ///
@@ -675,7 +686,7 @@ unsafe fn merge<L: Lanes>(
             return;
         }
         let mx = rm.max(m);
-        let base = if mx > f32::NEG_INFINITY { mx } else { 0.0 };
+        let base = exp_base(mx);
         let a = L::exp(L::splat(*rm - base)).first();
         let b = L::exp(L::splat(m - base)).first();
         let (av, bv) = (L::splat(a), L::splat(b));
@@ -763,10 +774,7 @@ unsafe fn decode_head<
     let keys = span * SPAN..((span + 1) * SPAN).min(n_keys);
     assert!(!keys.is_empty());
 
-    let [qs, sc, corr, mb, st] = carve(
-        scratch,
-        [group * hd, group * TILE, group, group, group * sr],
-    );
+    let [qs, sc, corr, st] = carve(scratch, [group * hd, group * TILE, group, group * sr]);
     // The group's queries, scaled (the prompt path's multiply, lane by lane).
     let scale = 1.0 / (hd as f32).sqrt();
     let q0 = h_kv * group * hd;
@@ -824,14 +832,8 @@ unsafe fn decode_head<
                 }
                 let m_old = st[i * sr];
                 let m_new = m_old.max(mv.fold_max());
-                let base = if m_new > f32::NEG_INFINITY {
-                    m_new
-                } else {
-                    0.0
-                };
                 st[i * sr] = m_new;
-                mb[i] = base;
-                corr[i] = m_old - base;
+                corr[i] = m_old - exp_base(m_new);
             }
             for c in corr.chunks_mut(nl) {
                 let mut lanes = [0.0f32; 16];
@@ -841,7 +843,7 @@ unsafe fn decode_head<
             }
             for i in 0..group {
                 let row = sc.as_mut_ptr().add(i * TILE);
-                let bv = L::splat(mb[i]);
+                let bv = L::splat(exp_base(st[i * sr]));
                 let mut e = [L::splat(0.0); NV];
                 for (v, y) in e.iter_mut().enumerate() {
                     let p = row.add(v * nl);
