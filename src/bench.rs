@@ -95,9 +95,10 @@ pub struct BenchArgs {
     /// Read the weights in the file's layout instead of repacking Q4_0/Q4_1/Q8_0/Q5_0/Q4_K/Q6_K at load
     #[arg(long = "no-repack")]
     pub no_repack: bool,
-    /// Also measure the machine's read bandwidth (512 MiB, median of 9, per thread count) and show
-    /// each generation test against its ceiling: read bandwidth / bytes read per token (every
-    /// weight, plus the KV cache of the positions before it)
+    /// Also measure the machine's read bandwidth (512 MiB, median of 9, right before and right
+    /// after each test; their mean) and show each generation test against its ceiling: read
+    /// bandwidth / bytes read per token (every weight, plus the KV cache of the positions before
+    /// it)
     #[arg(long)]
     pub ceiling: bool,
     /// KV cache element type, for K and V (llama-bench's -ctk/-ctv)
@@ -117,8 +118,9 @@ struct Row {
     n_depth: usize,
     threads: usize,
     samples_ns: Vec<u64>,
-    /// Read bandwidth at this thread count, bytes/s (`--ceiling`).
-    read_bps: Option<f64>,
+    /// Read bandwidth at this thread count right before and right after the test's runs,
+    /// bytes/s (`--ceiling`).
+    read_bps: Option<(f64, f64)>,
 }
 
 impl Row {
@@ -299,13 +301,16 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
             .num_threads(t)
             .build()
             .context("cannot start the thread pool")?;
-        // Measured before the tests, with this thread count, and freed before they run.
-        let read_bps = if args.ceiling {
+        // With this thread count, in a buffer freed again before the model runs. Taken on
+        // either side of each test's timed runs, not once for all: a shared host's bandwidth
+        // drifts over the minutes a deep fill takes.
+        let read_rate = || -> Result<Option<f64>> {
+            if !args.ceiling {
+                return Ok(None);
+            }
             let buf = ReadBuffer::new(ReadBuffer::DEFAULT_BYTES)
                 .context("cannot map the read-bandwidth buffer")?;
-            Some(pool.install(|| buf.rate(9)))
-        } else {
-            None
+            Ok(Some(pool.install(|| buf.rate(9))))
         };
         for &(n_prompt, n_gen, n_depth) in &tests {
             let mut session = loaded.session();
@@ -318,6 +323,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
                     .collect();
                 pool.install(|| eval_prompt(model, &mut session, &fill, args.batch_size as usize))?;
             }
+            let read_before = read_rate()?;
             // One warm-up run (pages in the weights, warms caches), then the timed ones.
             for rep in 0..=args.repetitions {
                 session.truncate(n_depth);
@@ -340,13 +346,14 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
                     samples.push(t0.elapsed().as_nanos() as u64);
                 }
             }
+            let read_after = read_rate()?;
             rows.push(Row {
                 n_prompt,
                 n_gen,
                 n_depth,
                 threads: t,
                 samples_ns: samples,
-                read_bps,
+                read_bps: read_before.zip(read_after),
             });
         }
     }
@@ -385,8 +392,10 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
                     "samples_ns": r.samples_ns,
                     "samples_ts": ts,
                 });
-                if let Some(read) = r.read_bps {
+                if let Some((before, after)) = r.read_bps {
+                    let read = (before + after) / 2.0;
                     row["read_bytes_per_s"] = json!(read);
+                    row["read_bytes_per_s_before_after"] = json!([before, after]);
                     row["weight_bytes_per_token"] = json!(bytes_per_token);
                     if r.n_gen > 0 && r.n_prompt == 0 {
                         let bytes = r.bytes_per_token(bytes_per_token, kv_per_position);
@@ -415,7 +424,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         );
         for r in &rows {
             let (avg, std) = mean_std(&r.samples_ts());
-            let ceiling = match r.read_bps {
+            let ceiling = match r.read_bps.map(|(b, a)| (b + a) / 2.0) {
                 Some(read) if r.n_gen > 0 && r.n_prompt == 0 => {
                     let c = read / r.bytes_per_token(bytes_per_token, kv_per_position);
                     format!(" {:.1} | {c:.2} | {:.0}% |", read / 1e9, 100.0 * avg / c)

@@ -192,8 +192,19 @@ fn ceiling_is_read_bandwidth_over_the_weights_read_per_token() {
         (ceiling * (want as f64 + kv) / read - 1.0).abs() < 1e-9,
         "{tg}"
     );
-    assert_eq!(pp["read_bytes_per_s"].as_f64(), Some(read));
     assert!(pp.get("ceiling_ts").is_none(), "{pp}");
+    // Each test's rate is the mean of reads right before and right after its runs.
+    for row in [pp, tg] {
+        let pair = row["read_bytes_per_s_before_after"].as_array().unwrap();
+        let (b, a) = (pair[0].as_f64().unwrap(), pair[1].as_f64().unwrap());
+        assert!(
+            (1e8..1e13).contains(&b) && (1e8..1e13).contains(&a),
+            "{row}"
+        );
+        // Not bit-equal: serde_json's default float parser may be one ulp off.
+        let mean = row["read_bytes_per_s"].as_f64().unwrap();
+        assert!((mean / ((b + a) / 2.0) - 1.0).abs() < 1e-12, "{row}");
+    }
 
     // Without the flag the rows carry none of it.
     let o = Command::new(env!("CARGO_BIN_EXE_airlock"))
