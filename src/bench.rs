@@ -124,6 +124,11 @@ struct Row {
 }
 
 impl Row {
+    /// The read bandwidth the test is measured against: the mean of the reads on either side.
+    fn read_rate(&self) -> Option<f64> {
+        self.read_bps.map(|(before, after)| (before + after) / 2.0)
+    }
+
     fn test_name(&self) -> String {
         let test = match (self.n_prompt, self.n_gen) {
             (p, 0) => format!("pp{p}"),
@@ -392,8 +397,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
                     "samples_ns": r.samples_ns,
                     "samples_ts": ts,
                 });
-                if let Some((before, after)) = r.read_bps {
-                    let read = (before + after) / 2.0;
+                if let (Some(read), Some((before, after))) = (r.read_rate(), r.read_bps) {
                     row["read_bytes_per_s"] = json!(read);
                     row["read_bytes_per_s_before_after"] = json!([before, after]);
                     row["weight_bytes_per_token"] = json!(bytes_per_token);
@@ -424,7 +428,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         );
         for r in &rows {
             let (avg, std) = mean_std(&r.samples_ts());
-            let ceiling = match r.read_bps.map(|(b, a)| (b + a) / 2.0) {
+            let ceiling = match r.read_rate() {
                 Some(read) if r.n_gen > 0 && r.n_prompt == 0 => {
                     let c = read / r.bytes_per_token(bytes_per_token, kv_per_position);
                     format!(" {:.1} | {c:.2} | {:.0}% |", read / 1e9, 100.0 * avg / c)

@@ -7,6 +7,7 @@
 //!
 //! `1b_ctx4096_16_layers` and `1b_ctx16384_16_layers` are a whole 1B-shape token's attention
 //! at that context, its caches read from memory.
+//!
 //! `AIRLOCK_SIMD=scalar` measures the portable path. Throughput is in
 //! query-key pairs per head per second (elements), so the numbers compare
 //! across shapes.
