@@ -31,7 +31,10 @@ def tops(path):
         n_ctx, n_vocab, n_chunk = struct.unpack("<3i", head[8:])
         if n_ctx <= 0 or n_vocab <= 0 or n_chunk <= 0:
             sys.exit(f"{path}: header n_ctx {n_ctx}, n_vocab {n_vocab}, n_chunk {n_chunk}")
-        f.seek(20 + 4 * n_ctx * n_chunk)
+        start = 20 + 4 * n_ctx * n_chunk
+        if f.seek(0, 2) < start:
+            sys.exit(f"{path}: shorter than its header's {n_chunk} x {n_ctx} tokens")
+        f.seek(start)
         rec = 2 * ((n_vocab + 1) // 2) + 4
         out = []
         while True:
@@ -44,6 +47,8 @@ def tops(path):
             if sys.byteorder != "little":
                 codes.byteswap()
             out.append(codes.index(max(codes)))
+    if not out:
+        sys.exit(f"{path}: no log-probability records after the tokens")
     return (n_ctx, n_vocab, n_chunk), out
 
 
