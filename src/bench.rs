@@ -397,9 +397,9 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
                     "samples_ns": r.samples_ns,
                     "samples_ts": ts,
                 });
-                if let (Some(read), Some((before, after))) = (r.read_rate(), r.read_bps) {
+                if let Some(read) = r.read_rate() {
                     row["read_bytes_per_s"] = json!(read);
-                    row["read_bytes_per_s_before_after"] = json!([before, after]);
+                    row["read_bytes_per_s_before_after"] = json!(r.read_bps);
                     row["weight_bytes_per_token"] = json!(bytes_per_token);
                     if r.n_gen > 0 && r.n_prompt == 0 {
                         let bytes = r.bytes_per_token(bytes_per_token, kv_per_position);
