@@ -32,23 +32,21 @@ def tops(path):
         if n_ctx <= 0 or n_vocab <= 0 or n_chunk <= 0:
             sys.exit(f"{path}: header n_ctx {n_ctx}, n_vocab {n_vocab}, n_chunk {n_chunk}")
         start = 20 + 4 * n_ctx * n_chunk
-        if f.seek(0, 2) < start:
+        size = f.seek(0, 2)
+        if size < start:
             sys.exit(f"{path}: shorter than its header's {n_chunk} x {n_ctx} tokens")
+        # Checked against the file's length before any read, so a hostile n_vocab cannot size one.
+        rec = 2 * (2 * ((n_vocab + 1) // 2) + 4)
+        records, rest = divmod(size - start, rec)
+        if records == 0 or rest:
+            sys.exit(f"{path}: {size - start} bytes after the tokens, not whole records of {rec}")
         f.seek(start)
-        rec = 2 * ((n_vocab + 1) // 2) + 4
         out = []
-        while True:
-            b = f.read(2 * rec)
-            if not b:
-                break
-            if len(b) != 2 * rec:
-                sys.exit(f"{path}: truncated record {len(out)}")
-            codes = array("H", b[8 : 8 + 2 * n_vocab])
+        for _ in range(records):
+            codes = array("H", f.read(rec)[8 : 8 + 2 * n_vocab])
             if sys.byteorder != "little":
                 codes.byteswap()
             out.append(codes.index(max(codes)))
-    if not out:
-        sys.exit(f"{path}: no log-probability records after the tokens")
     return (n_ctx, n_vocab, n_chunk), out
 
 
