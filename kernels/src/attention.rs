@@ -34,11 +34,11 @@ use std::cell::RefCell;
 use std::ops::Range;
 
 use half::f16;
-use rayon::prelude::*;
 
 use self::kv::ValsRef;
 pub use self::kv::{KvLayer, KvStore, KvType, TILE};
 use self::lanes::{Lanes, Scalar8};
+use crate::pool::for_each_chunk_mut;
 use crate::simd::{simd_path, SimdPath};
 
 /// Positions per span (see the module docs): a decode task's share of one head's keys.
@@ -120,10 +120,9 @@ pub fn attention_batch_with(path: SimdPath, jobs: &mut [AttentionJob]) {
             let (group, hd) = (kernel.group, kernel.s.head_dim);
             let n_spans = kernel.n_keys().div_ceil(SPAN);
             if n_spans == 1 {
-                job.out
-                    .par_chunks_mut(group * hd)
-                    .enumerate()
-                    .for_each(|(h_kv, o)| kernel.decode(h_kv, 0, Dest::Out(o)));
+                for_each_chunk_mut(job.out, group * hd, |h_kv, o| {
+                    kernel.decode(h_kv, 0, Dest::Out(o))
+                });
                 return;
             }
             let (pl, n_head_kv) = (kernel.partial_len(), kernel.s.n_head_kv);
@@ -135,23 +134,19 @@ pub fn attention_batch_with(path: SimdPath, jobs: &mut [AttentionJob]) {
             // state, so the grouping changes no number.
             let units = n_head_kv * n_spans;
             let per_task = units.div_ceil(4 * rayon::current_num_threads()).max(1);
-            partials
-                .par_chunks_mut(per_task * pl)
-                .enumerate()
-                .for_each(|(c, ps)| {
-                    for (i, p) in ps.chunks_exact_mut(pl).enumerate() {
-                        let u = c * per_task + i;
-                        kernel.decode(u / n_spans, u % n_spans, Dest::Partial(p));
-                    }
-                });
+            for_each_chunk_mut(&mut partials, per_task * pl, |c, ps| {
+                for (i, p) in ps.chunks_exact_mut(pl).enumerate() {
+                    let u = c * per_task + i;
+                    kernel.decode(u / n_spans, u % n_spans, Dest::Partial(p));
+                }
+            });
             // The folds are short (a head's spans x group x head_dim): in parallel only when
             // there are many.
             let fold_work = units * pl;
             if fold_work >= 1 << 16 {
-                job.out
-                    .par_chunks_mut(group * hd)
-                    .enumerate()
-                    .for_each(|(h, o)| kernel.fold(&partials[h * per_head..][..per_head], o));
+                for_each_chunk_mut(job.out, group * hd, |h, o| {
+                    kernel.fold(&partials[h * per_head..][..per_head], o)
+                });
             } else {
                 for (h, o) in job.out.chunks_mut(group * hd).enumerate() {
                     kernel.fold(&partials[h * per_head..][..per_head], o);
@@ -218,9 +213,10 @@ pub fn attention_batch_with(path: SimdPath, jobs: &mut [AttentionJob]) {
             }
         }
     }
-    tasks.into_par_iter().for_each(|task| match task {
-        Task::Chunk(kernel, t0, h_kv, mut outs) => kernel.prompt(t0, h_kv, &mut outs),
+    for_each_chunk_mut(&mut tasks, 1, |_, task| match &mut task[0] {
+        Task::Chunk(kernel, t0, h_kv, outs) => kernel.prompt(*t0, *h_kv, outs),
         Task::Spans(kernel, n_spans, u0, ps) => {
+            let (n_spans, u0) = (*n_spans, *u0);
             for (i, p) in ps.chunks_exact_mut(kernel.partial_len()).enumerate() {
                 let u = u0 + i;
                 kernel.decode(u / n_spans, u % n_spans, Dest::Partial(p));
@@ -240,9 +236,10 @@ pub fn attention_batch_with(path: SimdPath, jobs: &mut [AttentionJob]) {
         }
     }
     if partial_total >= 1 << 16 {
-        heads
-            .into_par_iter()
-            .for_each(|(kernel, p, o)| kernel.fold(p, o));
+        for_each_chunk_mut(&mut heads, 1, |_, h| {
+            let (kernel, p, o) = &mut h[0];
+            kernel.fold(p, o)
+        });
     } else {
         for (kernel, p, o) in heads {
             kernel.fold(p, o);

@@ -4,8 +4,8 @@
 //! of ggml blocks; x is `n_tokens x cols` f32; y is `n_tokens x rows` f32.
 //! y[t][r] = sum_k W[r][k] * x[t][k].
 //!
-//! Work is split over output rows in chunks of several rows (one rayon task
-//! per chunk, not per row). With several tokens each task writes a private
+//! Work is split over output rows in chunks of several rows (one task of a
+//! [`crate::pool`] loop per chunk, not per row). With several tokens each task writes a private
 //! `[token][row-in-chunk]` buffer, and the buffers are copied into y at the
 //! end, so no task needs a strided view of y.
 
@@ -13,6 +13,7 @@ use bytemuck::{cast_slice, cast_slice_mut, Pod};
 use rayon::prelude::*;
 
 use crate::dot::{self, kernels, ActFormat, DotFormat, GemmFn, Kernels, Tiles};
+use crate::pool::for_each_chunk_mut;
 use crate::quant::float::{Bf16Bytes, F16Bytes, F32Bytes};
 use crate::quant::{
     self, BlockQ2_K, BlockQ3_K, BlockQ4_0, BlockQ4_1, BlockQ4_K, BlockQ5_0, BlockQ5_1, BlockQ5_K,
@@ -104,29 +105,25 @@ fn for_row_chunks(
     y: &mut [f32],
     chunk_fn: impl Fn(usize, &mut [f32]) -> Tiles + Sync,
 ) -> Tiles {
+    let tiles = dot::TileCount::default();
     if n_tokens == 1 {
         // [token][row] with one token is already y's layout.
-        return y
-            .par_chunks_mut(chunk)
-            .enumerate()
-            .map(|(c, buf)| chunk_fn(c * chunk, buf))
-            .sum();
+        for_each_chunk_mut(y, chunk, |c, buf| tiles.add(chunk_fn(c * chunk, buf)));
+        return tiles.get();
     }
     let mut tmp = vec![0.0f32; rows * n_tokens];
-    let tiles = tmp
-        .par_chunks_mut(chunk * n_tokens)
-        .enumerate()
-        .map(|(c, buf)| chunk_fn(c * chunk, buf))
-        .sum();
+    for_each_chunk_mut(&mut tmp, chunk * n_tokens, |c, buf| {
+        tiles.add(chunk_fn(c * chunk, buf))
+    });
     let tmp = &tmp;
-    y.par_chunks_mut(rows).enumerate().for_each(|(t, yt)| {
+    for_each_chunk_mut(y, rows, |t, yt| {
         for (c, dst) in yt.chunks_mut(chunk).enumerate() {
             let nr = dst.len();
             let start = c * chunk * n_tokens + t * nr;
             dst.copy_from_slice(&tmp[start..start + nr]);
         }
     });
-    tiles
+    tiles.get()
 }
 
 /// The fast path for one weight type: `w` holds `rows * k` weight units,

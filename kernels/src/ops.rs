@@ -67,10 +67,7 @@ pub fn swiglu(gate: &mut [f32], up: &[f32]) {
     let f = swiglu_fn(crate::simd::simd_path().unwrap_or(crate::SimdPath::Scalar));
     const CHUNK: usize = 1 << 14;
     if gate.len() > 4 * CHUNK {
-        use rayon::prelude::*;
-        gate.par_chunks_mut(CHUNK)
-            .zip(up.par_chunks(CHUNK))
-            .for_each(|(g, u)| f(g, u));
+        crate::pool::for_each_chunk_mut(gate, CHUNK, |i, g| f(g, &up[i * CHUNK..][..g.len()]));
     } else {
         f(gate, up);
     }

@@ -544,18 +544,31 @@ pub fn matmul_packed_multi(
     }
     prepare_acts(ty, x, cols, scratch)?;
     let s = &*scratch;
-    use rayon::prelude::*;
-    ws.par_iter_mut().for_each(|(w, y)| {
-        let chunk = chunk_rows(w.rows, w.cols);
-        y.par_chunks_mut(chunk).enumerate().for_each(|(c, out)| {
-            let (r0, nr) = (c * chunk, out.len());
-            let o = Out {
-                ptr: out.as_mut_ptr(),
-                ld: nr,
+    // One task list over every matrix's row chunks: (matrix, its output, chunk rows, chunks).
+    let parts: Vec<(&PackedWeights, Out, usize, usize)> = ws
+        .iter_mut()
+        .map(|(w, y)| {
+            let chunk = chunk_rows(w.rows, w.cols);
+            let out = Out {
+                ptr: y.as_mut_ptr(),
+                ld: w.rows,
             };
-            // SAFETY: one token; `out` is this chunk's own nr outputs.
-            unsafe { w.run(r0, nr, s, o) };
-        });
+            (&**w, out, chunk, w.rows.div_ceil(chunk))
+        })
+        .collect();
+    let n_tasks = parts.iter().map(|p| p.3).sum();
+    crate::pool::for_each_index(n_tasks, |mut c| {
+        for (w, out, chunk, n) in &parts {
+            if c < *n {
+                let r0 = c * chunk;
+                let nr = (*chunk).min(w.rows - r0);
+                // SAFETY: one token; y (checked to hold w.rows) is written at rows
+                // r0..r0 + nr only, which no other task of this matrix writes.
+                unsafe { w.run(r0, nr, s, out.offset(r0)) };
+                return;
+            }
+            c -= n;
+        }
     });
     Ok(())
 }
@@ -591,18 +604,16 @@ fn matmul_packed_chunked(
         ptr: y.as_mut_ptr(),
         ld: w.rows,
     };
-    use rayon::prelude::*;
     let rows = w.rows;
-    Ok((0..rows.div_ceil(chunk))
-        .into_par_iter()
-        .map(|c| {
-            let r0 = c * chunk;
-            let nr = chunk.min(rows - r0);
-            // SAFETY: y holds n_tokens x rows (checked above); chunk c writes
-            // y[t * rows + r0 + i] for i < nr only, columns no other chunk writes.
-            unsafe { w.run(r0, nr, s, out.offset(r0)) }
-        })
-        .sum())
+    let tiles = crate::dot::TileCount::default();
+    crate::pool::for_each_index(rows.div_ceil(chunk), |c| {
+        let r0 = c * chunk;
+        let nr = chunk.min(rows - r0);
+        // SAFETY: y holds n_tokens x rows (checked above); chunk c writes
+        // y[t * rows + r0 + i] for i < nr only, columns no other chunk writes.
+        tiles.add(unsafe { w.run(r0, nr, s, out.offset(r0)) });
+    });
+    Ok(tiles.get())
 }
 
 /// Quantizes each token's row to Q8_0 (Q8_1 for Q4_1 weights, Q8_K for the

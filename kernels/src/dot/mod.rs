@@ -149,6 +149,29 @@ impl std::ops::Add for Tiles {
     }
 }
 
+/// [`Tiles`] summed from several threads.
+#[derive(Default)]
+pub(crate) struct TileCount {
+    full: std::sync::atomic::AtomicUsize,
+    edge: std::sync::atomic::AtomicUsize,
+}
+
+impl TileCount {
+    pub(crate) fn add(&self, t: Tiles) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.full.fetch_add(t.full, Relaxed);
+        self.edge.fetch_add(t.edge, Relaxed);
+    }
+
+    pub(crate) fn get(&self) -> Tiles {
+        use std::sync::atomic::Ordering::Relaxed;
+        Tiles {
+            full: self.full.load(Relaxed),
+            edge: self.edge.load(Relaxed),
+        }
+    }
+}
+
 impl std::iter::Sum for Tiles {
     fn sum<I: Iterator<Item = Tiles>>(it: I) -> Tiles {
         it.fold(Tiles::default(), |a, b| a + b)
