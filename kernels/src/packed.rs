@@ -519,8 +519,8 @@ pub fn matmul_packed(
 /// Several packed matrices times the same activations (Q, K and V; gate and
 /// up): `ys[i] = ws[i] x`. When all have one type and column count the
 /// activations are quantized once, and a decode step runs every matrix's
-/// row chunks in one parallel region instead of one region each. Otherwise
-/// it is [`matmul_packed`] per matrix.
+/// row chunks in one parallel region instead of one region each (up to
+/// [`MAX_SHARED`] matrices). Otherwise it is [`matmul_packed`] per matrix.
 pub fn matmul_packed_multi(
     ws: &mut [(&PackedWeights, &mut [f32])],
     x: &[f32],
@@ -532,7 +532,7 @@ pub fn matmul_packed_multi(
     };
     let (ty, cols) = (first.ty, first.cols);
     let shared = ws.iter().all(|(w, _)| w.ty == ty && w.cols == cols);
-    if !shared || n_tokens != 1 || cols == 0 {
+    if !shared || n_tokens != 1 || cols == 0 || ws.len() > MAX_SHARED {
         for (w, y) in ws.iter_mut() {
             matmul_packed(w, x, n_tokens, y, scratch)?;
         }
@@ -544,21 +544,20 @@ pub fn matmul_packed_multi(
     }
     prepare_acts(ty, x, cols, scratch)?;
     let s = &*scratch;
-    // One task list over every matrix's row chunks: (matrix, its output, chunk rows, chunks).
-    let parts: Vec<(&PackedWeights, Out, usize, usize)> = ws
-        .iter_mut()
-        .map(|(w, y)| {
-            let chunk = chunk_rows(w.rows, w.cols);
-            let out = Out {
-                ptr: y.as_mut_ptr(),
-                ld: w.rows,
-            };
-            (&**w, out, chunk, w.rows.div_ceil(chunk))
-        })
-        .collect();
-    let n_tasks = parts.iter().map(|p| p.3).sum();
+    // One task list over every matrix's row chunks: (matrix, its output, chunk rows, chunks),
+    // in an array so a decode step allocates nothing.
+    let mut parts = [None; MAX_SHARED];
+    for (p, (w, y)) in parts.iter_mut().zip(ws.iter_mut()) {
+        let chunk = chunk_rows(w.rows, w.cols);
+        let out = Out {
+            ptr: y.as_mut_ptr(),
+            ld: w.rows,
+        };
+        *p = Some((&**w, out, chunk, w.rows.div_ceil(chunk)));
+    }
+    let n_tasks = parts.iter().flatten().map(|p| p.3).sum();
     crate::pool::for_each_index(n_tasks, |mut c| {
-        for (w, out, chunk, n) in &parts {
+        for (w, out, chunk, n) in parts.iter().flatten() {
             if c < *n {
                 let r0 = c * chunk;
                 let nr = (*chunk).min(w.rows - r0);
@@ -572,6 +571,9 @@ pub fn matmul_packed_multi(
     });
     Ok(())
 }
+
+/// The most matrices [`matmul_packed_multi`] runs in one region (Q, K and V are three).
+const MAX_SHARED: usize = 4;
 
 /// [`matmul_packed`] in chunks of `chunk` rows (a multiple of
 /// [`GROUP_ROWS`]), returning the tiles the kernels ran (a test hook).
