@@ -498,7 +498,8 @@ fn pack_row(f: Fmt, src: &[u8], i: usize, group: &mut [u8]) {
 fn chunk_rows(rows: usize, cols: usize) -> usize {
     let by_threads = rows.div_ceil(rayon::current_num_threads() * 16);
     let by_work = (1 << 14) / cols.max(1);
-    by_threads.max(by_work).div_ceil(GROUP_ROWS) * GROUP_ROWS
+    // At least one group: a matrix without rows and wider than 16K columns gave 0.
+    by_threads.max(by_work).max(1).div_ceil(GROUP_ROWS) * GROUP_ROWS
 }
 
 /// y = W x for a packed W: `x` is `n_tokens x cols`, `y` is `n_tokens x

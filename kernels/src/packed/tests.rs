@@ -305,6 +305,23 @@ fn activation_blocks_carry_the_corrections() {
     assert_eq!(a8.d, quant::scale(b[0].d));
 }
 
+/// Matrices without rows and wider than 16K columns: nothing to compute, and no
+/// chunk of zero rows (it divided by zero).
+#[test]
+fn multi_takes_matrices_without_rows() {
+    for ks in paths() {
+        let cols = 520 * 32;
+        let packed: Vec<_> = (0..2)
+            .map(|i| PackedWeights::pack(&Case::new(GgmlType::Q4_0, 0, cols, 1, i).view(), ks))
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let x = values(cols, 7);
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        let mut pairs = [(&packed[0], &mut a[..]), (&packed[1], &mut b[..])];
+        matmul_packed_multi(&mut pairs, &x, 1, &mut PackedScratch::default()).unwrap();
+    }
+}
+
 #[test]
 fn multi_equals_one_matrix_at_a_time() {
     for ks in paths() {
@@ -314,7 +331,8 @@ fn multi_equals_one_matrix_at_a_time() {
                 [GgmlType::Q4_0; 3],
                 [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1],
             ] {
-                let cases: Vec<Case> = [(48, 96), (16, 96), (21, 96)]
+                // 400 rows: several row chunks in one matrix's share of the tasks.
+                let cases: Vec<Case> = [(400, 96), (16, 96), (21, 96)]
                     .iter()
                     .zip(tys)
                     .enumerate()
