@@ -38,7 +38,7 @@ use half::f16;
 use self::kv::ValsRef;
 pub use self::kv::{KvLayer, KvStore, KvType, TILE};
 use self::lanes::{Lanes, Scalar8};
-use crate::pool::for_each_chunk_mut;
+use crate::pool::{for_each_chunk_mut, for_each_mut};
 use crate::simd::{simd_path, SimdPath};
 
 /// Positions per span (see the module docs): a decode task's share of one head's keys.
@@ -213,7 +213,7 @@ pub fn attention_batch_with(path: SimdPath, jobs: &mut [AttentionJob]) {
             }
         }
     }
-    for_each_chunk_mut(&mut tasks, 1, |_, task| match &mut task[0] {
+    for_each_mut(&mut tasks, |task| match task {
         Task::Chunk(kernel, t0, h_kv, outs) => kernel.prompt(*t0, *h_kv, outs),
         Task::Spans(kernel, n_spans, u0, ps) => {
             let (n_spans, u0) = (*n_spans, *u0);
@@ -236,10 +236,7 @@ pub fn attention_batch_with(path: SimdPath, jobs: &mut [AttentionJob]) {
         }
     }
     if partial_total >= 1 << 16 {
-        for_each_chunk_mut(&mut heads, 1, |_, h| {
-            let (kernel, p, o) = &mut h[0];
-            kernel.fold(p, o)
-        });
+        for_each_mut(&mut heads, |(kernel, p, o)| kernel.fold(p, o));
     } else {
         for (kernel, p, o) in heads {
             kernel.fold(p, o);

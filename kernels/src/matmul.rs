@@ -5,9 +5,9 @@
 //! y[t][r] = sum_k W[r][k] * x[t][k].
 //!
 //! Work is split over output rows in chunks of several rows (one task of a
-//! [`crate::pool`] loop per chunk, not per row). With several tokens each task writes a private
-//! `[token][row-in-chunk]` buffer, and the buffers are copied into y at the
-//! end, so no task needs a strided view of y.
+//! [`crate::pool`] loop per chunk, not per row). With several tokens each
+//! task writes a private `[token][row-in-chunk]` buffer, and the buffers are
+//! copied into y at the end, so no task needs a strided view of y.
 
 use bytemuck::{cast_slice, cast_slice_mut, Pod};
 use rayon::prelude::*;

@@ -293,6 +293,11 @@ pub fn for_each_chunk_mut<T: Send>(
     });
 }
 
+/// `f(item)` for each item of `data`, run as [`for_each_index`] runs its tasks.
+pub fn for_each_mut<T: Send>(data: &mut [T], f: impl Fn(&mut T) + Sync) {
+    for_each_chunk_mut(data, 1, |_, one| f(&mut one[0]));
+}
+
 /// A raw pointer the tasks share; each derives its own disjoint slice from it.
 struct SendPtr<T>(*mut T);
 
