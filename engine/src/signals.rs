@@ -20,8 +20,7 @@ use std::sync::{Condvar, Mutex, OnceLock};
 /// Exit status after a signal (the shell's 128 + SIGINT; ctrlc does not say which signal came).
 pub const EXIT_INTERRUPTED: i32 = 130;
 
-static RECEIVED: AtomicUsize = AtomicUsize::new(0);
-static COOPERATING: AtomicUsize = AtomicUsize::new(0);
+static COUNTS: Counts = Counts::new();
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 static CLEANUP: Mutex<Vec<(u64, PathBuf)>> = Mutex::new(Vec::new());
 static WAKE: (Mutex<()>, Condvar) = (Mutex::new(()), Condvar::new());
@@ -37,18 +36,47 @@ pub fn install() -> Result<(), String> {
         .clone()
 }
 
+/// Signals received and cooperating guards alive: one instance per process ([`COUNTS`]); the
+/// tests build their own.
+struct Counts {
+    received: AtomicUsize,
+    cooperating: AtomicUsize,
+}
+
+impl Counts {
+    const fn new() -> Self {
+        Counts {
+            received: AtomicUsize::new(0),
+            cooperating: AtomicUsize::new(0),
+        }
+    }
+
+    /// Counts a signal and says whether the process must exit now. `counted` runs right after
+    /// the count (the handler wakes the waiters there).
+    ///
+    /// The guards are read *before* the signal is counted. A cooperator sees the signal only
+    /// after the count, and drops its guard only after it has seen it, so a guard alive when
+    /// the signal came is always seen. Read after the count, a handler thread delayed there
+    /// saw the guard of a server that had already drained and stopped, and exited 130 in
+    /// place of its 0 (a CI run caught it).
+    fn signal_must_exit(&self, counted: impl FnOnce()) -> bool {
+        let cooperating = self.cooperating.load(Ordering::SeqCst);
+        let n = self.received.fetch_add(1, Ordering::SeqCst) + 1;
+        counted();
+        !(n == 1 && cooperating > 0)
+    }
+}
+
 /// Runs on ctrlc's own thread (not in signal context), so it may lock, print and remove files.
 fn on_signal() {
-    let n = RECEIVED.fetch_add(1, Ordering::SeqCst) + 1;
-    {
+    let exit = COUNTS.signal_must_exit(|| {
         let _g = WAKE.0.lock().unwrap_or_else(|e| e.into_inner());
         WAKE.1.notify_all();
+    });
+    if exit {
+        remove_registered();
+        std::process::exit(EXIT_INTERRUPTED);
     }
-    if n == 1 && COOPERATING.load(Ordering::SeqCst) > 0 {
-        return;
-    }
-    remove_registered();
-    std::process::exit(EXIT_INTERRUPTED);
 }
 
 fn remove_registered() {
@@ -68,7 +96,7 @@ fn remove_registered() {
 
 /// Has SIGINT, SIGTERM or SIGHUP arrived since the handler was installed?
 pub fn interrupted() -> bool {
-    RECEIVED.load(Ordering::SeqCst) > 0
+    COUNTS.received.load(Ordering::SeqCst) > 0
 }
 
 /// Blocks until a signal has arrived (at once if one already has).
@@ -85,14 +113,14 @@ pub struct Cooperate(());
 
 impl Drop for Cooperate {
     fn drop(&mut self) {
-        COOPERATING.fetch_sub(1, Ordering::SeqCst);
+        COUNTS.cooperating.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
 /// Installs the handler and declares that this work checks [`interrupted`] and stops by itself.
 pub fn cooperate() -> Result<Cooperate, String> {
     install()?;
-    COOPERATING.fetch_add(1, Ordering::SeqCst);
+    COUNTS.cooperating.fetch_add(1, Ordering::SeqCst);
     Ok(Cooperate(()))
 }
 
@@ -122,4 +150,34 @@ pub fn remove_on_exit(path: PathBuf) -> Result<RemoveOnExit, String> {
         .unwrap_or_else(|e| e.into_inner())
         .push((id, path));
     Ok(RemoveOnExit(id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_guard_dropped_right_after_the_signal_still_counts() {
+        // The server's race: the cooperator sees the signal, drains and drops its guard
+        // before the handler thread gets on. The first signal must still not exit.
+        let c = Counts::new();
+        c.cooperating.fetch_add(1, Ordering::SeqCst);
+        let exit = c.signal_must_exit(|| {
+            assert!(c.received.load(Ordering::SeqCst) > 0);
+            c.cooperating.fetch_sub(1, Ordering::SeqCst);
+        });
+        assert!(!exit);
+        // A second signal exits, guard or not.
+        assert!(c.signal_must_exit(|| {}));
+    }
+
+    #[test]
+    fn without_a_guard_the_first_signal_exits() {
+        let c = Counts::new();
+        assert!(c.signal_must_exit(|| {}));
+        let c = Counts::new();
+        c.cooperating.fetch_add(1, Ordering::SeqCst);
+        assert!(!c.signal_must_exit(|| {}));
+        assert!(c.signal_must_exit(|| {}));
+    }
 }
