@@ -10,7 +10,6 @@
 //! copied into y at the end, so no task needs a strided view of y.
 
 use bytemuck::{cast_slice, cast_slice_mut, Pod};
-use rayon::prelude::*;
 
 use crate::dot::{self, kernels, ActFormat, DotFormat, GemmFn, Kernels, Tiles};
 use crate::pool::for_each_chunk_mut;
@@ -322,10 +321,7 @@ fn convert_rows(
             f(src, dst);
         }
     } else {
-        scratch
-            .par_chunks_exact_mut(row)
-            .zip(x.par_chunks_exact(cols))
-            .for_each(|(dst, src)| f(src, dst));
+        for_each_chunk_mut(scratch, row, |i, dst| f(&x[i * cols..][..cols], dst));
     }
 }
 

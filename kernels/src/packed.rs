@@ -642,15 +642,14 @@ fn prepare_acts(
                 *a = ActBlockK::new(b);
             }
         };
-        use rayon::prelude::*;
         if n < 4 {
             x.chunks_exact(cols)
                 .zip(q8.chunks_exact_mut(k).zip(act.chunks_exact_mut(k)))
                 .for_each(f);
         } else {
-            x.par_chunks_exact(cols)
-                .zip(q8.par_chunks_exact_mut(k).zip(act.par_chunks_exact_mut(k)))
-                .for_each(f);
+            crate::pool::for_each_chunk_pair_mut(q8, k, act, k, |i, q, a| {
+                f((&x[i * cols..][..cols], (q, a)))
+            });
         }
         s.minus_128 = false;
         return Ok(());
@@ -688,11 +687,13 @@ fn prepare_acts(
                 .zip(act.chunks_exact_mut(k))
                 .fold(false, |m, (src, a)| quantize(src, a) | m)
         } else {
-            use rayon::prelude::*;
-            x.par_chunks_exact(cols)
-                .zip(act.par_chunks_exact_mut(k))
-                .map(|(src, a)| quantize(src, a))
-                .reduce(|| false, |a, b| a | b)
+            let minus_128 = std::sync::atomic::AtomicBool::new(false);
+            crate::pool::for_each_chunk_mut(act, k, |i, a| {
+                if quantize(&x[i * cols..][..cols], a) {
+                    minus_128.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+            minus_128.into_inner()
         };
         return Ok(());
     }
@@ -716,7 +717,6 @@ fn each_token<Q: Send>(
     act: &mut [ActBlock],
     f: impl Fn(&[f32], &mut [Q], &mut [ActBlock]) + Sync,
 ) {
-    use rayon::prelude::*;
     let k = cols / 32;
     let n = x.len() / cols;
     let (q8, act) = (&mut q8[..n * k], &mut act[..n * k]);
@@ -725,9 +725,9 @@ fn each_token<Q: Send>(
             .zip(q8.chunks_exact_mut(k).zip(act.chunks_exact_mut(k)))
             .for_each(|(src, (q, a))| f(src, q, a));
     } else {
-        x.par_chunks_exact(cols)
-            .zip(q8.par_chunks_exact_mut(k).zip(act.par_chunks_exact_mut(k)))
-            .for_each(|(src, (q, a))| f(src, q, a));
+        crate::pool::for_each_chunk_pair_mut(q8, k, act, k, |i, q, a| {
+            f(&x[i * cols..][..cols], q, a)
+        });
     }
 }
 

@@ -293,6 +293,38 @@ pub fn for_each_chunk_mut<T: Send>(
     });
 }
 
+/// `a.chunks_mut(size_a).zip(b.chunks_mut(size_b)).enumerate()`, each `f(i, a_i, b_i)` run as
+/// [`for_each_index`] runs its tasks (a token's quantized activations and their summaries).
+pub fn for_each_chunk_pair_mut<A: Send, B: Send>(
+    a: &mut [A],
+    size_a: usize,
+    b: &mut [B],
+    size_b: usize,
+    f: impl Fn(usize, &mut [A], &mut [B]) + Sync,
+) {
+    assert!(size_a > 0 && size_b > 0, "chunk size 0");
+    let (len_a, len_b) = (a.len(), b.len());
+    let n = len_a.div_ceil(size_a);
+    assert_eq!(
+        n,
+        len_b.div_ceil(size_b),
+        "the two slices have different chunk counts"
+    );
+    let (pa, pb) = (SendPtr(a.as_mut_ptr()), SendPtr(b.as_mut_ptr()));
+    for_each_index(n, |i| {
+        let (sa, sb) = (i * size_a, i * size_b);
+        // SAFETY: as in for_each_chunk_mut, for each slice: chunk i of each is inside it, no
+        // other task has the same i, and both borrows outlive the loop.
+        let (ca, cb) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(pa.get().add(sa), size_a.min(len_a - sa)),
+                std::slice::from_raw_parts_mut(pb.get().add(sb), size_b.min(len_b - sb)),
+            )
+        };
+        f(i, ca, cb)
+    });
+}
+
 /// `f(item)` for each item of `data`, run as [`for_each_index`] runs its tasks.
 pub fn for_each_mut<T: Send>(data: &mut [T], f: impl Fn(&mut T) + Sync) {
     for_each_chunk_mut(data, 1, |_, one| f(&mut one[0]));
@@ -389,6 +421,15 @@ mod tests {
                         }
                     });
                     assert!(v.iter().enumerate().all(|(i, &x)| x == i));
+                    // Two slices in step, both with a short last chunk: 101 chunks of 10
+                    // and of 3 (the last 1 and 2 long).
+                    let (mut a, mut b) = (vec![0usize; 1001], vec![0usize; 302]);
+                    for_each_chunk_pair_mut(&mut a, 10, &mut b, 3, |c, x, y| {
+                        x.iter_mut().enumerate().for_each(|(j, v)| *v += c * 10 + j);
+                        y.iter_mut().enumerate().for_each(|(j, v)| *v += c * 3 + j);
+                    });
+                    assert!(a.iter().enumerate().all(|(i, &x)| x == i));
+                    assert!(b.iter().enumerate().all(|(i, &x)| x == i));
                 })
             });
         }

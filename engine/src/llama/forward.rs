@@ -529,10 +529,11 @@ fn resize(v: &mut Vec<f32>, n: usize) {
 fn norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32], e: usize) {
     // A prompt batch's rows in parallel (each row's result is the same either way).
     if x.len() >= 16 * e {
-        use rayon::prelude::*;
-        x.par_chunks_exact(e)
-            .zip(out.par_chunks_exact_mut(e))
-            .for_each(|(xr, or)| ops::rms_norm(xr, w, eps, or));
+        let rows = (x.len() / e).min(out.len() / e);
+        let out = &mut out[..rows * e];
+        airlock_kernels::pool::for_each_chunk_mut(out, e, |i, or| {
+            ops::rms_norm(&x[i * e..][..e], w, eps, or)
+        });
         return;
     }
     for (xr, or) in x.chunks_exact(e).zip(out.chunks_exact_mut(e)) {
