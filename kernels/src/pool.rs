@@ -10,8 +10,9 @@
 //! other worker inside a job that takes the pool's work as it appears, as
 //! llama.cpp's threads spin between graph nodes.
 //!
-//! Within a pass the hot loops go through [`for_each_index`] and
-//! [`for_each_chunk_mut`]: the calling thread posts the region's tasks where
+//! Within a pass every parallel loop (matmuls, attention, SwiGLU, a prompt's
+//! activation quantization and norms) goes through [`for_each_index`] and the
+//! chunk helpers built on it: the calling thread posts the region's tasks where
 //! the spinners look, takes tasks itself, and spins until the last is done.
 //! A rayon region's waits call `sched_yield` instead (about 290 a token on
 //! Llama-3.2-1B): with two `nice -n 19` CPU hogs beside it, that handed them
