@@ -2128,3 +2128,123 @@ fn a_chat_that_outgrows_the_context_drops_its_oldest_turns_and_says_so() {
         .unwrap_or_else(|| panic!("{msg}"));
     assert!(n > 256 && msg.contains("256 tokens"), "{msg}");
 }
+
+#[test]
+fn every_request_field_takes_every_hostile_json_value() {
+    // Each field the API reads (and some it does not), set to each hostile JSON value in turn,
+    // on every POST route, and the same for a chat message's fields: a 200 or a 400, never a
+    // 5xx, a cut connection or a server that stops answering.
+    let server = Server::start(&["-c", "64"]);
+    let a = server.addr;
+    let deep = (0..64).fold(json!(1), |v, _| json!([v]));
+    let hostile = [
+        json!(null),
+        json!(true),
+        json!(false),
+        json!(0),
+        json!(-1),
+        json!(1),
+        json!(2),
+        json!(0.5),
+        json!(-0.5),
+        json!(1e308),
+        json!(-1e308),
+        json!(5e-324),
+        json!(u64::MAX),
+        json!(i64::MIN),
+        json!(""),
+        json!("x"),
+        json!("\u{1F642}\u{0}<|im_end|>"),
+        json!("y".repeat(3000)),
+        json!([]),
+        json!([null]),
+        json!([1, "a"]),
+        json!([[1, 2]]),
+        json!([-1, 4294967296u64]),
+        json!({}),
+        json!({"type": "json_object", "include_usage": true}),
+        deep,
+    ];
+    let fields = [
+        "prompt",
+        "messages",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "seed",
+        "stop",
+        "stream",
+        "stream_options",
+        "n",
+        "echo",
+        "logprobs",
+        "top_logprobs",
+        "presence_penalty",
+        "frequency_penalty",
+        "repeat_penalty",
+        "repeat_last_n",
+        "ignore_eos",
+        "cache_prompt",
+        "response_format",
+        "tools",
+        "logit_bias",
+        "model",
+        "user",
+        "content",
+        "tokens",
+        "add_special",
+        "parse_special",
+        "with_pieces",
+    ];
+    let routes = [
+        (
+            "/v1/completions",
+            json!({"prompt": "Hi", "max_tokens": 2, "temperature": 0}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}),
+        ),
+        ("/tokenize", json!({"content": "Hi"})),
+        ("/detokenize", json!({"tokens": [1, 2]})),
+    ];
+    let check = |path: &str, body: &Value| {
+        // A handler that panics cuts the connection: name the request, not the reader.
+        let sent = || http(a, "POST", path, &[], body.to_string().as_bytes());
+        let r = std::panic::catch_unwind(sent)
+            .unwrap_or_else(|_| panic!("{path} {body}: no HTTP response\n{}", server.log()));
+        assert!(
+            r.status == 200 || r.status == 400,
+            "{path} {body}: {} {}\n{}",
+            r.status,
+            String::from_utf8_lossy(&r.body),
+            server.log()
+        );
+        r.status
+    };
+    let mut statuses = [0usize; 2];
+    for (path, base) in &routes {
+        for field in fields {
+            for v in &hostile {
+                let mut body = base.clone();
+                body[field] = v.clone();
+                statuses[usize::from(check(path, &body) == 400)] += 1;
+            }
+        }
+    }
+    for field in ["role", "content", "name", "tool_calls"] {
+        for v in &hostile {
+            let mut body = routes[1].1.clone();
+            body["messages"][0][field] = v.clone();
+            statuses[usize::from(check(routes[1].0, &body) == 400)] += 1;
+        }
+    }
+    // Both answers were reached: the values are not all refused, nor all ignored.
+    assert!(statuses[0] > 0 && statuses[1] > 0, "{statuses:?}");
+    assert_eq!(http(a, "GET", "/health", &[], b"").status, 200);
+    let r = server.post("/v1/completions", &routes[0].1);
+    assert_eq!(r.status, 200);
+}
