@@ -58,7 +58,14 @@ pub fn run(args: BatchedBenchArgs) -> Result<std::process::ExitCode> {
             bail!("{name} needs one or more values of at least 1");
         }
     }
-    let max_len = args.npp.iter().max().unwrap() + args.ntg.iter().max().unwrap();
+    let (max_pp, max_tg) = (
+        args.npp.iter().max().unwrap(),
+        args.ntg.iter().max().unwrap(),
+    );
+    // Checked: a wrapped sum would size the caches below the tests (a panic, not an error).
+    let Some(max_len) = max_pp.checked_add(*max_tg) else {
+        bail!("--npp {max_pp} plus --ntg {max_tg} tokens is more than any context can hold");
+    };
     let model_args = ModelArgs {
         ctx_size: Some(max_len),
         threads: args.threads,

@@ -1,0 +1,135 @@
+//! CLI arguments are hostile input too: every numeric or list flag of the commands that run the
+//! model, set to values that overflow, wrap, parse oddly or make no sense, gets a clean outcome:
+//! success, an error (exit 1) or a usage error (exit 2), never a panic or a signal.
+
+mod support;
+
+use std::process::Command;
+
+/// Values that break naive arithmetic on a count: zero, negative, past u32 and u64, not a
+/// number, empty, lists with holes.
+const HOSTILE: [&str; 10] = [
+    "0",
+    "-1",
+    "4294967297",
+    "18446744073709551615",
+    "99999999999999999999",
+    "nan",
+    "inf",
+    "",
+    "1,,2",
+    "2,0",
+];
+
+#[test]
+fn hostile_numbers_in_every_flag_never_panic() {
+    let model = support::model();
+    let m = model.to_str().unwrap();
+    let text = support::root().join("tests/fixtures/text/eval.txt");
+    let t = text.to_str().unwrap();
+    // Each command with small, valid arguments, and the flags to replace in turn.
+    let commands: [(&[&str], &[&str]); 4] = [
+        (
+            &[
+                "run", "-m", m, "-p", "Hi", "-n", "2", "-c", "32", "--temp", "0",
+            ],
+            &[
+                "-c",
+                "-t",
+                "-b",
+                "-n",
+                "--temp",
+                "--top-k",
+                "--top-p",
+                "--min-p",
+                "--repeat-penalty",
+                "--repeat-last-n",
+                "--seed",
+            ],
+        ),
+        (
+            &["bench", "-m", m, "-p", "8", "-n", "2", "-r", "1", "-t", "2"],
+            &["-p", "-n", "-d", "-t", "-r", "-b"],
+        ),
+        (
+            &[
+                "batched-bench",
+                "-m",
+                m,
+                "--npp",
+                "8",
+                "--ntg",
+                "2",
+                "--npl",
+                "1,2",
+                "-t",
+                "2",
+            ],
+            &["--npp", "--ntg", "--npl", "-t", "-b"],
+        ),
+        (
+            &[
+                "perplexity",
+                "-m",
+                m,
+                "-f",
+                t,
+                "-c",
+                "64",
+                "--chunks",
+                "1",
+                "-t",
+                "2",
+            ],
+            &["-c", "-b", "--chunks", "-t"],
+        ),
+    ];
+    let mut outcomes = [0usize; 3];
+    for (base, flags) in commands {
+        for flag in flags {
+            // The base without this flag (and its value), then the flag with each value.
+            let mut args: Vec<&str> = Vec::new();
+            let mut i = 0;
+            while i < base.len() {
+                if base[i] == *flag {
+                    i += 2;
+                } else {
+                    args.push(base[i]);
+                    i += 1;
+                }
+            }
+            for v in HOSTILE {
+                let o = Command::new(env!("CARGO_BIN_EXE_airlock"))
+                    .args(&args)
+                    .args([flag, &v])
+                    .output()
+                    .unwrap();
+                let err = String::from_utf8_lossy(&o.stderr);
+                let code = o.status.code();
+                assert!(
+                    matches!(code, Some(0..=2)) && !err.contains("panicked"),
+                    "{} {flag} {v:?}: {:?}\n{err}",
+                    args.join(" "),
+                    o.status
+                );
+                outcomes[code.unwrap() as usize] += 1;
+            }
+        }
+    }
+    // The sweep reaches every kind of outcome (it is not all usage errors).
+    assert!(outcomes.iter().all(|&n| n > 0), "{outcomes:?}");
+}
+
+#[test]
+fn batched_bench_lengths_that_overflow_are_refused() {
+    let model = support::model();
+    let o = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(["batched-bench", "-m"])
+        .arg(&model)
+        .args(["--npp", "18446744073709551615", "--ntg", "2", "--npl", "1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("--npp") && err.contains("--ntg"), "{err}");
+}
