@@ -60,7 +60,8 @@ pub struct ServeArgs {
     /// Largest request body in bytes (413 beyond it)
     #[arg(long = "max-body", default_value_t = 1 << 20, value_name = "BYTES")]
     pub max_body: usize,
-    /// Seconds that running requests may take to finish after SIGINT, SIGTERM or SIGHUP
+    /// Seconds that running requests may take to finish after SIGINT, SIGTERM or SIGHUP (0 to
+    /// 31536000)
     #[arg(long = "grace", default_value_t = 10.0, value_name = "SECONDS")]
     pub grace: f64,
     /// Model name to report in /v1/models and responses (default: the file's name)
@@ -100,8 +101,9 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     if let Some(f) = &args.api_key_file {
         api_keys.extend(read_key_file(f)?);
     }
-    if !(args.grace.is_finite() && args.grace >= 0.0) {
-        anyhow::bail!("--grace must be a number of seconds, 0 or more");
+    // Bounded as --timeout is: a Duration from a huge float panics, and so would the deadline.
+    if !(args.grace.is_finite() && (0.0..=31_536_000.0).contains(&args.grace)) {
+        anyhow::bail!("--grace must be a number of seconds from 0 to 31536000");
     }
     // Bounded so that the deadline arithmetic cannot overflow: a year is plenty.
     if !(args.timeout.is_finite() && (0.0..=31_536_000.0).contains(&args.timeout)) {

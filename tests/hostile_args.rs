@@ -133,3 +133,85 @@ fn batched_bench_lengths_that_overflow_are_refused() {
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("--npp") && err.contains("--ntg"), "{err}");
 }
+
+#[test]
+fn serve_flags_with_hostile_numbers_start_or_are_refused() {
+    // A server that starts is stopped as soon as it says it listens; one that does not must exit
+    // 1 or 2 without a panic.
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let model = support::model();
+    let m = model.to_str().unwrap();
+    let flags = [
+        "-c",
+        "--port",
+        "--parallel",
+        "--queue",
+        "--max-body",
+        "--grace",
+        "--timeout",
+        "--max-tokens",
+        "--temp",
+        "--top-k",
+        "--repeat-last-n",
+    ];
+    let (mut started, mut refused) = (0, 0);
+    for flag in flags {
+        for v in HOSTILE {
+            let mut args = vec!["serve", "-m", m, "--port", "0", "-c", "64"];
+            if let Some(i) = args.iter().position(|a| a == &flag) {
+                args.drain(i..i + 2);
+            }
+            let mut child = Command::new(env!("CARGO_BIN_EXE_airlock"))
+                .args(&args)
+                .args([flag, v])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let stderr = child.stderr.take().unwrap();
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let mut log = String::new();
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if line.contains("listening on http://") {
+                        let _ = tx.send(None);
+                    }
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+                let _ = tx.send(Some(log));
+            });
+            let t0 = Instant::now();
+            let what = format!("serve {flag} {v:?}");
+            match rx.recv_timeout(Duration::from_secs(60)) {
+                Ok(None) => {
+                    child.kill().unwrap();
+                    child.wait().unwrap();
+                    started += 1;
+                }
+                Ok(Some(log)) => {
+                    let status = child.wait().unwrap();
+                    assert!(
+                        matches!(status.code(), Some(1 | 2)) && !log.contains("panicked"),
+                        "{what}: {status:?}\n{log}"
+                    );
+                    refused += 1;
+                }
+                Err(_) => {
+                    child.kill().unwrap();
+                    panic!(
+                        "{what}: neither listening nor exited after {:?}",
+                        t0.elapsed()
+                    );
+                }
+            }
+        }
+    }
+    assert!(
+        started > 0 && refused > 0,
+        "started {started}, refused {refused}"
+    );
+}
