@@ -215,3 +215,33 @@ fn serve_flags_with_hostile_numbers_start_or_are_refused() {
         "started {started}, refused {refused}"
     );
 }
+
+#[test]
+fn compare_bench_lengths_past_the_context_are_refused() {
+    // Past the context, the speed test used to collect the prompt's ids first (an allocation
+    // of 16 GiB for 2^32 tokens: an abort), and a sum past usize wrapped.
+    let model = support::model();
+    let text = support::root().join("tests/fixtures/text/eval.txt");
+    let dir = tempfile::tempdir().unwrap();
+    for (prompt, needle) in [
+        ("4294967297", "tokens of context"),
+        ("18446744073709551615", "more than any context"),
+    ] {
+        let o = Command::new(env!("CARGO_BIN_EXE_airlock"))
+            .arg("compare")
+            .arg(&model)
+            .arg("-f")
+            .arg(&text)
+            .args(["--chunks", "1", "-c", "64", "--bench-gen", "2"])
+            .args(["--bench-prompt", prompt, "-o"])
+            .arg(dir.path().join(prompt))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{prompt}: {err}");
+        assert!(
+            err.contains("--bench-prompt") && err.contains(needle),
+            "{err}"
+        );
+    }
+}

@@ -242,6 +242,12 @@ pub fn compare(
             )));
         }
     }
+    if opts.bench_prompt.checked_add(opts.bench_gen).is_none() {
+        return Err(CompareError::Usage(format!(
+            "--bench-prompt {} plus --bench-gen {} tokens is more than any context can hold",
+            opts.bench_prompt, opts.bench_gen
+        )));
+    }
     // Under a signature requirement every given file is checked before anything runs, so an
     // unsigned variant does not wait for the base's measurement to be refused. Each is checked
     // again when it is loaded (what runs is what was checked). Variants made with `types` come
@@ -464,7 +470,7 @@ fn measure(
         .as_ref()
         .map_or(0, |_| 4096)
         .max(opts.n_ctx)
-        .max(opts.bench_prompt + opts.bench_gen);
+        .max(opts.bench_prompt.saturating_add(opts.bench_gen));
     let loaded = load_with(
         path,
         &LoadOptions {
@@ -479,6 +485,19 @@ fn measure(
         path: path.to_path_buf(),
         error: Box::new(error),
     })?;
+    // The load capped the context at the model's: the speed test must fit in it (it holds
+    // the prompt and the generated tokens in one session).
+    let bench = opts.bench_prompt + opts.bench_gen;
+    if bench > loaded.n_ctx {
+        return Err(CompareError::Usage(format!(
+            "--bench-prompt {} plus --bench-gen {} tokens is more than the {} tokens of \
+             context {} holds",
+            opts.bench_prompt,
+            opts.bench_gen,
+            loaded.n_ctx,
+            path.display()
+        )));
+    }
     let size_bytes = std::fs::metadata(path)
         .map_err(|error| CompareError::Io {
             path: path.to_path_buf(),
