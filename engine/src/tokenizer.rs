@@ -405,7 +405,24 @@ impl Tokenizer {
             path: path.display().to_string(),
             msg,
         };
-        let mut hf = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| jerr(e.to_string()))?;
+        // The tokenizers crate slices each merge's second token after the model's
+        // continuing_subword_prefix without checking it is there, and panics when that cuts a
+        // character. Byte-level BPE, the only kind airlock runs, uses neither that nor
+        // end_of_word_suffix, so a file that sets one is refused before the crate builds it.
+        let json: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| jerr(e.to_string()))?;
+        for key in ["continuing_subword_prefix", "end_of_word_suffix"] {
+            if json["model"][key].as_str().is_some_and(|s| !s.is_empty()) {
+                return Err(jerr(format!(
+                    "model.{key} is set: airlock runs byte-level BPE tokenizers, which have none"
+                )));
+            }
+        }
+        drop(json);
+        // And for a panic of the crate that this does not foresee: an error naming the file.
+        let mut hf = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(bytes))
+            .map_err(|_| jerr("the tokenizers crate failed (panicked) reading it".into()))?
+            .map_err(|e| jerr(e.to_string()))?;
         if !matches!(hf.get_model(), ModelWrapper::BPE(_)) {
             return Err(jerr("only BPE models are supported".into()));
         }

@@ -192,3 +192,84 @@ fn tokenizer_json_override_matches_llama_tokenize() {
     assert_eq!(tok.decode(&off, false).unwrap(), "<|im_end|>");
     assert!(tok.is_eog(2));
 }
+
+#[test]
+fn hostile_tokenizer_json_is_refused_or_works_never_a_panic() {
+    // `--tokenizer FILE` is hostile input: each key of SmolLM2's tokenizer.json (top level,
+    // model, first added token, pre-tokenizer, decoder) set to each hostile JSON value in turn
+    // is refused with an error or tokenizes and decodes, never a panic. The tokenizers crate
+    // panicked on a continuing_subword_prefix that cuts a merge's first character.
+    use serde_json::{json, Value};
+    let bytes =
+        std::fs::read(repo_root().join("tests/fixtures/smollm2/hf/tokenizer.json")).unwrap();
+    let base: Value = serde_json::from_slice(&bytes).unwrap();
+    let f = GgufFile::open(repo_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+        .expect("run scripts/fetch-models.sh");
+    let spec = VocabSpec::from_gguf(&f).unwrap();
+    let hostile = [
+        json!(null),
+        json!(-1),
+        json!(0),
+        json!(u32::MAX),
+        json!(u64::MAX),
+        json!(1e308),
+        json!(""),
+        json!("x"),
+        json!("\u{120}"),
+        json!([]),
+        json!({}),
+        json!([null]),
+        json!({"a": 1}),
+        json!(true),
+    ];
+    let mut paths: Vec<Vec<Value>> = Vec::new();
+    for (section, obj) in [
+        (None, &base),
+        (Some("model"), &base["model"]),
+        (Some("pre_tokenizer"), &base["pre_tokenizer"]),
+        (Some("decoder"), &base["decoder"]),
+    ] {
+        for k in obj.as_object().into_iter().flat_map(|o| o.keys()) {
+            let mut p: Vec<Value> = section.map(|s| json!(s)).into_iter().collect();
+            p.push(json!(k));
+            paths.push(p);
+        }
+    }
+    for k in ["id", "content", "special"] {
+        paths.push(vec![json!("added_tokens"), json!(0), json!(k)]);
+    }
+    let (mut ok, mut refused) = (0, 0);
+    for p in &paths {
+        for v in &hostile {
+            let mut doc = base.clone();
+            let mut at = &mut doc;
+            for key in &p[..p.len() - 1] {
+                at = match key {
+                    Value::Number(n) => &mut at[n.as_u64().unwrap() as usize],
+                    k => &mut at[k.as_str().unwrap()],
+                };
+            }
+            match &p[p.len() - 1] {
+                Value::Number(n) => at[n.as_u64().unwrap() as usize] = v.clone(),
+                k => at[k.as_str().unwrap()] = v.clone(),
+            }
+            let bytes = serde_json::to_vec(&doc).unwrap();
+            let what = format!("{p:?} = {v}");
+            let got = std::panic::catch_unwind(|| {
+                let tok = Tokenizer::from_tokenizer_json_bytes(
+                    std::path::Path::new("t.json"),
+                    &bytes,
+                    &spec,
+                )?;
+                let ids = tok.encode("hello world <|im_end|> 123", true, true)?;
+                tok.decode(&ids, true)
+            });
+            match got {
+                Ok(Ok(_)) => ok += 1,
+                Ok(Err(_)) => refused += 1,
+                Err(_) => panic!("{what}: panicked"),
+            }
+        }
+    }
+    assert!(ok > 0 && refused > 0, "ok {ok}, refused {refused}");
+}
