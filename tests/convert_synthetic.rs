@@ -1360,3 +1360,79 @@ fn non_finite_weights_are_refused_naming_the_tensor_unless_allowed() {
     poke_f32(&st, "model.embed_tokens.weight", 5, f32::INFINITY);
     fails(&ck, &["token_embd.weight", "non-finite", "inf"]);
 }
+
+#[test]
+fn every_config_key_takes_every_hostile_value() {
+    // config.json is hostile input: each of its keys (and rope_scaling's, and keys convert
+    // reads when present) set to each hostile JSON value in turn converts, or fails with an
+    // error and nothing at OUT; never a panic or a signal.
+    use serde_json::{json, Value};
+    let d = tempfile::tempdir().unwrap();
+    good(d.path());
+    let path = d.path().join("config.json");
+    let mut base: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    base["rope_scaling"] = json!({
+        "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192, "rope_type": "llama3"
+    });
+    // Eight values (each convert takes about 0.17 s: the sweep is kept near 40 s).
+    let hostile = [
+        json!(null),
+        json!(-1),
+        json!(0),
+        json!(3),
+        json!(u64::MAX),
+        json!(1e308),
+        json!(""),
+        json!([0, 1]),
+    ];
+    let mut keys: Vec<Vec<String>> = base
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| vec![k.clone()])
+        .collect();
+    for k in base["rope_scaling"].as_object().unwrap().keys() {
+        keys.push(vec!["rope_scaling".into(), k.clone()]);
+    }
+    for k in [
+        "head_dim",
+        "attention_bias",
+        "mlp_bias",
+        "pretraining_tp",
+        "torch_dtype",
+    ] {
+        keys.push(vec![k.into()]);
+    }
+    let outdir = tempfile::tempdir().unwrap();
+    let out = outdir.path().join("out.gguf");
+    let (mut ok, mut refused) = (0, 0);
+    for key in &keys {
+        for v in &hostile {
+            let mut c = base.clone();
+            match key.as_slice() {
+                [k] => c[k] = v.clone(),
+                [a, b] => c[a][b] = v.clone(),
+                _ => unreachable!(),
+            }
+            std::fs::write(&path, c.to_string()).unwrap();
+            let o = airlock(&["convert", s(d.path()), "-o", s(&out), "--type", "f16"]);
+            let err = stderr(&o);
+            let what = format!("{key:?} = {v}");
+            assert!(
+                matches!(o.status.code(), Some(0 | 1)) && !err.contains("panicked"),
+                "{what}: {:?}\n{err}",
+                o.status
+            );
+            if o.status.success() {
+                ok += 1;
+                std::fs::remove_file(&out).unwrap();
+            } else {
+                refused += 1;
+                let left: Vec<_> = std::fs::read_dir(outdir.path()).unwrap().collect();
+                assert!(left.is_empty(), "{what}: left behind {left:?}");
+            }
+        }
+    }
+    assert!(ok > 0 && refused > 0, "ok {ok}, refused {refused}");
+}
