@@ -1,8 +1,8 @@
 //! CLI arguments are hostile input too: every numeric or list flag of the commands that run the
 //! model (run, bench, batched-bench, perplexity, serve), set to values that overflow, wrap, parse
-//! oddly or make no sense, gets a clean outcome: success (for serve: listening), an error (exit
-//! 1) or a usage error (exit 2), never a panic or a signal. The sweeps found three panics or
-//! aborts (the sum of batched-bench's --npp and --ntg, serve's --grace, compare's
+//! oddly or make no sense, gets a clean outcome: success (for serve: listening), an error
+//! (exit 1) or a usage error (exit 2), never a panic or a signal. The sweeps found three panics
+//! or aborts (the sum of batched-bench's --npp and --ntg, serve's --grace, compare's
 //! --bench-prompt), each with its own test below.
 
 mod support;
