@@ -140,15 +140,16 @@ pub fn run(args: ChatArgs) -> Result<ExitCode> {
         loaded.n_ctx
     );
     let stdin = std::io::stdin();
-    let mut lines = stdin.lock().lines();
+    let mut stdin = stdin.lock();
     let mut stdout = std::io::stdout();
     // A script piping turns in learns from the exit status whether any of them failed.
     let (mut turns, mut failed) = (0usize, 0usize);
     loop {
         write!(stdout, "\n> ")?;
         stdout.flush()?;
-        let Some(line) = lines.next() else { break };
-        let line = line.context("cannot read stdin (is it UTF-8?)")?;
+        let Some(line) = read_turn(&mut stdin)? else {
+            break;
+        };
         let input = line.trim();
         match input {
             "" => continue,
@@ -281,4 +282,26 @@ pub fn run(args: ChatArgs) -> Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A turn longer than this is an error, as a prompt file is for `run`: a pipe that never sends
+/// a newline must not grow the buffer without end.
+const MAX_TURN_BYTES: u64 = 64 << 20;
+
+/// One line of input, without its line end; None at the end of input.
+fn read_turn(r: &mut impl BufRead) -> Result<Option<String>> {
+    let mut buf = Vec::new();
+    let n = std::io::Read::take(&mut *r, MAX_TURN_BYTES + 1)
+        .read_until(b'\n', &mut buf)
+        .context("cannot read stdin")?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if buf.len() as u64 > MAX_TURN_BYTES {
+        anyhow::bail!("a line of input is longer than {MAX_TURN_BYTES} bytes");
+    }
+    let mut line = String::from_utf8(buf).context("cannot read stdin (is it UTF-8?)")?;
+    let end = line.trim_end_matches(['\n', '\r']).len();
+    line.truncate(end);
+    Ok(Some(line))
 }

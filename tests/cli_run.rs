@@ -317,6 +317,32 @@ fn piped_chat_exits_nonzero_when_a_turn_failed() {
     // Turns that fit: exit 0.
     let o = chat(b"Hi\n");
     assert!(o.status.success(), "{}", stderr(&o));
+    // A line past 64 MiB is an error before it is buffered whole (the chat may stop reading
+    // before the writer is done: a broken pipe on this side is expected).
+    let mut child = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(["chat", "-m", model.to_str().unwrap(), "-n", "1"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        let chunk = vec![b'a'; 1 << 20];
+        for _ in 0..65 {
+            if input.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+    });
+    let o = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("longer than 67108864 bytes"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
