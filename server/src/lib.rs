@@ -124,6 +124,19 @@ impl ServerConfig {
         if self.api_keys.iter().any(|k| k.is_empty()) {
             bail!("an API key must not be empty");
         }
+        // A key no client can send in `Authorization: Bearer KEY` (a space, which the header's
+        // parsing trims or splits on, or a control character) would lock every client out.
+        if let Some(k) = self
+            .api_keys
+            .iter()
+            .find(|k| !k.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            bail!(
+                "an API key (of {} characters) is not printable ASCII without spaces, so no \
+                 client could send it as `Authorization: Bearer KEY`",
+                k.chars().count()
+            );
+        }
         if self.batch == 0 {
             bail!("-b must be at least 1");
         }
@@ -440,6 +453,18 @@ mod tests {
         // No name lookups: only addresses and localhost.
         assert!(cfg("example.com", &["k"], false).check().is_err());
         assert!(cfg("127.0.0.1", &[""], false).check().is_err());
+        // Keys a client cannot send are refused, without echoing the key.
+        for key in [" ", "two words", "tab\there", "caf\u{e9}", "bell\u{7}"] {
+            let err = cfg("127.0.0.1", &[key], false)
+                .check()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("printable ASCII"), "{err}");
+            assert!(key.len() < 3 || !err.contains(key), "{err}");
+        }
+        assert!(cfg("127.0.0.1", &["sk-Abc_123.~+/="], false)
+            .check()
+            .is_ok());
     }
 
     #[test]
