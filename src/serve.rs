@@ -42,7 +42,8 @@ pub struct ServeArgs {
     /// Port to listen on; 0 picks a free one (the address is printed on stderr)
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
-    /// API key clients must send as `Authorization: Bearer KEY` (repeatable)
+    /// API key clients must send as `Authorization: Bearer KEY` (repeatable; printable ASCII
+    /// without spaces)
     #[arg(long = "api-key", value_name = "KEY")]
     pub api_key: Vec<String>,
     /// File of API keys, one per line
