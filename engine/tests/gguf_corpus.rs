@@ -169,21 +169,6 @@ fn many_tiny_entries_stay_within_the_bound() {
     );
 }
 
-/// Small deterministic PRNG (xorshift64*), so failures reproduce.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
-
 /// Random byte flips, interesting-value overwrites, truncations and splices of valid files: the
 /// reader must never panic and must stay within the allocation bound.
 #[test]

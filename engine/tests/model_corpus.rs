@@ -5,11 +5,13 @@
 //! `AIRLOCK_WRITE_SEEDS=1 cargo test -p airlock-engine --test model_corpus write_seeds` rewrites
 //! the seed files from `model_fuzz::seeds`.
 
+mod gguf_support;
 mod model_fuzz;
 
 use std::path::PathBuf;
 
 use airlock_engine::gguf::{Array, GgufFile, Value};
+use gguf_support::Rng;
 use model_fuzz::{check, seed_parts, seeds, Outcome, Parts};
 
 fn corpus_dir() -> PathBuf {
@@ -60,23 +62,6 @@ fn committed_corpus_never_panics() {
         .count();
     // The seeds at least; a corpus of only refusals would test the reader, not the model.
     assert!(ran >= 3, "{ran} of {} files ran", entries.len());
-}
-
-/// splitmix64: a fixed sequence, so a failure names a round that reproduces.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
 }
 
 #[test]

@@ -267,3 +267,19 @@ pub fn tiny_copy_of(f: &GgufFile) -> Vec<u8> {
         .collect();
     build(&metadata, &specs)
 }
+
+/// Small deterministic PRNG (xorshift64*, seed not 0), so a failing mutation round reproduces.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
