@@ -14,6 +14,7 @@ use airlock_engine::sampling::Sampler;
 use anyhow::{Context, Result};
 
 use crate::load::{context_hint, generate_to, load, ModelArgs, SamplingArgs};
+use crate::run::MAX_PROMPT_BYTES;
 
 #[derive(clap::Args)]
 #[command(after_help = "In the chat: type a message and press Enter. \
@@ -284,24 +285,21 @@ pub fn run(args: ChatArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// A turn longer than this is an error, as a prompt file is for `run`: a pipe that never sends
-/// a newline must not grow the buffer without end.
-const MAX_TURN_BYTES: u64 = 64 << 20;
-
-/// One line of input, without its line end; None at the end of input.
+/// One line of input (its line end kept: the caller trims); None at the end of input. A line
+/// longer than `run`'s prompt-file limit is an error: a pipe that never sends a newline must not
+/// grow the buffer without end.
 fn read_turn(r: &mut impl BufRead) -> Result<Option<String>> {
     let mut buf = Vec::new();
-    let n = std::io::Read::take(&mut *r, MAX_TURN_BYTES + 1)
+    let n = std::io::Read::take(&mut *r, MAX_PROMPT_BYTES + 1)
         .read_until(b'\n', &mut buf)
         .context("cannot read stdin")?;
     if n == 0 {
         return Ok(None);
     }
-    if buf.len() as u64 > MAX_TURN_BYTES {
-        anyhow::bail!("a line of input is longer than {MAX_TURN_BYTES} bytes");
+    if buf.len() as u64 > MAX_PROMPT_BYTES {
+        anyhow::bail!("a line of input is longer than {MAX_PROMPT_BYTES} bytes");
     }
-    let mut line = String::from_utf8(buf).context("cannot read stdin (is it UTF-8?)")?;
-    let end = line.trim_end_matches(['\n', '\r']).len();
-    line.truncate(end);
-    Ok(Some(line))
+    String::from_utf8(buf)
+        .map(Some)
+        .context("cannot read stdin (is it UTF-8?)")
 }

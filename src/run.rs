@@ -60,7 +60,7 @@ pub struct RunArgs {
 
 /// The longest prompt file read: far beyond any context (128k tokens are about 0.5 MB of
 /// text), so a longer one, or an endless one such as /dev/zero, is a mistake, not a prompt.
-const MAX_PROMPT_BYTES: u64 = 64 << 20;
+pub(crate) const MAX_PROMPT_BYTES: u64 = 64 << 20;
 
 fn read_prompt(args: &RunArgs) -> Result<String> {
     if let Some(p) = &args.prompt {
