@@ -304,8 +304,10 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     for &t in &threads {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(t)
+            .spawn_handler(airlock_engine::load::spawn_with_headroom)
             .build()
-            .context("cannot start the thread pool")?;
+            // The build error's text already holds its source: one line, not the same twice.
+            .map_err(|e| anyhow::anyhow!("cannot start {t} compute threads: {e}"))?;
         // With this thread count, in a buffer freed again before the model runs. Taken on
         // either side of each test's timed runs, not once for all: a shared host's bandwidth
         // drifts over the minutes a deep fill takes.

@@ -537,6 +537,7 @@ pub fn init_threads(threads: Option<usize>) -> Result<usize, LoadError> {
     };
     match rayon::ThreadPoolBuilder::new()
         .num_threads(n)
+        .spawn_handler(spawn_with_headroom)
         .build_global()
     {
         Ok(()) => {}
@@ -553,6 +554,41 @@ pub fn init_threads(threads: Option<usize>) -> Result<usize, LoadError> {
         }
     }
     Ok(rayon::current_num_threads())
+}
+
+/// Address space a new compute thread must leave free, beyond its own stack.
+///
+/// Under an address-space limit (`ulimit -v`) a pool of many threads could otherwise map
+/// stacks until almost nothing is left, and then any small allocation, in this thread or in a
+/// worker that has just started, aborts the process instead of the pool reporting its error.
+/// 128 MiB also covers the 128 MiB that glibc maps while it makes a worker its malloc arena.
+const THREAD_HEADROOM: usize = 128 << 20;
+
+/// rayon's default spawn (for `ThreadPoolBuilder::spawn_handler`), after checking that the address space can still take the thread's
+/// stack and [`THREAD_HEADROOM`]: a reservation that is never touched (so it costs no memory)
+/// and is returned at once.
+pub fn spawn_with_headroom(thread: rayon::ThreadBuilder) -> std::io::Result<()> {
+    let stack = thread.stack_size().unwrap_or(2 << 20);
+    let mut probe = Vec::<u8>::new();
+    if probe.try_reserve_exact(stack + THREAD_HEADROOM).is_err() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::OutOfMemory,
+            format!(
+                "less than {} MiB of address space is left for another thread (is `ulimit -v` set?)",
+                (stack + THREAD_HEADROOM) >> 20
+            ),
+        ));
+    }
+    drop(probe);
+    let mut b = std::thread::Builder::new();
+    if let Some(name) = thread.name() {
+        b = b.name(name.to_owned());
+    }
+    if let Some(size) = thread.stack_size() {
+        b = b.stack_size(size);
+    }
+    b.spawn(|| thread.run())?;
+    Ok(())
 }
 
 /// Most compute threads a pool may have, as llama.cpp's `GGML_MAX_N_THREADS`. The threads
