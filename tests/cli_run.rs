@@ -812,20 +812,24 @@ fn threads_beyond_the_cpus_warn_and_a_pool_that_cannot_start_is_an_error() {
         err.contains(&format!("warning: -t {t} is more than the {cpus} CPUs")),
         "{err}"
     );
+    // airlock with these arguments under `ulimit -v` (KiB).
+    let limited = |kib: u32, args: &str| {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "ulimit -v {kib}; exec '{}' {args}",
+                env!("CARGO_BIN_EXE_airlock")
+            ))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
     // Under an address-space limit 500 thread stacks (2 MiB each) cannot all be mapped: the
     // pool's failure is one error naming the thread count, not a panic. Before each thread the
     // pool checks that it leaves room to spare; without that check the stacks sometimes took
     // the last of the space and a starting worker's first allocation aborted the process
     // (seen in CI, and here about 1 run in 40 with the CPU busy).
-    let o = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "ulimit -v 300000; exec '{}' run -m '{m}' -t 500 -p hi -n 1",
-            env!("CARGO_BIN_EXE_airlock")
-        ))
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let o = limited(300_000, &format!("run -m '{m}' -t 500 -p hi -n 1"));
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("cannot start 500 compute threads"), "{err}");
@@ -834,15 +838,7 @@ fn threads_beyond_the_cpus_warn_and_a_pool_that_cannot_start_is_an_error() {
     // bench builds a pool per thread count; its failure is the same one line. Which pool fails
     // first depends on the machine (the loader's pool has one thread per core), so the test
     // names no count.
-    let o = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "ulimit -v 600000; exec '{}' bench -m '{m}' -t 1,500 -p 8 -n 4",
-            env!("CARGO_BIN_EXE_airlock")
-        ))
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let o = limited(600_000, &format!("bench -m '{m}' -t 1,500 -p 8 -n 4"));
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert_eq!(err.matches("compute threads:").count(), 1, "{err}");
