@@ -3,55 +3,15 @@
 //! (never run as if absent), tensors the forward pass would not read refused, and the known
 //! keys' types checked. Each file is the tiny Llama 3 fixture with one thing changed.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use airlock_engine::gguf::{Array, GgufFile, GgufWriter, TensorSpec, Value};
+use airlock_engine::gguf::{Array, GgufFile, TensorSpec, Value};
 use airlock_engine::llama::{LlamaModel, ModelError};
 use airlock_engine::load::{load, validate, LoadError, LoadOptions};
 
-fn tiny_llama3() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/llama3/tiny-llama3-q8_0.gguf")
-}
-
-type Tensors = Vec<(TensorSpec, Vec<u8>)>;
-
-/// A copy of the tiny model, its metadata and tensors edited by `edit`.
-fn rewrite(
-    dir: &Path,
-    name: &str,
-    edit: impl FnOnce(&mut Vec<(String, Value)>, &mut Tensors),
-) -> PathBuf {
-    let f = GgufFile::open(tiny_llama3()).unwrap();
-    let mut meta: Vec<(String, Value)> = f
-        .metadata()
-        .iter()
-        .map(|e| (e.key.clone(), e.value.clone()))
-        .collect();
-    let mut tensors: Tensors = f
-        .tensors()
-        .iter()
-        .map(|t| {
-            let spec = TensorSpec {
-                name: t.name.clone(),
-                dims: t.dims.clone(),
-                ty: t.ty,
-            };
-            (spec, f.tensor_data(t).to_vec())
-        })
-        .collect();
-    edit(&mut meta, &mut tensors);
-    let path = dir.join(name);
-    let specs: Vec<TensorSpec> = tensors.iter().map(|(s, _)| s.clone()).collect();
-    let out = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
-    let mut w = GgufWriter::new(out, &meta, &specs).unwrap();
-    for (_, data) in &tensors {
-        w.write_tensor_data(data).unwrap();
-    }
-    w.finish().unwrap().flush().unwrap();
-    path
-}
+mod gguf_support;
+use gguf_support::{rewrite_tiny as rewrite, tiny_llama3};
 
 /// Sets (or adds) one metadata key.
 fn set(meta: &mut Vec<(String, Value)>, key: &str, v: Value) {

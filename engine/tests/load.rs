@@ -1,12 +1,14 @@
 //! Loading a model to run, as every front end does: options, the memory check, repacking, the
 //! tokenizer, and errors that name the file and no front end's flags.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use airlock_engine::gguf::{GgufFile, GgufWriter, TensorSpec, Value};
+use airlock_engine::gguf::{TensorSpec, Value};
 use airlock_engine::llama::{KvType, Precision};
 use airlock_engine::load::{load, open_gguf, LoadError, LoadOptions};
+
+mod gguf_support;
+use gguf_support::{rewrite_tiny, tiny_llama3};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -15,43 +17,12 @@ fn root() -> PathBuf {
         .to_path_buf()
 }
 
-fn tiny_llama3() -> PathBuf {
-    root().join("tests/fixtures/llama3/tiny-llama3-q8_0.gguf")
-}
-
 /// A copy of the tiny model, its metadata and tensors edited by `edit`.
 fn rewrite(
     dir: &Path,
     edit: impl Fn(&mut Vec<(String, Value)>, &mut Vec<(TensorSpec, Vec<u8>)>),
 ) -> PathBuf {
-    let f = GgufFile::open(tiny_llama3()).unwrap();
-    let mut meta: Vec<(String, Value)> = f
-        .metadata()
-        .iter()
-        .map(|e| (e.key.clone(), e.value.clone()))
-        .collect();
-    let mut tensors: Vec<(TensorSpec, Vec<u8>)> = f
-        .tensors()
-        .iter()
-        .map(|t| {
-            let spec = TensorSpec {
-                name: t.name.clone(),
-                dims: t.dims.clone(),
-                ty: t.ty,
-            };
-            (spec, f.tensor_data(t).to_vec())
-        })
-        .collect();
-    edit(&mut meta, &mut tensors);
-    let path = dir.join("edited.gguf");
-    let specs: Vec<TensorSpec> = tensors.iter().map(|(s, _)| s.clone()).collect();
-    let out = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
-    let mut w = GgufWriter::new(out, &meta, &specs).unwrap();
-    for (_, data) in &tensors {
-        w.write_tensor_data(data).unwrap();
-    }
-    w.finish().unwrap().flush().unwrap();
-    path
+    rewrite_tiny(dir, "edited.gguf", edit)
 }
 
 /// A copy of the tiny model with `llama.context_length` set to `n_ctx`.

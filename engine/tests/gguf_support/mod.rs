@@ -7,6 +7,50 @@ use std::path::PathBuf;
 use airlock_engine::gguf::{Array, GgufFile, GgufWriter, StrArray, TensorSpec, Value};
 use airlock_kernels::types::{self, GgmlType};
 
+/// The tiny Llama 3 fixture (llama.cpp-made, runs in milliseconds).
+pub fn tiny_llama3() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/llama3/tiny-llama3-q8_0.gguf")
+}
+
+pub type Tensors = Vec<(TensorSpec, Vec<u8>)>;
+
+/// A copy of the tiny model at `dir/name`, its metadata and tensors edited by `edit`.
+pub fn rewrite_tiny(
+    dir: &std::path::Path,
+    name: &str,
+    edit: impl FnOnce(&mut Vec<(String, Value)>, &mut Tensors),
+) -> PathBuf {
+    use std::io::Write;
+    let f = GgufFile::open(tiny_llama3()).unwrap();
+    let mut meta: Vec<(String, Value)> = f
+        .metadata()
+        .iter()
+        .map(|e| (e.key.clone(), e.value.clone()))
+        .collect();
+    let mut tensors: Tensors = f
+        .tensors()
+        .iter()
+        .map(|t| {
+            let spec = TensorSpec {
+                name: t.name.clone(),
+                dims: t.dims.clone(),
+                ty: t.ty,
+            };
+            (spec, f.tensor_data(t).to_vec())
+        })
+        .collect();
+    edit(&mut meta, &mut tensors);
+    let path = dir.join(name);
+    let specs: Vec<TensorSpec> = tensors.iter().map(|(s, _)| s.clone()).collect();
+    let out = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+    let mut w = GgufWriter::new(out, &meta, &specs).unwrap();
+    for (_, data) in &tensors {
+        w.write_tensor_data(data).unwrap();
+    }
+    w.finish().unwrap().flush().unwrap();
+    path
+}
+
 /// The real model, or a failure telling how to get it (never a silent skip).
 pub fn model_path() -> PathBuf {
     let p =
