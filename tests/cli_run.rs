@@ -4,41 +4,14 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use airlock_engine::gguf::{GgufFile, GgufWriter, TensorSpec, Value};
+use airlock_engine::gguf::Value;
 use airlock_kernels::GgmlType;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn smollm2() -> PathBuf {
-    let p = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.exists(),
-        "{} is missing: run scripts/fetch-models.sh",
-        p.display()
-    );
-    p
-}
-
-fn tiny_llama3() -> PathBuf {
-    root().join("tests/fixtures/llama3/tiny-llama3-q8_0.gguf")
-}
-
-fn airlock(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_airlock"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
+mod support;
+use support::{airlock, model as smollm2, root, stderr, tiny_llama3};
 
 fn stdout(o: &Output) -> String {
     String::from_utf8(o.stdout.clone()).unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 fn fixture(rel: &str) -> serde_json::Value {
@@ -46,39 +19,14 @@ fn fixture(rel: &str) -> serde_json::Value {
     serde_json::from_str(&text).unwrap()
 }
 
-/// Copy of the tiny Llama 3 file with its metadata and tensors passed through `edit`.
+/// Copy of the tiny Llama 3 file at `dir/name` with its metadata and tensors passed through `edit`.
 fn rewrite_tiny(
     dir: &Path,
     name: &str,
-    edit: impl Fn(&mut Vec<(String, Value)>, &mut Vec<(TensorSpec, Vec<u8>)>),
+    edit: impl FnOnce(&mut Vec<(String, Value)>, &mut support::Tensors),
 ) -> PathBuf {
-    let f = GgufFile::open(tiny_llama3()).unwrap();
-    let mut meta: Vec<(String, Value)> = f
-        .metadata()
-        .iter()
-        .map(|e| (e.key.clone(), e.value.clone()))
-        .collect();
-    let mut tensors: Vec<(TensorSpec, Vec<u8>)> = f
-        .tensors()
-        .iter()
-        .map(|t| {
-            let spec = TensorSpec {
-                name: t.name.clone(),
-                dims: t.dims.clone(),
-                ty: t.ty,
-            };
-            (spec, f.tensor_data(t).to_vec())
-        })
-        .collect();
-    edit(&mut meta, &mut tensors);
     let path = dir.join(name);
-    let out = std::fs::File::create(&path).unwrap();
-    let specs: Vec<TensorSpec> = tensors.iter().map(|(s, _)| s.clone()).collect();
-    let mut w = GgufWriter::new(std::io::BufWriter::new(out), &meta, &specs).unwrap();
-    for (_, data) in &tensors {
-        w.write_tensor_data(data).unwrap();
-    }
-    w.finish().unwrap().flush().unwrap();
+    support::rewrite_gguf(&tiny_llama3(), &path, edit);
     path
 }
 

@@ -3,29 +3,11 @@
 //! unless --keep; Ctrl-C leaves the report of the files finished.
 
 mod support;
+use support::{airlock, eval_txt, ok};
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-
-fn airlock(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_airlock"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(o: &Output) -> String {
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn eval_txt() -> String {
-    support::root()
-        .join("tests/fixtures/text/eval.txt")
-        .to_string_lossy()
-        .into_owned()
-}
+use std::process::{Command, Stdio};
 
 /// The demo model requantized to `ty` by airlock into `dir`.
 fn requantized(dir: &Path, ty: &str) -> PathBuf {

@@ -3,20 +3,7 @@
 //! and HellaSwag's acc_norm against llama-perplexity's on the same file.
 
 mod support;
-
-use std::process::{Command, Output};
-
-fn airlock(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_airlock"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(o: &Output) -> String {
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
+use support::{airlock, ok};
 
 /// "accuracy: 62.50% +/- 7.75% (25 of 40 tasks; ...)": (accuracy, correct, tasks).
 fn accuracy(out: &str) -> (f64, usize, usize) {

@@ -9,21 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use airlock_engine::gguf::{Array, StrArray, Value};
-use support::{rewrite_gguf, set_key, tiny_llama3};
-
-fn airlock(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_airlock"))
-        .args(args)
-        .output()
-        .expect("run airlock")
-}
+use support::{airlock, rewrite_gguf, set_key, stderr, tiny_llama3};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 /// Exit status 1 (an error, not a signal) with `needle` on stderr.

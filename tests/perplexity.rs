@@ -6,26 +6,13 @@
 //! llama-perplexity itself, and the base file airlock writes against that one.
 
 mod support;
+use support::{airlock, eval_txt};
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::OnceLock;
 
 use sha2::{Digest, Sha256};
-
-fn airlock(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_airlock"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn eval_txt() -> String {
-    support::root()
-        .join("tests/fixtures/text/eval.txt")
-        .to_string_lossy()
-        .into_owned()
-}
 
 /// The final estimate and the running values of a run's stdout.
 fn parse(stdout: &str) -> (f64, Vec<String>) {

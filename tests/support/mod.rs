@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Output};
 
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -39,6 +39,33 @@ fn require_passes_a_present_component_and_fails_naming_the_script_otherwise() {
     let msg = e.downcast_ref::<String>().unwrap();
     assert!(msg.contains("`no-such-component`"), "{msg}");
     assert!(msg.contains("scripts/install-test-deps.sh"), "{msg}");
+}
+
+/// The built airlock run with `args` (stdin closed, output captured).
+pub fn airlock(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run airlock")
+}
+
+/// The stdout of a run that must have succeeded; a failure shows its stderr.
+pub fn ok(o: &Output) -> String {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The text every perplexity test reads (the shared fixture's eval.txt).
+pub fn eval_txt() -> String {
+    root()
+        .join("tests/fixtures/text/eval.txt")
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// The tiny Llama 3 fixture (llama.cpp-made, 8.8 MB, runs in milliseconds).
