@@ -106,6 +106,42 @@ impl Server {
     fn post(&self, path: &str, body: &Value) -> Resp {
         http(self.addr, "POST", path, &[], body.to_string().as_bytes())
     }
+
+    /// Sends a completion request on a connection of its own and leaves it open, unread.
+    fn send_completion(&self, body: &Value) -> TcpStream {
+        let mut s = TcpStream::connect(self.addr).unwrap();
+        let body = body.to_string();
+        s.write_all(&request_bytes(
+            self.addr,
+            "POST",
+            "/v1/completions",
+            &[],
+            body.as_bytes(),
+        ))
+        .unwrap();
+        s
+    }
+
+    /// Sends the server a signal (`TERM`, `INT`).
+    fn signal(&self, name: &str) {
+        let kill = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+    }
+
+    /// Waits for the server to exit, failing with its log after `within`.
+    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(t0.elapsed() < within, "still running:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 impl Drop for Server {
@@ -854,22 +890,9 @@ fn non_loopback_bind_without_a_key_is_refused() {
 fn sigterm_finishes_in_flight_requests_and_exits_zero() {
     let mut server = Server::start(&[]);
     let a = server.addr;
-    let body = json!({"prompt": "Once upon a time", "max_tokens": 48, "temperature": 0, "ignore_eos": true, "stream": true}).to_string();
-    let mut s = TcpStream::connect(a).unwrap();
-    s.write_all(&request_bytes(
-        a,
-        "POST",
-        "/v1/completions",
-        &[],
-        body.as_bytes(),
-    ))
-    .unwrap();
+    let mut s = server.send_completion(&json!({"prompt": "Once upon a time", "max_tokens": 48, "temperature": 0, "ignore_eos": true, "stream": true}));
     let mut got = read_until(&mut s, "\"text\":\"").into_bytes();
-    let kill = Command::new("kill")
-        .args(["-TERM", &server.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    server.signal("TERM");
     server.wait_log("SIGTERM", Duration::from_secs(30));
     // The stream in flight runs to its end.
     s.read_to_end(&mut got).unwrap();
@@ -877,14 +900,7 @@ fn sigterm_finishes_in_flight_requests_and_exits_zero() {
     let chunks = stream_chunks(&resp);
     let (_, finish) = stream_text(&chunks);
     assert_eq!(finish, "length");
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(st) = server.child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(20), "still running");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = server.wait_exit(Duration::from_secs(20));
     assert!(status.success(), "{status:?}\n{}", server.log());
     assert!(TcpStream::connect(a).is_err());
 }
@@ -894,22 +910,9 @@ fn while_draining_health_and_new_requests_get_503_until_the_stream_ends() {
     let mut server = Server::start(&["--grace", "60"]);
     let a = server.addr;
     assert_eq!(http(a, "GET", "/health", &[], b"").status, 200);
-    let body = json!({"prompt": "Once upon a time", "max_tokens": 64, "temperature": 0, "ignore_eos": true, "stream": true}).to_string();
-    let mut s = TcpStream::connect(a).unwrap();
-    s.write_all(&request_bytes(
-        a,
-        "POST",
-        "/v1/completions",
-        &[],
-        body.as_bytes(),
-    ))
-    .unwrap();
+    let mut s = server.send_completion(&json!({"prompt": "Once upon a time", "max_tokens": 64, "temperature": 0, "ignore_eos": true, "stream": true}));
     let mut got = read_until(&mut s, "\"text\":\"").into_bytes();
-    let kill = Command::new("kill")
-        .args(["-TERM", &server.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    server.signal("TERM");
     server.wait_log("no longer accepting requests", Duration::from_secs(30));
     // The listener still answers: a load balancer's probe sees 503, and a new completion is
     // refused with a 503 it may retry elsewhere, while the stream goes on.
@@ -932,18 +935,7 @@ fn while_draining_health_and_new_requests_get_503_until_the_stream_ends() {
     assert_eq!(finish, "length");
     assert!(!text.is_empty());
     // Then it exits 0 well before the 60 s of grace: it waited for the stream only.
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(st) = server.child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "still running:\n{}",
-            server.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = server.wait_exit(Duration::from_secs(20));
     assert!(status.success(), "{status:?}\n{}", server.log());
     assert!(
         !server.log().contains("grace period over"),
@@ -1005,17 +997,9 @@ fn a_non_streaming_client_that_hangs_up_frees_its_slot() {
     let server = Server::start(&["--parallel", "1", "-c", "4096"]);
     let a = server.addr;
     // No max_tokens and no end: it would run for seconds, to the end of the context.
-    let body =
-        json!({"prompt": "Once upon a time", "temperature": 0, "ignore_eos": true}).to_string();
-    let mut s = TcpStream::connect(a).unwrap();
-    s.write_all(&request_bytes(
-        a,
-        "POST",
-        "/v1/completions",
-        &[],
-        body.as_bytes(),
-    ))
-    .unwrap();
+    let s = server.send_completion(
+        &json!({"prompt": "Once upon a time", "temperature": 0, "ignore_eos": true}),
+    );
     server.wait_log("started in slot", Duration::from_secs(30));
     std::thread::sleep(Duration::from_millis(200));
     drop(s);
@@ -1034,33 +1018,10 @@ fn a_non_streaming_client_that_hangs_up_frees_its_slot() {
 fn requests_still_running_when_the_grace_period_ends_are_cut_off() {
     // A context of 4096 tokens takes many seconds to fill: the grace period ends first.
     let mut server = Server::start(&["--grace", "0.5", "-c", "4096", "--parallel", "1"]);
-    let a = server.addr;
-    let body =
-        json!({"prompt": "Once upon a time", "temperature": 0, "ignore_eos": true, "stream": true})
-            .to_string();
-    let mut s = TcpStream::connect(a).unwrap();
-    s.write_all(&request_bytes(
-        a,
-        "POST",
-        "/v1/completions",
-        &[],
-        body.as_bytes(),
-    ))
-    .unwrap();
+    let mut s = server.send_completion(&json!({"prompt": "Once upon a time", "temperature": 0, "ignore_eos": true, "stream": true}));
     read_until(&mut s, "\"text\":\"");
-    let t0 = Instant::now();
-    let kill = Command::new("kill")
-        .args(["-INT", &server.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let status = loop {
-        if let Some(st) = server.child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(30), "still running");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    server.signal("INT");
+    let status = server.wait_exit(Duration::from_secs(30));
     assert!(status.success(), "{status:?}\n{}", server.log());
     assert!(
         server.log().contains("grace period over"),
@@ -1077,17 +1038,7 @@ fn requests_still_running_when_the_grace_period_ends_are_cut_off() {
 fn a_prompt_read_in_small_chunks_beside_a_running_stream_gives_the_same_text() {
     // -b 8: the long prompt goes in over several steps, each beside the stream's token.
     let server = Server::start(&["-b", "8", "--parallel", "2"]);
-    let a = server.addr;
-    let body = json!({"prompt": "Once upon a time", "max_tokens": 200, "temperature": 0, "ignore_eos": true, "stream": true}).to_string();
-    let mut s = TcpStream::connect(a).unwrap();
-    s.write_all(&request_bytes(
-        a,
-        "POST",
-        "/v1/completions",
-        &[],
-        body.as_bytes(),
-    ))
-    .unwrap();
+    let mut s = server.send_completion(&json!({"prompt": "Once upon a time", "max_tokens": 200, "temperature": 0, "ignore_eos": true, "stream": true}));
     read_until(&mut s, "\"text\":\"");
     let prompt = "An analyst reviewing firewall logs notices repeated outbound connections to an \
                   unfamiliar address on port 4444 at three in the morning. The first step is";
@@ -1111,19 +1062,8 @@ fn a_prompt_read_in_small_chunks_beside_a_running_stream_gives_the_same_text() {
 #[test]
 fn sigterm_right_after_the_listening_line_still_exits_zero() {
     let mut server = Server::start(&["-c", "64", "--parallel", "1"]);
-    let kill = Command::new("kill")
-        .args(["-TERM", &server.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(st) = server.child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(30), "still running");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    server.signal("TERM");
+    let status = server.wait_exit(Duration::from_secs(30));
     assert!(status.success(), "{status:?}\n{}", server.log());
 }
 
