@@ -564,10 +564,11 @@ pub fn init_threads(threads: Option<usize>) -> Result<usize, LoadError> {
 /// 128 MiB also covers the 128 MiB that glibc maps while it makes a worker its malloc arena.
 const THREAD_HEADROOM: usize = 128 << 20;
 
-/// rayon's default spawn (for `ThreadPoolBuilder::spawn_handler`), after checking that the address space can still take the thread's
-/// stack and [`THREAD_HEADROOM`]: a reservation that is never touched (so it costs no memory)
-/// and is returned at once.
+/// rayon's default spawn (for `ThreadPoolBuilder::spawn_handler`), after checking that the
+/// address space can still take the thread's stack and [`THREAD_HEADROOM`]: a reservation that
+/// is never touched (so it costs no memory) and is returned at once.
 pub fn spawn_with_headroom(thread: rayon::ThreadBuilder) -> std::io::Result<()> {
+    // std's default stack, unless rayon was given one.
     let stack = thread.stack_size().unwrap_or(2 << 20);
     let mut probe = Vec::<u8>::new();
     if probe.try_reserve_exact(stack + THREAD_HEADROOM).is_err() {
