@@ -465,12 +465,15 @@ fn measure(
             error,
         },
     };
+    // The speed test holds the prompt and the generated tokens in one session (`compare`
+    // checked that the sum fits a usize).
+    let bench = opts.bench_prompt + opts.bench_gen;
     let eval_ctx = opts
         .tasks
         .as_ref()
         .map_or(0, |_| 4096)
         .max(opts.n_ctx)
-        .max(opts.bench_prompt.saturating_add(opts.bench_gen));
+        .max(bench);
     let loaded = load_with(
         path,
         &LoadOptions {
@@ -485,9 +488,7 @@ fn measure(
         path: path.to_path_buf(),
         error: Box::new(error),
     })?;
-    // The load capped the context at the model's: the speed test must fit in it (it holds
-    // the prompt and the generated tokens in one session).
-    let bench = opts.bench_prompt + opts.bench_gen;
+    // The load capped the context at the model's: the speed test must fit in it.
     if bench > loaded.n_ctx {
         return Err(CompareError::Usage(format!(
             "--bench-prompt {} plus --bench-gen {} tokens is more than the {} tokens of \
