@@ -28,8 +28,8 @@ const HOSTILE: [&str; 10] = [
 fn hostile_numbers_in_every_flag_never_panic() {
     let model = support::model();
     let m = model.to_str().unwrap();
-    let text = support::root().join("tests/fixtures/text/eval.txt");
-    let t = text.to_str().unwrap();
+    let text = support::eval_txt();
+    let t = text.as_str();
     // Each command with small, valid arguments, and the flags to replace in turn.
     let commands: [(&[&str], &[&str]); 4] = [
         (
@@ -224,7 +224,7 @@ fn compare_bench_lengths_past_the_context_are_refused() {
     // Past the context, the speed test used to collect the prompt's ids first (an allocation
     // of 16 GiB for 2^32 tokens: an abort), and a sum past usize wrapped.
     let model = support::model();
-    let text = support::root().join("tests/fixtures/text/eval.txt");
+    let text = support::eval_txt();
     let dir = tempfile::tempdir().unwrap();
     for (prompt, needle) in [
         ("4294967297", "tokens of context"),
