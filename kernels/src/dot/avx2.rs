@@ -1,143 +1,175 @@
-//! 256-bit x86 kernels, written once as a macro and instantiated for AVX2
-//! (here: `vpmaddubsw` + `vpmaddwd`) and AVX-VNNI (`avxvnni.rs`:
-//! `vpdpbusd`). Every function is `#[target_feature]`; the module's
-//! `KERNELS` table is only handed out by `super::kernels_for` after the
-//! features were detected, and the safe wrappers in it check every length
-//! before the unchecked pointer code runs.
+//! 256-bit x86 kernels. The quantized tiles are written once, as
+//! `#[inline(always)]` bodies generic over [`Isa256`] (how a path forms its
+//! byte dot products: `vpmaddubsw` + `vpmaddwd` here, `vpdpbusd` on AVX-VNNI
+//! in `avxvnni.rs`), with short `#[target_feature]` entry points per path:
+//! the pattern of `attention/lanes.rs`. The float tiles and the block
+//! quantizer need nothing beyond AVX2, FMA and F16C, so every 256-bit path
+//! uses this module's; `float_wide.rs` runs the same float tile body on a
+//! larger tile for the AVX-512 paths. `KERNELS` is only handed out by
+//! `super::kernels_for` after the features were detected, and the safe
+//! GEMMs check every length before the unchecked pointer code runs.
 //!
 //! Integer lanes: lane l of a block holds the exact sum of the products of
 //! elements 4l..4l+3 (`vpmaddwd(vpmaddubsw(..), 1)` and `vpdpbusd` both give
 //! that), and the f32 side is `fma(set1(dx*dy), cvt(lanes), acc)` per block
-//! then [`hsum8`]-style reduction, so both instantiations give the same bits.
+//! then [`hsum8`]-style reduction, so every path gives the same bits.
 //!
 //! Unsigned x signed products: Q4_0 as `q*y - 8*sum(y)` (nibbles q in 0..15
 //! are the unsigned side, the correction comes per token and block); Q4_1
 //! nibbles directly; Q8_0 with the sign trick (`|x| * sign(y, x)`) on AVX2,
 //! and as `(x+128)*y - 128*sum(y)` with VNNI (exact for every byte).
 
-/// `fn $name(w, a, k, out) -> Tiles`: a safe [`GemmFn`](super::GemmFn)
-/// over `$tile::<R, C>` in `$mr x $nr` tiles and their edges.
-macro_rules! quant_gemm {
-    ($name:ident, $tile:ident, $W:ty, $A:ty, $mr:literal x $nr:literal) => {
-        /// Safe only through `KERNELS` (features detected first).
-        pub(super) fn $name(w: &[$W], a: &[$A], k: usize, out: &mut [f32]) -> Tiles {
-            let (rows, n) = gemm_shape(w.len(), a.len(), k, out.len());
-            let (wp, ap, op) = (w.as_ptr(), a.as_ptr(), out.as_mut_ptr());
-            let rb = k * std::mem::size_of::<$W>();
-            for_tiles(rows, n, rb, ($mr, $nr), |r0, t0, mr, nr| {
-                // SAFETY: the CPU has this module's features (the
-                // only way to reach this function is the KERNELS
-                // table, which kernels_for hands out after detection),
-                // and for_tiles keeps r0 + mr <= rows and
-                // t0 + nr <= n, so every block the tile reads and
-                // every output it writes is inside w, a and out,
-                // whose lengths gemm_shape checked.
-                unsafe {
-                    let (w, a) = (wp.add(r0 * k), ap.add(t0 * k));
-                    let o = op.add(t0 * rows + r0);
-                    match (mr, nr) {
-                        ($mr, $nr) => $tile::<$mr, $nr>(w, a, k, o, rows),
-                        ($mr, 1) => $tile::<$mr, 1>(w, a, k, o, rows),
-                        (1, $nr) => $tile::<1, $nr>(w, a, k, o, rows),
-                        _ => $tile::<1, 1>(w, a, k, o, rows),
-                    }
-                }
-            })
-        }
-    };
+// The tiles index accumulators, activations and outputs by the same (row,
+// token) pair; range loops keep that visible, as in the formulas.
+#![allow(clippy::needless_range_loop)]
+use std::arch::x86_64::*;
+
+use crate::dot::{tiled_gemm, Kernels, TileFn, Tiles};
+use crate::quant::float::{bf16_to_f32, f16_to_f32, f32_to_f16, Bf16Bytes, F16Bytes, F32Bytes};
+use crate::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1};
+
+/// What the 256-bit paths differ in: the byte dot product, and the
+/// `#[target_feature]` entry point their tiles are compiled in.
+pub(super) trait Isa256 {
+    /// `vpdpbusd` is there: Q8_0 weights go as `x + 128` with a
+    /// `-128 * sum(y)` correction (exact for every byte), not the sign trick.
+    const VNNI: bool;
+    /// 8 lanes of sum(x*y) over 4-byte groups, x unsigned, y signed,
+    /// |pair sums| < 2^15 (true for every use here).
+    ///
+    /// # Safety
+    /// The path's features are present (inlined into its entry point).
+    unsafe fn dot_us(x: __m256i, y: __m256i) -> __m256i;
+    /// `T`'s `R x C` tile, compiled with this path's features (its entry
+    /// point).
+    ///
+    /// # Safety
+    /// The path's features are present; [`Tile256::tile`]'s pointers.
+    unsafe fn tile<T: Tile256, const R: usize, const C: usize>(
+        w: *const T::W,
+        a: *const T::A,
+        k: usize,
+        out: *mut f32,
+        ld: usize,
+    );
 }
 
-/// The float twin of `quant_gemm!`, over `tile_f::<$wk, $ak, R, C>`.
-macro_rules! float_gemm {
-    ($name:ident, $W:ty, $A:ty, $wk:expr, $ak:expr, $mr:literal x $nr:literal) => {
-        /// Safe only through `KERNELS` (features detected first).
-        pub(super) fn $name(w: &[$W], a: &[$A], k: usize, out: &mut [f32]) -> Tiles {
-            let (rows, n) = gemm_shape(w.len(), a.len(), k, out.len());
-            let (wp, ap) = (w.as_ptr() as *const u8, a.as_ptr() as *const u8);
-            let op = out.as_mut_ptr();
-            const WS: usize = std::mem::size_of::<$W>();
-            const AS: usize = std::mem::size_of::<$A>();
-            const _: () = assert!(WS == esize($wk) && AS == esize($ak));
-            for_tiles(rows, n, k * WS, ($mr, $nr), |r0, t0, mr, nr| {
-                // SAFETY: as for the quantized GEMMs: features
-                // detected before KERNELS is handed out, tiles in
-                // bounds of the lengths gemm_shape checked.
-                unsafe {
-                    let (w, a) = (wp.add(r0 * k * WS), ap.add(t0 * k * AS));
-                    let o = op.add(t0 * rows + r0);
-                    match (mr, nr) {
-                        ($mr, $nr) => tile_f::<{ $wk }, { $ak }, $mr, $nr>(w, a, k, o, rows),
-                        ($mr, 1) => tile_f::<{ $wk }, { $ak }, $mr, 1>(w, a, k, o, rows),
-                        (1, $nr) => tile_f::<{ $wk }, { $ak }, 1, $nr>(w, a, k, o, rows),
-                        _ => tile_f::<{ $wk }, { $ak }, 1, 1>(w, a, k, o, rows),
-                    }
-                }
-            })
-        }
-    };
+/// A quantized tile body: R weight rows (stride k blocks) x C tokens
+/// (stride k), written to `out[j * ld + i]`.
+pub(super) trait Tile256 {
+    type W;
+    type A;
+    /// # Safety
+    /// `I`'s features are present; `w` holds R rows of k blocks, `a` C
+    /// tokens of k blocks, and `out + j * ld + i` (i < R, j < C) is writable.
+    unsafe fn tile<I: Isa256, const R: usize, const C: usize>(
+        w: *const Self::W,
+        a: *const Self::A,
+        k: usize,
+        out: *mut f32,
+        ld: usize,
+    );
 }
 
-macro_rules! simd256_kernels {
-    (features = $feat:literal, path = $path:expr, vnni = $vnni:literal, dpbusd = $dpbusd:path) => {
-        use std::arch::x86_64::*;
+/// AVX2: `vpmaddubsw` + `vpmaddwd` by ones.
+pub(super) struct Avx2;
 
-        use crate::dot::{for_tiles, gemm_shape, Kernels, Tiles};
-        use crate::quant::float::{bf16_to_f32, f16_to_f32, Bf16Bytes, F16Bytes, F32Bytes};
-        use crate::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1};
+impl Isa256 for Avx2 {
+    const VNNI: bool = false;
+    #[inline(always)]
+    unsafe fn dot_us(x: __m256i, y: __m256i) -> __m256i {
+        // SAFETY: AVX2, as the caller guarantees.
+        unsafe { _mm256_madd_epi16(_mm256_maddubs_epi16(x, y), _mm256_set1_epi16(1)) }
+    }
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile<T: Tile256, const R: usize, const C: usize>(
+        w: *const T::W,
+        a: *const T::A,
+        k: usize,
+        out: *mut f32,
+        ld: usize,
+    ) {
+        // SAFETY: this function's features are Avx2's; the caller's pointers.
+        unsafe { T::tile::<Self, R, C>(w, a, k, out, ld) }
+    }
+}
 
-        #[inline]
-        #[target_feature(enable = $feat)]
-        pub(super) unsafe fn hsum8(v: __m256) -> f32 {
-            let r = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
-            let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-            let r = _mm_add_ss(r, _mm_movehdup_ps(r));
-            _mm_cvtss_f32(r)
-        }
+/// The GEMM of tile `T` on path `I`, in 4 x 2 tiles and their edges.
+/// Safe only through a `Kernels` table (features detected first).
+pub(super) fn gemm<T: Tile256, I: Isa256>(
+    w: &[T::W],
+    a: &[T::A],
+    k: usize,
+    out: &mut [f32],
+) -> Tiles {
+    let tiles = [
+        I::tile::<T, 4, 2> as TileFn<T::W, T::A>,
+        I::tile::<T, 4, 1>,
+        I::tile::<T, 1, 2>,
+        I::tile::<T, 1, 1>,
+    ];
+    // SAFETY: the tables that hold this GEMM are handed out after I's
+    // features were detected.
+    unsafe { tiled_gemm(w, a, k, out, (4, 2), tiles) }
+}
 
-        /// An f16 scale as f32 (F16C; exact, like `f16_to_f32`).
-        #[inline]
-        #[target_feature(enable = $feat)]
-        pub(super) unsafe fn f16s(d: [u8; 2]) -> f32 {
-            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(u16::from_le_bytes(d) as i32)))
-        }
+#[inline(always)]
+pub(super) unsafe fn hsum8(v: __m256) -> f32 {
+    // SAFETY: AVX, as the caller guarantees.
+    unsafe {
+        let r = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+        let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+        let r = _mm_add_ss(r, _mm_movehdup_ps(r));
+        _mm_cvtss_f32(r)
+    }
+}
 
-        /// 8 lanes of sum(x*y) over 4-byte groups, x unsigned, y signed,
-        /// |pair sums| < 2^15 (true for every use here).
-        #[inline]
-        #[target_feature(enable = $feat)]
-        unsafe fn dot_us(x: __m256i, y: __m256i) -> __m256i {
-            if $vnni {
-                $dpbusd(_mm256_setzero_si256(), x, y)
-            } else {
-                _mm256_madd_epi16(_mm256_maddubs_epi16(x, y), _mm256_set1_epi16(1))
-            }
-        }
+/// An f16 scale as f32 (F16C; exact, like `f16_to_f32`).
+#[inline(always)]
+pub(super) unsafe fn f16s(d: [u8; 2]) -> f32 {
+    // SAFETY: F16C, as the caller guarantees.
+    unsafe {
+        _mm_cvtss_f32(_mm_cvtph_ps(
+            _mm_cvtsi32_si128(u16::from_le_bytes(d) as i32),
+        ))
+    }
+}
 
-        /// The 32 nibbles of a Q4_0/Q4_1 block in element order, as bytes.
-        #[inline]
-        #[target_feature(enable = $feat)]
-        unsafe fn nibbles(qs: *const u8) -> __m256i {
-            let t = _mm_loadu_si128(qs as *const __m128i);
-            let b = _mm256_set_m128i(_mm_srli_epi16(t, 4), t);
-            _mm256_and_si256(b, _mm256_set1_epi8(0x0F))
-        }
+/// The 32 nibbles of a Q4_0/Q4_1 block in element order, as bytes.
+#[inline(always)]
+unsafe fn nibbles(qs: *const u8) -> __m256i {
+    // SAFETY: AVX2 and 16 readable bytes at qs, as the caller guarantees.
+    unsafe {
+        let t = _mm_loadu_si128(qs as *const __m128i);
+        let b = _mm256_set_m128i(_mm_srli_epi16(t, 4), t);
+        _mm256_and_si256(b, _mm256_set1_epi8(0x0F))
+    }
+}
 
-        #[inline]
-        #[target_feature(enable = $feat)]
-        unsafe fn load_q(qs: *const i8) -> __m256i {
-            _mm256_loadu_si256(qs as *const __m256i)
-        }
+#[inline(always)]
+unsafe fn load_q(qs: *const i8) -> __m256i {
+    // SAFETY: AVX and 32 readable bytes at qs, as the caller guarantees.
+    unsafe { _mm256_loadu_si256(qs as *const __m256i) }
+}
 
-        /// R weight rows (stride k blocks) x C tokens (stride k), written to
-        /// `out[j * ld + i]`.
-        #[target_feature(enable = $feat)]
-        unsafe fn tile_q4_0<const R: usize, const C: usize>(
-            w: *const BlockQ4_0,
-            a: *const BlockQ8_0,
-            k: usize,
-            out: *mut f32,
-            ld: usize,
-        ) {
+pub(super) struct Q4_0;
+pub(super) struct Q8_0;
+pub(super) struct Q4_1;
+
+impl Tile256 for Q4_0 {
+    type W = BlockQ4_0;
+    type A = BlockQ8_0;
+    #[inline(always)]
+    unsafe fn tile<I: Isa256, const R: usize, const C: usize>(
+        w: *const BlockQ4_0,
+        a: *const BlockQ8_0,
+        k: usize,
+        out: *mut f32,
+        ld: usize,
+    ) {
+        // SAFETY (whole body): I's features; b < k, i < R and j < C keep
+        // every pointer inside what the caller vouches for.
+        unsafe {
             let mut acc = [[_mm256_setzero_ps(); C]; R];
             for b in 0..k {
                 let mut y = [_mm256_setzero_si256(); C];
@@ -148,14 +180,14 @@ macro_rules! simd256_kernels {
                     y[j] = load_q(blk.qs.as_ptr());
                     dy[j] = f16s(blk.d);
                     // 8 * sum(y) per lane: subtracted from sum(q*y).
-                    corr[j] = dot_us(_mm256_set1_epi8(8), y[j]);
+                    corr[j] = I::dot_us(_mm256_set1_epi8(8), y[j]);
                 }
                 for i in 0..R {
                     let blk = &*w.add(i * k + b);
                     let q = nibbles(blk.qs.as_ptr());
                     let dx = f16s(blk.d);
                     for j in 0..C {
-                        let s = _mm256_sub_epi32(dot_us(q, y[j]), corr[j]);
+                        let s = _mm256_sub_epi32(I::dot_us(q, y[j]), corr[j]);
                         let d = _mm256_set1_ps(dx * dy[j]);
                         acc[i][j] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), acc[i][j]);
                     }
@@ -167,15 +199,22 @@ macro_rules! simd256_kernels {
                 }
             }
         }
+    }
+}
 
-        #[target_feature(enable = $feat)]
-        unsafe fn tile_q8_0<const R: usize, const C: usize>(
-            w: *const BlockQ8_0,
-            a: *const BlockQ8_0,
-            k: usize,
-            out: *mut f32,
-            ld: usize,
-        ) {
+impl Tile256 for Q8_0 {
+    type W = BlockQ8_0;
+    type A = BlockQ8_0;
+    #[inline(always)]
+    unsafe fn tile<I: Isa256, const R: usize, const C: usize>(
+        w: *const BlockQ8_0,
+        a: *const BlockQ8_0,
+        k: usize,
+        out: *mut f32,
+        ld: usize,
+    ) {
+        // SAFETY (whole body): as for Q4_0.
+        unsafe {
             let mut acc = [[_mm256_setzero_ps(); C]; R];
             for b in 0..k {
                 let mut y = [_mm256_setzero_si256(); C];
@@ -185,8 +224,8 @@ macro_rules! simd256_kernels {
                     let blk = &*a.add(j * k + b);
                     y[j] = load_q(blk.qs.as_ptr());
                     dy[j] = f16s(blk.d);
-                    if $vnni {
-                        corr[j] = dot_us(_mm256_set1_epi8(-128), y[j]);
+                    if I::VNNI {
+                        corr[j] = I::dot_us(_mm256_set1_epi8(-128), y[j]);
                     }
                 }
                 for i in 0..R {
@@ -194,16 +233,16 @@ macro_rules! simd256_kernels {
                     let x = load_q(blk.qs.as_ptr());
                     let dx = f16s(blk.d);
                     // VNNI: (x + 128) as u8; AVX2: |x| as u8.
-                    let xu = if $vnni {
+                    let xu = if I::VNNI {
                         _mm256_xor_si256(x, _mm256_set1_epi8(-128))
                     } else {
                         _mm256_abs_epi8(x)
                     };
                     for j in 0..C {
-                        let s = if $vnni {
-                            _mm256_sub_epi32(dot_us(xu, y[j]), corr[j])
+                        let s = if I::VNNI {
+                            _mm256_sub_epi32(I::dot_us(xu, y[j]), corr[j])
                         } else {
-                            dot_us(xu, _mm256_sign_epi8(y[j], x))
+                            I::dot_us(xu, _mm256_sign_epi8(y[j], x))
                         };
                         let d = _mm256_set1_ps(dx * dy[j]);
                         acc[i][j] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), acc[i][j]);
@@ -216,15 +255,22 @@ macro_rules! simd256_kernels {
                 }
             }
         }
+    }
+}
 
-        #[target_feature(enable = $feat)]
-        unsafe fn tile_q4_1<const R: usize, const C: usize>(
-            w: *const BlockQ4_1,
-            a: *const BlockQ8_1,
-            k: usize,
-            out: *mut f32,
-            ld: usize,
-        ) {
+impl Tile256 for Q4_1 {
+    type W = BlockQ4_1;
+    type A = BlockQ8_1;
+    #[inline(always)]
+    unsafe fn tile<I: Isa256, const R: usize, const C: usize>(
+        w: *const BlockQ4_1,
+        a: *const BlockQ8_1,
+        k: usize,
+        out: *mut f32,
+        ld: usize,
+    ) {
+        // SAFETY (whole body): as for Q4_0.
+        unsafe {
             let mut acc = [[_mm256_setzero_ps(); C]; R];
             let mut summs = [[0f32; C]; R];
             for b in 0..k {
@@ -242,7 +288,7 @@ macro_rules! simd256_kernels {
                     let q = nibbles(blk.qs.as_ptr());
                     let (dx, mx) = (f16s(blk.d), f16s(blk.m));
                     for j in 0..C {
-                        let s = dot_us(q, y[j]);
+                        let s = I::dot_us(q, y[j]);
                         let d = _mm256_set1_ps(dx * dy[j]);
                         acc[i][j] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), acc[i][j]);
                         summs[i][j] += mx * sy[j];
@@ -255,215 +301,287 @@ macro_rules! simd256_kernels {
                 }
             }
         }
-
-
-        quant_gemm!(gemm_q4_0, tile_q4_0, BlockQ4_0, BlockQ8_0, 4 x 2);
-        quant_gemm!(gemm_q8_0, tile_q8_0, BlockQ8_0, BlockQ8_0, 4 x 2);
-        quant_gemm!(gemm_q4_1, tile_q4_1, BlockQ4_1, BlockQ8_1, 4 x 2);
-
-        // Float element kinds for the float tiles.
-        const F16: u8 = 0;
-        const BF16: u8 = 1;
-        const F32: u8 = 2;
-
-        const fn esize(kind: u8) -> usize {
-            if kind == F32 {
-                4
-            } else {
-                2
-            }
-        }
-
-        #[inline]
-        #[target_feature(enable = $feat)]
-        unsafe fn load8<const K: u8>(p: *const u8) -> __m256 {
-            match K {
-                F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
-                BF16 => _mm256_castsi256_ps(_mm256_slli_epi32(
-                    _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)),
-                    16,
-                )),
-                _ => _mm256_loadu_ps(p as *const f32),
-            }
-        }
-
-        #[inline]
-        #[target_feature(enable = $feat)]
-        unsafe fn load1<const K: u8>(p: *const u8) -> f32 {
-            match K {
-                F16 => f16_to_f32(u16::from_le_bytes(*(p as *const [u8; 2]))),
-                BF16 => bf16_to_f32(u16::from_le_bytes(*(p as *const [u8; 2]))),
-                _ => f32::from_le_bytes(*(p as *const [u8; 4])),
-            }
-        }
-
-        /// R weight rows x C token rows of `n` float elements each (byte
-        /// strides `n * esize`): 8-lane fma accumulators, fixed hsum, then
-        /// the `n % 8` tail added in order.
-        #[target_feature(enable = $feat)]
-        unsafe fn tile_f<const WK: u8, const AK: u8, const R: usize, const C: usize>(
-            w: *const u8,
-            a: *const u8,
-            n: usize,
-            out: *mut f32,
-            ld: usize,
-        ) {
-            let (ws, as_) = (esize(WK), esize(AK));
-            let mut acc = [[_mm256_setzero_ps(); C]; R];
-            let n8 = n / 8 * 8;
-            for e in (0..n8).step_by(8) {
-                let mut y = [_mm256_setzero_ps(); C];
-                for j in 0..C {
-                    y[j] = load8::<AK>(a.add((j * n + e) * as_));
-                }
-                for i in 0..R {
-                    let x = load8::<WK>(w.add((i * n + e) * ws));
-                    for j in 0..C {
-                        acc[i][j] = _mm256_fmadd_ps(x, y[j], acc[i][j]);
-                    }
-                }
-            }
-            for i in 0..R {
-                for j in 0..C {
-                    let mut s = hsum8(acc[i][j]);
-                    for e in n8..n {
-                        s += load1::<WK>(w.add((i * n + e) * ws))
-                            * load1::<AK>(a.add((j * n + e) * as_));
-                    }
-                    *out.add(j * ld + i) = s;
-                }
-            }
-        }
-
-
-        float_gemm!(gemm_f16, F16Bytes, F16Bytes, F16, F16, 4 x 2);
-        float_gemm!(gemm_bf16, Bf16Bytes, Bf16Bytes, BF16, BF16, 4 x 2);
-        float_gemm!(gemm_f32_le, F32Bytes, f32, F32, F32, 4 x 2);
-        float_gemm!(gemm_f16_f32, F16Bytes, f32, F16, F32, 4 x 2);
-        float_gemm!(gemm_bf16_f32, Bf16Bytes, f32, BF16, F32, 4 x 2);
-        float_gemm!(gemm_f32, f32, f32, F32, F32, 4 x 2);
-
-        /// One Q8 block: `Some((d, quants, sum))` exactly as the reference
-        /// quantizer computes them, or `None` for blocks with a NaN or an
-        /// infinite or overflowing scale, which the caller sends to the
-        /// reference code instead. The packed matmul quantizes its
-        /// activations with it too (`crate::packed`).
-        ///
-        /// Safety: the features above; `x` has 32 readable floats, `qs` 32
-        /// writable bytes.
-        #[inline]
-        #[target_feature(enable = $feat)]
-        pub(crate) unsafe fn q8_block(x: *const f32, qs: *mut i8) -> Option<(f32, i32)> {
-            let v = [
-                _mm256_loadu_ps(x),
-                _mm256_loadu_ps(x.add(8)),
-                _mm256_loadu_ps(x.add(16)),
-                _mm256_loadu_ps(x.add(24)),
-            ];
-            let absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
-            let mut m = _mm256_setzero_ps();
-            let mut nan = _mm256_setzero_ps();
-            for vi in v {
-                m = _mm256_max_ps(m, _mm256_and_ps(vi, absm));
-                nan = _mm256_or_ps(nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(vi, vi));
-            }
-            if _mm256_movemask_ps(nan) != 0 {
-                return None;
-            }
-            let r = _mm_max_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
-            let r = _mm_max_ps(r, _mm_movehl_ps(r, r));
-            let r = _mm_max_ss(r, _mm_movehdup_ps(r));
-            let amax = _mm_cvtss_f32(r);
-            let d = amax / 127.0;
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            if !amax.is_finite() || !id.is_finite() {
-                return None;
-            }
-            let vid = _mm256_set1_ps(id);
-            let half = _mm256_set1_ps(0.5);
-            let sign = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MIN));
-            let one = _mm256_set1_ps(1.0);
-            let mut q = [_mm256_setzero_si256(); 4];
-            for (qi, vi) in q.iter_mut().zip(v) {
-                // round half away from zero, as f32::round: trunc, then
-                // step one away from zero when |frac| >= 0.5 (exact).
-                let p = _mm256_mul_ps(vi, vid);
-                let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(p);
-                let frac = _mm256_and_ps(_mm256_sub_ps(p, t), absm);
-                let up = _mm256_cmp_ps::<_CMP_GE_OQ>(frac, half);
-                let step = _mm256_or_ps(_mm256_and_ps(p, sign), one);
-                *qi = _mm256_cvttps_epi32(_mm256_add_ps(t, _mm256_and_ps(up, step)));
-            }
-            let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-            let s = _mm_add_epi32(_mm256_extracti128_si256(sum, 1), _mm256_castsi256_si128(sum));
-            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-            let p16a = _mm256_packs_epi32(q[0], q[1]);
-            let p16b = _mm256_packs_epi32(q[2], q[3]);
-            let p8 = _mm256_packs_epi16(p16a, p16b);
-            let p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-            _mm256_storeu_si256(qs as *mut __m256i, p8);
-            Some((d, _mm_cvtsi128_si32(s)))
-        }
-
-        /// Safe only through `KERNELS` (features detected first).
-        pub(super) fn quantize_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
-            assert_eq!(x.len(), out.len() * 32, "q8_0 row length");
-            for (b, xs) in out.iter_mut().zip(x.chunks_exact(32)) {
-                // SAFETY: features detected before KERNELS is handed out;
-                // xs has 32 floats and b.qs 32 bytes.
-                match unsafe { q8_block(xs.as_ptr(), b.qs.as_mut_ptr()) } {
-                    Some((d, _)) => b.d = crate::quant::float::f32_to_f16(d).to_le_bytes(),
-                    None => *b = crate::quant::q8_0::quantize_block_q8_0(xs.try_into().unwrap()),
-                }
-            }
-        }
-
-        /// Safe only through `KERNELS` (features detected first).
-        pub(super) fn quantize_q8_1(x: &[f32], out: &mut [BlockQ8_1]) {
-            use crate::quant::float::f32_to_f16;
-            assert_eq!(x.len(), out.len() * 32, "q8_1 row length");
-            for (b, xs) in out.iter_mut().zip(x.chunks_exact(32)) {
-                // SAFETY: as in quantize_q8_0.
-                match unsafe { q8_block(xs.as_ptr(), b.qs.as_mut_ptr()) } {
-                    Some((d, sum)) => {
-                        b.d = f32_to_f16(d).to_le_bytes();
-                        b.s = f32_to_f16(sum as f32 * d).to_le_bytes();
-                    }
-                    None => *b = crate::quant::q8_1::quantize_block_q8_1(xs.try_into().unwrap()),
-                }
-            }
-        }
-
-        pub(in crate::dot) static KERNELS: Kernels = Kernels {
-            path: $path,
-            tile: (4, 2),
-            q4_0: gemm_q4_0,
-            q4_1: gemm_q4_1,
-            q8_0: gemm_q8_0,
-            q5_0: crate::dot::kq::gemm_avx2::<crate::quant::BlockQ5_0>,
-            q5_1: crate::dot::kq::gemm_avx2::<crate::quant::BlockQ5_1>,
-            q2_k: crate::dot::kq::gemm_avx2::<crate::quant::BlockQ2_K>,
-            q3_k: crate::dot::kq::gemm_avx2::<crate::quant::BlockQ3_K>,
-            q4_k: crate::dot::kq::gemm_avx2::<crate::quant::BlockQ4_K>,
-            q5_k: crate::dot::kq::gemm_avx2::<crate::quant::BlockQ5_K>,
-            q6_k: crate::dot::kq::gemm_avx2::<crate::quant::BlockQ6_K>,
-            f16: gemm_f16,
-            bf16: gemm_bf16,
-            f32_le: gemm_f32_le,
-            f16_f32: gemm_f16_f32,
-            bf16_f32: gemm_bf16_f32,
-            f32: gemm_f32,
-            quantize_q8_0,
-            quantize_q8_1,
-            quantize_q8_k: crate::quant::quantize_row_q8_k,
-        };
-    };
+    }
 }
 
-simd256_kernels!(
-    features = "avx2,fma,f16c",
-    path = crate::simd::SimdPath::Avx2,
-    vnni = false,
-    dpbusd = _mm256_dpbusd_avx_epi32
-);
+// ------------------------------------------------------------------ floats
+
+/// Float element kinds of the float tiles.
+pub(super) const F16: u8 = 0;
+pub(super) const BF16: u8 = 1;
+pub(super) const F32: u8 = 2;
+
+const fn esize(kind: u8) -> usize {
+    if kind == F32 {
+        4
+    } else {
+        2
+    }
+}
+
+#[inline(always)]
+unsafe fn load8<const K: u8>(p: *const u8) -> __m256 {
+    // SAFETY: AVX2 and F16C, and 8 readable elements at p, as the caller guarantees.
+    unsafe {
+        match K {
+            F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+            BF16 => _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)),
+                16,
+            )),
+            _ => _mm256_loadu_ps(p as *const f32),
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn load1<const K: u8>(p: *const u8) -> f32 {
+    // SAFETY: one readable element at p, as the caller guarantees.
+    unsafe {
+        match K {
+            F16 => f16_to_f32(u16::from_le_bytes(*(p as *const [u8; 2]))),
+            BF16 => bf16_to_f32(u16::from_le_bytes(*(p as *const [u8; 2]))),
+            _ => f32::from_le_bytes(*(p as *const [u8; 4])),
+        }
+    }
+}
+
+/// R weight rows x C token rows of `n` float elements each (element kinds
+/// WK and AK, rows `n` elements apart): 8-lane fma accumulators, fixed
+/// hsum, then the `n % 8` tail added in order. Output (row i, token j) at
+/// `out + j * ld + i`.
+///
+/// # Safety
+/// AVX2, FMA and F16C are present; `w` holds R rows and `a` C rows of `n`
+/// elements; the outputs are writable.
+#[inline(always)]
+pub(super) unsafe fn tile_f<const WK: u8, const AK: u8, const R: usize, const C: usize>(
+    w: *const u8,
+    a: *const u8,
+    n: usize,
+    out: *mut f32,
+    ld: usize,
+) {
+    let (ws, as_) = (esize(WK), esize(AK));
+    // SAFETY (whole body): offsets stay inside the rows the caller vouches for.
+    unsafe {
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        let n8 = n / 8 * 8;
+        for e in (0..n8).step_by(8) {
+            let mut y = [_mm256_setzero_ps(); C];
+            for j in 0..C {
+                y[j] = load8::<AK>(a.add((j * n + e) * as_));
+            }
+            for i in 0..R {
+                let x = load8::<WK>(w.add((i * n + e) * ws));
+                for j in 0..C {
+                    acc[i][j] = _mm256_fmadd_ps(x, y[j], acc[i][j]);
+                }
+            }
+        }
+        for i in 0..R {
+            for j in 0..C {
+                let mut s = hsum8(acc[i][j]);
+                for e in n8..n {
+                    s += load1::<WK>(w.add((i * n + e) * ws))
+                        * load1::<AK>(a.add((j * n + e) * as_));
+                }
+                *out.add(j * ld + i) = s;
+            }
+        }
+    }
+}
+
+/// The AVX2 entry point of [`tile_f`] (its element kinds match W and A).
+///
+/// # Safety
+/// As [`tile_f`].
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn avx2_tile_f<W, A, const WK: u8, const AK: u8, const R: usize, const C: usize>(
+    w: *const W,
+    a: *const A,
+    n: usize,
+    out: *mut f32,
+    ld: usize,
+) {
+    // SAFETY: this function's features; the caller's pointers.
+    unsafe { tile_f::<WK, AK, R, C>(w.cast(), a.cast(), n, out, ld) }
+}
+
+/// The float GEMM of weights W (elements of kind WK) and activations A
+/// (kind AK), in 4 x 2 tiles. Safe only through a `Kernels` table.
+pub(super) fn gemm_float<W, A, const WK: u8, const AK: u8>(
+    w: &[W],
+    a: &[A],
+    k: usize,
+    out: &mut [f32],
+) -> Tiles {
+    const { assert!(std::mem::size_of::<W>() == esize(WK)) };
+    const { assert!(std::mem::size_of::<A>() == esize(AK)) };
+    let tiles = [
+        avx2_tile_f::<W, A, WK, AK, 4, 2> as TileFn<W, A>,
+        avx2_tile_f::<W, A, WK, AK, 4, 1>,
+        avx2_tile_f::<W, A, WK, AK, 1, 2>,
+        avx2_tile_f::<W, A, WK, AK, 1, 1>,
+    ];
+    // SAFETY: the tables that hold this GEMM are handed out after AVX2,
+    // FMA and F16C were detected.
+    unsafe { tiled_gemm(w, a, k, out, (4, 2), tiles) }
+}
+
+pub(super) fn gemm_f16(w: &[F16Bytes], a: &[F16Bytes], k: usize, out: &mut [f32]) -> Tiles {
+    gemm_float::<_, _, F16, F16>(w, a, k, out)
+}
+
+pub(super) fn gemm_bf16(w: &[Bf16Bytes], a: &[Bf16Bytes], k: usize, out: &mut [f32]) -> Tiles {
+    gemm_float::<_, _, BF16, BF16>(w, a, k, out)
+}
+
+pub(super) fn gemm_f32_le(w: &[F32Bytes], a: &[f32], k: usize, out: &mut [f32]) -> Tiles {
+    gemm_float::<_, _, F32, F32>(w, a, k, out)
+}
+
+pub(super) fn gemm_f16_f32(w: &[F16Bytes], a: &[f32], k: usize, out: &mut [f32]) -> Tiles {
+    gemm_float::<_, _, F16, F32>(w, a, k, out)
+}
+
+pub(super) fn gemm_bf16_f32(w: &[Bf16Bytes], a: &[f32], k: usize, out: &mut [f32]) -> Tiles {
+    gemm_float::<_, _, BF16, F32>(w, a, k, out)
+}
+
+pub(super) fn gemm_f32(w: &[f32], a: &[f32], k: usize, out: &mut [f32]) -> Tiles {
+    gemm_float::<_, _, F32, F32>(w, a, k, out)
+}
+
+// ------------------------------------------------------------------ quantizer
+
+/// One Q8 block: `Some((d, quants, sum))` exactly as the reference
+/// quantizer computes them, or `None` for blocks with a NaN or an
+/// infinite or overflowing scale, which the caller sends to the
+/// reference code instead. The packed matmul quantizes its
+/// activations with it too (`crate::packed`).
+///
+/// Safety: AVX2, FMA and F16C; `x` has 32 readable floats, `qs` 32
+/// writable bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn q8_block(x: *const f32, qs: *mut i8) -> Option<(f32, i32)> {
+    // SAFETY (whole body): the features and pointers the caller vouches for.
+    unsafe {
+        let v = [
+            _mm256_loadu_ps(x),
+            _mm256_loadu_ps(x.add(8)),
+            _mm256_loadu_ps(x.add(16)),
+            _mm256_loadu_ps(x.add(24)),
+        ];
+        let absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+        let mut m = _mm256_setzero_ps();
+        let mut nan = _mm256_setzero_ps();
+        for vi in v {
+            m = _mm256_max_ps(m, _mm256_and_ps(vi, absm));
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(vi, vi));
+        }
+        if _mm256_movemask_ps(nan) != 0 {
+            return None;
+        }
+        let r = _mm_max_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
+        let r = _mm_max_ps(r, _mm_movehl_ps(r, r));
+        let r = _mm_max_ss(r, _mm_movehdup_ps(r));
+        let amax = _mm_cvtss_f32(r);
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        if !amax.is_finite() || !id.is_finite() {
+            return None;
+        }
+        let vid = _mm256_set1_ps(id);
+        let half = _mm256_set1_ps(0.5);
+        let sign = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MIN));
+        let one = _mm256_set1_ps(1.0);
+        let mut q = [_mm256_setzero_si256(); 4];
+        for (qi, vi) in q.iter_mut().zip(v) {
+            // round half away from zero, as f32::round: trunc, then
+            // step one away from zero when |frac| >= 0.5 (exact).
+            let p = _mm256_mul_ps(vi, vid);
+            let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(p);
+            let frac = _mm256_and_ps(_mm256_sub_ps(p, t), absm);
+            let up = _mm256_cmp_ps::<_CMP_GE_OQ>(frac, half);
+            let step = _mm256_or_ps(_mm256_and_ps(p, sign), one);
+            *qi = _mm256_cvttps_epi32(_mm256_add_ps(t, _mm256_and_ps(up, step)));
+        }
+        let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        let s = _mm_add_epi32(
+            _mm256_extracti128_si256(sum, 1),
+            _mm256_castsi256_si128(sum),
+        );
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+        let p16a = _mm256_packs_epi32(q[0], q[1]);
+        let p16b = _mm256_packs_epi32(q[2], q[3]);
+        let p8 = _mm256_packs_epi16(p16a, p16b);
+        let p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(qs as *mut __m256i, p8);
+        Some((d, _mm_cvtsi128_si32(s)))
+    }
+}
+
+/// Safe only through a `Kernels` table (features detected first).
+pub(super) fn quantize_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
+    assert_eq!(x.len(), out.len() * 32, "q8_0 row length");
+    for (b, xs) in out.iter_mut().zip(x.chunks_exact(32)) {
+        // SAFETY: features detected before the table is handed out;
+        // xs has 32 floats and b.qs 32 bytes.
+        match unsafe { q8_block(xs.as_ptr(), b.qs.as_mut_ptr()) } {
+            Some((d, _)) => b.d = f32_to_f16(d).to_le_bytes(),
+            None => *b = crate::quant::q8_0::quantize_block_q8_0(xs.try_into().unwrap()),
+        }
+    }
+}
+
+/// Safe only through a `Kernels` table (features detected first).
+pub(super) fn quantize_q8_1(x: &[f32], out: &mut [BlockQ8_1]) {
+    assert_eq!(x.len(), out.len() * 32, "q8_1 row length");
+    for (b, xs) in out.iter_mut().zip(x.chunks_exact(32)) {
+        // SAFETY: as in quantize_q8_0.
+        match unsafe { q8_block(xs.as_ptr(), b.qs.as_mut_ptr()) } {
+            Some((d, sum)) => {
+                b.d = f32_to_f16(d).to_le_bytes();
+                b.s = f32_to_f16(sum as f32 * d).to_le_bytes();
+            }
+            None => *b = crate::quant::q8_1::quantize_block_q8_1(xs.try_into().unwrap()),
+        }
+    }
+}
+
+/// A 256-bit path's table: its quantized GEMMs, and this module's float
+/// GEMMs and quantizers (the same code on every 256-bit path).
+pub(super) const fn table<I: Isa256>(path: crate::simd::SimdPath) -> Kernels {
+    use crate::dot::kq::gemm_avx2;
+    use crate::quant::{
+        BlockQ2_K, BlockQ3_K, BlockQ4_K, BlockQ5_0, BlockQ5_1, BlockQ5_K, BlockQ6_K,
+    };
+    Kernels {
+        path,
+        tile: (4, 2),
+        q4_0: gemm::<Q4_0, I>,
+        q4_1: gemm::<Q4_1, I>,
+        q8_0: gemm::<Q8_0, I>,
+        q5_0: gemm_avx2::<BlockQ5_0>,
+        q5_1: gemm_avx2::<BlockQ5_1>,
+        q2_k: gemm_avx2::<BlockQ2_K>,
+        q3_k: gemm_avx2::<BlockQ3_K>,
+        q4_k: gemm_avx2::<BlockQ4_K>,
+        q5_k: gemm_avx2::<BlockQ5_K>,
+        q6_k: gemm_avx2::<BlockQ6_K>,
+        f16: gemm_f16,
+        bf16: gemm_bf16,
+        f32_le: gemm_f32_le,
+        f16_f32: gemm_f16_f32,
+        bf16_f32: gemm_bf16_f32,
+        f32: gemm_f32,
+        quantize_q8_0,
+        quantize_q8_1,
+        quantize_q8_k: crate::quant::quantize_row_q8_k,
+    }
+}
+
+pub(in crate::dot) static KERNELS: Kernels = table::<Avx2>(crate::simd::SimdPath::Avx2);

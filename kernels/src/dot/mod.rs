@@ -3,12 +3,13 @@
 //!
 //! - [`scalar`]: the portable reference twins every SIMD path is tested
 //!   against (ggml's generic order of operations).
-//! - `avx2` / `avxvnni`: 256-bit x86 kernels from one macro
-//!   (`vpmaddubsw`+`vpmaddwd`, or `vpdpbusd`).
-//! - `avx512` / `avx512vnni`: 512-bit x86 kernels from one macro; each zmm
-//!   holds two (row, token) pairs, 256 bits each.
-//! - `neon` (`neon::plain` / `neon::dotprod`): aarch64 kernels from one
-//!   macro (`smull`+`sadalp`, or `sdot`), 4 x 2 tiles.
+//! - `avx2` / `avxvnni`: 256-bit x86 tiles, one generic body per format
+//!   over the path's byte dot (`vpmaddubsw`+`vpmaddwd`, or `vpdpbusd`).
+//! - `avx512` / `avx512vnni`: 512-bit x86 tiles, likewise; each zmm holds
+//!   two (row, token) pairs, 256 bits each.
+//! - `neon` (`neon::plain` / `neon::dotprod`): aarch64 tiles, one generic
+//!   body per format over the path's byte dot (`smull`+`sadalp`, or
+//!   `sdot`), 4 x 2 tiles.
 //!
 //! Every x86 path computes each output the same way: per block an exact
 //! i32 sum in 8 lanes (lane l = sum of products of elements 4l..4l+3), one
@@ -32,18 +33,16 @@
 pub mod scalar;
 
 #[cfg(target_arch = "x86_64")]
-#[macro_use]
 mod avx2;
 // The AVX2 block quantizer, for the packed matmul's activations.
 #[cfg(target_arch = "x86_64")]
 pub(crate) use avx2::q8_block as q8_block_avx2;
 #[cfg(target_arch = "x86_64")]
-mod avxvnni;
-#[cfg(target_arch = "x86_64")]
-#[macro_use]
 mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod avx512vnni;
+#[cfg(target_arch = "x86_64")]
+mod avxvnni;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod float_wide;
 #[cfg(all(target_arch = "aarch64", target_endian = "little"))]
@@ -303,6 +302,52 @@ pub(crate) fn for_tiles(
     tiles
 }
 
+/// A micro-kernel: R weight rows (`w`, rows k units apart) x C tokens (`a`,
+/// k units apart), output (row i, token j) at `out + j * ld + i`, for the R
+/// and C it was instantiated with.
+pub(crate) type TileFn<W, A> = unsafe fn(*const W, *const A, usize, *mut f32, usize);
+
+/// A GEMM over one kernel's tiles: `tiles` are its `(mr, nr)`, `(mr, 1)`,
+/// `(1, nr)` and `(1, 1)` instances, walked by [`for_tiles`].
+///
+/// # Safety
+/// The CPU has the tiles' features (a [`Kernels`] table that holds the
+/// caller was handed out after detection). The lengths are checked here.
+#[inline(always)]
+pub(crate) unsafe fn tiled_gemm<W, A>(
+    w: &[W],
+    a: &[A],
+    k: usize,
+    out: &mut [f32],
+    (mr, nr): (usize, usize),
+    [full, rows_only, tokens_only, one]: [TileFn<W, A>; 4],
+) -> Tiles {
+    let (rows, n) = gemm_shape(w.len(), a.len(), k, out.len());
+    let (wp, ap, op) = (w.as_ptr(), a.as_ptr(), out.as_mut_ptr());
+    for_tiles(
+        rows,
+        n,
+        k * std::mem::size_of::<W>(),
+        (mr, nr),
+        |r0, t0, r, c| {
+            let tile = match (r == mr, c == nr) {
+                (true, true) => full,
+                (true, false) => rows_only,
+                (false, true) => tokens_only,
+                (false, false) => one,
+            };
+            // SAFETY: the features, as the caller guarantees; for_tiles keeps
+            // r0 + r <= rows and t0 + c <= n, so every block the tile reads and
+            // every output it writes is inside w, a and out, whose lengths
+            // gemm_shape checked.
+            unsafe {
+                let (w, a, o) = (wp.add(r0 * k), ap.add(t0 * k), op.add(t0 * rows + r0));
+                tile(w, a, k, o, rows)
+            }
+        },
+    )
+}
+
 /// One output per (row, token) with a plain dot: the scalar path's GEMM.
 fn each_dot<W, A>(
     w: &[W],
@@ -323,50 +368,30 @@ fn each_dot<W, A>(
     Tiles::default()
 }
 
-macro_rules! scalar_gemm {
-    ($name:ident, $W:ty, $A:ty, $dot:path) => {
-        fn $name(w: &[$W], a: &[$A], k: usize, out: &mut [f32]) -> Tiles {
-            each_dot(w, a, k, out, $dot)
-        }
-    };
+/// The scalar GEMM of a block format: its reference dot per output.
+fn scalar_gemm<F: DotFormat>(w: &[F], a: &[F::Act], k: usize, out: &mut [f32]) -> Tiles {
+    each_dot(w, a, k, out, F::vec_dot)
 }
-
-scalar_gemm!(s_q4_0, BlockQ4_0, BlockQ8_0, scalar::vec_dot_q4_0_q8_0);
-scalar_gemm!(s_q4_1, BlockQ4_1, BlockQ8_1, scalar::vec_dot_q4_1_q8_1);
-scalar_gemm!(s_q8_0, BlockQ8_0, BlockQ8_0, scalar::vec_dot_q8_0_q8_0);
-scalar_gemm!(s_q5_0, BlockQ5_0, BlockQ8_0, scalar::vec_dot_q5_0_q8_0);
-scalar_gemm!(s_q5_1, BlockQ5_1, BlockQ8_1, scalar::vec_dot_q5_1_q8_1);
-scalar_gemm!(s_q2_k, BlockQ2_K, BlockQ8_K, scalar::vec_dot_q2_k_q8_k);
-scalar_gemm!(s_q3_k, BlockQ3_K, BlockQ8_K, scalar::vec_dot_q3_k_q8_k);
-scalar_gemm!(s_q4_k, BlockQ4_K, BlockQ8_K, scalar::vec_dot_q4_k_q8_k);
-scalar_gemm!(s_q5_k, BlockQ5_K, BlockQ8_K, scalar::vec_dot_q5_k_q8_k);
-scalar_gemm!(s_q6_k, BlockQ6_K, BlockQ8_K, scalar::vec_dot_q6_k_q8_k);
-scalar_gemm!(s_f16, F16Bytes, F16Bytes, scalar::vec_dot_f16);
-scalar_gemm!(s_bf16, Bf16Bytes, Bf16Bytes, scalar::vec_dot_bf16);
-scalar_gemm!(s_f32_le, F32Bytes, f32, scalar::vec_dot_f32_le);
-scalar_gemm!(s_f16_f32, F16Bytes, f32, scalar::vec_dot_f16_f32);
-scalar_gemm!(s_bf16_f32, Bf16Bytes, f32, scalar::vec_dot_bf16_f32);
-scalar_gemm!(s_f32, f32, f32, scalar::vec_dot_f32);
 
 static SCALAR: Kernels = Kernels {
     path: SimdPath::Scalar,
     tile: (1, 1),
-    q4_0: s_q4_0,
-    q4_1: s_q4_1,
-    q8_0: s_q8_0,
-    q5_0: s_q5_0,
-    q5_1: s_q5_1,
-    q2_k: s_q2_k,
-    q3_k: s_q3_k,
-    q4_k: s_q4_k,
-    q5_k: s_q5_k,
-    q6_k: s_q6_k,
-    f16: s_f16,
-    bf16: s_bf16,
-    f32_le: s_f32_le,
-    f16_f32: s_f16_f32,
-    bf16_f32: s_bf16_f32,
-    f32: s_f32,
+    q4_0: scalar_gemm::<BlockQ4_0>,
+    q4_1: scalar_gemm::<BlockQ4_1>,
+    q8_0: scalar_gemm::<BlockQ8_0>,
+    q5_0: scalar_gemm::<BlockQ5_0>,
+    q5_1: scalar_gemm::<BlockQ5_1>,
+    q2_k: scalar_gemm::<BlockQ2_K>,
+    q3_k: scalar_gemm::<BlockQ3_K>,
+    q4_k: scalar_gemm::<BlockQ4_K>,
+    q5_k: scalar_gemm::<BlockQ5_K>,
+    q6_k: scalar_gemm::<BlockQ6_K>,
+    f16: |w, a, k, out| each_dot(w, a, k, out, scalar::vec_dot_f16),
+    bf16: |w, a, k, out| each_dot(w, a, k, out, scalar::vec_dot_bf16),
+    f32_le: |w, a, k, out| each_dot(w, a, k, out, scalar::vec_dot_f32_le),
+    f16_f32: |w, a, k, out| each_dot(w, a, k, out, scalar::vec_dot_f16_f32),
+    bf16_f32: |w, a, k, out| each_dot(w, a, k, out, scalar::vec_dot_bf16_f32),
+    f32: |w, a, k, out| each_dot(w, a, k, out, scalar::vec_dot_f32),
     quantize_q8_0: crate::quant::quantize_row_q8_0,
     quantize_q8_1: crate::quant::quantize_row_q8_1,
     quantize_q8_k: crate::quant::quantize_row_q8_k,
