@@ -38,6 +38,7 @@
 //! group, when it has at most 8 real rows, runs its first half only.
 
 use std::arch::x86_64::*;
+use std::marker::PhantomData;
 
 use super::x86::prefetch;
 use super::{block_at, gemm_shape, ActBlock, Out, PackedKernels, PackedWeights, GROUP_ROWS};
@@ -65,9 +66,9 @@ pub(super) const HALF: usize = GROUP_ROWS / 2;
 /// checking the CPU has AVX2, FMA and F16C (see `SimdPath::is_available`).
 pub(super) static KERNELS: PackedKernels = PackedKernels {
     path: SimdPath::Avx2,
-    q4_0: gemm_q4_0,
-    q4_1: gemm_q4_1,
-    q8_0: gemm_q8_0,
+    q4_0: gemm::<Q4_0<Avx2>>,
+    q4_1: gemm::<Q4_1<Avx2>>,
+    q8_0: gemm::<Q8_0<Avx2>>,
     q5_0: super::kq::x86::avx2::<super::kq::Q5_0>(),
     q4_k: super::kq::x86::avx2::<super::kq::Q4K>(),
     q6_k: super::kq::x86::avx2::<super::kq::Q6K>(),
@@ -119,194 +120,286 @@ pub(super) unsafe fn group(a: &ActBlock, j: usize) -> __m256i {
     _mm256_set1_epi32(g)
 }
 
-/// One 4-bit tile of H halves (H = 2: rows 0-15; H = 1: rows 0-7): `g` is
+/// A 256-bit path's packed tiles: C tokens x H halves of one group (H = 2:
+/// rows 0-15; H = 1: rows 0-7), compiled with the path's features. `g` is
 /// the group ([`super::block_at`]), `act` the tile's first token's blocks
 /// (token t at `act + t * k`), `out` the tile's first output (token t at
-/// `out + t * ld`), `real` the group's real rows. `MIN` (Q4_1): a block's
-/// scales are 16 scales then 16 minimums, and `acc += m * s` follows the
-/// scaled integer sum; Q4_0's `-8 sum(y)` rides in `a.c` (0 for Q4_1).
-///
-/// Safety: the features below; `g` holds a group of `k` blocks, `act`
-/// `C * k` blocks; lanes below `real` of
-/// `out + t * ld` (t < C) are writable.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_4bit<const C: usize, const H: usize, const MIN: bool>(
-    g: *const u8,
-    k: usize,
-    act: *const ActBlock,
-    out: *mut f32,
-    ld: usize,
-    real: usize,
-) {
-    let sb = if MIN { 64 } else { 32 };
-    // A loop LLVM does not unroll: unrolled, it loaded every chunk of the block
-    // first and spilled the broadcasts to the stack (Q4_0 then ran at half
-    // speed in some builds and not others); rolled, the chunk's vectors and
-    // the 2C sums stay in registers. black_box returns its argument (4) and
-    // only hides it from the optimizer.
-    let chunks = std::hint::black_box(4);
-    let m4 = _mm256_set1_epi8(0x0F);
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = [[_mm256_setzero_ps(); C]; H];
-    for b in 0..k {
-        // SAFETY (whole body): every offset is inside the ranges the caller guarantees.
-        unsafe {
-            let (qo, so) = block_at(256, sb, b);
-            let (qb, db) = (g.add(qo), g.add(so));
-            prefetch::<C, PF_BYTES>(g, 256, sb, b);
-            // i16 sums per lane half: 16 products of at most 15 * 128 each, |sum| <= 30720.
-            let mut s16 = [[_mm256_setzero_si256(); C]; H];
-            for j in 0..chunks {
-                for (h, s16_h) in s16.iter_mut().enumerate() {
-                    let l = _mm256_loadu_si256(qb.add(64 * j + 32 * h) as *const __m256i);
-                    let lo = _mm256_and_si256(l, m4);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(l), m4);
-                    for (t, s) in s16_h.iter_mut().enumerate() {
-                        let a = &*act.add(t * k + b);
-                        let plo = _mm256_maddubs_epi16(lo, group(a, j));
-                        let phi = _mm256_maddubs_epi16(hi, group(a, 4 + j));
-                        *s = _mm256_add_epi16(*s, _mm256_add_epi16(plo, phi));
-                    }
-                }
-            }
-            for (h, (acc_h, s16_h)) in acc.iter_mut().zip(&s16).enumerate() {
-                let dx = _mm256_cvtph_ps(_mm_loadu_si128(db.add(16 * h) as *const __m128i));
-                let mx = if MIN {
-                    _mm256_cvtph_ps(_mm_loadu_si128(db.add(32 + 16 * h) as *const __m128i))
-                } else {
-                    _mm256_setzero_ps()
-                };
-                for (t, (acc_t, s)) in acc_h.iter_mut().zip(s16_h).enumerate() {
-                    let a = &*act.add(t * k + b);
-                    let s = _mm256_add_epi32(_mm256_madd_epi16(*s, ones), _mm256_set1_epi32(a.c));
-                    let dd = _mm256_mul_ps(dx, _mm256_set1_ps(a.d));
-                    *acc_t = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(s), *acc_t);
-                    if MIN {
-                        *acc_t = _mm256_fmadd_ps(mx, _mm256_set1_ps(a.s), *acc_t);
-                    }
-                }
-            }
-        }
-    }
-    // SAFETY: as the caller guarantees.
-    unsafe { store(&acc, out, ld, real) };
+/// `out + t * ld`), `real` the group's real rows.
+pub(super) trait Path256 {
+    /// A 4-bit (Q4_0, or `MIN`: Q4_1) tile.
+    ///
+    /// # Safety
+    /// The path's features; `g` holds a group of `k` blocks, `act` `C * k`
+    /// blocks; lanes below `real` of `out + t * ld` (t < C) are writable.
+    unsafe fn tile_4bit<const C: usize, const H: usize, const MIN: bool>(
+        g: *const u8,
+        k: usize,
+        act: *const ActBlock,
+        out: *mut f32,
+        ld: usize,
+        real: usize,
+    );
+    /// A Q8_0 tile. # Safety: as [`Path256::tile_4bit`].
+    unsafe fn tile_q8_0<const C: usize, const H: usize>(
+        g: *const u8,
+        k: usize,
+        act: *const ActBlock,
+        out: *mut f32,
+        ld: usize,
+        real: usize,
+    );
 }
 
-/// As [`tile_4bit`] for Q8_0 weights, whose
-/// activations must not hold -128 (an `a.qs` byte 0x80; see the module docs).
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_q8_0<const C: usize, const H: usize>(
-    g: *const u8,
-    k: usize,
-    act: *const ActBlock,
-    out: *mut f32,
-    ld: usize,
-    real: usize,
-) {
-    let ones = _mm256_set1_epi16(1);
-    let flip = _mm256_set1_epi8(-128);
-    // Not unrolled, as in tile_4bit.
-    let chunks = std::hint::black_box(8);
-    let mut acc = [[_mm256_setzero_ps(); C]; H];
-    for b in 0..k {
-        // SAFETY (whole body): every offset is inside the ranges the caller guarantees.
-        unsafe {
-            let (qo, so) = block_at(512, 32, b);
-            let (qb, db) = (g.add(qo), g.add(so));
-            prefetch::<C, PF_BYTES>(g, 512, 32, b);
-            let mut s = [[_mm256_setzero_si256(); C]; H];
-            for j in 0..chunks {
-                for (h, s_h) in s.iter_mut().enumerate() {
-                    let q = _mm256_loadu_si256(qb.add(64 * j + 32 * h) as *const __m256i);
-                    let x = _mm256_xor_si256(q, flip);
-                    let ax = _mm256_abs_epi8(x);
-                    for (t, s) in s_h.iter_mut().enumerate() {
-                        // y in [-127, 127]: sign(y, x) is exact, |pair| <= 2 * 128 * 127.
-                        let y = group(&*act.add(t * k + b), j);
-                        let p = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(y, x));
-                        *s = _mm256_add_epi32(*s, _mm256_madd_epi16(p, ones));
-                    }
-                }
-            }
-            for (h, (acc_h, s_h)) in acc.iter_mut().zip(&s).enumerate() {
-                let dx = _mm256_cvtph_ps(_mm_loadu_si128(db.add(16 * h) as *const __m128i));
-                for (t, (acc_t, s)) in acc_h.iter_mut().zip(s_h).enumerate() {
-                    let a = &*act.add(t * k + b);
-                    let dd = _mm256_mul_ps(dx, _mm256_set1_ps(a.d));
-                    *acc_t = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(*s), *acc_t);
-                }
-            }
-        }
-    }
-    // SAFETY: as the caller guarantees.
-    unsafe { store(&acc, out, ld, real) };
-}
+/// The AVX2 path.
+pub(super) struct Avx2;
 
-/// A [`super::PackedGemmFn`] from a 256-bit tile kernel (here and in
-/// `avxvnni.rs`): groups of the call's rows
-/// outer (the group's weights stay in L1 while every token passes), tokens
-/// in tiles of [`C_FULL`] inner. A group with more than 8 real rows
-/// runs both halves in each tile; one with at most 8 (the matrix's last)
-/// only the first.
-macro_rules! packed_gemm {
-    ($name:ident, $tile:ident[$($extra:tt),*], $qb:expr, $sb:expr) => {
-        /// Safety: [`crate::packed::PackedGemmFn`]'s.
-        unsafe fn $name(
-            w: &PackedWeights,
-            r0: usize,
-            nr: usize,
-            act: &[ActBlock],
-            out: Out,
-        ) -> Tiles {
-            let n = gemm_shape(w, r0, nr, act);
-            let k = w.blocks();
-            let mut tiles = Tiles::default();
-            for g0 in (0..nr).step_by(GROUP_ROWS) {
-                let real = (nr - g0).min(GROUP_ROWS);
-                let group = w.group((r0 + g0) / GROUP_ROWS);
-                assert!(
-                    crate::packed::group_len($qb, $sb, k).is_some_and(|n| group.len() >= n)
-                );
-                let g = group.as_ptr();
-                let mut t0 = 0;
-                while t0 < n {
-                    let c = (n - t0).min(C_FULL);
-                    // SAFETY: the tables are handed out only where the CPU has the
-                    // features; the group holds k blocks (asserted); tokens
-                    // t0..t0+c < n have k blocks each in act; lane l < real of token
-                    // t0+j is out.at(t0+j, g0+l) with g0 + l < nr, which the caller
-                    // lets us write.
-                    unsafe {
-                        let a = act.as_ptr().add(t0 * k);
-                        let (o, ld) = (out.at(t0, g0), out.ld());
-                        match (c, real > HALF) {
-                            (3, true) => $tile::<3, 2 $(, $extra)*>(g, k, a, o, ld, real),
-                            (2, true) => $tile::<2, 2 $(, $extra)*>(g, k, a, o, ld, real),
-                            (_, true) => $tile::<1, 2 $(, $extra)*>(g, k, a, o, ld, real),
-                            (3, false) => $tile::<3, 1 $(, $extra)*>(g, k, a, o, ld, real),
-                            (2, false) => $tile::<2, 1 $(, $extra)*>(g, k, a, o, ld, real),
-                            (_, false) => $tile::<1, 1 $(, $extra)*>(g, k, a, o, ld, real),
+impl Path256 for Avx2 {
+    /// `MIN` (Q4_1): a block's scales are 16 scales then 16 minimums, and
+    /// `acc += m * s` follows the scaled integer sum; Q4_0's `-8 sum(y)`
+    /// rides in `a.c` (0 for Q4_1).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile_4bit<const C: usize, const H: usize, const MIN: bool>(
+        g: *const u8,
+        k: usize,
+        act: *const ActBlock,
+        out: *mut f32,
+        ld: usize,
+        real: usize,
+    ) {
+        let sb = if MIN { 64 } else { 32 };
+        // A loop LLVM does not unroll: unrolled, it loaded every chunk of the block
+        // first and spilled the broadcasts to the stack (Q4_0 then ran at half
+        // speed in some builds and not others); rolled, the chunk's vectors and
+        // the 2C sums stay in registers. black_box returns its argument (4) and
+        // only hides it from the optimizer.
+        let chunks = std::hint::black_box(4);
+        let m4 = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[_mm256_setzero_ps(); C]; H];
+        for b in 0..k {
+            // SAFETY (whole body): every offset is inside the ranges the caller guarantees.
+            unsafe {
+                let (qo, so) = block_at(256, sb, b);
+                let (qb, db) = (g.add(qo), g.add(so));
+                prefetch::<C, PF_BYTES>(g, 256, sb, b);
+                // i16 sums per lane half: 16 products of at most 15 * 128 each, |sum| <= 30720.
+                let mut s16 = [[_mm256_setzero_si256(); C]; H];
+                for j in 0..chunks {
+                    for (h, s16_h) in s16.iter_mut().enumerate() {
+                        let l = _mm256_loadu_si256(qb.add(64 * j + 32 * h) as *const __m256i);
+                        let lo = _mm256_and_si256(l, m4);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(l), m4);
+                        for (t, s) in s16_h.iter_mut().enumerate() {
+                            let a = &*act.add(t * k + b);
+                            let plo = _mm256_maddubs_epi16(lo, group(a, j));
+                            let phi = _mm256_maddubs_epi16(hi, group(a, 4 + j));
+                            *s = _mm256_add_epi16(*s, _mm256_add_epi16(plo, phi));
                         }
                     }
-                    if c == C_FULL && real == GROUP_ROWS {
-                        tiles.full += 1;
+                }
+                for (h, (acc_h, s16_h)) in acc.iter_mut().zip(&s16).enumerate() {
+                    let dx = _mm256_cvtph_ps(_mm_loadu_si128(db.add(16 * h) as *const __m128i));
+                    let mx = if MIN {
+                        _mm256_cvtph_ps(_mm_loadu_si128(db.add(32 + 16 * h) as *const __m128i))
                     } else {
-                        tiles.edge += 1;
+                        _mm256_setzero_ps()
+                    };
+                    for (t, (acc_t, s)) in acc_h.iter_mut().zip(s16_h).enumerate() {
+                        let a = &*act.add(t * k + b);
+                        let s =
+                            _mm256_add_epi32(_mm256_madd_epi16(*s, ones), _mm256_set1_epi32(a.c));
+                        let dd = _mm256_mul_ps(dx, _mm256_set1_ps(a.d));
+                        *acc_t = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(s), *acc_t);
+                        if MIN {
+                            *acc_t = _mm256_fmadd_ps(mx, _mm256_set1_ps(a.s), *acc_t);
+                        }
                     }
-                    t0 += c;
                 }
             }
-            tiles
         }
-    };
+        // SAFETY: as the caller guarantees.
+        unsafe { store(&acc, out, ld, real) };
+    }
+
+    /// Q8_0 weights, whose activations must not hold -128 (an `a.qs` byte
+    /// 0x80; see the module docs).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile_q8_0<const C: usize, const H: usize>(
+        g: *const u8,
+        k: usize,
+        act: *const ActBlock,
+        out: *mut f32,
+        ld: usize,
+        real: usize,
+    ) {
+        let ones = _mm256_set1_epi16(1);
+        let flip = _mm256_set1_epi8(-128);
+        // Not unrolled, as in tile_4bit.
+        let chunks = std::hint::black_box(8);
+        let mut acc = [[_mm256_setzero_ps(); C]; H];
+        for b in 0..k {
+            // SAFETY (whole body): every offset is inside the ranges the caller guarantees.
+            unsafe {
+                let (qo, so) = block_at(512, 32, b);
+                let (qb, db) = (g.add(qo), g.add(so));
+                prefetch::<C, PF_BYTES>(g, 512, 32, b);
+                let mut s = [[_mm256_setzero_si256(); C]; H];
+                for j in 0..chunks {
+                    for (h, s_h) in s.iter_mut().enumerate() {
+                        let q = _mm256_loadu_si256(qb.add(64 * j + 32 * h) as *const __m256i);
+                        let x = _mm256_xor_si256(q, flip);
+                        let ax = _mm256_abs_epi8(x);
+                        for (t, s) in s_h.iter_mut().enumerate() {
+                            // y in [-127, 127]: sign(y, x) is exact, |pair| <= 2 * 128 * 127.
+                            let y = group(&*act.add(t * k + b), j);
+                            let p = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(y, x));
+                            *s = _mm256_add_epi32(*s, _mm256_madd_epi16(p, ones));
+                        }
+                    }
+                }
+                for (h, (acc_h, s_h)) in acc.iter_mut().zip(&s).enumerate() {
+                    let dx = _mm256_cvtph_ps(_mm_loadu_si128(db.add(16 * h) as *const __m128i));
+                    for (t, (acc_t, s)) in acc_h.iter_mut().zip(s_h).enumerate() {
+                        let a = &*act.add(t * k + b);
+                        let dd = _mm256_mul_ps(dx, _mm256_set1_ps(a.d));
+                        *acc_t = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(*s), *acc_t);
+                    }
+                }
+            }
+        }
+        // SAFETY: as the caller guarantees.
+        unsafe { store(&acc, out, ld, real) };
+    }
 }
 
-pub(super) use packed_gemm;
+/// One packed 256-bit tile family (a format on a path): C tokens x H
+/// halves of one group, as [`tile_4bit`] takes them.
+pub(super) trait Tile256 {
+    /// Quant and scale bytes of a block in the group layout ([`block_at`]).
+    const QB: usize;
+    const SB: usize;
+    /// # Safety
+    /// The path's features are present; [`tile_4bit`]'s pointer conditions.
+    unsafe fn tile<const C: usize, const H: usize>(
+        g: *const u8,
+        k: usize,
+        act: *const ActBlock,
+        out: *mut f32,
+        ld: usize,
+        real: usize,
+    );
+}
 
-packed_gemm!(gemm_q4_0, tile_4bit[false], 256, 32);
-packed_gemm!(gemm_q4_1, tile_4bit[true], 256, 64);
-packed_gemm!(gemm_q8_0, tile_q8_0[], 512, 32);
+/// The [`super::PackedGemmFn`] of a 256-bit tile family (here and in
+/// `avxvnni.rs`): groups of the call's rows outer (the group's weights
+/// stay in L1 while every token passes), tokens in tiles of [`C_FULL`]
+/// inner. A group with more than 8 real rows runs both halves in each
+/// tile; one with at most 8 (the matrix's last) only the first.
+///
+/// # Safety
+/// [`super::PackedGemmFn`]'s: the CPU has T's features (the tables are
+/// handed out only after detection).
+pub(super) unsafe fn gemm<T: Tile256>(
+    w: &PackedWeights,
+    r0: usize,
+    nr: usize,
+    act: &[ActBlock],
+    out: Out,
+) -> Tiles {
+    let n = gemm_shape(w, r0, nr, act);
+    let k = w.blocks();
+    let mut tiles = Tiles::default();
+    for g0 in (0..nr).step_by(GROUP_ROWS) {
+        let real = (nr - g0).min(GROUP_ROWS);
+        let group = w.group((r0 + g0) / GROUP_ROWS);
+        assert!(super::group_len(T::QB, T::SB, k).is_some_and(|n| group.len() >= n));
+        let g = group.as_ptr();
+        let mut t0 = 0;
+        while t0 < n {
+            let c = (n - t0).min(C_FULL);
+            // SAFETY: the CPU has the features, as the caller guarantees; the
+            // group holds k blocks (asserted); tokens t0..t0+c < n have k
+            // blocks each in act; lane l < real of token t0+j is
+            // out.at(t0+j, g0+l) with g0 + l < nr, which the caller lets us write.
+            unsafe {
+                let a = act.as_ptr().add(t0 * k);
+                let (o, ld) = (out.at(t0, g0), out.ld());
+                match (c, real > HALF) {
+                    (3, true) => T::tile::<3, 2>(g, k, a, o, ld, real),
+                    (2, true) => T::tile::<2, 2>(g, k, a, o, ld, real),
+                    (_, true) => T::tile::<1, 2>(g, k, a, o, ld, real),
+                    (3, false) => T::tile::<3, 1>(g, k, a, o, ld, real),
+                    (2, false) => T::tile::<2, 1>(g, k, a, o, ld, real),
+                    (_, false) => T::tile::<1, 1>(g, k, a, o, ld, real),
+                }
+            }
+            if c == C_FULL && real == GROUP_ROWS {
+                tiles.full += 1;
+            } else {
+                tiles.edge += 1;
+            }
+            t0 += c;
+        }
+    }
+    tiles
+}
+
+/// Q4_0, Q4_1 and Q8_0 tiles on path P.
+pub(super) struct Q4_0<P>(PhantomData<P>);
+pub(super) struct Q4_1<P>(PhantomData<P>);
+pub(super) struct Q8_0<P>(PhantomData<P>);
+
+impl<P: Path256> Tile256 for Q4_0<P> {
+    const QB: usize = 256;
+    const SB: usize = 32;
+    #[inline(always)]
+    unsafe fn tile<const C: usize, const H: usize>(
+        g: *const u8,
+        k: usize,
+        act: *const ActBlock,
+        out: *mut f32,
+        ld: usize,
+        real: usize,
+    ) {
+        // SAFETY: as the caller guarantees.
+        unsafe { P::tile_4bit::<C, H, false>(g, k, act, out, ld, real) }
+    }
+}
+
+impl<P: Path256> Tile256 for Q4_1<P> {
+    const QB: usize = 256;
+    const SB: usize = 64;
+    #[inline(always)]
+    unsafe fn tile<const C: usize, const H: usize>(
+        g: *const u8,
+        k: usize,
+        act: *const ActBlock,
+        out: *mut f32,
+        ld: usize,
+        real: usize,
+    ) {
+        // SAFETY: as the caller guarantees.
+        unsafe { P::tile_4bit::<C, H, true>(g, k, act, out, ld, real) }
+    }
+}
+
+impl<P: Path256> Tile256 for Q8_0<P> {
+    const QB: usize = 512;
+    const SB: usize = 32;
+    #[inline(always)]
+    unsafe fn tile<const C: usize, const H: usize>(
+        g: *const u8,
+        k: usize,
+        act: *const ActBlock,
+        out: *mut f32,
+        ld: usize,
+        real: usize,
+    ) {
+        // SAFETY: as the caller guarantees.
+        unsafe { P::tile_q8_0::<C, H>(g, k, act, out, ld, real) }
+    }
+}
 
 /// Quantizes one token's row to Q8_0 straight into activation blocks for
 /// `ty` (Q4_0 or Q8_0) weights: the quants and scales of

@@ -1,10 +1,12 @@
 //! What the x86 packed kernels share: the decode prefetch (every path) and
 //! the 512-bit nibble split, activation broadcast, masked store and
-//! row/token loop (the two AVX-512 paths).
+//! row/token loop ([`gemm`], the two AVX-512 paths).
 
 use std::arch::x86_64::*;
+use std::marker::PhantomData;
 
-use super::ActBlock;
+use super::{gemm_shape, ActBlock, Out, PackedWeights, GROUP_ROWS};
+use crate::dot::Tiles;
 
 /// Writes the C accumulators to `out + t * ld`, lanes in `mask`.
 ///
@@ -86,57 +88,163 @@ pub(super) unsafe fn group(a: &ActBlock, j: usize) -> __m512i {
     _mm512_set1_epi32(g)
 }
 
-/// A [`super::PackedGemmFn`] from a 512-bit tile kernel `$tile::<C,
-/// $extra..>` (C tokens of one 16-row group, at most the caller's `C_FULL`;
-/// `$extra`: the tile's other const arguments, e.g. Q4_1's `MIN`):
-/// groups of the call's rows outer (the group's weights stay in L1 while
-/// every token passes), tokens in tiles of `C_FULL` inner.
-macro_rules! packed_gemm_512 {
-    ($name:ident, $tile:ident[$($extra:tt),*], $qb:expr, $sb:expr) => {
-        /// Safety: [`super::PackedGemmFn`]'s.
-        unsafe fn $name(
-            w: &PackedWeights,
-            r0: usize,
-            nr: usize,
-            act: &[ActBlock],
-            out: Out,
-        ) -> Tiles {
-            let n = gemm_shape(w, r0, nr, act);
-            let k = w.blocks();
-            let mut tiles = Tiles::default();
-            for g0 in (0..nr).step_by(GROUP_ROWS) {
-                let real = (nr - g0).min(GROUP_ROWS);
-                let mask = (((1u32 << real) - 1) & 0xFFFF) as __mmask16;
-                let group = w.group((r0 + g0) / GROUP_ROWS);
-                assert!(super::group_len($qb, $sb, k).is_some_and(|n| group.len() >= n));
-                let g = group.as_ptr();
-                let mut t0 = 0;
-                while t0 < n {
-                    let c = (n - t0).min(C_FULL);
-                    // SAFETY: KERNELS is handed out only where the CPU has the features;
-                    // the group holds k blocks (asserted); tokens t0..t0+c < n have k
-                    // blocks each in act; lane l < real of token t0+j is out.at(t0+j, g0+l)
-                    // with g0 + l < nr, which the caller lets us write.
-                    unsafe {
-                        let a = act.as_ptr().add(t0 * k);
-                        let (o, ld) = (out.at(t0, g0), out.ld());
-                        match c {
-                            4 => $tile::<4 $(, $extra)*>(g, k, a, o, ld, mask),
-                            3 => $tile::<3 $(, $extra)*>(g, k, a, o, ld, mask),
-                            2 => $tile::<2 $(, $extra)*>(g, k, a, o, ld, mask),
-                            _ => $tile::<1 $(, $extra)*>(g, k, a, o, ld, mask),
-                        }
-                    }
-                    if c == C_FULL && real == GROUP_ROWS {
-                        tiles.full += 1;
-                    } else {
-                        tiles.edge += 1;
-                    }
-                    t0 += c;
+/// A 512-bit path's packed tiles: C tokens (at most `C_FULL`) of one
+/// 16-row group, compiled with the path's features. `g` is the group
+/// ([`super::block_at`]), `act` the tile's first token's blocks (token t at
+/// `act + t * k`), `out` the tile's first output (token t at `out + t * ld`),
+/// `mask` the group's real rows.
+pub(super) trait Path512 {
+    /// Tokens per full tile.
+    const C_FULL: usize;
+    /// A 4-bit (Q4_0, or `MIN`: Q4_1) tile.
+    ///
+    /// # Safety
+    /// The path's features; `g` holds a group of `k` blocks, `act` `C * k`
+    /// blocks; the masked lanes of `out + t * ld` (t < C) are writable.
+    unsafe fn tile_4bit<const C: usize, const MIN: bool>(
+        g: *const u8,
+        k: usize,
+        act: *const ActBlock,
+        out: *mut f32,
+        ld: usize,
+        mask: __mmask16,
+    );
+    /// A Q8_0 tile. # Safety: as [`Path512::tile_4bit`].
+    unsafe fn tile_q8_0<const C: usize>(
+        g: *const u8,
+        k: usize,
+        act: *const ActBlock,
+        out: *mut f32,
+        ld: usize,
+        mask: __mmask16,
+    );
+}
+
+/// One packed 512-bit tile family (a format on a path) as [`gemm`] walks it.
+pub(super) trait Tile512 {
+    /// Quant and scale bytes of a block in the group layout ([`super::block_at`]).
+    const QB: usize;
+    const SB: usize;
+    /// Tokens per full tile.
+    const C_FULL: usize;
+    /// # Safety
+    /// As [`Path512::tile_4bit`].
+    unsafe fn tile<const C: usize>(
+        g: *const u8,
+        k: usize,
+        act: *const ActBlock,
+        out: *mut f32,
+        ld: usize,
+        mask: __mmask16,
+    );
+}
+
+/// Q4_0, Q4_1 and Q8_0 tiles on path P.
+pub(super) struct Q4_0<P>(PhantomData<P>);
+pub(super) struct Q4_1<P>(PhantomData<P>);
+pub(super) struct Q8_0<P>(PhantomData<P>);
+
+impl<P: Path512> Tile512 for Q4_0<P> {
+    const QB: usize = 256;
+    const SB: usize = 32;
+    const C_FULL: usize = P::C_FULL;
+    #[inline(always)]
+    unsafe fn tile<const C: usize>(
+        g: *const u8,
+        k: usize,
+        act: *const ActBlock,
+        out: *mut f32,
+        ld: usize,
+        mask: __mmask16,
+    ) {
+        // SAFETY: as the caller guarantees.
+        unsafe { P::tile_4bit::<C, false>(g, k, act, out, ld, mask) }
+    }
+}
+
+impl<P: Path512> Tile512 for Q4_1<P> {
+    const QB: usize = 256;
+    const SB: usize = 64;
+    const C_FULL: usize = P::C_FULL;
+    #[inline(always)]
+    unsafe fn tile<const C: usize>(
+        g: *const u8,
+        k: usize,
+        act: *const ActBlock,
+        out: *mut f32,
+        ld: usize,
+        mask: __mmask16,
+    ) {
+        // SAFETY: as the caller guarantees.
+        unsafe { P::tile_4bit::<C, true>(g, k, act, out, ld, mask) }
+    }
+}
+
+impl<P: Path512> Tile512 for Q8_0<P> {
+    const QB: usize = 512;
+    const SB: usize = 32;
+    const C_FULL: usize = P::C_FULL;
+    #[inline(always)]
+    unsafe fn tile<const C: usize>(
+        g: *const u8,
+        k: usize,
+        act: *const ActBlock,
+        out: *mut f32,
+        ld: usize,
+        mask: __mmask16,
+    ) {
+        // SAFETY: as the caller guarantees.
+        unsafe { P::tile_q8_0::<C>(g, k, act, out, ld, mask) }
+    }
+}
+
+/// The [`super::PackedGemmFn`] of a 512-bit tile family: groups of the
+/// call's rows outer (the group's weights stay in L1 while every token
+/// passes), tokens in tiles of `T::C_FULL` (at most 4) inner.
+///
+/// # Safety
+/// [`super::PackedGemmFn`]'s: the CPU has T's features (the tables are
+/// handed out only after detection).
+pub(super) unsafe fn gemm<T: Tile512>(
+    w: &PackedWeights,
+    r0: usize,
+    nr: usize,
+    act: &[ActBlock],
+    out: Out,
+) -> Tiles {
+    let n = gemm_shape(w, r0, nr, act);
+    let k = w.blocks();
+    let mut tiles = Tiles::default();
+    for g0 in (0..nr).step_by(GROUP_ROWS) {
+        let real = (nr - g0).min(GROUP_ROWS);
+        let mask = (((1u32 << real) - 1) & 0xFFFF) as __mmask16;
+        let group = w.group((r0 + g0) / GROUP_ROWS);
+        assert!(super::group_len(T::QB, T::SB, k).is_some_and(|n| group.len() >= n));
+        let g = group.as_ptr();
+        let mut t0 = 0;
+        while t0 < n {
+            let c = (n - t0).min(T::C_FULL);
+            // SAFETY: the CPU has the features, as the caller guarantees; the
+            // group holds k blocks (asserted); tokens t0..t0+c < n have k
+            // blocks each in act; lane l < real of token t0+j is
+            // out.at(t0+j, g0+l) with g0 + l < nr, which the caller lets us write.
+            unsafe {
+                let a = act.as_ptr().add(t0 * k);
+                let (o, ld) = (out.at(t0, g0), out.ld());
+                match c {
+                    4 => T::tile::<4>(g, k, a, o, ld, mask),
+                    3 => T::tile::<3>(g, k, a, o, ld, mask),
+                    2 => T::tile::<2>(g, k, a, o, ld, mask),
+                    _ => T::tile::<1>(g, k, a, o, ld, mask),
                 }
             }
-            tiles
+            if c == T::C_FULL && real == GROUP_ROWS {
+                tiles.full += 1;
+            } else {
+                tiles.edge += 1;
+            }
+            t0 += c;
         }
-    };
+    }
+    tiles
 }
-pub(super) use packed_gemm_512;
