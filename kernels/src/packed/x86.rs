@@ -139,14 +139,16 @@ pub(super) trait Tile512 {
     );
 }
 
-/// Q4_0, Q4_1 and Q8_0 tiles on path P.
-pub(super) struct Q4_0<P>(PhantomData<P>);
-pub(super) struct Q4_1<P>(PhantomData<P>);
-pub(super) struct Q8_0<P>(PhantomData<P>);
+/// The legacy formats' tiles on path P: Q4_0 (neither flag), Q4_1
+/// (`MIN`: 16 scales then 16 minimums a block) and Q8_0 (`Q8`).
+pub(super) struct Legacy<P, const Q8: bool, const MIN: bool>(PhantomData<P>);
+pub(super) type Q4_0<P> = Legacy<P, false, false>;
+pub(super) type Q4_1<P> = Legacy<P, false, true>;
+pub(super) type Q8_0<P> = Legacy<P, true, false>;
 
-impl<P: Path512> Tile512 for Q4_0<P> {
-    const QB: usize = 256;
-    const SB: usize = 32;
+impl<P: Path512, const Q8: bool, const MIN: bool> Tile512 for Legacy<P, Q8, MIN> {
+    const QB: usize = if Q8 { 512 } else { 256 };
+    const SB: usize = if MIN { 64 } else { 32 };
     const C_FULL: usize = P::C_FULL;
     #[inline(always)]
     unsafe fn tile<const C: usize>(
@@ -158,43 +160,13 @@ impl<P: Path512> Tile512 for Q4_0<P> {
         mask: __mmask16,
     ) {
         // SAFETY: as the caller guarantees.
-        unsafe { P::tile_4bit::<C, false>(g, k, act, out, ld, mask) }
-    }
-}
-
-impl<P: Path512> Tile512 for Q4_1<P> {
-    const QB: usize = 256;
-    const SB: usize = 64;
-    const C_FULL: usize = P::C_FULL;
-    #[inline(always)]
-    unsafe fn tile<const C: usize>(
-        g: *const u8,
-        k: usize,
-        act: *const ActBlock,
-        out: *mut f32,
-        ld: usize,
-        mask: __mmask16,
-    ) {
-        // SAFETY: as the caller guarantees.
-        unsafe { P::tile_4bit::<C, true>(g, k, act, out, ld, mask) }
-    }
-}
-
-impl<P: Path512> Tile512 for Q8_0<P> {
-    const QB: usize = 512;
-    const SB: usize = 32;
-    const C_FULL: usize = P::C_FULL;
-    #[inline(always)]
-    unsafe fn tile<const C: usize>(
-        g: *const u8,
-        k: usize,
-        act: *const ActBlock,
-        out: *mut f32,
-        ld: usize,
-        mask: __mmask16,
-    ) {
-        // SAFETY: as the caller guarantees.
-        unsafe { P::tile_q8_0::<C>(g, k, act, out, ld, mask) }
+        unsafe {
+            if Q8 {
+                P::tile_q8_0::<C>(g, k, act, out, ld, mask)
+            } else {
+                P::tile_4bit::<C, MIN>(g, k, act, out, ld, mask)
+            }
+        }
     }
 }
 
