@@ -274,13 +274,13 @@ impl Path256 for Avx2 {
 }
 
 /// One packed 256-bit tile family (a format on a path): C tokens x H
-/// halves of one group, as [`tile_4bit`] takes them.
+/// halves of one group, as [`Path256::tile_4bit`] takes them.
 pub(super) trait Tile256 {
     /// Quant and scale bytes of a block in the group layout ([`block_at`]).
     const QB: usize;
     const SB: usize;
     /// # Safety
-    /// The path's features are present; [`tile_4bit`]'s pointer conditions.
+    /// The path's features are present; [`Path256::tile_4bit`]'s pointer conditions.
     unsafe fn tile<const C: usize, const H: usize>(
         g: *const u8,
         k: usize,
