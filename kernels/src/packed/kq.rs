@@ -179,6 +179,34 @@ pub(crate) trait RowLanes: Copy {
     unsafe fn dot4(self, u: Self, y: i32) -> Self;
     /// `self` plus, per lane, `lo16(u) * lo16(p) + hi16(u) * hi16(p)` (i16).
     unsafe fn madd(self, u: Self, p: i32) -> Self;
+    /// Per lane, `scale` (at most 63) times the dot of the 32 bytes of
+    /// `u[0..8]` (unsigned, at most 15) with the 4 bytes of `y[i]` each: one
+    /// Q4_K sub-block. Exact. Paths without a 4-byte dot instruction
+    /// override it to sum the byte products in i16 (at most 8 x 2 x 15 x 128
+    /// = 30720) and to scale and widen them in one `vpmaddwd`: 9 multiplies
+    /// where `dot4` takes 16 and a `vpmulld`.
+    #[inline(always)]
+    unsafe fn dot32_scaled(u: &[Self; 8], y: &[i32; 8], scale: Self) -> Self {
+        // SAFETY: Self's features, as the caller guarantees.
+        unsafe { dot32_chains(u, y).mullo(scale) }
+    }
+    /// Per lane, `scale` (an i8) times `bias` plus the dot of the 16 bytes
+    /// of `u[0..4]` (unsigned, at most 63) with the 4 bytes of `y[i]` each:
+    /// one Q6_K sub-block. Exact. Paths without a 4-byte dot instruction
+    /// override it to sum byte products in i16 two `vpmaddubsw` at a time
+    /// (at most 2 x 2 x 63 x 128 = 32256) and to scale and widen them in a
+    /// `vpmaddwd`.
+    #[inline(always)]
+    unsafe fn dot16_scaled(u: &[Self; 4], y: &[i32; 4], bias: i32, scale: Self) -> Self {
+        // SAFETY: Self's features, as the caller guarantees.
+        unsafe {
+            let mut s = Self::splat(bias);
+            for i in 0..4 {
+                s = s.dot4(u[i], y[i]);
+            }
+            s.mullo(scale)
+        }
+    }
     unsafe fn cvt(self) -> Self::F;
     unsafe fn load_f16(p: *const u8) -> Self::F;
     unsafe fn fsplat(v: f32) -> Self::F;
@@ -195,6 +223,23 @@ pub(crate) trait RowLanes: Copy {
     const PF_DECODE: usize = 0;
     /// Hint that the 64 bytes at `p` are read soon, into L2 (any address).
     unsafe fn prefetch_l2(_p: *const u8) {}
+}
+
+/// The dot of [`RowLanes::dot32_scaled`] unscaled, as two chains of four
+/// `dot4`s: a decode tile waits on half as long a chain of latencies, and
+/// the integer sums are exact, so the split changes no bit.
+#[inline(always)]
+unsafe fn dot32_chains<V: RowLanes>(u: &[V; 8], y: &[i32; 8]) -> V {
+    let mut x = [V::splat(0), V::splat(0)];
+    for c in 0..4 {
+        // SAFETY: V's features, as the caller guarantees.
+        unsafe {
+            x[0] = x[0].dot4(u[c], y[c]);
+            x[1] = x[1].dot4(u[c + 4], y[c + 4]);
+        }
+    }
+    // SAFETY: as above.
+    unsafe { x[0].add(x[1]) }
 }
 
 /// For a decode tile (`C == 1`) on lanes with [`RowLanes::PF_DECODE`]:
@@ -413,17 +458,11 @@ impl PackedFmt for Q4K {
                 }
                 for (t, isum_t) in isum.iter_mut().enumerate() {
                     let a = &*act.add(t * k + b);
-                    // Four chains of four: exact integer sums, so the split changes no bit,
-                    // and a decode tile waits on half as long a chain of vpdpbusd latencies.
-                    let mut x = [V::splat(0); 4];
-                    for c in 0..4 {
-                        x[0] = x[0].dot4(lo[c], a.group(64 * p + 4 * c));
-                        x[1] = x[1].dot4(hi[c], a.group(64 * p + 32 + 4 * c));
-                        x[2] = x[2].dot4(lo[c + 4], a.group(64 * p + 16 + 4 * c));
-                        x[3] = x[3].dot4(hi[c + 4], a.group(64 * p + 48 + 4 * c));
-                    }
-                    let (x0, x1) = (x[0].add(x[2]), x[1].add(x[3]));
-                    *isum_t = isum_t.add(x0.mullo(sa)).add(x1.mullo(sb_));
+                    // Chunk c of the quarter holds elements 4c.. of both of its sub-blocks.
+                    let y_lo: [i32; 8] = std::array::from_fn(|c| a.group(64 * p + 4 * c));
+                    let y_hi: [i32; 8] = std::array::from_fn(|c| a.group(64 * p + 32 + 4 * c));
+                    let x0 = V::dot32_scaled(&lo, &y_lo, sa);
+                    *isum_t = isum_t.add(x0).add(V::dot32_scaled(&hi, &y_hi, sb_));
                 }
             }
             // Minimums as i16 pairs: (m0, m2), (m1, m3), (m4, m6), (m5, m7).
@@ -499,11 +538,10 @@ impl PackedFmt for Q6K {
                         let a = &*act.add(t * k + b);
                         let e0 = 128 * half + 16 * cg;
                         for (q, scq) in sc.iter().enumerate() {
-                            let mut s = V::splat(a.c6[8 * half + 2 * q + cg]);
-                            for (i, wi) in w.iter().enumerate() {
-                                s = s.dot4(wi[q], a.group(e0 + 32 * q + 4 * i));
-                            }
-                            *isum_t = isum_t.add(s.mullo(*scq));
+                            let u = [w[0][q], w[1][q], w[2][q], w[3][q]];
+                            let y: [i32; 4] = std::array::from_fn(|i| a.group(e0 + 32 * q + 4 * i));
+                            let bias = a.c6[8 * half + 2 * q + cg];
+                            *isum_t = isum_t.add(V::dot16_scaled(&u, &y, bias, *scq));
                         }
                     }
                 }
@@ -593,14 +631,73 @@ unsafe fn tile<V: RowLanes, P: PackedFmt, const C: usize>(
     }
 }
 
+/// The one-token tile over a whole group: on 8-row lanes both halves in
+/// one pass over the blocks, so the two halves share the activation
+/// broadcasts and each super-block's lines are read once. Each half's sums
+/// are [`tile`]'s, bit for bit.
+///
+/// # Safety
+/// As [`tile`], with `n` (at most 16) the group's rows to write (`h` and
+/// `ld` unused: the arguments of a [`TileFn`]).
+#[inline(always)]
+unsafe fn tile_one<V: RowLanes, P: PackedFmt>(
+    g: *const u8,
+    _h: usize,
+    k: usize,
+    act: *const P::Act,
+    out: *mut f32,
+    _ld: usize,
+    n: usize,
+) {
+    // SAFETY (whole body): as the caller guarantees.
+    unsafe {
+        if V::ROWS == 16 || n <= V::ROWS {
+            return tile::<V, P, 1>(g, 0, k, act, out, 0, n);
+        }
+        let mut acc = [[V::fzero()]; 2];
+        for b in 0..k {
+            P::block::<V, 1>(g, 0, b, k, act, &mut acc[0]);
+            P::block::<V, 1>(g, 1, b, k, act, &mut acc[1]);
+        }
+        V::store(acc[0][0], out, V::ROWS);
+        V::store(acc[1][0], out.add(V::ROWS), n - V::ROWS);
+    }
+}
+
+/// What an entry point of `C` tokens runs: [`tile`] for a full tile,
+/// [`tile_one`] for one token.
+///
+/// # Safety
+/// As [`tile`] (C > 1) or [`tile_one`] (C = 1).
+#[inline(always)]
+unsafe fn entry<V: RowLanes, P: PackedFmt, const C: usize>(
+    g: *const u8,
+    h: usize,
+    k: usize,
+    act: *const P::Act,
+    out: *mut f32,
+    ld: usize,
+    n: usize,
+) {
+    // SAFETY: as the caller guarantees.
+    unsafe {
+        if C == 1 {
+            tile_one::<V, P>(g, h, k, act, out, ld, n)
+        } else {
+            tile::<V, P, C>(g, h, k, act, out, ld, n)
+        }
+    }
+}
+
 /// Tokens per full tile.
 pub(crate) const C_FULL: usize = 4;
 
 /// One tile entry point: `(g, h, k, act, out, ld, n)`.
 pub(crate) type TileFn<A> = unsafe fn(*const u8, usize, usize, *const A, *mut f32, usize, usize);
 
-/// A path's tile entry points for one format (full tile, one token) and the
-/// rows its vectors hold.
+/// A path's tile entry points for one format (full tile of one vector's
+/// rows, one token over the whole group: `h` 0, `n` the group's rows) and
+/// the rows its vectors hold.
 pub(crate) type PathTiles<A> = ((TileFn<A>, TileFn<A>), usize);
 
 /// A [`super::PackedGemmFn`]-shaped walk over groups and token tiles, with
@@ -628,7 +725,11 @@ pub(crate) unsafe fn gemm<A>(
         let mut t0 = 0;
         while t0 < n {
             let c = if n - t0 >= C_FULL { C_FULL } else { 1 };
-            for h in 0..GROUP_ROWS / rows_per_vec {
+            if c == 1 {
+                // SAFETY: as below, for all the group's `real` rows.
+                unsafe { one(g, 0, k, act.as_ptr().add(t0 * k), out.at(t0, g0), 0, real) };
+            }
+            for h in 0..GROUP_ROWS / rows_per_vec * (c / C_FULL) {
                 let lanes = real.saturating_sub(h * rows_per_vec).min(rows_per_vec);
                 if lanes == 0 {
                     continue;
@@ -640,8 +741,7 @@ pub(crate) unsafe fn gemm<A>(
                 unsafe {
                     let a = act.as_ptr().add(t0 * k);
                     let o = out.at(t0, g0 + h * rows_per_vec);
-                    let f = if c == C_FULL { full } else { one };
-                    f(g, h, k, a, o, out.ld(), lanes);
+                    full(g, h, k, a, o, out.ld(), lanes);
                 }
             }
             if c == C_FULL && real == GROUP_ROWS {
@@ -671,7 +771,7 @@ fn gemm_shape_k(w: &PackedWeights, r0: usize, nr: usize, act_len: usize, k: usiz
 
 /// The portable twin's tile entry points.
 pub(crate) const fn portable<P: PackedFmt>() -> (TileFn<P::Act>, TileFn<P::Act>) {
-    (tile::<Portable, P, C_FULL>, tile::<Portable, P, 1>)
+    (entry::<Portable, P, C_FULL>, entry::<Portable, P, 1>)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -683,7 +783,7 @@ pub(crate) mod x86 {
 
     use std::arch::x86_64::*;
 
-    use super::{tile, PackedFmt, PathTiles, RowLanes, C_FULL};
+    use super::{dot32_chains, entry, PackedFmt, PathTiles, RowLanes, C_FULL};
 
     /// Decode prefetch distance of the zmm and ymm kernels, in super-blocks
     /// ([`super::prefetch_part`]).
@@ -766,6 +866,54 @@ pub(crate) mod x86 {
         unsafe fn madd(self, u: Self, p: i32) -> Self {
             // SAFETY: see the impl comment.
             Zmm(unsafe { _mm512_add_epi32(self.0, _mm512_madd_epi16(u.0, _mm512_set1_epi32(p))) })
+        }
+        #[inline(always)]
+        unsafe fn dot32_scaled(u: &[Self; 8], y: &[i32; 8], scale: Self) -> Self {
+            // SAFETY: see the impl comment.
+            unsafe {
+                if VNNI {
+                    return dot32_chains(u, y).mullo(scale);
+                }
+                let mut p = [_mm512_setzero_si512(); 8];
+                for i in 0..8 {
+                    p[i] = _mm512_maddubs_epi16(u[i].0, _mm512_set1_epi32(y[i]));
+                }
+                let s = _mm512_add_epi16(
+                    _mm512_add_epi16(_mm512_add_epi16(p[0], p[1]), _mm512_add_epi16(p[2], p[3])),
+                    _mm512_add_epi16(_mm512_add_epi16(p[4], p[5]), _mm512_add_epi16(p[6], p[7])),
+                );
+                // The scale in both i16 halves: vpmaddwd gives scale * (lo + hi).
+                let sc = _mm512_or_si512(scale.0, _mm512_slli_epi32::<16>(scale.0));
+                Zmm(_mm512_madd_epi16(s, sc))
+            }
+        }
+        #[inline(always)]
+        unsafe fn dot16_scaled(u: &[Self; 4], y: &[i32; 4], bias: i32, scale: Self) -> Self {
+            // SAFETY: see the impl comment.
+            unsafe {
+                if VNNI {
+                    let mut s = Self::splat(bias);
+                    for i in 0..4 {
+                        s = s.dot4(u[i], y[i]);
+                    }
+                    return s.mullo(scale);
+                }
+                let mut p = [_mm512_setzero_si512(); 4];
+                for i in 0..4 {
+                    p[i] = _mm512_maddubs_epi16(u[i].0, _mm512_set1_epi32(y[i]));
+                }
+                let (s01, s23) = (_mm512_add_epi16(p[0], p[1]), _mm512_add_epi16(p[2], p[3]));
+                // The i8 scale, sign-extended, in both i16 halves.
+                let sc = _mm512_or_si512(
+                    _mm512_and_si512(scale.0, _mm512_set1_epi32(0xFFFF)),
+                    _mm512_slli_epi32::<16>(scale.0),
+                );
+                let d = _mm512_add_epi32(_mm512_madd_epi16(s01, sc), _mm512_madd_epi16(s23, sc));
+                Zmm(_mm512_add_epi32(
+                    d,
+                    _mm512_mullo_epi32(_mm512_set1_epi32(bias), scale.0),
+                ))
+            }
         }
         #[inline(always)]
         unsafe fn cvt(self) -> __m512 {
@@ -905,6 +1053,54 @@ pub(crate) mod x86 {
             Ymm(unsafe { _mm256_add_epi32(self.0, _mm256_madd_epi16(u.0, _mm256_set1_epi32(p))) })
         }
         #[inline(always)]
+        unsafe fn dot32_scaled(u: &[Self; 8], y: &[i32; 8], scale: Self) -> Self {
+            // SAFETY: see the impl comment.
+            unsafe {
+                if DOT != 0 {
+                    return dot32_chains(u, y).mullo(scale);
+                }
+                let mut p = [_mm256_setzero_si256(); 8];
+                for i in 0..8 {
+                    p[i] = _mm256_maddubs_epi16(u[i].0, _mm256_set1_epi32(y[i]));
+                }
+                let s = _mm256_add_epi16(
+                    _mm256_add_epi16(_mm256_add_epi16(p[0], p[1]), _mm256_add_epi16(p[2], p[3])),
+                    _mm256_add_epi16(_mm256_add_epi16(p[4], p[5]), _mm256_add_epi16(p[6], p[7])),
+                );
+                // The scale in both i16 halves: vpmaddwd gives scale * (lo + hi).
+                let sc = _mm256_or_si256(scale.0, _mm256_slli_epi32::<16>(scale.0));
+                Ymm(_mm256_madd_epi16(s, sc))
+            }
+        }
+        #[inline(always)]
+        unsafe fn dot16_scaled(u: &[Self; 4], y: &[i32; 4], bias: i32, scale: Self) -> Self {
+            // SAFETY: see the impl comment.
+            unsafe {
+                if DOT != 0 {
+                    let mut s = Self::splat(bias);
+                    for i in 0..4 {
+                        s = s.dot4(u[i], y[i]);
+                    }
+                    return s.mullo(scale);
+                }
+                let mut p = [_mm256_setzero_si256(); 4];
+                for i in 0..4 {
+                    p[i] = _mm256_maddubs_epi16(u[i].0, _mm256_set1_epi32(y[i]));
+                }
+                let (s01, s23) = (_mm256_add_epi16(p[0], p[1]), _mm256_add_epi16(p[2], p[3]));
+                // The i8 scale, sign-extended, in both i16 halves.
+                let sc = _mm256_or_si256(
+                    _mm256_and_si256(scale.0, _mm256_set1_epi32(0xFFFF)),
+                    _mm256_slli_epi32::<16>(scale.0),
+                );
+                let d = _mm256_add_epi32(_mm256_madd_epi16(s01, sc), _mm256_madd_epi16(s23, sc));
+                Ymm(_mm256_add_epi32(
+                    d,
+                    _mm256_mullo_epi32(_mm256_set1_epi32(bias), scale.0),
+                ))
+            }
+        }
+        #[inline(always)]
         unsafe fn cvt(self) -> __m256 {
             // SAFETY: see the impl comment.
             unsafe { _mm256_cvtepi32_ps(self.0) }
@@ -980,7 +1176,7 @@ pub(crate) mod x86 {
         n: usize,
     ) {
         // SAFETY: this function's features are Zmm<true>'s; the caller's guarantees.
-        unsafe { tile::<Zmm<true>, P, C>(g, h, k, act, out, ld, n) }
+        unsafe { entry::<Zmm<true>, P, C>(g, h, k, act, out, ld, n) }
     }
 
     /// # Safety
@@ -996,7 +1192,7 @@ pub(crate) mod x86 {
         n: usize,
     ) {
         // SAFETY: this function's features are Zmm<false>'s; the caller's guarantees.
-        unsafe { tile::<Zmm<false>, P, C>(g, h, k, act, out, ld, n) }
+        unsafe { entry::<Zmm<false>, P, C>(g, h, k, act, out, ld, n) }
     }
 
     /// # Safety
@@ -1012,7 +1208,7 @@ pub(crate) mod x86 {
         n: usize,
     ) {
         // SAFETY: this function's features are Ymm<1>'s; the caller's guarantees.
-        unsafe { tile::<Ymm<1>, P, C>(g, h, k, act, out, ld, n) }
+        unsafe { entry::<Ymm<1>, P, C>(g, h, k, act, out, ld, n) }
     }
 
     /// # Safety
@@ -1028,7 +1224,7 @@ pub(crate) mod x86 {
         n: usize,
     ) {
         // SAFETY: this function's features are Ymm<2>'s; the caller's guarantees.
-        unsafe { tile::<Ymm<2>, P, C>(g, h, k, act, out, ld, n) }
+        unsafe { entry::<Ymm<2>, P, C>(g, h, k, act, out, ld, n) }
     }
 
     /// # Safety
@@ -1044,7 +1240,7 @@ pub(crate) mod x86 {
         n: usize,
     ) {
         // SAFETY: this function's features are Ymm<0>'s; the caller's guarantees.
-        unsafe { tile::<Ymm<0>, P, C>(g, h, k, act, out, ld, n) }
+        unsafe { entry::<Ymm<0>, P, C>(g, h, k, act, out, ld, n) }
     }
 
     /// Tile entry points per path: (full, one token), rows per vector.

@@ -8,7 +8,7 @@
 
 use super::*;
 use crate::dot::scalar;
-use crate::quant::BlockFormat;
+use crate::quant::{BlockFormat, QK_K};
 use crate::test_util::values;
 
 fn paths() -> Vec<&'static PackedKernels> {
@@ -76,6 +76,26 @@ fn run<B: BlockFormat>(
     seed: u64,
 ) -> (Vec<f32>, Vec<f32>) {
     let cols = blocks.len() / rows * B::BLOCK;
+    let x: Vec<f32> = values(n * cols, seed ^ 0xACE)
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v * (1.0 + (i / 32 % 7) as f32))
+        .collect();
+    run_on(ty, blocks, rows, &x, ks, chunk, twin)
+}
+
+/// [`run`] on the activations `x` (`n * cols`).
+fn run_on<B: BlockFormat>(
+    ty: GgmlType,
+    blocks: &[B],
+    rows: usize,
+    x: &[f32],
+    ks: &'static PackedKernels,
+    chunk: usize,
+    twin: impl Fn(&[B], &[f32]) -> f32,
+) -> (Vec<f32>, Vec<f32>) {
+    let cols = blocks.len() / rows * B::BLOCK;
+    let n = x.len() / cols;
     let data: &[u8] = bytemuck::cast_slice(blocks);
     let w = WeightView {
         ty,
@@ -84,14 +104,9 @@ fn run<B: BlockFormat>(
         cols,
     };
     let p = PackedWeights::pack(&w, ks).unwrap();
-    let x: Vec<f32> = values(n * cols, seed ^ 0xACE)
-        .iter()
-        .enumerate()
-        .map(|(i, v)| v * (1.0 + (i / 32 % 7) as f32))
-        .collect();
     let mut y = vec![f32::NAN; n * rows];
     let mut s = PackedScratch::default();
-    matmul_packed_chunked(&p, &x, n, &mut y, &mut s, chunk).unwrap();
+    matmul_packed_chunked(&p, x, n, &mut y, &mut s, chunk).unwrap();
     let k = blocks.len() / rows;
     let mut want = vec![0f32; n * rows];
     for t in 0..n {
@@ -149,6 +164,60 @@ fn packed_q6_k_gives_the_twin_bits_on_every_path() {
         quant::quantize_row_q8_k(x, &mut a);
         scalar::vec_dot_q6_k_q8_k_sb(w, &a)
     });
+}
+
+/// The largest byte products that the i16 sums of the AVX2 and AVX-512
+/// (without VNNI) paths meet: every Q4_K nibble 15 with scales and
+/// minimums 63, every Q6_K quant 63 (stored q + 32) with scales -128 and
+/// 127, against activations that all quantize to 127, or all to -127 (a
+/// constant row). One more product in an i16 sum would overflow it.
+#[test]
+fn extreme_k_quant_bytes_give_the_twin_bits_on_every_path() {
+    let one = crate::quant::float::f32_to_f16(1.0).to_le_bytes();
+    let (rows, k) = (24, 2);
+    let mut q4 = vec![BlockQ4_K::zeroed(); rows * k];
+    for b in &mut q4 {
+        b.scales = [0xFF; 12];
+        b.qs = [0xFF; QK_K / 2];
+        (b.d, b.dmin) = (one, one);
+    }
+    let mut q6 = vec![BlockQ6_K::zeroed(); rows * k];
+    for b in &mut q6 {
+        b.ql = [0xFF; QK_K / 2];
+        b.qh = [0xFF; QK_K / 4];
+        b.scales = std::array::from_fn(|j| if j % 3 == 0 { -128 } else { 127 });
+        b.d = one;
+    }
+    let twin = |x: &[f32], dot: &dyn Fn(&[BlockQ8_K]) -> f32| {
+        let mut a = vec![BlockQ8_K::zeroed(); x.len() / QK_K];
+        quant::quantize_row_q8_k(x, &mut a);
+        dot(&a)
+    };
+    for sign in [1.0f32, -1.0] {
+        for n in [1, 4, 5] {
+            let x = vec![sign; n * k * QK_K];
+            for &ks in &paths() {
+                let (got, want) = run_on(GgmlType::Q4_K, &q4, rows, &x, ks, 64, |w, x| {
+                    twin(x, &|a| scalar::vec_dot_q4_k_q8_k_sb(w, a))
+                });
+                assert_eq!(
+                    bits(&got),
+                    bits(&want),
+                    "Q4_K {:?} sign {sign} n {n}",
+                    ks.path
+                );
+                let (got, want) = run_on(GgmlType::Q6_K, &q6, rows, &x, ks, 64, |w, x| {
+                    twin(x, &|a| scalar::vec_dot_q6_k_q8_k_sb(w, a))
+                });
+                assert_eq!(
+                    bits(&got),
+                    bits(&want),
+                    "Q6_K {:?} sign {sign} n {n}",
+                    ks.path
+                );
+            }
+        }
+    }
 }
 
 #[test]
