@@ -190,6 +190,22 @@ pub(crate) trait RowLanes: Copy {
         // SAFETY: Self's features, as the caller guarantees.
         unsafe { dot32_chains(u, y).mullo(scale) }
     }
+    /// Per lane, `bias` plus the dot of the 32 bytes of `u[0..8]` (unsigned,
+    /// at most 31) with the 4 bytes of `y[i]` each: one Q5_0 block. Exact.
+    /// Paths without a 4-byte dot instruction override it to sum byte
+    /// products in i16 four `vpmaddubsw` at a time (at most 4 x 2 x 31 x 128
+    /// = 31744) and to widen them in two `vpmaddwd`.
+    #[inline(always)]
+    unsafe fn dot32(u: &[Self; 8], y: &[i32; 8], bias: i32) -> Self {
+        // SAFETY: Self's features, as the caller guarantees.
+        unsafe {
+            let mut s = Self::splat(bias);
+            for i in 0..8 {
+                s = s.dot4(u[i], y[i]);
+            }
+            s
+        }
+    }
     /// Per lane, `scale` (an i8) times `bias` plus the dot of the 16 bytes
     /// of `u[0..4]` (unsigned, at most 63) with the 4 bytes of `y[i]` each:
     /// one Q6_K sub-block. Exact. Paths without a 4-byte dot instruction
@@ -390,6 +406,9 @@ impl RowLanes for Portable {
 /// A packed format: the body of one block of a tile.
 pub(crate) trait PackedFmt {
     type Act: Copy;
+    /// Whether a one-token tile on 8-row lanes walks both halves of a group
+    /// block by block ([`tile_one`]) rather than one half after the other.
+    const ONE_PASS: bool;
     /// Accumulates block `b` of the tile (`g` the group, `h` which vector
     /// of the group's lanes: 0 for 16-row vectors, 0 or 1 for 8-row ones)
     /// into `acc[t]` for `C` tokens (`act[t * k + b]`).
@@ -419,6 +438,7 @@ unsafe fn byte_lane<V: RowLanes>(v: V, j: usize) -> V {
 
 impl PackedFmt for Q4K {
     type Act = ActBlockK;
+    const ONE_PASS: bool = true;
     #[inline(always)]
     unsafe fn block<V: RowLanes, const C: usize>(
         g: *const u8,
@@ -492,6 +512,7 @@ impl PackedFmt for Q4K {
 
 impl PackedFmt for Q6K {
     type Act = ActBlockK;
+    const ONE_PASS: bool = true;
     #[inline(always)]
     unsafe fn block<V: RowLanes, const C: usize>(
         g: *const u8,
@@ -558,6 +579,7 @@ impl PackedFmt for Q6K {
 
 impl PackedFmt for Q5_0 {
     type Act = super::ActBlock;
+    const ONE_PASS: bool = false;
     #[inline(always)]
     unsafe fn block<V: RowLanes, const C: usize>(
         g: *const u8,
@@ -591,12 +613,12 @@ impl PackedFmt for Q5_0 {
             let dx = V::load_f16(g.add(so + 2 * V::ROWS * h));
             for (t, acc_t) in acc.iter_mut().enumerate() {
                 let a = &*act.add(t * k + b);
-                let mut s = V::splat(a.c);
                 let ay =
                     |e: usize| i32::from_le_bytes([a.qs[e], a.qs[e + 1], a.qs[e + 2], a.qs[e + 3]]);
-                for j in 0..4 {
-                    s = s.dot4(lo[j], ay(4 * j)).dot4(hi[j], ay(16 + 4 * j));
-                }
+                // Chunk j holds elements 4j.. (low nibbles) and 16 + 4j.. (high).
+                let u = [lo[0], hi[0], lo[1], hi[1], lo[2], hi[2], lo[3], hi[3]];
+                let y: [i32; 8] = std::array::from_fn(|i| ay(16 * (i % 2) + 4 * (i / 2)));
+                let s = V::dot32(&u, &y, a.c);
                 let t1 = V::fmul(V::fmul(dx, V::fsplat(a.d)), s.cvt());
                 *acc_t = V::fadd(*acc_t, t1);
             }
@@ -655,9 +677,17 @@ unsafe fn tile_one<V: RowLanes, P: PackedFmt>(
             return tile::<V, P, 1>(g, 0, k, act, out, 0, n);
         }
         let mut acc = [[V::fzero()]; 2];
-        for b in 0..k {
-            P::block::<V, 1>(g, 0, b, k, act, &mut acc[0]);
-            P::block::<V, 1>(g, 1, b, k, act, &mut acc[1]);
+        if P::ONE_PASS {
+            for b in 0..k {
+                P::block::<V, 1>(g, 0, b, k, act, &mut acc[0]);
+                P::block::<V, 1>(g, 1, b, k, act, &mut acc[1]);
+            }
+        } else {
+            for (h, acc_h) in acc.iter_mut().enumerate() {
+                for b in 0..k {
+                    P::block::<V, 1>(g, h, b, k, act, acc_h);
+                }
+            }
         }
         V::store(acc[0][0], out, V::ROWS);
         V::store(acc[1][0], out.add(V::ROWS), n - V::ROWS);
@@ -888,6 +918,30 @@ pub(crate) mod x86 {
             }
         }
         #[inline(always)]
+        unsafe fn dot32(u: &[Self; 8], y: &[i32; 8], bias: i32) -> Self {
+            // SAFETY: see the impl comment.
+            unsafe {
+                if VNNI {
+                    let mut s = Self::splat(bias);
+                    for i in 0..8 {
+                        s = s.dot4(u[i], y[i]);
+                    }
+                    return s;
+                }
+                let mut p = [_mm512_setzero_si512(); 8];
+                for i in 0..8 {
+                    p[i] = _mm512_maddubs_epi16(u[i].0, _mm512_set1_epi32(y[i]));
+                }
+                let s0 =
+                    _mm512_add_epi16(_mm512_add_epi16(p[0], p[1]), _mm512_add_epi16(p[2], p[3]));
+                let s1 =
+                    _mm512_add_epi16(_mm512_add_epi16(p[4], p[5]), _mm512_add_epi16(p[6], p[7]));
+                let ones = _mm512_set1_epi16(1);
+                let d = _mm512_add_epi32(_mm512_madd_epi16(s0, ones), _mm512_madd_epi16(s1, ones));
+                Zmm(_mm512_add_epi32(d, _mm512_set1_epi32(bias)))
+            }
+        }
+        #[inline(always)]
         unsafe fn dot16_scaled(u: &[Self; 4], y: &[i32; 4], bias: i32, scale: Self) -> Self {
             // SAFETY: see the impl comment.
             unsafe {
@@ -1070,6 +1124,30 @@ pub(crate) mod x86 {
                 // The scale in both i16 halves: vpmaddwd gives scale * (lo + hi).
                 let sc = _mm256_or_si256(scale.0, _mm256_slli_epi32::<16>(scale.0));
                 Ymm(_mm256_madd_epi16(s, sc))
+            }
+        }
+        #[inline(always)]
+        unsafe fn dot32(u: &[Self; 8], y: &[i32; 8], bias: i32) -> Self {
+            // SAFETY: see the impl comment.
+            unsafe {
+                if DOT != 0 {
+                    let mut s = Self::splat(bias);
+                    for i in 0..8 {
+                        s = s.dot4(u[i], y[i]);
+                    }
+                    return s;
+                }
+                let mut p = [_mm256_setzero_si256(); 8];
+                for i in 0..8 {
+                    p[i] = _mm256_maddubs_epi16(u[i].0, _mm256_set1_epi32(y[i]));
+                }
+                let s0 =
+                    _mm256_add_epi16(_mm256_add_epi16(p[0], p[1]), _mm256_add_epi16(p[2], p[3]));
+                let s1 =
+                    _mm256_add_epi16(_mm256_add_epi16(p[4], p[5]), _mm256_add_epi16(p[6], p[7]));
+                let ones = _mm256_set1_epi16(1);
+                let d = _mm256_add_epi32(_mm256_madd_epi16(s0, ones), _mm256_madd_epi16(s1, ones));
+                Ymm(_mm256_add_epi32(d, _mm256_set1_epi32(bias)))
             }
         }
         #[inline(always)]

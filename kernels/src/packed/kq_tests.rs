@@ -170,7 +170,8 @@ fn packed_q6_k_gives_the_twin_bits_on_every_path() {
 /// (without VNNI) paths meet: every Q4_K nibble 15 with scales and
 /// minimums 63, every Q6_K quant 63 (stored q + 32) with scales -128 and
 /// 127, against activations that all quantize to 127, or all to -127 (a
-/// constant row). One more product in an i16 sum would overflow it.
+/// constant row), and every Q5_0 quant 31 against 127 or -127. One more
+/// product in an i16 sum would overflow it.
 #[test]
 fn extreme_k_quant_bytes_give_the_twin_bits_on_every_path() {
     let one = crate::quant::float::f32_to_f16(1.0).to_le_bytes();
@@ -188,6 +189,14 @@ fn extreme_k_quant_bytes_give_the_twin_bits_on_every_path() {
         b.scales = std::array::from_fn(|j| if j % 3 == 0 { -128 } else { 127 });
         b.d = one;
     }
+    let q5 = vec![
+        BlockQ5_0 {
+            d: one,
+            qh: [0xFF; 4],
+            qs: [0xFF; 16]
+        };
+        rows * k * QK_K / 32
+    ];
     let twin = |x: &[f32], dot: &dyn Fn(&[BlockQ8_K]) -> f32| {
         let mut a = vec![BlockQ8_K::zeroed(); x.len() / QK_K];
         quant::quantize_row_q8_k(x, &mut a);
@@ -213,6 +222,17 @@ fn extreme_k_quant_bytes_give_the_twin_bits_on_every_path() {
                     bits(&got),
                     bits(&want),
                     "Q6_K {:?} sign {sign} n {n}",
+                    ks.path
+                );
+                let (got, want) = run_on(GgmlType::Q5_0, &q5, rows, &x, ks, 64, |w, x| {
+                    let mut a = vec![BlockQ8_0::zeroed(); w.len()];
+                    quant::quantize_row_q8_0(x, &mut a);
+                    scalar::vec_dot_q5_0_q8_0(w, &a)
+                });
+                assert_eq!(
+                    bits(&got),
+                    bits(&want),
+                    "Q5_0 {:?} sign {sign} n {n}",
                     ks.path
                 );
             }
