@@ -453,9 +453,6 @@ impl PackedFmt for Q4K {
         unsafe {
             let sb = g.add(b * Q4K_SB);
             let lane = |c: usize| sb.add(64 * c + 4 * V::ROWS * h);
-            // Q4_K is read front to back, which the hardware streams follow: one line ahead
-            // (the whole-block prefetch of Q6_K measured no better here, and worse on ymm).
-            V::prefetch(sb.add(Q4K_SB * 2));
             // The 6-bit scales and minimums, four per vector of bytes.
             let (s0, s1, s2) = (V::load(lane(32)), V::load(lane(33)), V::load(lane(34)));
             let m6 = V::splat(0x3F3F_3F3F);
@@ -466,7 +463,18 @@ impl PackedFmt for Q4K {
             let m_hi = s2.shr(4).and(V::splat(0x0F0F_0F0F)).or(s1.shr(2).and(top));
             let mut isum = [V::splat(0); C];
             let m4 = V::splat(0x0F0F_0F0F);
+            // Q4_K is read front to back. On 16-row lanes (Zen 4) the hardware streams follow
+            // it with one line prefetched ahead: the spread prefetch of Q6_K measured no better
+            // there. The one-token tile on 8-row lanes walks both halves of each super-block
+            // in one pass ([`tile_one`]); there the spread prefetch took one thread's decode
+            // from memory from 0.77x to 1.0x of packed Q4_0's bytes/s (Zen 3).
+            if V::ROWS == 16 || C > 1 {
+                V::prefetch(sb.add(Q4K_SB * 2));
+            }
             for p in 0..4 {
+                if V::ROWS < 16 && C == 1 && h == 0 {
+                    prefetch_part::<V, C>(sb, Q4K_SB, p);
+                }
                 let sc = if p < 2 { sc_lo } else { sc_hi };
                 let (sa, sb_) = (byte_lane(sc, 2 * p), byte_lane(sc, 2 * p + 1));
                 let mut lo = [V::splat(0); 8];
@@ -530,7 +538,10 @@ impl PackedFmt for Q6K {
             let (m4, m30) = (V::splat(0x0F0F_0F0F), V::splat(0x3030_3030));
             for half in 0..2 {
                 for cg in 0..2 {
-                    prefetch_part::<V, C>(sb, Q6K_SB, 2 * half + cg);
+                    // The one-token tile's second half reads lines the first prefetched.
+                    if C > 1 || h == 0 {
+                        prefetch_part::<V, C>(sb, Q6K_SB, 2 * half + cg);
+                    }
                     // Quarter q of chunks c = 4cg..4cg + 4 is sub-block 8 half + 2q + cg:
                     // its 16 quant vectors first (shared by the tokens), then per token four
                     // sums, each starting at -32 bsum (the quants are stored as q + 32).
