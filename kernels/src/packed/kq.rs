@@ -179,6 +179,12 @@ pub(crate) trait RowLanes: Copy {
     unsafe fn dot4(self, u: Self, y: i32) -> Self;
     /// `self` plus, per lane, `lo16(u) * lo16(p) + hi16(u) * hi16(p)` (i16).
     unsafe fn madd(self, u: Self, p: i32) -> Self;
+    /// Whether the bodies call the sub-block dots below rather than chains
+    /// of `dot4`: true where there is no 4-byte dot instruction, so that
+    /// byte products are best summed in i16 (AVX2, AVX-512 without VNNI).
+    /// Elsewhere the bodies keep their `dot4` chains, whose machine code
+    /// was measured (Zen 4).
+    const I16_SUMS: bool = false;
     /// Per lane, `scale` (at most 63) times the dot of the 32 bytes of
     /// `u[0..8]` (unsigned, at most 15) with the 4 bytes of `y[i]` each: one
     /// Q4_K sub-block. Exact. Paths without a 4-byte dot instruction
@@ -486,11 +492,25 @@ impl PackedFmt for Q4K {
                 }
                 for (t, isum_t) in isum.iter_mut().enumerate() {
                     let a = &*act.add(t * k + b);
-                    // Chunk c of the quarter holds elements 4c.. of both of its sub-blocks.
-                    let y_lo: [i32; 8] = std::array::from_fn(|c| a.group(64 * p + 4 * c));
-                    let y_hi: [i32; 8] = std::array::from_fn(|c| a.group(64 * p + 32 + 4 * c));
-                    let x0 = V::dot32_scaled(&lo, &y_lo, sa);
-                    *isum_t = isum_t.add(x0).add(V::dot32_scaled(&hi, &y_hi, sb_));
+                    if V::I16_SUMS {
+                        // Chunk c of the quarter holds elements 4c.. of both sub-blocks.
+                        let y_lo: [i32; 8] = std::array::from_fn(|c| a.group(64 * p + 4 * c));
+                        let y_hi: [i32; 8] = std::array::from_fn(|c| a.group(64 * p + 32 + 4 * c));
+                        let x0 = V::dot32_scaled(&lo, &y_lo, sa);
+                        *isum_t = isum_t.add(x0).add(V::dot32_scaled(&hi, &y_hi, sb_));
+                        continue;
+                    }
+                    // Four chains of four: exact integer sums, so the split changes no bit,
+                    // and a decode tile waits on half as long a chain of vpdpbusd latencies.
+                    let mut x = [V::splat(0); 4];
+                    for c in 0..4 {
+                        x[0] = x[0].dot4(lo[c], a.group(64 * p + 4 * c));
+                        x[1] = x[1].dot4(hi[c], a.group(64 * p + 32 + 4 * c));
+                        x[2] = x[2].dot4(lo[c + 4], a.group(64 * p + 16 + 4 * c));
+                        x[3] = x[3].dot4(hi[c + 4], a.group(64 * p + 48 + 4 * c));
+                    }
+                    let (x0, x1) = (x[0].add(x[2]), x[1].add(x[3]));
+                    *isum_t = isum_t.add(x0.mullo(sa)).add(x1.mullo(sb_));
                 }
             }
             // Minimums as i16 pairs: (m0, m2), (m1, m3), (m4, m6), (m5, m7).
@@ -570,10 +590,19 @@ impl PackedFmt for Q6K {
                         let a = &*act.add(t * k + b);
                         let e0 = 128 * half + 16 * cg;
                         for (q, scq) in sc.iter().enumerate() {
-                            let u = [w[0][q], w[1][q], w[2][q], w[3][q]];
-                            let y: [i32; 4] = std::array::from_fn(|i| a.group(e0 + 32 * q + 4 * i));
                             let bias = a.c6[8 * half + 2 * q + cg];
-                            *isum_t = isum_t.add(V::dot16_scaled(&u, &y, bias, *scq));
+                            if V::I16_SUMS {
+                                let u = [w[0][q], w[1][q], w[2][q], w[3][q]];
+                                let y: [i32; 4] =
+                                    std::array::from_fn(|i| a.group(e0 + 32 * q + 4 * i));
+                                *isum_t = isum_t.add(V::dot16_scaled(&u, &y, bias, *scq));
+                                continue;
+                            }
+                            let mut s = V::splat(bias);
+                            for (i, wi) in w.iter().enumerate() {
+                                s = s.dot4(wi[q], a.group(e0 + 32 * q + 4 * i));
+                            }
+                            *isum_t = isum_t.add(s.mullo(*scq));
                         }
                     }
                 }
@@ -626,10 +655,18 @@ impl PackedFmt for Q5_0 {
                 let a = &*act.add(t * k + b);
                 let ay =
                     |e: usize| i32::from_le_bytes([a.qs[e], a.qs[e + 1], a.qs[e + 2], a.qs[e + 3]]);
-                // Chunk j holds elements 4j.. (low nibbles) and 16 + 4j.. (high).
-                let u = [lo[0], hi[0], lo[1], hi[1], lo[2], hi[2], lo[3], hi[3]];
-                let y: [i32; 8] = std::array::from_fn(|i| ay(16 * (i % 2) + 4 * (i / 2)));
-                let s = V::dot32(&u, &y, a.c);
+                let s = if V::I16_SUMS {
+                    // Chunk j holds elements 4j.. (low nibbles) and 16 + 4j.. (high).
+                    let u = [lo[0], hi[0], lo[1], hi[1], lo[2], hi[2], lo[3], hi[3]];
+                    let y: [i32; 8] = std::array::from_fn(|i| ay(16 * (i % 2) + 4 * (i / 2)));
+                    V::dot32(&u, &y, a.c)
+                } else {
+                    let mut s = V::splat(a.c);
+                    for j in 0..4 {
+                        s = s.dot4(lo[j], ay(4 * j)).dot4(hi[j], ay(16 + 4 * j));
+                    }
+                    s
+                };
                 let t1 = V::fmul(V::fmul(dx, V::fsplat(a.d)), s.cvt());
                 *acc_t = V::fadd(*acc_t, t1);
             }
@@ -840,6 +877,7 @@ pub(crate) mod x86 {
     // detection); pointers are valid by the trait's contract.
     impl<const VNNI: bool> RowLanes for Zmm<VNNI> {
         const ROWS: usize = 16;
+        const I16_SUMS: bool = !VNNI;
         type F = __m512;
         #[inline(always)]
         unsafe fn load(p: *const u8) -> Self {
@@ -1048,6 +1086,7 @@ pub(crate) mod x86 {
     // by the trait's contract.
     impl<const DOT: u8> RowLanes for Ymm<DOT> {
         const ROWS: usize = 8;
+        const I16_SUMS: bool = DOT == 0;
         type F = __m256;
         #[inline(always)]
         unsafe fn load(p: *const u8) -> Self {
