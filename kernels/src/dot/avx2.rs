@@ -26,7 +26,7 @@ use std::arch::x86_64::*;
 
 use crate::dot::{tiled_gemm, Kernels, TileFn, Tiles};
 use crate::quant::float::{bf16_to_f32, f16_to_f32, f32_to_f16, Bf16Bytes, F16Bytes, F32Bytes};
-use crate::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1};
+use crate::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1, BlockQ8_K, QK_K};
 
 /// What the 256-bit paths differ in: the byte dot product, and the
 /// `#[target_feature]` entry point their tiles are compiled in.
@@ -552,6 +552,90 @@ pub(super) fn quantize_q8_1(x: &[f32], out: &mut [BlockQ8_1]) {
     }
 }
 
+/// One Q8_K block as [`crate::quant::q8_k::quantize_block_q8_k`] makes it,
+/// bit for bit: `Some` of it, or `None` for a block with a NaN or an
+/// infinity (whose quants the reference computes from NaN products), which
+/// the caller sends to the reference. The products and ggml's
+/// `nearest_int` (add 1.5 * 2^23, keep the low mantissa bits) are the same
+/// f32 operations in every lane.
+///
+/// Safety: AVX2; `x` has 256 readable floats.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_k_block(x: *const f32) -> Option<BlockQ8_K> {
+    // SAFETY (whole body): the features and pointer the caller vouches for.
+    unsafe {
+        let absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+        let mut m = _mm256_setzero_ps();
+        let mut bad = _mm256_setzero_ps();
+        let inf = _mm256_set1_ps(f32::INFINITY);
+        for i in 0..QK_K / 8 {
+            let a = _mm256_and_ps(_mm256_loadu_ps(x.add(8 * i)), absm);
+            m = _mm256_max_ps(m, a);
+            // Not below infinity: an infinity or a NaN.
+            bad = _mm256_or_ps(bad, _mm256_cmp_ps::<_CMP_NLT_UQ>(a, inf));
+        }
+        if _mm256_movemask_ps(bad) != 0 {
+            return None;
+        }
+        let r = _mm_max_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
+        let r = _mm_max_ps(r, _mm_movehl_ps(r, r));
+        let amax = _mm_cvtss_f32(_mm_max_ss(r, _mm_movehdup_ps(r)));
+        let mut b = <BlockQ8_K as bytemuck::Zeroable>::zeroed();
+        if amax == 0.0 {
+            return Some(b);
+        }
+        // The first value of that magnitude, its sign kept, as the reference picks it.
+        let xs = std::slice::from_raw_parts(x, QK_K);
+        let max = *xs.iter().find(|v| v.abs() == amax)?;
+        let iscale = -127.0 / max;
+        if !iscale.is_finite() {
+            // A maximum below 127 / f32::MAX: the reference's products are infinite and its
+            // `as i8` wraps where the packs below would saturate.
+            return None;
+        }
+        let vs = _mm256_set1_ps(iscale);
+        let magic = _mm256_set1_ps(12_582_912.0);
+        let (mant, off, top) = (
+            _mm256_set1_epi32(0x007F_FFFF),
+            _mm256_set1_epi32(0x0040_0000),
+            _mm256_set1_epi32(127),
+        );
+        for i in 0..QK_K / 32 {
+            let mut q = [_mm256_setzero_si256(); 4];
+            for (t, qt) in q.iter_mut().enumerate() {
+                let v = _mm256_loadu_ps(x.add(32 * i + 8 * t));
+                let v = _mm256_add_ps(_mm256_mul_ps(v, vs), magic);
+                let n = _mm256_sub_epi32(_mm256_and_si256(_mm256_castps_si256(v), mant), off);
+                *qt = _mm256_min_epi32(n, top);
+            }
+            let p16a = _mm256_packs_epi32(q[0], q[1]);
+            let p16b = _mm256_packs_epi32(q[2], q[3]);
+            let p8 = _mm256_packs_epi16(p16a, p16b);
+            let p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256(b.qs.as_mut_ptr().add(32 * i) as *mut __m256i, p8);
+        }
+        for (j, s) in b.bsums.iter_mut().enumerate() {
+            let sum: i32 = b.qs[16 * j..16 * j + 16].iter().map(|&q| q as i32).sum();
+            *s = (sum as i16).to_le_bytes();
+        }
+        b.d = (1.0 / iscale).to_le_bytes();
+        Some(b)
+    }
+}
+
+/// Safe only through a `Kernels` table (features detected first).
+pub(super) fn quantize_q8_k(x: &[f32], out: &mut [BlockQ8_K]) {
+    assert_eq!(x.len(), out.len() * QK_K, "q8_K row length");
+    for (b, xs) in out.iter_mut().zip(x.chunks_exact(QK_K)) {
+        // SAFETY: features detected before the table is handed out; xs has 256 floats.
+        *b = match unsafe { q8_k_block(xs.as_ptr()) } {
+            Some(q) => q,
+            None => crate::quant::q8_k::quantize_block_q8_k(xs.try_into().unwrap()),
+        };
+    }
+}
+
 /// A 256-bit path's table: its quantized GEMMs, and this module's float
 /// GEMMs and quantizers (the same code on every 256-bit path).
 pub(super) const fn table<I: Isa256>(path: crate::simd::SimdPath) -> Kernels {
@@ -580,7 +664,7 @@ pub(super) const fn table<I: Isa256>(path: crate::simd::SimdPath) -> Kernels {
         f32: gemm_f32,
         quantize_q8_0,
         quantize_q8_1,
-        quantize_q8_k: crate::quant::quantize_row_q8_k,
+        quantize_q8_k,
     }
 }
 

@@ -433,7 +433,7 @@ pub(super) const fn table<I: Isa512>(path: crate::simd::SimdPath) -> Kernels {
         f32: avx2::gemm_f32,
         quantize_q8_0: avx2::quantize_q8_0,
         quantize_q8_1: avx2::quantize_q8_1,
-        quantize_q8_k: crate::quant::quantize_row_q8_k,
+        quantize_q8_k: avx2::quantize_q8_k,
     }
 }
 

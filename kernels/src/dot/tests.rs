@@ -421,6 +421,40 @@ fn simd_activation_quantizers_give_reference_bytes() {
     }
 }
 
+/// The Q8_K activation quantizer of every path against ggml's reference,
+/// byte for byte: random rows at scales 2^-30..2^30, each hard block of
+/// [`hard_blocks`] (NaN, infinities, ties, zeros, denormals, f32::MAX) set
+/// into a random row at several offsets, and the value of largest magnitude
+/// twice with opposite signs (the reference keeps the first one's sign).
+#[test]
+fn simd_q8_k_quantizer_gives_reference_bytes() {
+    use crate::quant::{quantize_row_q8_k, BlockQ8_K};
+    let mut r = Rng::new(78);
+    let mut rows: Vec<Vec<f32>> = (-30..30).map(|e| r.vec(256 * 3, 2f32.powi(e))).collect();
+    for hard in hard_blocks() {
+        for at in [0, 32, 224] {
+            let mut x = r.vec(256, 1e-3);
+            x[at..at + 32].copy_from_slice(&hard);
+            rows.push(x);
+        }
+        rows.push(hard.repeat(8));
+    }
+    for (i, j) in [(3, 200), (200, 3), (0, 255), (255, 0)] {
+        let mut x = r.vec(256, 1.0);
+        (x[i], x[j]) = (-50.0, 50.0);
+        rows.push(x);
+    }
+    for &(name, ks) in &simd_tables() {
+        for x in &rows {
+            let nb = x.len() / 256;
+            let (mut a, mut b) = (vec![BlockQ8_K::zeroed(); nb], vec![BlockQ8_K::zeroed(); nb]);
+            quantize_row_q8_k(x, &mut a);
+            (ks.quantize_q8_k)(x, &mut b);
+            assert_eq!(a, b, "{name} q8_K on {:?}", &x[..4]);
+        }
+    }
+}
+
 #[test]
 fn tile_walk_covers_every_output_once() {
     for (rows, n, mr, nr, rb) in [
