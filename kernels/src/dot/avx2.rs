@@ -615,10 +615,7 @@ unsafe fn q8_k_block(x: *const f32) -> Option<BlockQ8_K> {
             let p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
             _mm256_storeu_si256(b.qs.as_mut_ptr().add(32 * i) as *mut __m256i, p8);
         }
-        for (j, s) in b.bsums.iter_mut().enumerate() {
-            let sum: i32 = b.qs[16 * j..16 * j + 16].iter().map(|&q| q as i32).sum();
-            *s = (sum as i16).to_le_bytes();
-        }
+        b.bsums = crate::quant::q8_k::bsums(&b.qs);
         b.d = (1.0 / iscale).to_le_bytes();
         Some(b)
     }

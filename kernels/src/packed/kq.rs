@@ -185,50 +185,15 @@ pub(crate) trait RowLanes: Copy {
     /// Elsewhere the bodies keep their `dot4` chains, whose machine code
     /// was measured (Zen 4).
     const I16_SUMS: bool = false;
-    /// Per lane, `scale` (at most 63) times the dot of the 32 bytes of
-    /// `u[0..8]` (unsigned, at most 15) with the 4 bytes of `y[i]` each: one
-    /// Q4_K sub-block. Exact. Paths without a 4-byte dot instruction
-    /// override it to sum the byte products in i16 (at most 8 x 2 x 15 x 128
-    /// = 30720) and to scale and widen them in one `vpmaddwd`: 9 multiplies
-    /// where `dot4` takes 16 and a `vpmulld`.
-    #[inline(always)]
-    unsafe fn dot32_scaled(u: &[Self; 8], y: &[i32; 8], scale: Self) -> Self {
-        // SAFETY: Self's features, as the caller guarantees.
-        unsafe { dot32_chains(u, y).mullo(scale) }
-    }
-    /// Per lane, `bias` plus the dot of the 32 bytes of `u[0..8]` (unsigned,
-    /// at most 31) with the 4 bytes of `y[i]` each: one Q5_0 block. Exact.
-    /// Paths without a 4-byte dot instruction override it to sum byte
-    /// products in i16 four `vpmaddubsw` at a time (at most 4 x 2 x 31 x 128
-    /// = 31744) and to widen them in two `vpmaddwd`.
-    #[inline(always)]
-    unsafe fn dot32(u: &[Self; 8], y: &[i32; 8], bias: i32) -> Self {
-        // SAFETY: Self's features, as the caller guarantees.
-        unsafe {
-            let mut s = Self::splat(bias);
-            for i in 0..8 {
-                s = s.dot4(u[i], y[i]);
-            }
-            s
-        }
-    }
-    /// Per lane, `scale` (an i8) times `bias` plus the dot of the 16 bytes
-    /// of `u[0..4]` (unsigned, at most 63) with the 4 bytes of `y[i]` each:
-    /// one Q6_K sub-block. Exact. Paths without a 4-byte dot instruction
-    /// override it to sum byte products in i16 two `vpmaddubsw` at a time
-    /// (at most 2 x 2 x 63 x 128 = 32256) and to scale and widen them in a
-    /// `vpmaddwd`.
-    #[inline(always)]
-    unsafe fn dot16_scaled(u: &[Self; 4], y: &[i32; 4], bias: i32, scale: Self) -> Self {
-        // SAFETY: Self's features, as the caller guarantees.
-        unsafe {
-            let mut s = Self::splat(bias);
-            for i in 0..4 {
-                s = s.dot4(u[i], y[i]);
-            }
-            s.mullo(scale)
-        }
-    }
+    /// Per lane, as two i16: `u0 y0 + u1 y1` and `u2 y2 + u3 y3` of its 4
+    /// bytes of `u` (unsigned) and the 4 bytes of `y` (signed), as
+    /// `vpmaddubsw` (which saturates; the callers' bounds keep it exact).
+    /// Only the [`RowLanes::I16_SUMS`] bodies use the i16 methods.
+    unsafe fn dot4_16(u: Self, y: i32) -> Self;
+    /// Per lane, both i16 halves added (wrapping).
+    unsafe fn add16(self, o: Self) -> Self;
+    /// Per lane, `lo16(self) * lo16(s) + hi16(self) * hi16(s)` as an i32.
+    unsafe fn madd16(self, s: Self) -> Self;
     unsafe fn cvt(self) -> Self::F;
     unsafe fn load_f16(p: *const u8) -> Self::F;
     unsafe fn fsplat(v: f32) -> Self::F;
@@ -247,21 +212,66 @@ pub(crate) trait RowLanes: Copy {
     unsafe fn prefetch_l2(_p: *const u8) {}
 }
 
-/// The dot of [`RowLanes::dot32_scaled`] unscaled, as two chains of four
-/// `dot4`s: a decode tile waits on half as long a chain of latencies, and
-/// the integer sums are exact, so the split changes no bit.
+/// i16 sums of `dot4_16` over `u[i]`, `y[i]`, in a tree (`N` a power of
+/// two); the caller keeps each sum within i16.
 #[inline(always)]
-unsafe fn dot32_chains<V: RowLanes>(u: &[V; 8], y: &[i32; 8]) -> V {
-    let mut x = [V::splat(0), V::splat(0)];
-    for c in 0..4 {
-        // SAFETY: V's features, as the caller guarantees.
-        unsafe {
-            x[0] = x[0].dot4(u[c], y[c]);
-            x[1] = x[1].dot4(u[c + 4], y[c + 4]);
+unsafe fn sum16<V: RowLanes, const N: usize>(u: &[V], y: &[i32]) -> V {
+    // SAFETY: V's features, as the caller guarantees.
+    unsafe {
+        let mut p: [V; N] = std::array::from_fn(|i| V::dot4_16(u[i], y[i]));
+        let mut n = N;
+        while n > 1 {
+            n /= 2;
+            for i in 0..n {
+                p[i] = p[2 * i].add16(p[2 * i + 1]);
+            }
         }
+        p[0]
     }
-    // SAFETY: as above.
-    unsafe { x[0].add(x[1]) }
+}
+
+/// Per lane, `scale` (at most 63) times the dot of the 32 bytes of
+/// `u[0..8]` (unsigned, at most 15) with the 4 bytes of `y[i]` each: one
+/// Q4_K sub-block on an [`RowLanes::I16_SUMS`] path. The byte products add
+/// up in i16 (at most 8 x 2 x 15 x 128 = 30720), and one `vpmaddwd` with
+/// the scale in both halves widens and scales them: 9 multiplies where
+/// `dot4` chains take 16 and a `vpmulld`. Exact.
+#[inline(always)]
+unsafe fn q4_k_sub<V: RowLanes>(u: &[V; 8], y: &[i32; 8], scale: V) -> V {
+    // SAFETY: V's features, as the caller guarantees.
+    unsafe { sum16::<V, 8>(u, y).madd16(scale.or(scale.shl(16))) }
+}
+
+/// Per lane, `bias` plus the dot of the 32 bytes of `u[0..8]` (unsigned, at
+/// most 31) with the 4 bytes of `y[i]` each: one Q5_0 block on an
+/// [`RowLanes::I16_SUMS`] path, in i16 four products at a time (at most
+/// 4 x 2 x 31 x 128 = 31744), widened by two `vpmaddwd`. Exact.
+#[inline(always)]
+unsafe fn q5_0_block<V: RowLanes>(u: &[V; 8], y: &[i32; 8], bias: i32) -> V {
+    // SAFETY: V's features, as the caller guarantees.
+    unsafe {
+        let ones = V::splat(0x0001_0001);
+        let s0 = sum16::<V, 4>(&u[..4], &y[..4]).madd16(ones);
+        let s1 = sum16::<V, 4>(&u[4..], &y[4..]).madd16(ones);
+        s0.add(s1).add(V::splat(bias))
+    }
+}
+
+/// Per lane, `scale` (an i8) times `bias` plus the dot of the 16 bytes of
+/// `u[0..4]` (unsigned, at most 63) with the 4 bytes of `y[i]` each: one
+/// Q6_K sub-block on an [`RowLanes::I16_SUMS`] path, in i16 two products
+/// at a time (at most 2 x 2 x 63 x 128 = 32256), scaled and widened by
+/// `vpmaddwd`. Exact.
+#[inline(always)]
+unsafe fn q6_k_sub<V: RowLanes>(u: &[V; 4], y: &[i32; 4], bias: i32, scale: V) -> V {
+    // SAFETY: V's features, as the caller guarantees.
+    unsafe {
+        // The i8 scale, sign-extended, in both i16 halves.
+        let sc = scale.and(V::splat(0xFFFF)).or(scale.shl(16));
+        let s0 = sum16::<V, 2>(&u[..2], &y[..2]).madd16(sc);
+        let s1 = sum16::<V, 2>(&u[2..], &y[2..]).madd16(sc);
+        s0.add(s1).add(V::splat(bias).mullo(scale))
+    }
 }
 
 /// For a decode tile (`C == 1`) on lanes with [`RowLanes::PF_DECODE`]:
@@ -363,6 +373,34 @@ impl RowLanes for Portable {
             let (lo, hi) = (u.0[i] as i16 as i32, (u.0[i] >> 16) as i16 as i32);
             self.0[i] + lo * plo + hi * phi
         }))
+    }
+    #[inline(always)]
+    unsafe fn dot4_16(u: Self, y: i32) -> Self {
+        let y = y.to_le_bytes();
+        Portable(u.0.map(|u| {
+            let u = u.to_le_bytes();
+            let pair = |k: usize| {
+                let s = u[k] as i32 * y[k] as i8 as i32 + u[k + 1] as i32 * y[k + 1] as i8 as i32;
+                s.clamp(i16::MIN as i32, i16::MAX as i32) as u16 as u32
+            };
+            (pair(0) | pair(2) << 16) as i32
+        }))
+    }
+    #[inline(always)]
+    unsafe fn add16(self, o: Self) -> Self {
+        self.map2(o, |a, b| {
+            let lo = (a as u16).wrapping_add(b as u16) as u32;
+            let hi = ((a >> 16) as u16).wrapping_add((b >> 16) as u16) as u32;
+            (lo | hi << 16) as i32
+        })
+    }
+    #[inline(always)]
+    unsafe fn madd16(self, s: Self) -> Self {
+        self.map2(s, |a, b| {
+            let (alo, ahi) = (a as i16 as i32, (a >> 16) as i16 as i32);
+            let (blo, bhi) = (b as i16 as i32, (b >> 16) as i16 as i32);
+            alo * blo + ahi * bhi
+        })
     }
     #[inline(always)]
     unsafe fn cvt(self) -> PortableF {
@@ -496,8 +534,8 @@ impl PackedFmt for Q4K {
                         // Chunk c of the quarter holds elements 4c.. of both sub-blocks.
                         let y_lo: [i32; 8] = std::array::from_fn(|c| a.group(64 * p + 4 * c));
                         let y_hi: [i32; 8] = std::array::from_fn(|c| a.group(64 * p + 32 + 4 * c));
-                        let x0 = V::dot32_scaled(&lo, &y_lo, sa);
-                        *isum_t = isum_t.add(x0).add(V::dot32_scaled(&hi, &y_hi, sb_));
+                        let x0 = q4_k_sub(&lo, &y_lo, sa);
+                        *isum_t = isum_t.add(x0).add(q4_k_sub(&hi, &y_hi, sb_));
                         continue;
                     }
                     // Four chains of four: exact integer sums, so the split changes no bit,
@@ -595,7 +633,7 @@ impl PackedFmt for Q6K {
                                 let u = [w[0][q], w[1][q], w[2][q], w[3][q]];
                                 let y: [i32; 4] =
                                     std::array::from_fn(|i| a.group(e0 + 32 * q + 4 * i));
-                                *isum_t = isum_t.add(V::dot16_scaled(&u, &y, bias, *scq));
+                                *isum_t = isum_t.add(q6_k_sub(&u, &y, bias, *scq));
                                 continue;
                             }
                             let mut s = V::splat(bias);
@@ -659,7 +697,7 @@ impl PackedFmt for Q5_0 {
                     // Chunk j holds elements 4j.. (low nibbles) and 16 + 4j.. (high).
                     let u = [lo[0], hi[0], lo[1], hi[1], lo[2], hi[2], lo[3], hi[3]];
                     let y: [i32; 8] = std::array::from_fn(|i| ay(16 * (i % 2) + 4 * (i / 2)));
-                    V::dot32(&u, &y, a.c)
+                    q5_0_block(&u, &y, a.c)
                 } else {
                     let mut s = V::splat(a.c);
                     for j in 0..4 {
@@ -803,23 +841,31 @@ pub(crate) unsafe fn gemm<A>(
         let mut t0 = 0;
         while t0 < n {
             let c = if n - t0 >= C_FULL { C_FULL } else { 1 };
+            let a = act.as_ptr().wrapping_add(t0 * k);
             if c == 1 {
-                // SAFETY: as below, for all the group's `real` rows.
-                unsafe { one(g, 0, k, act.as_ptr().add(t0 * k), out.at(t0, g0), 0, real) };
-            }
-            for h in 0..GROUP_ROWS / rows_per_vec * (c / C_FULL) {
-                let lanes = real.saturating_sub(h * rows_per_vec).min(rows_per_vec);
-                if lanes == 0 {
-                    continue;
-                }
-                // SAFETY: the group holds k blocks (w.group checked its length
-                // against the layout); tokens t0..t0 + c < n have k blocks each;
-                // lanes below `lanes` of out.at(t0 + t, g0 + h rows_per_vec) are
-                // this call's rows, which the caller lets us write.
-                unsafe {
-                    let a = act.as_ptr().add(t0 * k);
-                    let o = out.at(t0, g0 + h * rows_per_vec);
-                    full(g, h, k, a, o, out.ld(), lanes);
+                // SAFETY: the group holds k blocks (w.group checked its length against the
+                // layout); token t0 < n has k blocks; lanes below `real` of out.at(t0, g0) are
+                // the group's rows, which the caller lets us write.
+                unsafe { one(g, 0, k, a, out.at(t0, g0), 0, real) };
+            } else {
+                for h in 0..GROUP_ROWS / rows_per_vec {
+                    let lanes = real.saturating_sub(h * rows_per_vec).min(rows_per_vec);
+                    if lanes == 0 {
+                        continue;
+                    }
+                    // SAFETY: as above, for tokens t0..t0 + c < n and the lanes below `lanes`
+                    // of out.at(t0 + t, g0 + h rows_per_vec), this call's rows.
+                    unsafe {
+                        full(
+                            g,
+                            h,
+                            k,
+                            a,
+                            out.at(t0, g0 + h * rows_per_vec),
+                            out.ld(),
+                            lanes,
+                        )
+                    };
                 }
             }
             if c == C_FULL && real == GROUP_ROWS {
@@ -861,7 +907,7 @@ pub(crate) mod x86 {
 
     use std::arch::x86_64::*;
 
-    use super::{dot32_chains, entry, PackedFmt, PathTiles, RowLanes, C_FULL};
+    use super::{entry, PackedFmt, PathTiles, RowLanes, C_FULL};
 
     /// Decode prefetch distance of the zmm and ymm kernels, in super-blocks
     /// ([`super::prefetch_part`]).
@@ -947,76 +993,19 @@ pub(crate) mod x86 {
             Zmm(unsafe { _mm512_add_epi32(self.0, _mm512_madd_epi16(u.0, _mm512_set1_epi32(p))) })
         }
         #[inline(always)]
-        unsafe fn dot32_scaled(u: &[Self; 8], y: &[i32; 8], scale: Self) -> Self {
+        unsafe fn dot4_16(u: Self, y: i32) -> Self {
             // SAFETY: see the impl comment.
-            unsafe {
-                if VNNI {
-                    return dot32_chains(u, y).mullo(scale);
-                }
-                let mut p = [_mm512_setzero_si512(); 8];
-                for i in 0..8 {
-                    p[i] = _mm512_maddubs_epi16(u[i].0, _mm512_set1_epi32(y[i]));
-                }
-                let s = _mm512_add_epi16(
-                    _mm512_add_epi16(_mm512_add_epi16(p[0], p[1]), _mm512_add_epi16(p[2], p[3])),
-                    _mm512_add_epi16(_mm512_add_epi16(p[4], p[5]), _mm512_add_epi16(p[6], p[7])),
-                );
-                // The scale in both i16 halves: vpmaddwd gives scale * (lo + hi).
-                let sc = _mm512_or_si512(scale.0, _mm512_slli_epi32::<16>(scale.0));
-                Zmm(_mm512_madd_epi16(s, sc))
-            }
+            Zmm(unsafe { _mm512_maddubs_epi16(u.0, _mm512_set1_epi32(y)) })
         }
         #[inline(always)]
-        unsafe fn dot32(u: &[Self; 8], y: &[i32; 8], bias: i32) -> Self {
+        unsafe fn add16(self, o: Self) -> Self {
             // SAFETY: see the impl comment.
-            unsafe {
-                if VNNI {
-                    let mut s = Self::splat(bias);
-                    for i in 0..8 {
-                        s = s.dot4(u[i], y[i]);
-                    }
-                    return s;
-                }
-                let mut p = [_mm512_setzero_si512(); 8];
-                for i in 0..8 {
-                    p[i] = _mm512_maddubs_epi16(u[i].0, _mm512_set1_epi32(y[i]));
-                }
-                let s0 =
-                    _mm512_add_epi16(_mm512_add_epi16(p[0], p[1]), _mm512_add_epi16(p[2], p[3]));
-                let s1 =
-                    _mm512_add_epi16(_mm512_add_epi16(p[4], p[5]), _mm512_add_epi16(p[6], p[7]));
-                let ones = _mm512_set1_epi16(1);
-                let d = _mm512_add_epi32(_mm512_madd_epi16(s0, ones), _mm512_madd_epi16(s1, ones));
-                Zmm(_mm512_add_epi32(d, _mm512_set1_epi32(bias)))
-            }
+            Zmm(unsafe { _mm512_add_epi16(self.0, o.0) })
         }
         #[inline(always)]
-        unsafe fn dot16_scaled(u: &[Self; 4], y: &[i32; 4], bias: i32, scale: Self) -> Self {
+        unsafe fn madd16(self, s: Self) -> Self {
             // SAFETY: see the impl comment.
-            unsafe {
-                if VNNI {
-                    let mut s = Self::splat(bias);
-                    for i in 0..4 {
-                        s = s.dot4(u[i], y[i]);
-                    }
-                    return s.mullo(scale);
-                }
-                let mut p = [_mm512_setzero_si512(); 4];
-                for i in 0..4 {
-                    p[i] = _mm512_maddubs_epi16(u[i].0, _mm512_set1_epi32(y[i]));
-                }
-                let (s01, s23) = (_mm512_add_epi16(p[0], p[1]), _mm512_add_epi16(p[2], p[3]));
-                // The i8 scale, sign-extended, in both i16 halves.
-                let sc = _mm512_or_si512(
-                    _mm512_and_si512(scale.0, _mm512_set1_epi32(0xFFFF)),
-                    _mm512_slli_epi32::<16>(scale.0),
-                );
-                let d = _mm512_add_epi32(_mm512_madd_epi16(s01, sc), _mm512_madd_epi16(s23, sc));
-                Zmm(_mm512_add_epi32(
-                    d,
-                    _mm512_mullo_epi32(_mm512_set1_epi32(bias), scale.0),
-                ))
-            }
+            Zmm(unsafe { _mm512_madd_epi16(self.0, s.0) })
         }
         #[inline(always)]
         unsafe fn cvt(self) -> __m512 {
@@ -1157,76 +1146,19 @@ pub(crate) mod x86 {
             Ymm(unsafe { _mm256_add_epi32(self.0, _mm256_madd_epi16(u.0, _mm256_set1_epi32(p))) })
         }
         #[inline(always)]
-        unsafe fn dot32_scaled(u: &[Self; 8], y: &[i32; 8], scale: Self) -> Self {
+        unsafe fn dot4_16(u: Self, y: i32) -> Self {
             // SAFETY: see the impl comment.
-            unsafe {
-                if DOT != 0 {
-                    return dot32_chains(u, y).mullo(scale);
-                }
-                let mut p = [_mm256_setzero_si256(); 8];
-                for i in 0..8 {
-                    p[i] = _mm256_maddubs_epi16(u[i].0, _mm256_set1_epi32(y[i]));
-                }
-                let s = _mm256_add_epi16(
-                    _mm256_add_epi16(_mm256_add_epi16(p[0], p[1]), _mm256_add_epi16(p[2], p[3])),
-                    _mm256_add_epi16(_mm256_add_epi16(p[4], p[5]), _mm256_add_epi16(p[6], p[7])),
-                );
-                // The scale in both i16 halves: vpmaddwd gives scale * (lo + hi).
-                let sc = _mm256_or_si256(scale.0, _mm256_slli_epi32::<16>(scale.0));
-                Ymm(_mm256_madd_epi16(s, sc))
-            }
+            Ymm(unsafe { _mm256_maddubs_epi16(u.0, _mm256_set1_epi32(y)) })
         }
         #[inline(always)]
-        unsafe fn dot32(u: &[Self; 8], y: &[i32; 8], bias: i32) -> Self {
+        unsafe fn add16(self, o: Self) -> Self {
             // SAFETY: see the impl comment.
-            unsafe {
-                if DOT != 0 {
-                    let mut s = Self::splat(bias);
-                    for i in 0..8 {
-                        s = s.dot4(u[i], y[i]);
-                    }
-                    return s;
-                }
-                let mut p = [_mm256_setzero_si256(); 8];
-                for i in 0..8 {
-                    p[i] = _mm256_maddubs_epi16(u[i].0, _mm256_set1_epi32(y[i]));
-                }
-                let s0 =
-                    _mm256_add_epi16(_mm256_add_epi16(p[0], p[1]), _mm256_add_epi16(p[2], p[3]));
-                let s1 =
-                    _mm256_add_epi16(_mm256_add_epi16(p[4], p[5]), _mm256_add_epi16(p[6], p[7]));
-                let ones = _mm256_set1_epi16(1);
-                let d = _mm256_add_epi32(_mm256_madd_epi16(s0, ones), _mm256_madd_epi16(s1, ones));
-                Ymm(_mm256_add_epi32(d, _mm256_set1_epi32(bias)))
-            }
+            Ymm(unsafe { _mm256_add_epi16(self.0, o.0) })
         }
         #[inline(always)]
-        unsafe fn dot16_scaled(u: &[Self; 4], y: &[i32; 4], bias: i32, scale: Self) -> Self {
+        unsafe fn madd16(self, s: Self) -> Self {
             // SAFETY: see the impl comment.
-            unsafe {
-                if DOT != 0 {
-                    let mut s = Self::splat(bias);
-                    for i in 0..4 {
-                        s = s.dot4(u[i], y[i]);
-                    }
-                    return s.mullo(scale);
-                }
-                let mut p = [_mm256_setzero_si256(); 4];
-                for i in 0..4 {
-                    p[i] = _mm256_maddubs_epi16(u[i].0, _mm256_set1_epi32(y[i]));
-                }
-                let (s01, s23) = (_mm256_add_epi16(p[0], p[1]), _mm256_add_epi16(p[2], p[3]));
-                // The i8 scale, sign-extended, in both i16 halves.
-                let sc = _mm256_or_si256(
-                    _mm256_and_si256(scale.0, _mm256_set1_epi32(0xFFFF)),
-                    _mm256_slli_epi32::<16>(scale.0),
-                );
-                let d = _mm256_add_epi32(_mm256_madd_epi16(s01, sc), _mm256_madd_epi16(s23, sc));
-                Ymm(_mm256_add_epi32(
-                    d,
-                    _mm256_mullo_epi32(_mm256_set1_epi32(bias), scale.0),
-                ))
-            }
+            Ymm(unsafe { _mm256_madd_epi16(self.0, s.0) })
         }
         #[inline(always)]
         unsafe fn cvt(self) -> __m256 {
@@ -1386,5 +1318,72 @@ pub(crate) mod x86 {
     }
     pub(crate) const fn avx2<P: PackedFmt>() -> PathTiles<P::Act> {
         ((e256::<P, C_FULL>, e256::<P, 1>), 8)
+    }
+}
+
+#[cfg(test)]
+mod i16_tests {
+    use super::*;
+
+    /// The i16 routes (`q4_k_sub`, `q6_k_sub`, `q5_0_block`) on the portable
+    /// lanes, whose i16 methods are plain arithmetic, against `dot4` chains:
+    /// random bytes and each format's largest quants against activations of
+    /// 127 and -128, so the twin of what AVX2 computes is checked apart from
+    /// the x86 paths' own tests.
+    #[test]
+    fn i16_sums_equal_dot4_chains_on_portable_lanes() {
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        // SAFETY: the portable lanes need no CPU features.
+        unsafe {
+            for round in 0..200 {
+                let lanes = |max: u8, next: &mut dyn FnMut() -> u64| {
+                    Portable(std::array::from_fn(|_| {
+                        let b: [u8; 4] = std::array::from_fn(|_| {
+                            if round < 2 {
+                                max
+                            } else {
+                                (next() as u8) % (max + 1)
+                            }
+                        });
+                        i32::from_le_bytes(b)
+                    }))
+                };
+                let act = |next: &mut dyn FnMut() -> u64| match round {
+                    0 => 0x7F7F_7F7F,
+                    1 => i32::from_le_bytes([0x80; 4]),
+                    _ => next() as i32,
+                };
+                let chain = |u: &[Portable], y: &[i32], bias: i32| {
+                    let mut s = Portable::splat(bias);
+                    for (&u, &y) in u.iter().zip(y) {
+                        s = s.dot4(u, y);
+                    }
+                    s
+                };
+                let u8s: [Portable; 8] = std::array::from_fn(|_| lanes(15, &mut next));
+                let y8: [i32; 8] = std::array::from_fn(|_| act(&mut next));
+                let sc = Portable(std::array::from_fn(|_| (next() % 64) as i32));
+                let want = chain(&u8s, &y8, 0).mullo(sc);
+                assert_eq!(q4_k_sub(&u8s, &y8, sc).0, want.0, "Q4_K round {round}");
+
+                let u8s: [Portable; 8] = std::array::from_fn(|_| lanes(31, &mut next));
+                let bias = (next() % 4096) as i32 - 2048;
+                let want = chain(&u8s, &y8, bias);
+                assert_eq!(q5_0_block(&u8s, &y8, bias).0, want.0, "Q5_0 round {round}");
+
+                let u4: [Portable; 4] = std::array::from_fn(|_| lanes(63, &mut next));
+                let y4 = [y8[0], y8[1], y8[2], y8[3]];
+                let sc = Portable(std::array::from_fn(|_| next() as i8 as i32));
+                let bias = -32 * ((next() % 4096) as i32 - 2048);
+                let want = chain(&u4, &y4, bias).mullo(sc);
+                assert_eq!(q6_k_sub(&u4, &y4, bias, sc).0, want.0, "Q6_K round {round}");
+            }
+        }
     }
 }

@@ -57,12 +57,17 @@ pub fn quantize_block_q8_k(x: &[f32; QK_K]) -> BlockQ8_K {
         // min keeps the top at 127; `as i8` then never wraps for finite x.
         *q = nearest_int(iscale * v).min(127) as i8;
     }
-    for (j, s) in b.bsums.iter_mut().enumerate() {
-        let sum: i32 = b.qs[16 * j..16 * j + 16].iter().map(|&q| q as i32).sum();
-        *s = (sum as i16).to_le_bytes();
-    }
+    b.bsums = bsums(&b.qs);
     b.d = (1.0 / iscale).to_le_bytes();
     b
+}
+
+/// The sums of each 16 quants, as a block stores them.
+pub(crate) fn bsums(qs: &[i8; QK_K]) -> [[u8; 2]; QK_K / 16] {
+    std::array::from_fn(|j| {
+        let sum: i32 = qs[16 * j..16 * j + 16].iter().map(|&q| q as i32).sum();
+        (sum as i16).to_le_bytes()
+    })
 }
 
 pub fn quantize_row_q8_k(x: &[f32], out: &mut [BlockQ8_K]) {
