@@ -1,5 +1,5 @@
 //! Weights repacked at load into a 16-row interleaved layout (Q4_0, Q4_1,
-//! Q8_0 here; Q5_0, Q4_K and Q6_K in [`kq`], with their own layouts and
+//! Q8_0 here; Q5_0, Q4_K, Q5_K and Q6_K in [`kq`], with their own layouts and
 //! generic kernels).
 //!
 //! In the file a row's blocks follow one another (18 or 34 bytes each), so a
@@ -76,7 +76,8 @@ use crate::buffer::Buffer;
 use crate::dot::Tiles;
 use crate::matmul::{check_len, WeightView};
 use crate::quant::{
-    self, BlockQ4_0, BlockQ4_1, BlockQ4_K, BlockQ5_0, BlockQ6_K, BlockQ8_0, BlockQ8_1, BlockQ8_K,
+    self, BlockQ4_0, BlockQ4_1, BlockQ4_K, BlockQ5_0, BlockQ5_K, BlockQ6_K, BlockQ8_0, BlockQ8_1,
+    BlockQ8_K,
 };
 use crate::simd::{simd_path, SimdPath};
 use crate::{GgmlType, KernelError};
@@ -171,6 +172,7 @@ pub struct PackedKernels {
     q8_0: PackedGemmFn,
     q5_0: KqTiles<ActBlock>,
     q4_k: KqTiles<ActBlockK>,
+    q5_k: KqTiles<ActBlockK>,
     q6_k: KqTiles<ActBlockK>,
     /// Whether `q8_0` is exact for a -128 activation quant. The `vpmaddubsw`
     /// kernels' sign trick cannot negate it; quantizers give it only from a
@@ -189,7 +191,7 @@ impl PackedKernels {
             Fmt::Q4_1 => Some(self.q4_1),
             Fmt::Q8_0 if minus_128 && !self.q8_0_takes_minus_128 => Some(SCALAR.q8_0),
             Fmt::Q8_0 => Some(self.q8_0),
-            Fmt::Q5_0 | Fmt::Q4K | Fmt::Q6K => None,
+            Fmt::Q5_0 | Fmt::Q4K | Fmt::Q5K | Fmt::Q6K => None,
         }
     }
 }
@@ -202,6 +204,7 @@ enum Fmt {
     Q8_0,
     Q5_0,
     Q4K,
+    Q5K,
     Q6K,
 }
 
@@ -215,11 +218,12 @@ impl Fmt {
             Q8_0 => Some(Fmt::Q8_0),
             GgmlType::Q5_0 => Some(Fmt::Q5_0),
             Q4_K => Some(Fmt::Q4K),
+            Q5_K => Some(Fmt::Q5K),
             Q6_K => Some(Fmt::Q6K),
-            // Q5_1, Q2_K, Q3_K and Q5_K run from the file layout ([`crate::matmul`]).
-            F32 | F16 | BF16 | Q5_1 | Q8_1 | Q2_K | Q3_K | Q5_K | Q8_K | IQ2_XXS | IQ2_XS
-            | IQ3_XXS | IQ1_S | IQ4_NL | IQ3_S | IQ2_S | IQ4_XS | I8 | I16 | I32 | I64 | F64
-            | IQ1_M | TQ1_0 | TQ2_0 | MXFP4 | NVFP4 | Q1_0 => None,
+            // Q5_1, Q2_K and Q3_K run from the file layout ([`crate::matmul`]).
+            F32 | F16 | BF16 | Q5_1 | Q8_1 | Q2_K | Q3_K | Q8_K | IQ2_XXS | IQ2_XS | IQ3_XXS
+            | IQ1_S | IQ4_NL | IQ3_S | IQ2_S | IQ4_XS | I8 | I16 | I32 | I64 | F64 | IQ1_M
+            | TQ1_0 | TQ2_0 | MXFP4 | NVFP4 | Q1_0 => None,
         }
     }
 
@@ -231,6 +235,7 @@ impl Fmt {
             Fmt::Q8_0 => group_len(512, 32, k),
             Fmt::Q5_0 => k.div_ceil(2).checked_mul(kq::Q5_0_UNIT),
             Fmt::Q4K => k.checked_mul(kq::Q4K_SB),
+            Fmt::Q5K => k.checked_mul(kq::Q5K_SB),
             Fmt::Q6K => k.checked_mul(kq::Q6K_SB),
         }
     }
@@ -245,6 +250,7 @@ pub static SCALAR: PackedKernels = PackedKernels {
     q8_0: scalar::gemm_q8_0,
     q5_0: (kq::portable::<kq::Q5_0>(), 16),
     q4_k: (kq::portable::<kq::Q4K>(), 16),
+    q5_k: (kq::portable::<kq::Q5K>(), 16),
     q6_k: (kq::portable::<kq::Q6K>(), 16),
     q8_0_takes_minus_128: true,
 };
@@ -292,7 +298,7 @@ pub fn packed_kernels() -> Option<&'static PackedKernels> {
 }
 
 /// Whether [`PackedWeights::pack`] takes this type: Q4_0, Q4_1, Q8_0, Q5_0,
-/// Q4_K and Q6_K.
+/// Q4_K, Q5_K and Q6_K.
 pub fn can_pack(ty: GgmlType) -> bool {
     Fmt::of(ty).is_some()
 }
@@ -437,6 +443,7 @@ impl PackedWeights {
                 }
                 Fmt::Q5_0 => kq::gemm(self, r0, nr, &s.act, out, ks.q5_0.1, ks.q5_0.0),
                 Fmt::Q4K => kq::gemm(self, r0, nr, &s.act_k, out, ks.q4_k.1, ks.q4_k.0),
+                Fmt::Q5K => kq::gemm(self, r0, nr, &s.act_k, out, ks.q5_k.1, ks.q5_k.0),
                 Fmt::Q6K => kq::gemm(self, r0, nr, &s.act_k, out, ks.q6_k.1, ks.q6_k.0),
             }
         }
@@ -485,6 +492,7 @@ fn pack_row(f: Fmt, src: &[u8], i: usize, group: &mut [u8]) {
         }
         Fmt::Q5_0 => kq::pack_row_q5_0(bytemuck::cast_slice::<u8, BlockQ5_0>(src), i, group),
         Fmt::Q4K => kq::pack_row_q4_k(bytemuck::cast_slice::<u8, BlockQ4_K>(src), i, group),
+        Fmt::Q5K => kq::pack_row_q5_k(bytemuck::cast_slice::<u8, BlockQ5_K>(src), i, group),
         Fmt::Q6K => kq::pack_row_q6_k(bytemuck::cast_slice::<u8, BlockQ6_K>(src), i, group),
     }
 }
@@ -631,7 +639,7 @@ fn prepare_acts(
     let ks = crate::dot::kernels()?;
     let fmt = Fmt::of(ty).ok_or(KernelError::Unsupported { ty, op: "pack" })?;
     let n = x.len() / cols;
-    if matches!(fmt, Fmt::Q4K | Fmt::Q6K) {
+    if matches!(fmt, Fmt::Q4K | Fmt::Q5K | Fmt::Q6K) {
         let k = cols / quant::QK_K;
         s.q8_k.resize(n * k, BlockQ8_K::zeroed());
         s.act_k.resize(n * k, ActBlockK::zeroed());
@@ -739,7 +747,7 @@ pub(crate) fn act_offset(ty: GgmlType) -> i32 {
         Some(Fmt::Q4_0) => 8,
         Some(Fmt::Q5_0) => 16,
         Some(Fmt::Q8_0) => 128,
-        Some(Fmt::Q4_1 | Fmt::Q4K | Fmt::Q6K) | None => {
+        Some(Fmt::Q4_1 | Fmt::Q4K | Fmt::Q5K | Fmt::Q6K) | None => {
             panic!("{ty} weights take no Q8_0 activation blocks")
         }
     }

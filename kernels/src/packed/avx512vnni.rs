@@ -28,6 +28,7 @@ pub(super) static KERNELS: PackedKernels = PackedKernels {
     q8_0: gemm::<Q8_0<Avx512Vnni>>,
     q5_0: super::kq::x86::avx512vnni::<super::kq::Q5_0>(),
     q4_k: super::kq::x86::avx512vnni::<super::kq::Q4K>(),
+    q5_k: super::kq::x86::avx512vnni::<super::kq::Q5K>(),
     q6_k: super::kq::x86::avx512vnni::<super::kq::Q6K>(),
     // y is the signed side of vpdpbusd, -128 included.
     q8_0_takes_minus_128: true,

@@ -289,6 +289,7 @@ pub(super) mod vex {
         q8_0: gemm::<Q8_0<Vex>>,
         q5_0: kq::x86::avxvnni::<kq::Q5_0>(),
         q4_k: kq::x86::avxvnni::<kq::Q4K>(),
+        q5_k: kq::x86::avxvnni::<kq::Q5K>(),
         q6_k: kq::x86::avxvnni::<kq::Q6K>(),
         q8_0_takes_minus_128: true,
     };
@@ -309,6 +310,7 @@ pub(super) mod evex {
         q8_0: gemm::<Q8_0<Evex>>,
         q5_0: kq::x86::avxvnni_evex::<kq::Q5_0>(),
         q4_k: kq::x86::avxvnni_evex::<kq::Q4K>(),
+        q5_k: kq::x86::avxvnni_evex::<kq::Q5K>(),
         q6_k: kq::x86::avxvnni_evex::<kq::Q6K>(),
         q8_0_takes_minus_128: true,
     };

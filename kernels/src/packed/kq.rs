@@ -1,4 +1,4 @@
-//! Packed Q4_K, Q6_K and Q5_0: layouts and kernels, written once as
+//! Packed Q4_K, Q5_K, Q6_K and Q5_0: layouts and kernels, written once as
 //! `#[inline(always)]` bodies generic over the row-lane vector type
 //! [`RowLanes`] (one 32-bit lane per weight row), with short
 //! `#[target_feature]` entry points per instruction set (the pattern of
@@ -11,6 +11,9 @@
 //!   chunks, chunk 8p + c holding `qs[32p + 4c..+4]` (low nibbles: elements
 //!   64p + 4c.., sub-block 2p; high: 64p + 32 + 4c.., sub-block 2p + 1);
 //!   3 chunks of the 12 scale bytes; 16 f16 `d` then 16 f16 `dmin`.
+//! - Q5_K, per super-block (2816 bytes, the file's 16 x 176): Q4_K's with 8
+//!   chunks of fifth bits after the quants, chunk c holding `qh[4c..+4]`
+//!   (bit 2p of a byte: the low nibble's of quarter p; 2p + 1: the high's).
 //! - Q6_K, per super-block (3392 bytes: the file's 3360 and 32 of padding):
 //!   32 `ql` chunks (16h + c: `ql[64h + 4c..]`), 16 `qh` chunks (8h + c:
 //!   `qh[32h + 4c..]`), 4 chunks of the i8 scales, 16 f16 `d`, 32 zero bytes.
@@ -30,10 +33,12 @@
 
 use super::{Out, PackedWeights, GROUP_ROWS};
 use crate::dot::Tiles;
-use crate::quant::{BlockQ4_K, BlockQ5_0, BlockQ6_K, BlockQ8_K, QK_K};
+use crate::quant::{BlockQ4_K, BlockQ5_0, BlockQ5_K, BlockQ6_K, BlockQ8_K, QK_K};
 
 /// Bytes of one Q4_K super-block of a group.
 pub(crate) const Q4K_SB: usize = 2304;
+/// Bytes of one Q5_K super-block of a group.
+pub(crate) const Q5K_SB: usize = 2816;
 /// Bytes of one Q6_K super-block of a group.
 pub(crate) const Q6K_SB: usize = 3392;
 /// Bytes of one Q5_0 unit (two blocks) of a group.
@@ -99,6 +104,25 @@ pub(crate) fn pack_row_q4_k(blocks: &[BlockQ4_K], i: usize, group: &mut [u8]) {
         }
         sb[2240 + 2 * i..2240 + 2 * i + 2].copy_from_slice(&x.d);
         sb[2272 + 2 * i..2272 + 2 * i + 2].copy_from_slice(&x.dmin);
+    }
+}
+
+/// Row `i`'s Q5_K blocks into its group: Q4_K's layout with the 8 chunks
+/// of fifth bits (`qh`) after the quants.
+pub(crate) fn pack_row_q5_k(blocks: &[BlockQ5_K], i: usize, group: &mut [u8]) {
+    for (b, x) in blocks.iter().enumerate() {
+        let sb = &mut group[b * Q5K_SB..(b + 1) * Q5K_SB];
+        for c in 0..32 {
+            put(sb, c, i, &x.qs[4 * c..4 * c + 4]);
+        }
+        for c in 0..8 {
+            put(&mut sb[2048..], c, i, &x.qh[4 * c..4 * c + 4]);
+        }
+        for v in 0..3 {
+            put(&mut sb[2560..], v, i, &x.scales[4 * v..4 * v + 4]);
+        }
+        sb[2752 + 2 * i..2752 + 2 * i + 2].copy_from_slice(&x.d);
+        sb[2784 + 2 * i..2784 + 2 * i + 2].copy_from_slice(&x.dmin);
     }
 }
 
@@ -240,6 +264,19 @@ unsafe fn sum16<V: RowLanes, const N: usize>(u: &[V], y: &[i32]) -> V {
 unsafe fn q4_k_sub<V: RowLanes>(u: &[V; 8], y: &[i32; 8], scale: V) -> V {
     // SAFETY: V's features, as the caller guarantees.
     unsafe { sum16::<V, 8>(u, y).madd16(scale.or(scale.shl(16))) }
+}
+
+/// As [`q4_k_sub`] for a Q5_K sub-block (quants at most 31): the byte
+/// products add up in i16 four at a time (at most 4 x 2 x 31 x 128 =
+/// 31744), each half scaled and widened by its own `vpmaddwd`. Exact.
+#[inline(always)]
+unsafe fn q5_k_sub<V: RowLanes>(u: &[V; 8], y: &[i32; 8], scale: V) -> V {
+    // SAFETY: V's features, as the caller guarantees.
+    unsafe {
+        let s2 = scale.or(scale.shl(16));
+        let s0 = sum16::<V, 4>(&u[..4], &y[..4]).madd16(s2);
+        s0.add(sum16::<V, 4>(&u[4..], &y[4..]).madd16(s2))
+    }
 }
 
 /// Per lane, `bias` plus the dot of the 32 bytes of `u[0..8]` (unsigned, at
@@ -470,6 +507,7 @@ pub(crate) trait PackedFmt {
 }
 
 pub(crate) struct Q4K;
+pub(crate) struct Q5K;
 pub(crate) struct Q6K;
 pub(crate) struct Q5_0;
 
@@ -492,86 +530,154 @@ impl PackedFmt for Q4K {
         act: *const ActBlockK,
         acc: &mut [V::F; C],
     ) {
-        // SAFETY (whole body): offsets stay inside super-block b of the group
-        // and tokens below C, as the caller guarantees.
-        unsafe {
-            let sb = g.add(b * Q4K_SB);
-            let lane = |c: usize| sb.add(64 * c + 4 * V::ROWS * h);
-            // The 6-bit scales and minimums, four per vector of bytes.
-            let (s0, s1, s2) = (V::load(lane(32)), V::load(lane(33)), V::load(lane(34)));
-            let m6 = V::splat(0x3F3F_3F3F);
-            let sc_lo = s0.and(m6);
-            let m_lo = s1.and(m6);
-            let top = V::splat(0x3030_3030);
-            let sc_hi = s2.and(V::splat(0x0F0F_0F0F)).or(s0.shr(2).and(top));
-            let m_hi = s2.shr(4).and(V::splat(0x0F0F_0F0F)).or(s1.shr(2).and(top));
-            let mut isum = [V::splat(0); C];
-            let m4 = V::splat(0x0F0F_0F0F);
-            // Q4_K is read front to back. On 16-row lanes (Zen 4) the hardware streams follow
-            // it with one line prefetched ahead: the spread prefetch of Q6_K measured no better
-            // there. The one-token tile on 8-row lanes walks both halves of each super-block
-            // in one pass ([`tile_one`]); there the spread prefetch took one thread's decode
-            // from memory from 0.77x to 1.0x of packed Q4_0's bytes/s (Zen 3).
-            if V::ROWS == 16 || C > 1 {
-                V::prefetch(sb.add(Q4K_SB * 2));
+        // SAFETY: as the caller guarantees.
+        unsafe { k4_block::<V, C, false>(g, h, b, k, act, acc) }
+    }
+}
+
+impl PackedFmt for Q5K {
+    type Act = ActBlockK;
+    const ONE_PASS: bool = true;
+    #[inline(always)]
+    unsafe fn block<V: RowLanes, const C: usize>(
+        g: *const u8,
+        h: usize,
+        b: usize,
+        k: usize,
+        act: *const ActBlockK,
+        acc: &mut [V::F; C],
+    ) {
+        // SAFETY: as the caller guarantees.
+        unsafe { k4_block::<V, C, true>(g, h, b, k, act, acc) }
+    }
+}
+
+/// `v` shifted left by `s` bits (right by `-s` when negative), per 32-bit lane.
+#[inline(always)]
+unsafe fn shift<V: RowLanes>(v: V, s: i32) -> V {
+    // SAFETY: V's features, as the caller guarantees.
+    unsafe {
+        if s >= 0 {
+            v.shl(s as u32)
+        } else {
+            v.shr(s.unsigned_abs())
+        }
+    }
+}
+
+/// One super-block of Q4_K (`FIVE` false) or Q5_K (`FIVE`: Q4_K's body with
+/// each quant's fifth bit or-ed in from the `qh` chunks): the same scales,
+/// minimums and f32 side, so both are their twins' `vec_dot_*_sb` bit for bit.
+#[inline(always)]
+unsafe fn k4_block<V: RowLanes, const C: usize, const FIVE: bool>(
+    g: *const u8,
+    h: usize,
+    b: usize,
+    k: usize,
+    act: *const ActBlockK,
+    acc: &mut [V::F; C],
+) {
+    let sb_bytes = if FIVE { Q5K_SB } else { Q4K_SB };
+    // Chunks: 32 of quants, (Q5_K) 8 of fifth bits, 3 of scales; then the f16 d and dmin.
+    let sc_chunk = if FIVE { 40 } else { 32 };
+    let d_at = 64 * (sc_chunk + 3);
+    // SAFETY (whole body): offsets stay inside super-block b of the group
+    // and tokens below C, as the caller guarantees.
+    unsafe {
+        let sb = g.add(b * sb_bytes);
+        let lane = |c: usize| sb.add(64 * c + 4 * V::ROWS * h);
+        // The 6-bit scales and minimums, four per vector of bytes.
+        let (s0, s1, s2) = (
+            V::load(lane(sc_chunk)),
+            V::load(lane(sc_chunk + 1)),
+            V::load(lane(sc_chunk + 2)),
+        );
+        let m6 = V::splat(0x3F3F_3F3F);
+        let sc_lo = s0.and(m6);
+        let m_lo = s1.and(m6);
+        let top = V::splat(0x3030_3030);
+        let sc_hi = s2.and(V::splat(0x0F0F_0F0F)).or(s0.shr(2).and(top));
+        let m_hi = s2.shr(4).and(V::splat(0x0F0F_0F0F)).or(s1.shr(2).and(top));
+        let mut isum = [V::splat(0); C];
+        let m4 = V::splat(0x0F0F_0F0F);
+        let bit4 = V::splat(0x1010_1010);
+        // Q4_K is read front to back. On 16-row lanes (Zen 4) the hardware streams follow
+        // it with one line prefetched ahead: the spread prefetch of Q6_K measured no better
+        // there. The one-token tile on 8-row lanes walks both halves of each super-block
+        // in one pass ([`tile_one`]); there the spread prefetch took one thread's decode
+        // from memory from 0.77x to 1.0x of packed Q4_0's bytes/s (Zen 3).
+        if V::ROWS == 16 || C > 1 {
+            V::prefetch(sb.add(sb_bytes * 2));
+        }
+        for p in 0..4 {
+            if V::ROWS < 16 && C == 1 && h == 0 {
+                prefetch_part::<V, C>(sb, sb_bytes, p);
             }
-            for p in 0..4 {
-                if V::ROWS < 16 && C == 1 && h == 0 {
-                    prefetch_part::<V, C>(sb, Q4K_SB, p);
-                }
-                let sc = if p < 2 { sc_lo } else { sc_hi };
-                let (sa, sb_) = (byte_lane(sc, 2 * p), byte_lane(sc, 2 * p + 1));
-                let mut lo = [V::splat(0); 8];
-                let mut hi = [V::splat(0); 8];
-                for c in 0..8 {
-                    let q = V::load(lane(8 * p + c));
-                    lo[c] = q.and(m4);
-                    hi[c] = q.shr(4).and(m4);
-                }
-                for (t, isum_t) in isum.iter_mut().enumerate() {
-                    let a = &*act.add(t * k + b);
-                    if V::I16_SUMS {
-                        // Chunk c of the quarter holds elements 4c.. of both sub-blocks.
-                        let y_lo: [i32; 8] = std::array::from_fn(|c| a.group(64 * p + 4 * c));
-                        let y_hi: [i32; 8] = std::array::from_fn(|c| a.group(64 * p + 32 + 4 * c));
-                        let x0 = q4_k_sub(&lo, &y_lo, sa);
-                        *isum_t = isum_t.add(x0).add(q4_k_sub(&hi, &y_hi, sb_));
-                        continue;
-                    }
-                    // Four chains of four: exact integer sums, so the split changes no bit,
-                    // and a decode tile waits on half as long a chain of vpdpbusd latencies.
-                    let mut x = [V::splat(0); 4];
-                    for c in 0..4 {
-                        x[0] = x[0].dot4(lo[c], a.group(64 * p + 4 * c));
-                        x[1] = x[1].dot4(hi[c], a.group(64 * p + 32 + 4 * c));
-                        x[2] = x[2].dot4(lo[c + 4], a.group(64 * p + 16 + 4 * c));
-                        x[3] = x[3].dot4(hi[c + 4], a.group(64 * p + 48 + 4 * c));
-                    }
-                    let (x0, x1) = (x[0].add(x[2]), x[1].add(x[3]));
-                    *isum_t = isum_t.add(x0.mullo(sa)).add(x1.mullo(sb_));
+            let sc = if p < 2 { sc_lo } else { sc_hi };
+            let (sa, sb_) = (byte_lane(sc, 2 * p), byte_lane(sc, 2 * p + 1));
+            let mut lo = [V::splat(0); 8];
+            let mut hi = [V::splat(0); 8];
+            for c in 0..8 {
+                let q = V::load(lane(8 * p + c));
+                lo[c] = q.and(m4);
+                hi[c] = q.shr(4).and(m4);
+                if FIVE {
+                    // Bit 2p of a qh byte is its low nibble's fifth bit, 2p + 1 the high's:
+                    // each moved to bit 4 of its byte (the shift never crosses into the
+                    // bit 4 of another byte).
+                    let qh = V::load(lane(32 + c));
+                    let p = p as i32;
+                    lo[c] = lo[c].or(shift(qh, 4 - 2 * p).and(bit4));
+                    hi[c] = hi[c].or(shift(qh, 3 - 2 * p).and(bit4));
                 }
             }
-            // Minimums as i16 pairs: (m0, m2), (m1, m3), (m4, m6), (m5, m7).
-            let ff = V::splat(0x00FF_00FF);
-            let mpairs = [
-                m_lo.and(ff),
-                m_lo.shr(8).and(ff),
-                m_hi.and(ff),
-                m_hi.shr(8).and(ff),
-            ];
-            let dx = V::load_f16(sb.add(2240 + 2 * V::ROWS * h));
-            let dmx = V::load_f16(sb.add(2272 + 2 * V::ROWS * h));
-            for t in 0..C {
+            for (t, isum_t) in isum.iter_mut().enumerate() {
                 let a = &*act.add(t * k + b);
-                let mut msum = V::splat(0);
-                for (mp, &ap) in mpairs.iter().zip(&a.mp) {
-                    msum = msum.madd(*mp, ap);
+                if V::I16_SUMS {
+                    // Chunk c of the quarter holds elements 4c.. of both sub-blocks.
+                    let y_lo: [i32; 8] = std::array::from_fn(|c| a.group(64 * p + 4 * c));
+                    let y_hi: [i32; 8] = std::array::from_fn(|c| a.group(64 * p + 32 + 4 * c));
+                    let (x0, x1) = if FIVE {
+                        (q5_k_sub(&lo, &y_lo, sa), q5_k_sub(&hi, &y_hi, sb_))
+                    } else {
+                        (q4_k_sub(&lo, &y_lo, sa), q4_k_sub(&hi, &y_hi, sb_))
+                    };
+                    *isum_t = isum_t.add(x0).add(x1);
+                    continue;
                 }
-                let dy = V::fsplat(a.d);
-                let t1 = V::fmul(V::fmul(dx, dy), isum[t].cvt());
-                let t2 = V::fmul(V::fmul(dmx, dy), msum.cvt());
-                acc[t] = V::fadd(acc[t], V::fsub(t1, t2));
+                // Four chains of four: exact integer sums, so the split changes no bit,
+                // and a decode tile waits on half as long a chain of vpdpbusd latencies.
+                let mut x = [V::splat(0); 4];
+                for c in 0..4 {
+                    x[0] = x[0].dot4(lo[c], a.group(64 * p + 4 * c));
+                    x[1] = x[1].dot4(hi[c], a.group(64 * p + 32 + 4 * c));
+                    x[2] = x[2].dot4(lo[c + 4], a.group(64 * p + 16 + 4 * c));
+                    x[3] = x[3].dot4(hi[c + 4], a.group(64 * p + 48 + 4 * c));
+                }
+                let (x0, x1) = (x[0].add(x[2]), x[1].add(x[3]));
+                *isum_t = isum_t.add(x0.mullo(sa)).add(x1.mullo(sb_));
             }
+        }
+        // Minimums as i16 pairs: (m0, m2), (m1, m3), (m4, m6), (m5, m7).
+        let ff = V::splat(0x00FF_00FF);
+        let mpairs = [
+            m_lo.and(ff),
+            m_lo.shr(8).and(ff),
+            m_hi.and(ff),
+            m_hi.shr(8).and(ff),
+        ];
+        let dx = V::load_f16(sb.add(d_at + 2 * V::ROWS * h));
+        let dmx = V::load_f16(sb.add(d_at + 32 + 2 * V::ROWS * h));
+        for t in 0..C {
+            let a = &*act.add(t * k + b);
+            let mut msum = V::splat(0);
+            for (mp, &ap) in mpairs.iter().zip(&a.mp) {
+                msum = msum.madd(*mp, ap);
+            }
+            let dy = V::fsplat(a.d);
+            let t1 = V::fmul(V::fmul(dx, dy), isum[t].cvt());
+            let t2 = V::fmul(V::fmul(dmx, dy), msum.cvt());
+            acc[t] = V::fadd(acc[t], V::fsub(t1, t2));
         }
     }
 }
@@ -1325,7 +1431,7 @@ pub(crate) mod x86 {
 mod i16_tests {
     use super::*;
 
-    /// The i16 routes (`q4_k_sub`, `q6_k_sub`, `q5_0_block`) on the portable
+    /// The i16 routes (`q4_k_sub`, `q5_k_sub`, `q6_k_sub`, `q5_0_block`) on the portable
     /// lanes, whose i16 methods are plain arithmetic, against `dot4` chains:
     /// random bytes and each format's largest quants against activations of
     /// 127 and -128, so the twin of what AVX2 computes is checked apart from
@@ -1373,6 +1479,9 @@ mod i16_tests {
                 assert_eq!(q4_k_sub(&u8s, &y8, sc).0, want.0, "Q4_K round {round}");
 
                 let u8s: [Portable; 8] = std::array::from_fn(|_| lanes(31, &mut next));
+                let want = chain(&u8s, &y8, 0).mullo(sc);
+                assert_eq!(q5_k_sub(&u8s, &y8, sc).0, want.0, "Q5_K round {round}");
+
                 let bias = (next() % 4096) as i32 - 2048;
                 let want = chain(&u8s, &y8, bias);
                 assert_eq!(q5_0_block(&u8s, &y8, bias).0, want.0, "Q5_0 round {round}");

@@ -1,4 +1,4 @@
-//! Packed Q5_0, Q4_K and Q6_K on every path (the portable twin included)
+//! Packed Q5_0, Q4_K, Q5_K and Q6_K on every path (the portable twin included)
 //! against the format's twin on the file layout, bit for bit: random
 //! quantized and raw blocks, row counts that are not whole groups or halves,
 //! token counts that are not whole tiles, chunked and whole, one matrix or
@@ -158,6 +158,15 @@ fn packed_q4_k_gives_the_twin_bits_on_every_path() {
 }
 
 #[test]
+fn packed_q5_k_gives_the_twin_bits_on_every_path() {
+    check::<BlockQ5_K>(GgmlType::Q5_K, &[0, 2], |w, x| {
+        let mut a = vec![BlockQ8_K::zeroed(); w.len()];
+        quant::quantize_row_q8_k(x, &mut a);
+        scalar::vec_dot_q5_k_q8_k_sb(w, &a)
+    });
+}
+
+#[test]
 fn packed_q6_k_gives_the_twin_bits_on_every_path() {
     check::<BlockQ6_K>(GgmlType::Q6_K, &[208], |w, x| {
         let mut a = vec![BlockQ8_K::zeroed(); w.len()];
@@ -168,7 +177,7 @@ fn packed_q6_k_gives_the_twin_bits_on_every_path() {
 
 /// The largest byte products that the i16 sums of the AVX2 and AVX-512
 /// (without VNNI) paths meet: every Q4_K nibble 15 with scales and
-/// minimums 63, every Q6_K quant 63 (stored q + 32) with scales -128 and
+/// minimums 63, every Q5_K quant 31 with the same scales, every Q6_K quant 63 (stored q + 32) with scales -128 and
 /// 127, against activations that all quantize to 127, or all to -127 (a
 /// constant row), and every Q5_0 quant 31 against 127 or -127. One more
 /// product in an i16 sum would overflow it.
@@ -179,6 +188,13 @@ fn extreme_k_quant_bytes_give_the_twin_bits_on_every_path() {
     let mut q4 = vec![BlockQ4_K::zeroed(); rows * k];
     for b in &mut q4 {
         b.scales = [0xFF; 12];
+        b.qs = [0xFF; QK_K / 2];
+        (b.d, b.dmin) = (one, one);
+    }
+    let mut q5k = vec![BlockQ5_K::zeroed(); rows * k];
+    for b in &mut q5k {
+        b.scales = [0xFF; 12];
+        b.qh = [0xFF; QK_K / 8];
         b.qs = [0xFF; QK_K / 2];
         (b.d, b.dmin) = (one, one);
     }
@@ -213,6 +229,15 @@ fn extreme_k_quant_bytes_give_the_twin_bits_on_every_path() {
                     bits(&got),
                     bits(&want),
                     "Q4_K {:?} sign {sign} n {n}",
+                    ks.path
+                );
+                let (got, want) = run_on(GgmlType::Q5_K, &q5k, rows, &x, ks, 64, |w, x| {
+                    twin(x, &|a| scalar::vec_dot_q5_k_q8_k_sb(w, a))
+                });
+                assert_eq!(
+                    bits(&got),
+                    bits(&want),
+                    "Q5_K {:?} sign {sign} n {n}",
                     ks.path
                 );
                 let (got, want) = run_on(GgmlType::Q6_K, &q6, rows, &x, ks, 64, |w, x| {
@@ -263,11 +288,12 @@ fn q5_0_high_word_places_each_bit() {
 #[test]
 fn packed_k_memory_is_the_tensor_plus_padding() {
     use GgmlType::*;
-    // 20 rows: two groups (the second 4 real rows). Q4_K packs exactly the
-    // file's bytes per row; Q6_K adds 32 bytes per group and super-block;
+    // 20 rows: two groups (the second 4 real rows). Q4_K and Q5_K pack
+    // exactly the file's bytes per row; Q6_K adds 32 bytes per group and super-block;
     // Q5_0 an empty half unit when k is odd.
     for (ty, cols, want) in [
         (Q4_K, 512, 2 * 2 * 2304),
+        (Q5_K, 512, 2 * 2 * 2816),
         (Q6_K, 256, 2 * 3392),
         (Q5_0, 96, 2 * 2 * 704),
     ] {
