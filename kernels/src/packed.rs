@@ -1,5 +1,5 @@
 //! Weights repacked at load into a 16-row interleaved layout (Q4_0, Q4_1,
-//! Q8_0 here; Q5_0, Q4_K, Q5_K and Q6_K in [`kq`], with their own layouts and
+//! Q8_0 here; Q5_0, Q3_K, Q4_K, Q5_K and Q6_K in [`kq`], with their own layouts and
 //! generic kernels).
 //!
 //! In the file a row's blocks follow one another (18 or 34 bytes each), so a
@@ -76,8 +76,8 @@ use crate::buffer::Buffer;
 use crate::dot::Tiles;
 use crate::matmul::{check_len, WeightView};
 use crate::quant::{
-    self, BlockQ4_0, BlockQ4_1, BlockQ4_K, BlockQ5_0, BlockQ5_K, BlockQ6_K, BlockQ8_0, BlockQ8_1,
-    BlockQ8_K,
+    self, BlockQ3_K, BlockQ4_0, BlockQ4_1, BlockQ4_K, BlockQ5_0, BlockQ5_K, BlockQ6_K, BlockQ8_0,
+    BlockQ8_1, BlockQ8_K,
 };
 use crate::simd::{simd_path, SimdPath};
 use crate::{GgmlType, KernelError};
@@ -171,6 +171,7 @@ pub struct PackedKernels {
     q4_1: PackedGemmFn,
     q8_0: PackedGemmFn,
     q5_0: KqTiles<ActBlock>,
+    q3_k: KqTiles<ActBlockK>,
     q4_k: KqTiles<ActBlockK>,
     q5_k: KqTiles<ActBlockK>,
     q6_k: KqTiles<ActBlockK>,
@@ -191,7 +192,7 @@ impl PackedKernels {
             Fmt::Q4_1 => Some(self.q4_1),
             Fmt::Q8_0 if minus_128 && !self.q8_0_takes_minus_128 => Some(SCALAR.q8_0),
             Fmt::Q8_0 => Some(self.q8_0),
-            Fmt::Q5_0 | Fmt::Q4K | Fmt::Q5K | Fmt::Q6K => None,
+            Fmt::Q5_0 | Fmt::Q3K | Fmt::Q4K | Fmt::Q5K | Fmt::Q6K => None,
         }
     }
 }
@@ -203,6 +204,7 @@ enum Fmt {
     Q4_1,
     Q8_0,
     Q5_0,
+    Q3K,
     Q4K,
     Q5K,
     Q6K,
@@ -217,13 +219,14 @@ impl Fmt {
             Q4_1 => Some(Fmt::Q4_1),
             Q8_0 => Some(Fmt::Q8_0),
             GgmlType::Q5_0 => Some(Fmt::Q5_0),
+            Q3_K => Some(Fmt::Q3K),
             Q4_K => Some(Fmt::Q4K),
             Q5_K => Some(Fmt::Q5K),
             Q6_K => Some(Fmt::Q6K),
-            // Q5_1, Q2_K and Q3_K run from the file layout ([`crate::matmul`]).
-            F32 | F16 | BF16 | Q5_1 | Q8_1 | Q2_K | Q3_K | Q8_K | IQ2_XXS | IQ2_XS | IQ3_XXS
-            | IQ1_S | IQ4_NL | IQ3_S | IQ2_S | IQ4_XS | I8 | I16 | I32 | I64 | F64 | IQ1_M
-            | TQ1_0 | TQ2_0 | MXFP4 | NVFP4 | Q1_0 => None,
+            // Q5_1 and Q2_K run from the file layout ([`crate::matmul`]).
+            F32 | F16 | BF16 | Q5_1 | Q8_1 | Q2_K | Q8_K | IQ2_XXS | IQ2_XS | IQ3_XXS | IQ1_S
+            | IQ4_NL | IQ3_S | IQ2_S | IQ4_XS | I8 | I16 | I32 | I64 | F64 | IQ1_M | TQ1_0
+            | TQ2_0 | MXFP4 | NVFP4 | Q1_0 => None,
         }
     }
 
@@ -234,6 +237,7 @@ impl Fmt {
             Fmt::Q4_1 => group_len(256, 64, k),
             Fmt::Q8_0 => group_len(512, 32, k),
             Fmt::Q5_0 => k.div_ceil(2).checked_mul(kq::Q5_0_UNIT),
+            Fmt::Q3K => k.checked_mul(kq::Q3K_SB),
             Fmt::Q4K => k.checked_mul(kq::Q4K_SB),
             Fmt::Q5K => k.checked_mul(kq::Q5K_SB),
             Fmt::Q6K => k.checked_mul(kq::Q6K_SB),
@@ -249,6 +253,7 @@ pub static SCALAR: PackedKernels = PackedKernels {
     q4_1: scalar::gemm_q4_1,
     q8_0: scalar::gemm_q8_0,
     q5_0: (kq::portable::<kq::Q5_0>(), 16),
+    q3_k: (kq::portable::<kq::Q3K>(), 16),
     q4_k: (kq::portable::<kq::Q4K>(), 16),
     q5_k: (kq::portable::<kq::Q5K>(), 16),
     q6_k: (kq::portable::<kq::Q6K>(), 16),
@@ -298,7 +303,7 @@ pub fn packed_kernels() -> Option<&'static PackedKernels> {
 }
 
 /// Whether [`PackedWeights::pack`] takes this type: Q4_0, Q4_1, Q8_0, Q5_0,
-/// Q4_K, Q5_K and Q6_K.
+/// Q3_K, Q4_K, Q5_K and Q6_K.
 pub fn can_pack(ty: GgmlType) -> bool {
     Fmt::of(ty).is_some()
 }
@@ -442,6 +447,7 @@ impl PackedWeights {
                     gemm(self, r0, nr, &s.act, out)
                 }
                 Fmt::Q5_0 => kq::gemm(self, r0, nr, &s.act, out, ks.q5_0.1, ks.q5_0.0),
+                Fmt::Q3K => kq::gemm(self, r0, nr, &s.act_k, out, ks.q3_k.1, ks.q3_k.0),
                 Fmt::Q4K => kq::gemm(self, r0, nr, &s.act_k, out, ks.q4_k.1, ks.q4_k.0),
                 Fmt::Q5K => kq::gemm(self, r0, nr, &s.act_k, out, ks.q5_k.1, ks.q5_k.0),
                 Fmt::Q6K => kq::gemm(self, r0, nr, &s.act_k, out, ks.q6_k.1, ks.q6_k.0),
@@ -491,6 +497,7 @@ fn pack_row(f: Fmt, src: &[u8], i: usize, group: &mut [u8]) {
             }
         }
         Fmt::Q5_0 => kq::pack_row_q5_0(bytemuck::cast_slice::<u8, BlockQ5_0>(src), i, group),
+        Fmt::Q3K => kq::pack_row_q3_k(bytemuck::cast_slice::<u8, BlockQ3_K>(src), i, group),
         Fmt::Q4K => kq::pack_row_q4_k(bytemuck::cast_slice::<u8, BlockQ4_K>(src), i, group),
         Fmt::Q5K => kq::pack_row_q5_k(bytemuck::cast_slice::<u8, BlockQ5_K>(src), i, group),
         Fmt::Q6K => kq::pack_row_q6_k(bytemuck::cast_slice::<u8, BlockQ6_K>(src), i, group),
@@ -639,7 +646,7 @@ fn prepare_acts(
     let ks = crate::dot::kernels()?;
     let fmt = Fmt::of(ty).ok_or(KernelError::Unsupported { ty, op: "pack" })?;
     let n = x.len() / cols;
-    if matches!(fmt, Fmt::Q4K | Fmt::Q5K | Fmt::Q6K) {
+    if matches!(fmt, Fmt::Q3K | Fmt::Q4K | Fmt::Q5K | Fmt::Q6K) {
         let k = cols / quant::QK_K;
         s.q8_k.resize(n * k, BlockQ8_K::zeroed());
         s.act_k.resize(n * k, ActBlockK::zeroed());
@@ -747,7 +754,7 @@ pub(crate) fn act_offset(ty: GgmlType) -> i32 {
         Some(Fmt::Q4_0) => 8,
         Some(Fmt::Q5_0) => 16,
         Some(Fmt::Q8_0) => 128,
-        Some(Fmt::Q4_1 | Fmt::Q4K | Fmt::Q5K | Fmt::Q6K) | None => {
+        Some(Fmt::Q4_1 | Fmt::Q3K | Fmt::Q4K | Fmt::Q5K | Fmt::Q6K) | None => {
             panic!("{ty} weights take no Q8_0 activation blocks")
         }
     }

@@ -1,4 +1,4 @@
-//! Packed Q4_K, Q5_K, Q6_K and Q5_0: layouts and kernels, written once as
+//! Packed Q3_K, Q4_K, Q5_K, Q6_K and Q5_0: layouts and kernels, written once as
 //! `#[inline(always)]` bodies generic over the row-lane vector type
 //! [`RowLanes`] (one 32-bit lane per weight row), with short
 //! `#[target_feature]` entry points per instruction set (the pattern of
@@ -17,6 +17,10 @@
 //! - Q6_K, per super-block (3392 bytes: the file's 3360 and 32 of padding):
 //!   32 `ql` chunks (16h + c: `ql[64h + 4c..]`), 16 `qh` chunks (8h + c:
 //!   `qh[32h + 4c..]`), 4 chunks of the i8 scales, 16 f16 `d`, 32 zero bytes.
+//! - Q3_K, per super-block (1856 bytes: the file's 16 x 110, its scales
+//!   unpacked to i8, and 32 of padding): 16 `qs` chunks (8h + c:
+//!   `qs[32h + 4c..]`), 8 `hmask` chunks (c: `hmask[4c..]`), 4 chunks of
+//!   the i8 scales `s - 32`, 16 f16 `d`, 32 zero bytes.
 //! - Q5_0, in units of two blocks (704 bytes, the file's 16 x 44 and 0): both
 //!   blocks' 4 nibble chunks (as Q4_0), then both blocks' high-bit words,
 //!   then both blocks' 16 f16 scales. A row's high-bit word is the block's
@@ -33,12 +37,14 @@
 
 use super::{Out, PackedWeights, GROUP_ROWS};
 use crate::dot::Tiles;
-use crate::quant::{BlockQ4_K, BlockQ5_0, BlockQ5_K, BlockQ6_K, BlockQ8_K, QK_K};
+use crate::quant::{BlockQ3_K, BlockQ4_K, BlockQ5_0, BlockQ5_K, BlockQ6_K, BlockQ8_K, QK_K};
 
 /// Bytes of one Q4_K super-block of a group.
 pub(crate) const Q4K_SB: usize = 2304;
 /// Bytes of one Q5_K super-block of a group.
 pub(crate) const Q5K_SB: usize = 2816;
+/// Bytes of one Q3_K super-block of a group.
+pub(crate) const Q3K_SB: usize = 1856;
 /// Bytes of one Q6_K super-block of a group.
 pub(crate) const Q6K_SB: usize = 3392;
 /// Bytes of one Q5_0 unit (two blocks) of a group.
@@ -123,6 +129,26 @@ pub(crate) fn pack_row_q5_k(blocks: &[BlockQ5_K], i: usize, group: &mut [u8]) {
         }
         sb[2752 + 2 * i..2752 + 2 * i + 2].copy_from_slice(&x.d);
         sb[2784 + 2 * i..2784 + 2 * i + 2].copy_from_slice(&x.dmin);
+    }
+}
+
+/// Row `i`'s Q3_K blocks into its group: the quants (16 chunks, `qs`),
+/// the third bits (8 chunks, `hmask`), the sixteen 6-bit scales unpacked to
+/// i8 `s - 32` (4 chunks, as Q6_K's), the f16 `d`s.
+pub(crate) fn pack_row_q3_k(blocks: &[BlockQ3_K], i: usize, group: &mut [u8]) {
+    for (b, x) in blocks.iter().enumerate() {
+        let sb = &mut group[b * Q3K_SB..(b + 1) * Q3K_SB];
+        for c in 0..16 {
+            put(sb, c, i, &x.qs[4 * c..4 * c + 4]);
+        }
+        for c in 0..8 {
+            put(&mut sb[1024..], c, i, &x.hmask[4 * c..4 * c + 4]);
+        }
+        let sc: [u8; 16] = std::array::from_fn(|j| (x.scale(j) as i8 - 32) as u8);
+        for v in 0..4 {
+            put(&mut sb[1536..], v, i, &sc[4 * v..4 * v + 4]);
+        }
+        sb[1792 + 2 * i..1792 + 2 * i + 2].copy_from_slice(&x.d);
     }
 }
 
@@ -508,6 +534,7 @@ pub(crate) trait PackedFmt {
 
 pub(crate) struct Q4K;
 pub(crate) struct Q5K;
+pub(crate) struct Q3K;
 pub(crate) struct Q6K;
 pub(crate) struct Q5_0;
 
@@ -694,69 +721,123 @@ impl PackedFmt for Q6K {
         act: *const ActBlockK,
         acc: &mut [V::F; C],
     ) {
-        // SAFETY (whole body): as for Q4_K.
-        unsafe {
-            let sb = g.add(b * Q6K_SB);
-            let lane = |c: usize| sb.add(64 * c + 4 * V::ROWS * h);
-            let mut isum = [V::splat(0); C];
-            let (m4, m30) = (V::splat(0x0F0F_0F0F), V::splat(0x3030_3030));
-            for half in 0..2 {
-                for cg in 0..2 {
-                    // The one-token tile's second half reads lines the first prefetched.
-                    if C > 1 || h == 0 {
-                        prefetch_part::<V, C>(sb, Q6K_SB, 2 * half + cg);
-                    }
-                    // Quarter q of chunks c = 4cg..4cg + 4 is sub-block 8 half + 2q + cg:
-                    // its 16 quant vectors first (shared by the tokens), then per token four
-                    // sums, each starting at -32 bsum (the quants are stored as q + 32).
-                    let mut w = [[V::splat(0); 4]; 4];
-                    for (i, wi) in w.iter_mut().enumerate() {
-                        let c = 4 * cg + i;
-                        let qa = V::load(lane(16 * half + c));
-                        let qb = V::load(lane(16 * half + 8 + c));
-                        let qh = V::load(lane(32 + 8 * half + c));
-                        wi[0] = qa.and(m4).or(qh.shl(4).and(m30));
-                        wi[1] = qb.and(m4).or(qh.shl(2).and(m30));
-                        wi[2] = qa.shr(4).and(m4).or(qh.and(m30));
-                        wi[3] = qb.shr(4).and(m4).or(qh.shr(2).and(m30));
-                    }
-                    // The i8 scales of sub-blocks 8 half + cg + {0, 2, 4, 6}: bytes cg,
-                    // cg + 2 of scale chunks 2 half and 2 half + 1, sign-extended.
-                    let (lo, hi) = (V::load(lane(48 + 2 * half)), V::load(lane(49 + 2 * half)));
-                    let sext = |v: V, byte: u32| v.shl(24 - 8 * byte).sra(24);
-                    let sc = [
-                        sext(lo, cg as u32),
-                        sext(lo, cg as u32 + 2),
-                        sext(hi, cg as u32),
-                        sext(hi, cg as u32 + 2),
-                    ];
-                    for (t, isum_t) in isum.iter_mut().enumerate() {
-                        let a = &*act.add(t * k + b);
-                        let e0 = 128 * half + 16 * cg;
-                        for (q, scq) in sc.iter().enumerate() {
-                            let bias = a.c6[8 * half + 2 * q + cg];
-                            if V::I16_SUMS {
-                                let u = [w[0][q], w[1][q], w[2][q], w[3][q]];
-                                let y: [i32; 4] =
-                                    std::array::from_fn(|i| a.group(e0 + 32 * q + 4 * i));
-                                *isum_t = isum_t.add(q6_k_sub(&u, &y, bias, *scq));
-                                continue;
-                            }
-                            let mut s = V::splat(bias);
-                            for (i, wi) in w.iter().enumerate() {
-                                s = s.dot4(wi[q], a.group(e0 + 32 * q + 4 * i));
-                            }
-                            *isum_t = isum_t.add(s.mullo(*scq));
+        // SAFETY: as the caller guarantees.
+        unsafe { k6_block::<V, C, false>(g, h, b, k, act, acc) }
+    }
+}
+
+impl PackedFmt for Q3K {
+    type Act = ActBlockK;
+    const ONE_PASS: bool = true;
+    #[inline(always)]
+    unsafe fn block<V: RowLanes, const C: usize>(
+        g: *const u8,
+        h: usize,
+        b: usize,
+        k: usize,
+        act: *const ActBlockK,
+        acc: &mut [V::F; C],
+    ) {
+        // SAFETY: as the caller guarantees.
+        unsafe { k6_block::<V, C, true>(g, h, b, k, act, acc) }
+    }
+}
+
+/// One super-block of Q6_K (`THREE` false) or Q3_K (`THREE`): sixteen
+/// sub-blocks of 16 with i8 scales and quants stored with an offset (Q6_K
+/// q + 32, Q3_K q + 4), in the same element order, so one body serves both;
+/// only the quants' bits differ. The f32 side is `(d_x d_y) isum`, as both
+/// twins' `vec_dot_*_sb`.
+#[inline(always)]
+unsafe fn k6_block<V: RowLanes, const C: usize, const THREE: bool>(
+    g: *const u8,
+    h: usize,
+    b: usize,
+    k: usize,
+    act: *const ActBlockK,
+    acc: &mut [V::F; C],
+) {
+    let sb_bytes = if THREE { Q3K_SB } else { Q6K_SB };
+    let sc_chunk = if THREE { 24 } else { 48 };
+    // SAFETY (whole body): as for Q4_K.
+    unsafe {
+        let sb = g.add(b * sb_bytes);
+        let lane = |c: usize| sb.add(64 * c + 4 * V::ROWS * h);
+        let mut isum = [V::splat(0); C];
+        let (m4, m30) = (V::splat(0x0F0F_0F0F), V::splat(0x3030_3030));
+        let (m3, bit2) = (V::splat(0x0303_0303), V::splat(0x0404_0404));
+        for half in 0..2 {
+            for cg in 0..2 {
+                // The one-token tile's second half reads lines the first prefetched.
+                if C > 1 || h == 0 {
+                    prefetch_part::<V, C>(sb, sb_bytes, 2 * half + cg);
+                }
+                // Quarter q of chunks c = 4cg..4cg + 4 is sub-block 8 half + 2q + cg:
+                // its 16 quant vectors first (shared by the tokens), then per token four
+                // sums, each starting at -32 bsum (-4 bsum for Q3_K), the quants' offset.
+                let mut w = [[V::splat(0); 4]; 4];
+                for (i, wi) in w.iter_mut().enumerate() {
+                    let c = 4 * cg + i;
+                    if THREE {
+                        // Two bits of a qs byte per quarter; the third from bit 4 half + q
+                        // of the hmask byte, moved to bit 2 (never across bytes).
+                        let q = V::load(lane(8 * half + c));
+                        let hm = V::load(lane(16 + c));
+                        for (j, wij) in wi.iter_mut().enumerate() {
+                            let lo = q.shr(2 * j as u32).and(m3);
+                            let top = shift(hm, 2 - (4 * half + j) as i32).and(bit2);
+                            *wij = lo.or(top);
                         }
+                        continue;
+                    }
+                    let qa = V::load(lane(16 * half + c));
+                    let qb = V::load(lane(16 * half + 8 + c));
+                    let qh = V::load(lane(32 + 8 * half + c));
+                    wi[0] = qa.and(m4).or(qh.shl(4).and(m30));
+                    wi[1] = qb.and(m4).or(qh.shl(2).and(m30));
+                    wi[2] = qa.shr(4).and(m4).or(qh.and(m30));
+                    wi[3] = qb.shr(4).and(m4).or(qh.shr(2).and(m30));
+                }
+                // The i8 scales of sub-blocks 8 half + cg + {0, 2, 4, 6}: bytes cg,
+                // cg + 2 of scale chunks 2 half and 2 half + 1, sign-extended.
+                let (lo, hi) = (
+                    V::load(lane(sc_chunk + 2 * half)),
+                    V::load(lane(sc_chunk + 1 + 2 * half)),
+                );
+                let sext = |v: V, byte: u32| v.shl(24 - 8 * byte).sra(24);
+                let sc = [
+                    sext(lo, cg as u32),
+                    sext(lo, cg as u32 + 2),
+                    sext(hi, cg as u32),
+                    sext(hi, cg as u32 + 2),
+                ];
+                for (t, isum_t) in isum.iter_mut().enumerate() {
+                    let a = &*act.add(t * k + b);
+                    let e0 = 128 * half + 16 * cg;
+                    for (q, scq) in sc.iter().enumerate() {
+                        // -32 bsum, or exactly -4 bsum.
+                        let c6 = a.c6[8 * half + 2 * q + cg];
+                        let bias = if THREE { c6 >> 3 } else { c6 };
+                        if V::I16_SUMS {
+                            let u = [w[0][q], w[1][q], w[2][q], w[3][q]];
+                            let y: [i32; 4] = std::array::from_fn(|i| a.group(e0 + 32 * q + 4 * i));
+                            *isum_t = isum_t.add(q6_k_sub(&u, &y, bias, *scq));
+                            continue;
+                        }
+                        let mut s = V::splat(bias);
+                        for (i, wi) in w.iter().enumerate() {
+                            s = s.dot4(wi[q], a.group(e0 + 32 * q + 4 * i));
+                        }
+                        *isum_t = isum_t.add(s.mullo(*scq));
                     }
                 }
             }
-            let dx = V::load_f16(sb.add(3328 + 2 * V::ROWS * h));
-            for (t, acc_t) in acc.iter_mut().enumerate() {
-                let a = &*act.add(t * k + b);
-                let t1 = V::fmul(V::fmul(dx, V::fsplat(a.d)), isum[t].cvt());
-                *acc_t = V::fadd(*acc_t, t1);
-            }
+        }
+        let dx = V::load_f16(sb.add(64 * (sc_chunk + 4) + 2 * V::ROWS * h));
+        for (t, acc_t) in acc.iter_mut().enumerate() {
+            let a = &*act.add(t * k + b);
+            let t1 = V::fmul(V::fmul(dx, V::fsplat(a.d)), isum[t].cvt());
+            *acc_t = V::fadd(*acc_t, t1);
         }
     }
 }
