@@ -1,4 +1,4 @@
-//! Packed Q3_K, Q4_K, Q5_K, Q6_K and Q5_0: layouts and kernels, written once as
+//! Packed Q3_K, Q4_K, Q5_K, Q6_K, Q5_0 and Q5_1: layouts and kernels, written once as
 //! `#[inline(always)]` bodies generic over the row-lane vector type
 //! [`RowLanes`] (one 32-bit lane per weight row), with short
 //! `#[target_feature]` entry points per instruction set (the pattern of
@@ -27,6 +27,8 @@
 //!   `qh` with its bits moved so that bit 8b + s is element
 //!   `16 (s % 2) + 4 (s / 2) + b`: chunk j's low (s = 2j) or high (s = 2j+1)
 //!   nibbles get their fifth bits with one shift and one AND.
+//! - Q5_1, in units of two blocks (768 bytes): Q5_0's, then both blocks' 16
+//!   f16 minimums.
 //!
 //! Integer sums are exact on every path (u8 quants up to 63 times i8
 //! activations, `vpdpbusd` or its `vpmaddubsw` + `vpmaddwd` emulation, then
@@ -37,7 +39,9 @@
 
 use super::{Out, PackedWeights, GROUP_ROWS};
 use crate::dot::Tiles;
-use crate::quant::{BlockQ3_K, BlockQ4_K, BlockQ5_0, BlockQ5_K, BlockQ6_K, BlockQ8_K, QK_K};
+use crate::quant::{
+    BlockQ3_K, BlockQ4_K, BlockQ5_0, BlockQ5_1, BlockQ5_K, BlockQ6_K, BlockQ8_K, QK_K,
+};
 
 /// Bytes of one Q4_K super-block of a group.
 pub(crate) const Q4K_SB: usize = 2304;
@@ -49,6 +53,8 @@ pub(crate) const Q3K_SB: usize = 1856;
 pub(crate) const Q6K_SB: usize = 3392;
 /// Bytes of one Q5_0 unit (two blocks) of a group.
 pub(crate) const Q5_0_UNIT: usize = 704;
+/// Bytes of one Q5_1 unit (two blocks) of a group.
+pub(crate) const Q5_1_UNIT: usize = 768;
 
 /// A K-quant activation block as the packed kernels read it: the Q8_K
 /// quants and scale, and the block sums in the forms the kernels add.
@@ -183,24 +189,50 @@ pub(crate) fn q5_0_high_word(qh: u32) -> u32 {
     w
 }
 
-/// Where block `b`'s nibbles, high-bit word and scale start in a Q5_0 group.
+/// Bytes of a Q5_0 (`MIN` false) or Q5_1 unit: two blocks.
 #[inline(always)]
-pub(crate) const fn q5_0_at(b: usize) -> (usize, usize, usize) {
+pub(crate) const fn q5_unit<const MIN: bool>() -> usize {
+    if MIN {
+        Q5_1_UNIT
+    } else {
+        Q5_0_UNIT
+    }
+}
+
+/// Where block `b`'s nibbles, high-bit word and scale start in a Q5_0 (or,
+/// `MIN`, Q5_1) group; Q5_1's minimums are 64 bytes after its scale.
+#[inline(always)]
+pub(crate) const fn q5_at<const MIN: bool>(b: usize) -> (usize, usize, usize) {
     let (u, i) = (b / 2, b % 2);
-    let unit = u * Q5_0_UNIT;
+    let unit = u * q5_unit::<MIN>();
     (unit + 256 * i, unit + 512 + 64 * i, unit + 640 + 32 * i)
 }
 
 /// Row `i`'s Q5_0 blocks into its group.
 pub(crate) fn pack_row_q5_0(blocks: &[BlockQ5_0], i: usize, group: &mut [u8]) {
     for (b, x) in blocks.iter().enumerate() {
-        let (qo, ho, so) = q5_0_at(b);
+        let (qo, ho, so) = q5_at::<false>(b);
         for j in 0..4 {
             put(&mut group[qo..], j, i, &x.qs[4 * j..4 * j + 4]);
         }
         let w = q5_0_high_word(u32::from_le_bytes(x.qh));
         put(&mut group[ho..], 0, i, &w.to_le_bytes());
         group[so + 2 * i..so + 2 * i + 2].copy_from_slice(&x.d);
+    }
+}
+
+/// Row `i`'s Q5_1 blocks into its group: Q5_0's unit with both blocks' f16
+/// minimums after their scales.
+pub(crate) fn pack_row_q5_1(blocks: &[BlockQ5_1], i: usize, group: &mut [u8]) {
+    for (b, x) in blocks.iter().enumerate() {
+        let (qo, ho, so) = q5_at::<true>(b);
+        for j in 0..4 {
+            put(&mut group[qo..], j, i, &x.qs[4 * j..4 * j + 4]);
+        }
+        let w = q5_0_high_word(u32::from_le_bytes(x.qh));
+        put(&mut group[ho..], 0, i, &w.to_le_bytes());
+        group[so + 2 * i..so + 2 * i + 2].copy_from_slice(&x.d);
+        group[so + 64 + 2 * i..so + 64 + 2 * i + 2].copy_from_slice(&x.m);
     }
 }
 
@@ -537,6 +569,7 @@ pub(crate) struct Q5K;
 pub(crate) struct Q3K;
 pub(crate) struct Q6K;
 pub(crate) struct Q5_0;
+pub(crate) struct Q5_1;
 
 /// Sub-block `j`'s byte of the 4-byte lanes `v` (bytes j % 4), zero-extended.
 #[inline(always)]
@@ -854,47 +887,92 @@ impl PackedFmt for Q5_0 {
         act: *const super::ActBlock,
         acc: &mut [V::F; C],
     ) {
-        // SAFETY (whole body): as for Q4_K.
-        unsafe {
-            let (qo, ho, so) = q5_0_at(b);
-            let off = 4 * V::ROWS * h;
-            if b.is_multiple_of(2) {
-                V::prefetch(g.add(qo + 2 * Q5_0_UNIT));
-            }
-            let w = V::load(g.add(ho + off));
-            let (m4, b4) = (V::splat(0x0F0F_0F0F), V::splat(0x1010_1010));
-            // Fifth bits of chunk j's low (s = 2j) and high (s = 2j + 1) nibbles.
-            let fifth = |s: u32| {
-                let v = if s <= 4 { w.shl(4 - s) } else { w.shr(s - 4) };
-                v.and(b4)
+        // SAFETY: as the caller guarantees.
+        unsafe { q5_block::<V, C, false>(g, h, b, k, act, acc) }
+    }
+}
+
+impl PackedFmt for Q5_1 {
+    type Act = super::ActBlock;
+    const ONE_PASS: bool = false;
+    #[inline(always)]
+    unsafe fn block<V: RowLanes, const C: usize>(
+        g: *const u8,
+        h: usize,
+        b: usize,
+        k: usize,
+        act: *const super::ActBlock,
+        acc: &mut [V::F; C],
+    ) {
+        // SAFETY: as the caller guarantees.
+        unsafe { q5_block::<V, C, true>(g, h, b, k, act, acc) }
+    }
+}
+
+/// One block of Q5_0 (`MIN` false: Q8_0 activations whose `c` is
+/// `-16 sum(y)`, the quants' offset) or Q5_1 (`MIN`: Q8_1 activations, `c`
+/// 0, and the block's minimum times the activations' `s` added after the
+/// scaled sum, as ggml's generic `vec_dot_q5_1_q8_1`).
+#[inline(always)]
+unsafe fn q5_block<V: RowLanes, const C: usize, const MIN: bool>(
+    g: *const u8,
+    h: usize,
+    b: usize,
+    k: usize,
+    act: *const super::ActBlock,
+    acc: &mut [V::F; C],
+) {
+    // SAFETY (whole body): as for Q4_K.
+    unsafe {
+        let (qo, ho, so) = q5_at::<MIN>(b);
+        let off = 4 * V::ROWS * h;
+        if b.is_multiple_of(2) {
+            V::prefetch(g.add(qo + 2 * q5_unit::<MIN>()));
+        }
+        let w = V::load(g.add(ho + off));
+        let (m4, b4) = (V::splat(0x0F0F_0F0F), V::splat(0x1010_1010));
+        // Fifth bits of chunk j's low (s = 2j) and high (s = 2j + 1) nibbles.
+        let fifth = |s: u32| {
+            let v = if s <= 4 { w.shl(4 - s) } else { w.shr(s - 4) };
+            v.and(b4)
+        };
+        let mut lo = [V::splat(0); 4];
+        let mut hi = [V::splat(0); 4];
+        for j in 0..4 {
+            let q = V::load(g.add(qo + 64 * j + off));
+            lo[j] = q.and(m4).or(fifth(2 * j as u32));
+            hi[j] = q.shr(4).and(m4).or(fifth(2 * j as u32 + 1));
+        }
+        let dx = V::load_f16(g.add(so + 2 * V::ROWS * h));
+        // Q5_1's minimums follow the two blocks' scales.
+        let mx = if MIN {
+            V::load_f16(g.add(so + 64 + 2 * V::ROWS * h))
+        } else {
+            V::fzero()
+        };
+        for (t, acc_t) in acc.iter_mut().enumerate() {
+            let a = &*act.add(t * k + b);
+            let ay =
+                |e: usize| i32::from_le_bytes([a.qs[e], a.qs[e + 1], a.qs[e + 2], a.qs[e + 3]]);
+            let s = if V::I16_SUMS {
+                // Chunk j holds elements 4j.. (low nibbles) and 16 + 4j.. (high).
+                let u = [lo[0], hi[0], lo[1], hi[1], lo[2], hi[2], lo[3], hi[3]];
+                let y: [i32; 8] = std::array::from_fn(|i| ay(16 * (i % 2) + 4 * (i / 2)));
+                q5_0_block(&u, &y, a.c)
+            } else {
+                let mut s = V::splat(a.c);
+                for j in 0..4 {
+                    s = s.dot4(lo[j], ay(4 * j)).dot4(hi[j], ay(16 + 4 * j));
+                }
+                s
             };
-            let mut lo = [V::splat(0); 4];
-            let mut hi = [V::splat(0); 4];
-            for j in 0..4 {
-                let q = V::load(g.add(qo + 64 * j + off));
-                lo[j] = q.and(m4).or(fifth(2 * j as u32));
-                hi[j] = q.shr(4).and(m4).or(fifth(2 * j as u32 + 1));
-            }
-            let dx = V::load_f16(g.add(so + 2 * V::ROWS * h));
-            for (t, acc_t) in acc.iter_mut().enumerate() {
-                let a = &*act.add(t * k + b);
-                let ay =
-                    |e: usize| i32::from_le_bytes([a.qs[e], a.qs[e + 1], a.qs[e + 2], a.qs[e + 3]]);
-                let s = if V::I16_SUMS {
-                    // Chunk j holds elements 4j.. (low nibbles) and 16 + 4j.. (high).
-                    let u = [lo[0], hi[0], lo[1], hi[1], lo[2], hi[2], lo[3], hi[3]];
-                    let y: [i32; 8] = std::array::from_fn(|i| ay(16 * (i % 2) + 4 * (i / 2)));
-                    q5_0_block(&u, &y, a.c)
-                } else {
-                    let mut s = V::splat(a.c);
-                    for j in 0..4 {
-                        s = s.dot4(lo[j], ay(4 * j)).dot4(hi[j], ay(16 + 4 * j));
-                    }
-                    s
-                };
-                let t1 = V::fmul(V::fmul(dx, V::fsplat(a.d)), s.cvt());
-                *acc_t = V::fadd(*acc_t, t1);
-            }
+            let t1 = V::fmul(V::fmul(dx, V::fsplat(a.d)), s.cvt());
+            let t = if MIN {
+                V::fadd(t1, V::fmul(mx, V::fsplat(a.s)))
+            } else {
+                t1
+            };
+            *acc_t = V::fadd(*acc_t, t);
         }
     }
 }

@@ -1,4 +1,4 @@
-//! Packed Q5_0, Q3_K, Q4_K, Q5_K and Q6_K on every path (the portable twin included)
+//! Packed Q5_0, Q5_1, Q3_K, Q4_K, Q5_K and Q6_K on every path (the portable twin included)
 //! against the format's twin on the file layout, bit for bit: random
 //! quantized and raw blocks, row counts that are not whole groups or halves,
 //! token counts that are not whole tiles, chunked and whole, one matrix or
@@ -188,7 +188,7 @@ fn packed_q6_k_gives_the_twin_bits_on_every_path() {
 /// (without VNNI) paths meet: every Q4_K nibble 15 with scales and
 /// minimums 63, every Q5_K quant 31 with the same scales, every Q6_K quant 63 (stored q + 32) with scales -128 and
 /// 127, against activations that all quantize to 127, or all to -127 (a
-/// constant row), and every Q5_0 quant 31 against 127 or -127. One more
+/// constant row), and every Q5_0 and Q5_1 quant 31 against 127 or -127. One more
 /// product in an i16 sum would overflow it.
 #[test]
 fn extreme_k_quant_bytes_give_the_twin_bits_on_every_path() {
@@ -226,6 +226,15 @@ fn extreme_k_quant_bytes_give_the_twin_bits_on_every_path() {
     let q5 = vec![
         BlockQ5_0 {
             d: one,
+            qh: [0xFF; 4],
+            qs: [0xFF; 16]
+        };
+        rows * k * QK_K / 32
+    ];
+    let q51 = vec![
+        BlockQ5_1 {
+            d: one,
+            m: one,
             qh: [0xFF; 4],
             qs: [0xFF; 16]
         };
@@ -276,6 +285,17 @@ fn extreme_k_quant_bytes_give_the_twin_bits_on_every_path() {
                     "Q6_K {:?} sign {sign} n {n}",
                     ks.path
                 );
+                let (got, want) = run_on(GgmlType::Q5_1, &q51, rows, &x, ks, 64, |w, x| {
+                    let mut a = vec![BlockQ8_1::zeroed(); w.len()];
+                    quant::quantize_row_q8_1(x, &mut a);
+                    scalar::vec_dot_q5_1_q8_1(w, &a)
+                });
+                assert_eq!(
+                    bits(&got),
+                    bits(&want),
+                    "Q5_1 {:?} sign {sign} n {n}",
+                    ks.path
+                );
                 let (got, want) = run_on(GgmlType::Q5_0, &q5, rows, &x, ks, 64, |w, x| {
                     let mut a = vec![BlockQ8_0::zeroed(); w.len()];
                     quant::quantize_row_q8_0(x, &mut a);
@@ -302,6 +322,15 @@ fn packed_q5_0_gives_ggml_generic_bits_on_every_path() {
 }
 
 #[test]
+fn packed_q5_1_gives_ggml_generic_bits_on_every_path() {
+    check::<BlockQ5_1>(GgmlType::Q5_1, &[0, 2], |w, x| {
+        let mut a = vec![BlockQ8_1::zeroed(); w.len()];
+        quant::quantize_row_q8_1(x, &mut a);
+        scalar::vec_dot_q5_1_q8_1(w, &a)
+    });
+}
+
+#[test]
 fn q5_0_high_word_places_each_bit() {
     for e in 0..32 {
         let w = kq::q5_0_high_word(1 << e);
@@ -324,6 +353,7 @@ fn packed_k_memory_is_the_tensor_plus_padding() {
         (Q3_K, 256, 2 * 1856),
         (Q6_K, 256, 2 * 3392),
         (Q5_0, 96, 2 * 2 * 704),
+        (Q5_1, 96, 2 * 2 * 768),
     ] {
         let rb = ty.row_bytes(cols as u64).unwrap() as usize;
         let data = vec![0u8; 20 * rb];
