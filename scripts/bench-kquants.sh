@@ -7,21 +7,25 @@
 #     the Q4_1 demo model (pp512 / tg128);
 #   - the Llama-3.2-1B (pp128 / tg32) and, with --8b, Llama-3.1-8B (pp64 / tg16) shapes in
 #     Q4_K_M, random weights written by `airlock bench --synthetic --type q4_k_m --save`.
+#   - with --more, the other files people download: SmolLM2 Q5_K_M and Q3_K_M (llama-quantize;
+#     mostly Q5_1 and Q4_0/Q4_K, llama.cpp's fallbacks for 576-wide rows) and the Llama-3.2-1B
+#     shape in Q5_K_M, Q3_K_M and Q2_K.
 # airlock runs with --ceiling, so each tg row also gives its share of the read-bandwidth ceiling.
 #
-#   scripts/bench-kquants.sh [--8b] [--tg-only] [--no-smollm2] [-t THREADS] [-r REPS] [--rounds R]
+#   scripts/bench-kquants.sh [--8b] [--more] [--tg-only] [--no-smollm2] [-t THREADS] [-r REPS] [--rounds R]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-threads=2; reps=3; big=0; rounds=2; tg_only=0; smol=1
+threads=2; reps=3; big=0; rounds=2; tg_only=0; smol=1; more=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --8b) big=1 ;;
+    --more) more=1 ;;
     --tg-only) tg_only=1 ;;
     --no-smollm2) smol=0 ;;
     -t) threads=$2; shift ;;
     -r) reps=$2; shift ;;
     --rounds) rounds=$2; shift ;;
-    *) echo "usage: $0 [--8b] [--tg-only] [--no-smollm2] [-t THREADS] [-r REPS] [--rounds R]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--8b] [--more] [--tg-only] [--no-smollm2] [-t THREADS] [-r REPS] [--rounds R]" >&2; exit 2 ;;
   esac
   shift
 done
@@ -33,19 +37,30 @@ cargo build --release --quiet
 A=target/release/airlock
 scripts/fetch-models.sh >/dev/null
 Q41=models/SmolLM2-135M-Instruct.Q4_1.gguf
-for t in Q4_K_M Q6_K; do
+smol_types="Q4_K_M Q6_K"
+[ "$more" = 1 ] && smol_types="$smol_types Q5_K_M Q3_K_M"
+for t in $smol_types; do
   f="$DIR/smollm2-llamacpp-${t,,}.gguf"
   [ -f "$f" ] || "$BIN/llama-quantize" --allow-requantize "$Q41" "$f" "$t" >/dev/null 2>&1
 done
 [ -f "$DIR/llama-3.2-1b-q4_k_m.gguf" ] ||
   $A bench --synthetic llama-3.2-1b --type q4_k_m --save "$DIR/llama-3.2-1b-q4_k_m.gguf" -p 1 -n 0 -r 1 >/dev/null
+if [ "$more" = 1 ]; then
+  for t in q5_k_m q3_k_m q2_k; do
+    [ -f "$DIR/llama-3.2-1b-$t.gguf" ] ||
+      $A bench --synthetic llama-3.2-1b --type $t --save "$DIR/llama-3.2-1b-$t.gguf" -p 1 -n 0 -r 1 >/dev/null
+  done
+fi
 if [ "$big" = 1 ] && [ ! -f "$DIR/llama-3.1-8b-q4_k_m.gguf" ]; then
   $A bench --synthetic llama-3.1-8b --type q4_k_m --save "$DIR/llama-3.1-8b-q4_k_m.gguf" -p 1 -n 0 -r 1 >/dev/null
 fi
 
 cases=()
 [ "$smol" = 1 ] && cases+=("$DIR/smollm2-llamacpp-q4_k_m.gguf 512 128" "$DIR/smollm2-llamacpp-q6_k.gguf 512 128")
+[ "$smol" = 1 ] && [ "$more" = 1 ] &&
+  cases+=("$DIR/smollm2-llamacpp-q5_k_m.gguf 512 128" "$DIR/smollm2-llamacpp-q3_k_m.gguf 512 128")
 cases+=("$DIR/llama-3.2-1b-q4_k_m.gguf 128 32")
+[ "$more" = 1 ] && for t in q5_k_m q3_k_m q2_k; do cases+=("$DIR/llama-3.2-1b-$t.gguf 128 32"); done
 [ "$big" = 1 ] && cases+=("$DIR/llama-3.1-8b-q4_k_m.gguf 64 16")
 
 echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ); cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'), $(nproc) CPUs"

@@ -92,7 +92,7 @@ pub struct BenchArgs {
     /// Print a JSON array of rows (llama-bench's field names) instead of a table
     #[arg(long)]
     pub json: bool,
-    /// Read the weights in the file's layout instead of repacking Q4_0/Q4_1/Q8_0/Q5_0/Q5_1/Q3_K/Q4_K/Q5_K/Q6_K at load
+    /// Read the weights in the file's layout instead of repacking Q4_0/Q4_1/Q8_0/Q5_0/Q5_1/Q2_K/Q3_K/Q4_K/Q5_K/Q6_K at load
     #[arg(long = "no-repack")]
     pub no_repack: bool,
     /// Also measure the machine's read bandwidth (512 MiB, median of 9, right before and right

@@ -46,7 +46,7 @@ pub struct ModelArgs {
     #[arg(long = "no-mmap")]
     pub no_mmap: bool,
     /// Keep every weight in the file's layout (pure mmap). By default, on x86 CPUs with AVX2 or
-    /// better, Q4_0/Q4_1/Q8_0/Q5_0/Q5_1/Q3_K/Q4_K/Q5_K/Q6_K matrices are copied at load into the interleaved
+    /// better, Q4_0/Q4_1/Q8_0/Q5_0/Q5_1/Q2_K/Q3_K/Q4_K/Q5_K/Q6_K matrices are copied at load into the interleaved
     /// layout the fast kernels read (anonymous memory, about the size of those tensors)
     #[arg(long = "no-repack")]
     pub no_repack: bool,
@@ -214,7 +214,7 @@ pub fn load(args: &ModelArgs) -> Result<LoadedModel> {
         );
         if report.repacked_bytes > 0 {
             eprintln!(
-                "repack: {} of Q4_0/Q4_1/Q8_0/Q5_0/Q5_1/Q3_K/Q4_K/Q5_K/Q6_K weights into the packed layout in {:.2} s (--no-repack to keep pure mmap)",
+                "repack: {} of Q4_0/Q4_1/Q8_0/Q5_0/Q5_1/Q2_K/Q3_K/Q4_K/Q5_K/Q6_K weights into the packed layout in {:.2} s (--no-repack to keep pure mmap)",
                 human_bytes(report.repacked_bytes),
                 report.repack_time.as_secs_f64()
             );

@@ -163,7 +163,7 @@ pub struct LoadOptions {
     pub mlock: bool,
     /// Read the file into memory instead of mapping it.
     pub no_mmap: bool,
-    /// Copy Q4_0/Q4_1/Q8_0/Q5_0/Q5_1/Q3_K/Q4_K/Q5_K/Q6_K matrices into the packed layout where the SIMD path has packed
+    /// Copy Q4_0/Q4_1/Q8_0/Q5_0/Q5_1/Q2_K/Q3_K/Q4_K/Q5_K/Q6_K matrices into the packed layout where the SIMD path has packed
     /// kernels. Ignored on the exact path, which reads the map only.
     pub repack: bool,
     /// Load even when the memory estimate exceeds what is available, or an explicit context

@@ -38,7 +38,7 @@ fn a_mixed_k_quant_model_runs_and_agrees_across_layouts_and_precisions() {
     let exact = logits(&model, Precision::Exact);
     assert!(fast.iter().all(|v| v.is_finite()));
 
-    // Packed Q5_0/Q5_1/Q3_K/Q4_K/Q5_K/Q6_K compute in their twins' order, as the file layout's kernels do.
+    // Packed Q5_0/Q5_1/Q2_K/Q3_K/Q4_K/Q5_K/Q6_K compute in their twins' order, as the file layout's kernels do.
     let mut packed = mixed_model::mixed_model();
     if packed.repack().unwrap() > 0 {
         let got = logits(&packed, Precision::Fast);

@@ -1,5 +1,5 @@
 //! Weights repacked at load into a 16-row interleaved layout (Q4_0, Q4_1,
-//! Q8_0 here; Q5_0, Q5_1, Q3_K, Q4_K, Q5_K and Q6_K in [`kq`], with their own layouts and
+//! Q8_0 here; Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K and Q6_K in [`kq`], with their own layouts and
 //! generic kernels).
 //!
 //! In the file a row's blocks follow one another (18 or 34 bytes each), so a
@@ -76,8 +76,8 @@ use crate::buffer::Buffer;
 use crate::dot::Tiles;
 use crate::matmul::{check_len, WeightView};
 use crate::quant::{
-    self, BlockQ3_K, BlockQ4_0, BlockQ4_1, BlockQ4_K, BlockQ5_0, BlockQ5_1, BlockQ5_K, BlockQ6_K,
-    BlockQ8_0, BlockQ8_1, BlockQ8_K,
+    self, BlockQ2_K, BlockQ3_K, BlockQ4_0, BlockQ4_1, BlockQ4_K, BlockQ5_0, BlockQ5_1, BlockQ5_K,
+    BlockQ6_K, BlockQ8_0, BlockQ8_1, BlockQ8_K,
 };
 use crate::simd::{simd_path, SimdPath};
 use crate::{GgmlType, KernelError};
@@ -172,6 +172,7 @@ pub struct PackedKernels {
     q8_0: PackedGemmFn,
     q5_0: KqTiles<ActBlock>,
     q5_1: KqTiles<ActBlock>,
+    q2_k: KqTiles<ActBlockK>,
     q3_k: KqTiles<ActBlockK>,
     q4_k: KqTiles<ActBlockK>,
     q5_k: KqTiles<ActBlockK>,
@@ -193,7 +194,7 @@ impl PackedKernels {
             Fmt::Q4_1 => Some(self.q4_1),
             Fmt::Q8_0 if minus_128 && !self.q8_0_takes_minus_128 => Some(SCALAR.q8_0),
             Fmt::Q8_0 => Some(self.q8_0),
-            Fmt::Q5_0 | Fmt::Q5_1 | Fmt::Q3K | Fmt::Q4K | Fmt::Q5K | Fmt::Q6K => None,
+            Fmt::Q5_0 | Fmt::Q5_1 | Fmt::Q2K | Fmt::Q3K | Fmt::Q4K | Fmt::Q5K | Fmt::Q6K => None,
         }
     }
 }
@@ -206,6 +207,7 @@ enum Fmt {
     Q8_0,
     Q5_0,
     Q5_1,
+    Q2K,
     Q3K,
     Q4K,
     Q5K,
@@ -222,12 +224,12 @@ impl Fmt {
             Q8_0 => Some(Fmt::Q8_0),
             GgmlType::Q5_0 => Some(Fmt::Q5_0),
             GgmlType::Q5_1 => Some(Fmt::Q5_1),
+            Q2_K => Some(Fmt::Q2K),
             Q3_K => Some(Fmt::Q3K),
             Q4_K => Some(Fmt::Q4K),
             Q5_K => Some(Fmt::Q5K),
             Q6_K => Some(Fmt::Q6K),
-            // Q2_K runs from the file layout ([`crate::matmul`]).
-            F32 | F16 | BF16 | Q8_1 | Q2_K | Q8_K | IQ2_XXS | IQ2_XS | IQ3_XXS | IQ1_S | IQ4_NL
+            F32 | F16 | BF16 | Q8_1 | Q8_K | IQ2_XXS | IQ2_XS | IQ3_XXS | IQ1_S | IQ4_NL
             | IQ3_S | IQ2_S | IQ4_XS | I8 | I16 | I32 | I64 | F64 | IQ1_M | TQ1_0 | TQ2_0
             | MXFP4 | NVFP4 | Q1_0 => None,
         }
@@ -241,6 +243,7 @@ impl Fmt {
             Fmt::Q8_0 => group_len(512, 32, k),
             Fmt::Q5_0 => k.div_ceil(2).checked_mul(kq::Q5_0_UNIT),
             Fmt::Q5_1 => k.div_ceil(2).checked_mul(kq::Q5_1_UNIT),
+            Fmt::Q2K => k.checked_mul(kq::Q2K_SB),
             Fmt::Q3K => k.checked_mul(kq::Q3K_SB),
             Fmt::Q4K => k.checked_mul(kq::Q4K_SB),
             Fmt::Q5K => k.checked_mul(kq::Q5K_SB),
@@ -258,6 +261,7 @@ pub static SCALAR: PackedKernels = PackedKernels {
     q8_0: scalar::gemm_q8_0,
     q5_0: (kq::portable::<kq::Q5_0>(), 16),
     q5_1: (kq::portable::<kq::Q5_1>(), 16),
+    q2_k: (kq::portable::<kq::Q2K>(), 16),
     q3_k: (kq::portable::<kq::Q3K>(), 16),
     q4_k: (kq::portable::<kq::Q4K>(), 16),
     q5_k: (kq::portable::<kq::Q5K>(), 16),
@@ -308,7 +312,7 @@ pub fn packed_kernels() -> Option<&'static PackedKernels> {
 }
 
 /// Whether [`PackedWeights::pack`] takes this type: Q4_0, Q4_1, Q8_0, Q5_0, Q5_1,
-/// Q3_K, Q4_K, Q5_K and Q6_K.
+/// Q2_K, Q3_K, Q4_K, Q5_K and Q6_K.
 pub fn can_pack(ty: GgmlType) -> bool {
     Fmt::of(ty).is_some()
 }
@@ -453,6 +457,7 @@ impl PackedWeights {
                 }
                 Fmt::Q5_0 => kq::gemm(self, r0, nr, &s.act, out, ks.q5_0.1, ks.q5_0.0),
                 Fmt::Q5_1 => kq::gemm(self, r0, nr, &s.act, out, ks.q5_1.1, ks.q5_1.0),
+                Fmt::Q2K => kq::gemm(self, r0, nr, &s.act_k, out, ks.q2_k.1, ks.q2_k.0),
                 Fmt::Q3K => kq::gemm(self, r0, nr, &s.act_k, out, ks.q3_k.1, ks.q3_k.0),
                 Fmt::Q4K => kq::gemm(self, r0, nr, &s.act_k, out, ks.q4_k.1, ks.q4_k.0),
                 Fmt::Q5K => kq::gemm(self, r0, nr, &s.act_k, out, ks.q5_k.1, ks.q5_k.0),
@@ -504,6 +509,7 @@ fn pack_row(f: Fmt, src: &[u8], i: usize, group: &mut [u8]) {
         }
         Fmt::Q5_0 => kq::pack_row_q5_0(bytemuck::cast_slice::<u8, BlockQ5_0>(src), i, group),
         Fmt::Q5_1 => kq::pack_row_q5_1(bytemuck::cast_slice::<u8, BlockQ5_1>(src), i, group),
+        Fmt::Q2K => kq::pack_row_q2_k(bytemuck::cast_slice::<u8, BlockQ2_K>(src), i, group),
         Fmt::Q3K => kq::pack_row_q3_k(bytemuck::cast_slice::<u8, BlockQ3_K>(src), i, group),
         Fmt::Q4K => kq::pack_row_q4_k(bytemuck::cast_slice::<u8, BlockQ4_K>(src), i, group),
         Fmt::Q5K => kq::pack_row_q5_k(bytemuck::cast_slice::<u8, BlockQ5_K>(src), i, group),
@@ -653,7 +659,7 @@ fn prepare_acts(
     let ks = crate::dot::kernels()?;
     let fmt = Fmt::of(ty).ok_or(KernelError::Unsupported { ty, op: "pack" })?;
     let n = x.len() / cols;
-    if matches!(fmt, Fmt::Q3K | Fmt::Q4K | Fmt::Q5K | Fmt::Q6K) {
+    if matches!(fmt, Fmt::Q2K | Fmt::Q3K | Fmt::Q4K | Fmt::Q5K | Fmt::Q6K) {
         let k = cols / quant::QK_K;
         s.q8_k.resize(n * k, BlockQ8_K::zeroed());
         s.act_k.resize(n * k, ActBlockK::zeroed());
@@ -762,7 +768,8 @@ pub(crate) fn act_offset(ty: GgmlType) -> i32 {
         Some(Fmt::Q4_0) => 8,
         Some(Fmt::Q5_0) => 16,
         Some(Fmt::Q8_0) => 128,
-        Some(Fmt::Q4_1 | Fmt::Q5_1 | Fmt::Q3K | Fmt::Q4K | Fmt::Q5K | Fmt::Q6K) | None => {
+        Some(Fmt::Q4_1 | Fmt::Q5_1 | Fmt::Q2K | Fmt::Q3K | Fmt::Q4K | Fmt::Q5K | Fmt::Q6K)
+        | None => {
             panic!("{ty} weights take no Q8_0 activation blocks")
         }
     }

@@ -92,7 +92,7 @@ impl LlamaModel {
         })
     }
 
-    /// Copies the Q4_0/Q4_1/Q8_0/Q5_0/Q5_1/Q3_K/Q4_K/Q5_K/Q6_K matrices into the packed layout when the active SIMD path has
+    /// Copies the Q4_0/Q4_1/Q8_0/Q5_0/Q5_1/Q2_K/Q3_K/Q4_K/Q5_K/Q6_K matrices into the packed layout when the active SIMD path has
     /// packed kernels (the x86 paths from AVX2 up); returns the bytes allocated (0 when it has
     /// none: scalar, NEON).
     pub fn repack(&mut self) -> Result<u64, ModelError> {

@@ -190,7 +190,7 @@ impl LlamaWeights {
     }
 
     /// Copies every matrix of a type the packed kernels take (Q4_0, Q4_1, Q8_0, Q5_0, Q5_1,
-    /// Q3_K, Q4_K, Q5_K, Q6_K) into the packed layout of `kernels`; returns the bytes allocated. The forward pass then reads the packed copies on the fast path.
+    /// Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) into the packed layout of `kernels`; returns the bytes allocated. The forward pass then reads the packed copies on the fast path.
     pub fn repack(
         &mut self,
         f: &crate::gguf::GgufFile,

@@ -71,6 +71,7 @@ pub(super) static KERNELS: PackedKernels = PackedKernels {
     q8_0: gemm::<Q8_0<Avx2>>,
     q5_0: super::kq::x86::avx2::<super::kq::Q5_0>(),
     q5_1: super::kq::x86::avx2::<super::kq::Q5_1>(),
+    q2_k: super::kq::x86::avx2::<super::kq::Q2K>(),
     q3_k: super::kq::x86::avx2::<super::kq::Q3K>(),
     q4_k: super::kq::x86::avx2::<super::kq::Q4K>(),
     q5_k: super::kq::x86::avx2::<super::kq::Q5K>(),

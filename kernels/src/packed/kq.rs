@@ -1,4 +1,4 @@
-//! Packed Q3_K, Q4_K, Q5_K, Q6_K, Q5_0 and Q5_1: layouts and kernels, written once as
+//! Packed Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q5_0 and Q5_1: layouts and kernels, written once as
 //! `#[inline(always)]` bodies generic over the row-lane vector type
 //! [`RowLanes`] (one 32-bit lane per weight row), with short
 //! `#[target_feature]` entry points per instruction set (the pattern of
@@ -21,6 +21,9 @@
 //!   unpacked to i8, and 32 of padding): 16 `qs` chunks (8h + c:
 //!   `qs[32h + 4c..]`), 8 `hmask` chunks (c: `hmask[4c..]`), 4 chunks of
 //!   the i8 scales `s - 32`, 16 f16 `d`, 32 zero bytes.
+//! - Q2_K, per super-block (1344 bytes, the file's 16 x 84): 16 `qs`
+//!   chunks as Q3_K's, 4 chunks of the scale bytes (scale low nibble,
+//!   minimum high), 16 f16 `d`, 16 f16 `dmin`.
 //! - Q5_0, in units of two blocks (704 bytes, the file's 16 x 44 and 0): both
 //!   blocks' 4 nibble chunks (as Q4_0), then both blocks' high-bit words,
 //!   then both blocks' 16 f16 scales. A row's high-bit word is the block's
@@ -40,7 +43,7 @@
 use super::{Out, PackedWeights, GROUP_ROWS};
 use crate::dot::Tiles;
 use crate::quant::{
-    BlockQ3_K, BlockQ4_K, BlockQ5_0, BlockQ5_1, BlockQ5_K, BlockQ6_K, BlockQ8_K, QK_K,
+    BlockQ2_K, BlockQ3_K, BlockQ4_K, BlockQ5_0, BlockQ5_1, BlockQ5_K, BlockQ6_K, BlockQ8_K, QK_K,
 };
 
 /// Bytes of one Q4_K super-block of a group.
@@ -49,6 +52,8 @@ pub(crate) const Q4K_SB: usize = 2304;
 pub(crate) const Q5K_SB: usize = 2816;
 /// Bytes of one Q3_K super-block of a group.
 pub(crate) const Q3K_SB: usize = 1856;
+/// Bytes of one Q2_K super-block of a group.
+pub(crate) const Q2K_SB: usize = 1344;
 /// Bytes of one Q6_K super-block of a group.
 pub(crate) const Q6K_SB: usize = 3392;
 /// Bytes of one Q5_0 unit (two blocks) of a group.
@@ -70,6 +75,9 @@ pub struct ActBlockK {
     /// `(bs_0, bs_2), (bs_1, bs_3), (bs_4, bs_6), (bs_5, bs_7)`, the other
     /// sides of `vpmaddwd` with the minimums.
     pub mp: [i32; 4],
+    /// Q2_K: the sums of 16 as i16 pairs `(bsum_4v, bsum_4v+2)`,
+    /// `(bsum_4v+1, bsum_4v+3)` for v = 0..4, against its minimum pairs.
+    pub mp16: [i32; 8],
 }
 
 impl ActBlockK {
@@ -81,6 +89,10 @@ impl ActBlockK {
             d: b.d(),
             c6: std::array::from_fn(|j| -32 * b.bsum(j) as i32),
             mp: [pair(0, 2), pair(1, 3), pair(4, 6), pair(5, 7)],
+            mp16: std::array::from_fn(|i| {
+                let j = 4 * (i / 2) + i % 2;
+                (b.bsum(j) as i32 & 0xFFFF) | ((b.bsum(j + 2) as i32) << 16)
+            }),
         }
     }
 
@@ -155,6 +167,22 @@ pub(crate) fn pack_row_q3_k(blocks: &[BlockQ3_K], i: usize, group: &mut [u8]) {
             put(&mut sb[1536..], v, i, &sc[4 * v..4 * v + 4]);
         }
         sb[1792 + 2 * i..1792 + 2 * i + 2].copy_from_slice(&x.d);
+    }
+}
+
+/// Row `i`'s Q2_K blocks into its group: the quants (16 chunks, `qs`),
+/// the scale bytes (4 chunks), the f16 `d`s and `dmin`s.
+pub(crate) fn pack_row_q2_k(blocks: &[BlockQ2_K], i: usize, group: &mut [u8]) {
+    for (b, x) in blocks.iter().enumerate() {
+        let sb = &mut group[b * Q2K_SB..(b + 1) * Q2K_SB];
+        for c in 0..16 {
+            put(sb, c, i, &x.qs[4 * c..4 * c + 4]);
+        }
+        for v in 0..4 {
+            put(&mut sb[1024..], v, i, &x.scales[4 * v..4 * v + 4]);
+        }
+        sb[1280 + 2 * i..1280 + 2 * i + 2].copy_from_slice(&x.d);
+        sb[1312 + 2 * i..1312 + 2 * i + 2].copy_from_slice(&x.dmin);
     }
 }
 
@@ -567,6 +595,7 @@ pub(crate) trait PackedFmt {
 pub(crate) struct Q4K;
 pub(crate) struct Q5K;
 pub(crate) struct Q3K;
+pub(crate) struct Q2K;
 pub(crate) struct Q6K;
 pub(crate) struct Q5_0;
 pub(crate) struct Q5_1;
@@ -742,47 +771,140 @@ unsafe fn k4_block<V: RowLanes, const C: usize, const FIVE: bool>(
     }
 }
 
-impl PackedFmt for Q6K {
-    type Act = ActBlockK;
-    const ONE_PASS: bool = true;
-    #[inline(always)]
-    unsafe fn block<V: RowLanes, const C: usize>(
-        g: *const u8,
-        h: usize,
-        b: usize,
-        k: usize,
-        act: *const ActBlockK,
-        acc: &mut [V::F; C],
-    ) {
-        // SAFETY: as the caller guarantees.
-        unsafe { k6_block::<V, C, false>(g, h, b, k, act, acc) }
-    }
+/// What differs between the formats of sixteen sub-blocks of 16 values in
+/// one element order (`qs`-style bytes of 128p + 32j + l in bit pairs 2j),
+/// which [`k6_block`] runs: Q6_K, Q3_K and Q2_K.
+pub(crate) trait Sixteen {
+    /// Bytes of a super-block of a group.
+    const SB: usize;
+    /// The first of the 4 chunks of scale bytes (one per sub-block);
+    /// the 16 f16 `d` follow them, then (Q2_K) 16 f16 `dmin`.
+    const SC_CHUNK: usize;
+    /// Whether sub-blocks have minimums (Q2_K: the high nibbles of the
+    /// scale bytes, times `bsum_j`, subtracted with `dmin`).
+    const MIN: bool;
+    /// The quants of elements 128 half + 32j + 4c.. (c < 8) for j = 0..4,
+    /// each stored with its offset (so unsigned); `lane(i)` is chunk i.
+    unsafe fn quants<V: RowLanes>(lane: impl Fn(usize) -> V, half: usize, c: usize) -> [V; 4];
+    /// Byte `byte` of the scale lanes `v` as the sub-block's scale.
+    unsafe fn scale<V: RowLanes>(v: V, byte: u32) -> V;
+    /// The start of a sub-block's integer sum from `c6 = -32 bsum_j`: the
+    /// quants' offset taken back off, exactly.
+    fn bias(c6: i32) -> i32;
 }
 
-impl PackedFmt for Q3K {
-    type Act = ActBlockK;
-    const ONE_PASS: bool = true;
-    #[inline(always)]
-    unsafe fn block<V: RowLanes, const C: usize>(
-        g: *const u8,
-        h: usize,
-        b: usize,
-        k: usize,
-        act: *const ActBlockK,
-        acc: &mut [V::F; C],
-    ) {
-        // SAFETY: as the caller guarantees.
-        unsafe { k6_block::<V, C, true>(g, h, b, k, act, acc) }
-    }
-}
-
-/// One super-block of Q6_K (`THREE` false) or Q3_K (`THREE`): sixteen
-/// sub-blocks of 16 with i8 scales and quants stored with an offset (Q6_K
-/// q + 32, Q3_K q + 4), in the same element order, so one body serves both;
-/// only the quants' bits differ. The f32 side is `(d_x d_y) isum`, as both
-/// twins' `vec_dot_*_sb`.
+/// An i8 scale byte, sign-extended.
 #[inline(always)]
-unsafe fn k6_block<V: RowLanes, const C: usize, const THREE: bool>(
+unsafe fn sext<V: RowLanes>(v: V, byte: u32) -> V {
+    // SAFETY: V's features, as the caller guarantees.
+    unsafe { v.shl(24 - 8 * byte).sra(24) }
+}
+
+impl Sixteen for Q6K {
+    const SB: usize = Q6K_SB;
+    const SC_CHUNK: usize = 48;
+    const MIN: bool = false;
+    #[inline(always)]
+    unsafe fn quants<V: RowLanes>(lane: impl Fn(usize) -> V, half: usize, c: usize) -> [V; 4] {
+        // SAFETY: V's features, as the caller guarantees.
+        unsafe {
+            let (m4, m30) = (V::splat(0x0F0F_0F0F), V::splat(0x3030_3030));
+            let qa = lane(16 * half + c);
+            let qb = lane(16 * half + 8 + c);
+            let qh = lane(32 + 8 * half + c);
+            [
+                qa.and(m4).or(qh.shl(4).and(m30)),
+                qb.and(m4).or(qh.shl(2).and(m30)),
+                qa.shr(4).and(m4).or(qh.and(m30)),
+                qb.shr(4).and(m4).or(qh.shr(2).and(m30)),
+            ]
+        }
+    }
+    #[inline(always)]
+    unsafe fn scale<V: RowLanes>(v: V, byte: u32) -> V {
+        // SAFETY: as above.
+        unsafe { sext(v, byte) }
+    }
+    #[inline(always)]
+    fn bias(c6: i32) -> i32 {
+        c6
+    }
+}
+
+impl Sixteen for Q3K {
+    const SB: usize = Q3K_SB;
+    const SC_CHUNK: usize = 24;
+    const MIN: bool = false;
+    #[inline(always)]
+    unsafe fn quants<V: RowLanes>(lane: impl Fn(usize) -> V, half: usize, c: usize) -> [V; 4] {
+        // SAFETY: V's features, as the caller guarantees.
+        unsafe {
+            // Two bits of a qs byte per quarter; the third from bit 4 half + j of the
+            // hmask byte, moved to bit 2 (never across bytes).
+            let (q, hm) = (lane(8 * half + c), lane(16 + c));
+            std::array::from_fn(|j| {
+                let lo = q.shr(2 * j as u32).and(V::splat(0x0303_0303));
+                lo.or(shift(hm, 2 - (4 * half + j) as i32).and(V::splat(0x0404_0404)))
+            })
+        }
+    }
+    #[inline(always)]
+    unsafe fn scale<V: RowLanes>(v: V, byte: u32) -> V {
+        // SAFETY: as above.
+        unsafe { sext(v, byte) }
+    }
+    #[inline(always)]
+    fn bias(c6: i32) -> i32 {
+        // -4 bsum: the quants are q + 4.
+        c6 >> 3
+    }
+}
+
+impl Sixteen for Q2K {
+    const SB: usize = Q2K_SB;
+    const SC_CHUNK: usize = 16;
+    const MIN: bool = true;
+    #[inline(always)]
+    unsafe fn quants<V: RowLanes>(lane: impl Fn(usize) -> V, half: usize, c: usize) -> [V; 4] {
+        // SAFETY: V's features, as the caller guarantees.
+        unsafe {
+            let q = lane(8 * half + c);
+            std::array::from_fn(|j| q.shr(2 * j as u32).and(V::splat(0x0303_0303)))
+        }
+    }
+    #[inline(always)]
+    unsafe fn scale<V: RowLanes>(v: V, byte: u32) -> V {
+        // SAFETY: as above.
+        unsafe { v.shr(8 * byte).and(V::splat(0x0F)) }
+    }
+    #[inline(always)]
+    fn bias(_: i32) -> i32 {
+        0
+    }
+}
+
+impl<F: Sixteen> PackedFmt for F {
+    type Act = ActBlockK;
+    const ONE_PASS: bool = true;
+    #[inline(always)]
+    unsafe fn block<V: RowLanes, const C: usize>(
+        g: *const u8,
+        h: usize,
+        b: usize,
+        k: usize,
+        act: *const ActBlockK,
+        acc: &mut [V::F; C],
+    ) {
+        // SAFETY: as the caller guarantees.
+        unsafe { k6_block::<V, C, F>(g, h, b, k, act, acc) }
+    }
+}
+
+/// One super-block of a [`Sixteen`] format. Integer sums as ggml's; the
+/// f32 side `(d_x d_y) isum`, less `(dmin_x d_y) msum` where there are
+/// minimums, as the twins' `vec_dot_*_sb` (Q2_K's generic order).
+#[inline(always)]
+unsafe fn k6_block<V: RowLanes, const C: usize, F: Sixteen>(
     g: *const u8,
     h: usize,
     b: usize,
@@ -790,67 +912,42 @@ unsafe fn k6_block<V: RowLanes, const C: usize, const THREE: bool>(
     act: *const ActBlockK,
     acc: &mut [V::F; C],
 ) {
-    let sb_bytes = if THREE { Q3K_SB } else { Q6K_SB };
-    let sc_chunk = if THREE { 24 } else { 48 };
     // SAFETY (whole body): as for Q4_K.
     unsafe {
-        let sb = g.add(b * sb_bytes);
+        let sb = g.add(b * F::SB);
         let lane = |c: usize| sb.add(64 * c + 4 * V::ROWS * h);
+        let load = |c: usize| V::load(lane(c));
         let mut isum = [V::splat(0); C];
-        let (m4, m30) = (V::splat(0x0F0F_0F0F), V::splat(0x3030_3030));
-        let (m3, bit2) = (V::splat(0x0303_0303), V::splat(0x0404_0404));
         for half in 0..2 {
             for cg in 0..2 {
                 // The one-token tile's second half reads lines the first prefetched.
                 if C > 1 || h == 0 {
-                    prefetch_part::<V, C>(sb, sb_bytes, 2 * half + cg);
+                    prefetch_part::<V, C>(sb, F::SB, 2 * half + cg);
                 }
                 // Quarter q of chunks c = 4cg..4cg + 4 is sub-block 8 half + 2q + cg:
                 // its 16 quant vectors first (shared by the tokens), then per token four
-                // sums, each starting at -32 bsum (-4 bsum for Q3_K), the quants' offset.
+                // sums, each starting at the quants' offset times -bsum.
                 let mut w = [[V::splat(0); 4]; 4];
                 for (i, wi) in w.iter_mut().enumerate() {
-                    let c = 4 * cg + i;
-                    if THREE {
-                        // Two bits of a qs byte per quarter; the third from bit 4 half + q
-                        // of the hmask byte, moved to bit 2 (never across bytes).
-                        let q = V::load(lane(8 * half + c));
-                        let hm = V::load(lane(16 + c));
-                        for (j, wij) in wi.iter_mut().enumerate() {
-                            let lo = q.shr(2 * j as u32).and(m3);
-                            let top = shift(hm, 2 - (4 * half + j) as i32).and(bit2);
-                            *wij = lo.or(top);
-                        }
-                        continue;
-                    }
-                    let qa = V::load(lane(16 * half + c));
-                    let qb = V::load(lane(16 * half + 8 + c));
-                    let qh = V::load(lane(32 + 8 * half + c));
-                    wi[0] = qa.and(m4).or(qh.shl(4).and(m30));
-                    wi[1] = qb.and(m4).or(qh.shl(2).and(m30));
-                    wi[2] = qa.shr(4).and(m4).or(qh.and(m30));
-                    wi[3] = qb.shr(4).and(m4).or(qh.shr(2).and(m30));
+                    *wi = F::quants(load, half, 4 * cg + i);
                 }
-                // The i8 scales of sub-blocks 8 half + cg + {0, 2, 4, 6}: bytes cg,
-                // cg + 2 of scale chunks 2 half and 2 half + 1, sign-extended.
+                // The scales of sub-blocks 8 half + cg + {0, 2, 4, 6}: bytes cg, cg + 2
+                // of scale chunks 2 half and 2 half + 1.
                 let (lo, hi) = (
-                    V::load(lane(sc_chunk + 2 * half)),
-                    V::load(lane(sc_chunk + 1 + 2 * half)),
+                    load(F::SC_CHUNK + 2 * half),
+                    load(F::SC_CHUNK + 1 + 2 * half),
                 );
-                let sext = |v: V, byte: u32| v.shl(24 - 8 * byte).sra(24);
                 let sc = [
-                    sext(lo, cg as u32),
-                    sext(lo, cg as u32 + 2),
-                    sext(hi, cg as u32),
-                    sext(hi, cg as u32 + 2),
+                    F::scale(lo, cg as u32),
+                    F::scale(lo, cg as u32 + 2),
+                    F::scale(hi, cg as u32),
+                    F::scale(hi, cg as u32 + 2),
                 ];
                 for (t, isum_t) in isum.iter_mut().enumerate() {
                     let a = &*act.add(t * k + b);
                     let e0 = 128 * half + 16 * cg;
                     for (q, scq) in sc.iter().enumerate() {
-                        // -32 bsum, or exactly -4 bsum.
-                        let c6 = a.c6[8 * half + 2 * q + cg];
-                        let bias = if THREE { c6 >> 3 } else { c6 };
+                        let bias = F::bias(a.c6[8 * half + 2 * q + cg]);
                         if V::I16_SUMS {
                             let u = [w[0][q], w[1][q], w[2][q], w[3][q]];
                             let y: [i32; 4] = std::array::from_fn(|i| a.group(e0 + 32 * q + 4 * i));
@@ -866,11 +963,33 @@ unsafe fn k6_block<V: RowLanes, const C: usize, const THREE: bool>(
                 }
             }
         }
-        let dx = V::load_f16(sb.add(64 * (sc_chunk + 4) + 2 * V::ROWS * h));
+        let d_at = 64 * (F::SC_CHUNK + 4) + 2 * V::ROWS * h;
+        let dx = V::load_f16(sb.add(d_at));
+        // Q2_K: the minimums (high nibbles) as i16 pairs (m_4v, m_4v+2), (m_4v+1, m_4v+3).
+        let mut mpairs = [V::splat(0); 8];
+        if F::MIN {
+            let (m4, ff) = (V::splat(0x0F0F_0F0F), V::splat(0x00FF_00FF));
+            for v in 0..4 {
+                let m = load(F::SC_CHUNK + v).shr(4).and(m4);
+                mpairs[2 * v] = m.and(ff);
+                mpairs[2 * v + 1] = m.shr(8).and(ff);
+            }
+        }
         for (t, acc_t) in acc.iter_mut().enumerate() {
             let a = &*act.add(t * k + b);
-            let t1 = V::fmul(V::fmul(dx, V::fsplat(a.d)), isum[t].cvt());
-            *acc_t = V::fadd(*acc_t, t1);
+            let dy = V::fsplat(a.d);
+            let t1 = V::fmul(V::fmul(dx, dy), isum[t].cvt());
+            if F::MIN {
+                let mut msum = V::splat(0);
+                for (mp, &ap) in mpairs.iter().zip(&a.mp16) {
+                    msum = msum.madd(*mp, ap);
+                }
+                let dmx = V::load_f16(sb.add(d_at + 32));
+                let t2 = V::fmul(V::fmul(dmx, dy), msum.cvt());
+                *acc_t = V::fadd(*acc_t, V::fsub(t1, t2));
+            } else {
+                *acc_t = V::fadd(*acc_t, t1);
+            }
         }
     }
 }

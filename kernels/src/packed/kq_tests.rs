@@ -1,4 +1,4 @@
-//! Packed Q5_0, Q5_1, Q3_K, Q4_K, Q5_K and Q6_K on every path (the portable twin included)
+//! Packed Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K and Q6_K on every path (the portable twin included)
 //! against the format's twin on the file layout, bit for bit: random
 //! quantized and raw blocks, row counts that are not whole groups or halves,
 //! token counts that are not whole tiles, chunked and whole, one matrix or
@@ -158,6 +158,15 @@ fn packed_q4_k_gives_the_twin_bits_on_every_path() {
 }
 
 #[test]
+fn packed_q2_k_gives_ggml_generic_bits_on_every_path() {
+    check::<BlockQ2_K>(GgmlType::Q2_K, &[80, 82], |w, x| {
+        let mut a = vec![BlockQ8_K::zeroed(); w.len()];
+        quant::quantize_row_q8_k(x, &mut a);
+        scalar::vec_dot_q2_k_q8_k(w, &a)
+    });
+}
+
+#[test]
 fn packed_q3_k_gives_the_twin_bits_on_every_path() {
     check::<BlockQ3_K>(GgmlType::Q3_K, &[108], |w, x| {
         let mut a = vec![BlockQ8_K::zeroed(); w.len()];
@@ -207,6 +216,16 @@ fn extreme_k_quant_bytes_give_the_twin_bits_on_every_path() {
         b.qs = [0xFF; QK_K / 2];
         (b.d, b.dmin) = (one, one);
     }
+    // Q2_K: every quant 3, scales and minimums 15.
+    let q2 = vec![
+        BlockQ2_K {
+            scales: [0xFF; 16],
+            qs: [0xFF; QK_K / 4],
+            d: one,
+            dmin: one
+        };
+        rows * k
+    ];
     // Q3_K: every quant 7 (value 3), or every quant 0 (value -4), scales 63 and 0 (31, -32).
     let q3: Vec<BlockQ3_K> = (0..rows * k)
         .map(|i| BlockQ3_K {
@@ -256,6 +275,15 @@ fn extreme_k_quant_bytes_give_the_twin_bits_on_every_path() {
                     bits(&got),
                     bits(&want),
                     "Q4_K {:?} sign {sign} n {n}",
+                    ks.path
+                );
+                let (got, want) = run_on(GgmlType::Q2_K, &q2, rows, &x, ks, 64, |w, x| {
+                    twin(x, &|a| scalar::vec_dot_q2_k_q8_k(w, a))
+                });
+                assert_eq!(
+                    bits(&got),
+                    bits(&want),
+                    "Q2_K {:?} sign {sign} n {n}",
                     ks.path
                 );
                 let (got, want) = run_on(GgmlType::Q3_K, &q3, rows, &x, ks, 64, |w, x| {
@@ -351,6 +379,7 @@ fn packed_k_memory_is_the_tensor_plus_padding() {
         (Q4_K, 512, 2 * 2 * 2304),
         (Q5_K, 512, 2 * 2 * 2816),
         (Q3_K, 256, 2 * 1856),
+        (Q2_K, 256, 2 * 1344),
         (Q6_K, 256, 2 * 3392),
         (Q5_0, 96, 2 * 2 * 704),
         (Q5_1, 96, 2 * 2 * 768),
