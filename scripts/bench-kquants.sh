@@ -12,7 +12,7 @@
 #     shape in Q5_K_M, Q3_K_M and Q2_K.
 # airlock runs with --ceiling, so each tg row also gives its share of the read-bandwidth ceiling.
 #
-#   scripts/bench-kquants.sh [--8b] [--more] [--tg-only] [--no-smollm2] [-t THREADS] [-r REPS] [--rounds R]
+#   [AIRLOCK=PATH] scripts/bench-kquants.sh [--8b] [--more] [--tg-only] [--no-smollm2] [-t THREADS] [-r REPS] [--rounds R]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 threads=2; reps=3; big=0; rounds=2; tg_only=0; smol=1; more=0
@@ -33,8 +33,8 @@ DIR=${DIR:-/tmp/airlock-bench}
 mkdir -p "$DIR"
 BIN=${LLAMA_BIN:-$HOME/.cache/llama-cpp-anchor/build/bin}
 [ -x "$BIN/llama-bench" ] || { echo "llama-bench not found in $BIN: run ../shared/tools/llama-cpp-anchor.sh or set LLAMA_BIN" >&2; exit 1; }
-cargo build --release --quiet
-A=target/release/airlock
+# AIRLOCK=PATH runs another build (an earlier commit's, for a before/after table).
+if [ -n "${AIRLOCK:-}" ]; then A=$AIRLOCK; else cargo build --release --quiet; A=target/release/airlock; fi
 scripts/fetch-models.sh >/dev/null
 Q41=models/SmolLM2-135M-Instruct.Q4_1.gguf
 smol_types="Q4_K_M Q6_K"
