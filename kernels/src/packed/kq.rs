@@ -116,16 +116,19 @@ fn put(dst: &mut [u8], c: usize, i: usize, four: &[u8]) {
     dst[64 * c + 4 * i..64 * c + 4 * i + 4].copy_from_slice(four);
 }
 
+/// Writes `src` (4 bytes a chunk) as row `i` of a run of chunks starting at `dst`.
+fn put_all(dst: &mut [u8], i: usize, src: &[u8]) {
+    for (c, four) in src.chunks_exact(4).enumerate() {
+        put(dst, c, i, four);
+    }
+}
+
 /// Row `i`'s Q4_K blocks into its group.
 pub(crate) fn pack_row_q4_k(blocks: &[BlockQ4_K], i: usize, group: &mut [u8]) {
     for (b, x) in blocks.iter().enumerate() {
         let sb = &mut group[b * Q4K_SB..(b + 1) * Q4K_SB];
-        for c in 0..32 {
-            put(sb, c, i, &x.qs[4 * c..4 * c + 4]);
-        }
-        for v in 0..3 {
-            put(&mut sb[2048..], v, i, &x.scales[4 * v..4 * v + 4]);
-        }
+        put_all(sb, i, &x.qs);
+        put_all(&mut sb[2048..], i, &x.scales);
         sb[2240 + 2 * i..2240 + 2 * i + 2].copy_from_slice(&x.d);
         sb[2272 + 2 * i..2272 + 2 * i + 2].copy_from_slice(&x.dmin);
     }
@@ -136,15 +139,9 @@ pub(crate) fn pack_row_q4_k(blocks: &[BlockQ4_K], i: usize, group: &mut [u8]) {
 pub(crate) fn pack_row_q5_k(blocks: &[BlockQ5_K], i: usize, group: &mut [u8]) {
     for (b, x) in blocks.iter().enumerate() {
         let sb = &mut group[b * Q5K_SB..(b + 1) * Q5K_SB];
-        for c in 0..32 {
-            put(sb, c, i, &x.qs[4 * c..4 * c + 4]);
-        }
-        for c in 0..8 {
-            put(&mut sb[2048..], c, i, &x.qh[4 * c..4 * c + 4]);
-        }
-        for v in 0..3 {
-            put(&mut sb[2560..], v, i, &x.scales[4 * v..4 * v + 4]);
-        }
+        put_all(sb, i, &x.qs);
+        put_all(&mut sb[2048..], i, &x.qh);
+        put_all(&mut sb[2560..], i, &x.scales);
         sb[2752 + 2 * i..2752 + 2 * i + 2].copy_from_slice(&x.d);
         sb[2784 + 2 * i..2784 + 2 * i + 2].copy_from_slice(&x.dmin);
     }
@@ -156,16 +153,10 @@ pub(crate) fn pack_row_q5_k(blocks: &[BlockQ5_K], i: usize, group: &mut [u8]) {
 pub(crate) fn pack_row_q3_k(blocks: &[BlockQ3_K], i: usize, group: &mut [u8]) {
     for (b, x) in blocks.iter().enumerate() {
         let sb = &mut group[b * Q3K_SB..(b + 1) * Q3K_SB];
-        for c in 0..16 {
-            put(sb, c, i, &x.qs[4 * c..4 * c + 4]);
-        }
-        for c in 0..8 {
-            put(&mut sb[1024..], c, i, &x.hmask[4 * c..4 * c + 4]);
-        }
+        put_all(sb, i, &x.qs);
+        put_all(&mut sb[1024..], i, &x.hmask);
         let sc: [u8; 16] = std::array::from_fn(|j| (x.scale(j) as i8 - 32) as u8);
-        for v in 0..4 {
-            put(&mut sb[1536..], v, i, &sc[4 * v..4 * v + 4]);
-        }
+        put_all(&mut sb[1536..], i, &sc);
         sb[1792 + 2 * i..1792 + 2 * i + 2].copy_from_slice(&x.d);
     }
 }
@@ -175,12 +166,8 @@ pub(crate) fn pack_row_q3_k(blocks: &[BlockQ3_K], i: usize, group: &mut [u8]) {
 pub(crate) fn pack_row_q2_k(blocks: &[BlockQ2_K], i: usize, group: &mut [u8]) {
     for (b, x) in blocks.iter().enumerate() {
         let sb = &mut group[b * Q2K_SB..(b + 1) * Q2K_SB];
-        for c in 0..16 {
-            put(sb, c, i, &x.qs[4 * c..4 * c + 4]);
-        }
-        for v in 0..4 {
-            put(&mut sb[1024..], v, i, &x.scales[4 * v..4 * v + 4]);
-        }
+        put_all(sb, i, &x.qs);
+        put_all(&mut sb[1024..], i, &x.scales);
         sb[1280 + 2 * i..1280 + 2 * i + 2].copy_from_slice(&x.d);
         sb[1312 + 2 * i..1312 + 2 * i + 2].copy_from_slice(&x.dmin);
     }
@@ -190,16 +177,10 @@ pub(crate) fn pack_row_q2_k(blocks: &[BlockQ2_K], i: usize, group: &mut [u8]) {
 pub(crate) fn pack_row_q6_k(blocks: &[BlockQ6_K], i: usize, group: &mut [u8]) {
     for (b, x) in blocks.iter().enumerate() {
         let sb = &mut group[b * Q6K_SB..(b + 1) * Q6K_SB];
-        for c in 0..32 {
-            put(sb, c, i, &x.ql[4 * c..4 * c + 4]);
-        }
-        for c in 0..16 {
-            put(&mut sb[2048..], c, i, &x.qh[4 * c..4 * c + 4]);
-        }
+        put_all(sb, i, &x.ql);
+        put_all(&mut sb[2048..], i, &x.qh);
         let sc: &[u8] = bytemuck::cast_slice(&x.scales);
-        for v in 0..4 {
-            put(&mut sb[3072..], v, i, &sc[4 * v..4 * v + 4]);
-        }
+        put_all(&mut sb[3072..], i, sc);
         sb[3328 + 2 * i..3328 + 2 * i + 2].copy_from_slice(&x.d);
     }
 }
@@ -240,9 +221,7 @@ pub(crate) const fn q5_at<const MIN: bool>(b: usize) -> (usize, usize, usize) {
 pub(crate) fn pack_row_q5_0(blocks: &[BlockQ5_0], i: usize, group: &mut [u8]) {
     for (b, x) in blocks.iter().enumerate() {
         let (qo, ho, so) = q5_at::<false>(b);
-        for j in 0..4 {
-            put(&mut group[qo..], j, i, &x.qs[4 * j..4 * j + 4]);
-        }
+        put_all(&mut group[qo..], i, &x.qs);
         let w = q5_0_high_word(u32::from_le_bytes(x.qh));
         put(&mut group[ho..], 0, i, &w.to_le_bytes());
         group[so + 2 * i..so + 2 * i + 2].copy_from_slice(&x.d);
@@ -254,9 +233,7 @@ pub(crate) fn pack_row_q5_0(blocks: &[BlockQ5_0], i: usize, group: &mut [u8]) {
 pub(crate) fn pack_row_q5_1(blocks: &[BlockQ5_1], i: usize, group: &mut [u8]) {
     for (b, x) in blocks.iter().enumerate() {
         let (qo, ho, so) = q5_at::<true>(b);
-        for j in 0..4 {
-            put(&mut group[qo..], j, i, &x.qs[4 * j..4 * j + 4]);
-        }
+        put_all(&mut group[qo..], i, &x.qs);
         let w = q5_0_high_word(u32::from_le_bytes(x.qh));
         put(&mut group[ho..], 0, i, &w.to_le_bytes());
         group[so + 2 * i..so + 2 * i + 2].copy_from_slice(&x.d);
