@@ -1028,10 +1028,7 @@ unsafe fn q5_block<V: RowLanes, const C: usize, const MIN: bool>(
         let w = V::load(g.add(ho + off));
         let (m4, b4) = (V::splat(0x0F0F_0F0F), V::splat(0x1010_1010));
         // Fifth bits of chunk j's low (s = 2j) and high (s = 2j + 1) nibbles.
-        let fifth = |s: u32| {
-            let v = if s <= 4 { w.shl(4 - s) } else { w.shr(s - 4) };
-            v.and(b4)
-        };
+        let fifth = |s: u32| shift(w, 4 - s as i32).and(b4);
         let mut lo = [V::splat(0); 4];
         let mut hi = [V::splat(0); 4];
         for j in 0..4 {
