@@ -350,6 +350,8 @@ impl Tokenizer {
             .map(|(i, t)| (t.clone(), i as u32))
             .collect();
         let mut merges = Vec::with_capacity(spec.merges.len());
+        // One buffer for every merged text looked up (a load checks ~50k merges).
+        let mut joined = String::new();
         for (index, m) in spec.merges.iter().enumerate() {
             let bad = |reason| TokenizerError::BadMerge {
                 index,
@@ -365,7 +367,10 @@ impl Tokenizer {
             if !vocab.contains_key(a) || !vocab.contains_key(b) {
                 return Err(bad("a part is not in the vocabulary"));
             }
-            if !vocab.contains_key(&format!("{a}{b}")) {
+            joined.clear();
+            joined.push_str(a);
+            joined.push_str(b);
+            if !vocab.contains_key(joined.as_str()) {
                 return Err(bad("the merged token is not in the vocabulary"));
             }
             merges.push((a.to_string(), b.to_string()));
