@@ -1632,11 +1632,23 @@ fn wait_listening(port: u16, what: &str, log: impl Fn() -> String) {
     }
 }
 
-/// A process killed (and reaped) when dropped.
+/// A process stopped (and reaped) when dropped: SIGTERM first, SIGKILL after 10 s. nginx's
+/// master stops its workers on SIGTERM; SIGKILL left the worker running after the test, bound
+/// to its port and holding the test run's stdout open.
 struct Reaped(Child);
 
 impl Drop for Reaped {
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
