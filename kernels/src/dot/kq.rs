@@ -1,7 +1,10 @@
 //! The file-layout GEMMs of the formats added with the K-quants (Q5_0, Q5_1,
 //! Q2_K..Q6_K), written once as `#[inline(always)]` bodies generic over the
 //! byte-vector type [`I8x32`], with short `#[target_feature]` entry points
-//! per instruction set (the pattern of `attention/lanes.rs`). No macros.
+//! per instruction set (the pattern of `attention/lanes.rs`). No macros, and
+//! no SIMD work inside closures handed to core (`array::from_fn`, iterator
+//! adapters): those are compiled without the entry point's features, so the
+//! intrinsics in them stay out-of-line calls (Q5_0 ran 15x slower so).
 //!
 //! Every output is computed in the order of the format's super-block twin
 //! (`vec_dot_*_sb` in its `quant` file): per block, exact integer sums
@@ -200,11 +203,11 @@ impl KqFormat for BlockQ4_K {
                     acc[t] = V::dot(acc[t], hi, V::load(qs_at(&y.qs, 64 * p + 32)), s1, s1);
                 }
             }
-            std::array::from_fn(|t| {
-                let y = &*ys[t];
-                let msum = bsum_dot(y, |j| m[j / 2] as i32);
-                (V::hsum(acc[t]), msum)
-            })
+            let mut out = [(0, 0); C];
+            for t in 0..C {
+                out[t] = (V::hsum(acc[t]), bsum_dot(&*ys[t], |j| m[j / 2] as i32));
+            }
+            out
         }
     }
     #[inline(always)]
@@ -236,11 +239,11 @@ impl KqFormat for BlockQ5_K {
                     acc[t] = V::dot(acc[t], hi, V::load(qs_at(&y.qs, 64 * p + 32)), s1, s1);
                 }
             }
-            std::array::from_fn(|t| {
-                let y = &*ys[t];
-                let msum = bsum_dot(y, |j| m[j / 2] as i32);
-                (V::hsum(acc[t]), msum)
-            })
+            let mut out = [(0, 0); C];
+            for t in 0..C {
+                out[t] = (V::hsum(acc[t]), bsum_dot(&*ys[t], |j| m[j / 2] as i32));
+            }
+            out
         }
     }
     #[inline(always)]
@@ -280,7 +283,11 @@ impl KqFormat for BlockQ6_K {
                 }
             }
             // The quants are q - 32: take 32 * sum_j sc_j * bsum_j back off.
-            std::array::from_fn(|t| (V::hsum(acc[t]) - 32 * bsum_dot(&*ys[t], sc), 0))
+            let mut out = [(0, 0); C];
+            for t in 0..C {
+                out[t] = (V::hsum(acc[t]) - 32 * bsum_dot(&*ys[t], sc), 0);
+            }
+            out
         }
     }
     #[inline(always)]
@@ -315,7 +322,11 @@ impl KqFormat for BlockQ3_K {
                 }
             }
             // The quants are q - 4.
-            std::array::from_fn(|t| (V::hsum(acc[t]) - 4 * bsum_dot(&*ys[t], |j| sc[j]), 0))
+            let mut out = [(0, 0); C];
+            for t in 0..C {
+                out[t] = (V::hsum(acc[t]) - 4 * bsum_dot(&*ys[t], |j| sc[j]), 0);
+            }
+            out
         }
     }
     #[inline(always)]
@@ -347,10 +358,14 @@ impl KqFormat for BlockQ2_K {
                     }
                 }
             }
-            std::array::from_fn(|t| {
-                let msum = bsum_dot(&*ys[t], |j| (x.scales[j] >> 4) as i32);
-                (V::hsum(acc[t]), msum)
-            })
+            let mut out = [(0, 0); C];
+            for t in 0..C {
+                out[t] = (
+                    V::hsum(acc[t]),
+                    bsum_dot(&*ys[t], |j| (x.scales[j] >> 4) as i32),
+                );
+            }
+            out
         }
     }
     #[inline(always)]
@@ -370,12 +385,14 @@ impl KqFormat for BlockQ5_0 {
             let hb = V::spread_bits(u32::from_le_bytes(x.qh)).and(V::splat(0x10));
             let q = V::nibbles16(x.qs.as_ptr()).or(hb);
             let one = V::splat(1);
-            std::array::from_fn(|t| {
+            let mut out = [(0, 0); C];
+            for t in 0..C {
                 let yq = V::load((*ys[t]).qs.as_ptr() as *const u8);
                 // sum((q - 16) y) = sum(q y) - 16 sum(y).
                 let acc = V::dot(V::zero(), q, yq, 1, 1);
-                (V::hsum(V::dot(acc, one, yq, -16, -16)), 0)
-            })
+                out[t] = (V::hsum(V::dot(acc, one, yq, -16, -16)), 0);
+            }
+            out
         }
     }
     #[inline(always)]
@@ -394,10 +411,12 @@ impl KqFormat for BlockQ5_1 {
         unsafe {
             let hb = V::spread_bits(u32::from_le_bytes(x.qh)).and(V::splat(0x10));
             let q = V::nibbles16(x.qs.as_ptr()).or(hb);
-            std::array::from_fn(|t| {
+            let mut out = [(0, 0); C];
+            for t in 0..C {
                 let yq = V::load((*ys[t]).qs.as_ptr() as *const u8);
-                (V::hsum(V::dot(V::zero(), q, yq, 1, 1)), 0)
-            })
+                out[t] = (V::hsum(V::dot(V::zero(), q, yq, 1, 1)), 0);
+            }
+            out
         }
     }
     #[inline(always)]
@@ -426,7 +445,10 @@ unsafe fn tile<V: I8x32, F: KqFormat, const C: usize>(
         // and a, as the caller guarantees.
         unsafe {
             let x = &*w.add(b);
-            let ys: [*const F::Act; C] = std::array::from_fn(|t| a.add(t * k + b));
+            let mut ys = [a; C];
+            for (t, y) in ys.iter_mut().enumerate() {
+                *y = a.add(t * k + b);
+            }
             let ints = F::ints::<V, C>(x, ys);
             for t in 0..C {
                 acc[t] += F::term(x, &*ys[t], ints[t]);
