@@ -466,8 +466,21 @@ pub fn vec_dot_bf16_f32(x: &[Bf16Bytes], y: &[f32]) -> f32 {
     one(active().bf16_f32, x, y)
 }
 
-/// f32 . f32 accumulated in f64 (the exact path's dot; scalar on every path).
+/// f32 . f32 accumulated in f64 (the exact path's dot): the scalar twin's body on every path,
+/// compiled for AVX2 where the CPU has it, which runs the same additions in the same order
+/// (the twin's docs) about four times as fast as the baseline's 2-wide SSE2.
 #[inline]
 pub fn vec_dot_f32_f64acc(x: &[f32], y: &[f32]) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, checked just above.
+        return unsafe { f32_f64acc_avx2(x, y) };
+    }
+    scalar::vec_dot_f32_f64acc(x, y)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn f32_f64acc_avx2(x: &[f32], y: &[f32]) -> f64 {
     scalar::vec_dot_f32_f64acc(x, y)
 }

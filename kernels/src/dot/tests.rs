@@ -515,3 +515,20 @@ fn public_dots_are_the_active_paths_one_by_one_gemm() {
     assert_eq!(vec_dot_q4_0_q8_0(&[], &[]), 0.0);
     assert_eq!(vec_dot_f16_f32(&[], &[]), 0.0);
 }
+
+#[test]
+fn exact_dot_gives_the_scalar_twins_bits_on_every_length() {
+    // The dispatched exact-path dot (AVX2 where the CPU has it) against its scalar body as
+    // this test compiles it (baseline ISA): lengths around the 16 lanes and the tail, values
+    // spanning 2^±20 so a reordered sum would round differently.
+    let mut r = Rng::new(91);
+    for n in (0..70).chain([575, 576, 1536, 4097]) {
+        let x: Vec<f32> = (0..n)
+            .map(|i| r.f() * 2f32.powi((i % 41) as i32 - 20))
+            .collect();
+        let y = r.vec(n, 3.0);
+        let got = vec_dot_f32_f64acc(&x, &y);
+        let want = scalar::vec_dot_f32_f64acc(&x, &y);
+        assert_eq!(got.to_bits(), want.to_bits(), "length {n}");
+    }
+}
