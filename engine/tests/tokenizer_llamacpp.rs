@@ -238,38 +238,49 @@ fn hostile_tokenizer_json_is_refused_or_works_never_a_panic() {
     for k in ["id", "content", "special"] {
         paths.push(vec![json!("added_tokens"), json!(0), json!(k)]);
     }
-    let (mut ok, mut refused) = (0, 0);
-    for p in &paths {
-        for v in &hostile {
-            let mut doc = base.clone();
-            let mut at = &mut doc;
-            for key in &p[..p.len() - 1] {
-                at = match key {
-                    Value::Number(n) => &mut at[n.as_u64().unwrap() as usize],
-                    k => &mut at[k.as_str().unwrap()],
-                };
-            }
-            match &p[p.len() - 1] {
-                Value::Number(n) => at[n.as_u64().unwrap() as usize] = v.clone(),
-                k => at[k.as_str().unwrap()] = v.clone(),
-            }
-            let bytes = serde_json::to_vec(&doc).unwrap();
-            let what = format!("{p:?} = {v}");
-            let got = std::panic::catch_unwind(|| {
-                let tok = Tokenizer::from_tokenizer_json_bytes(
-                    std::path::Path::new("t.json"),
-                    &bytes,
-                    &spec,
-                )?;
-                let ids = tok.encode("hello world <|im_end|> 123", true, true)?;
-                tok.decode(&ids, true)
-            });
-            match got {
-                Ok(Ok(_)) => ok += 1,
-                Ok(Err(_)) => refused += 1,
-                Err(_) => panic!("{what}: panicked"),
+    // Two workers take every other path: about 500 tokenizer builds, each one thread's work,
+    // were most of this file's time with a core idle.
+    let sweep = |paths: Vec<&Vec<Value>>| {
+        let (mut ok, mut refused) = (0, 0);
+        for p in paths {
+            for v in &hostile {
+                let mut doc = base.clone();
+                let mut at = &mut doc;
+                for key in &p[..p.len() - 1] {
+                    at = match key {
+                        Value::Number(n) => &mut at[n.as_u64().unwrap() as usize],
+                        k => &mut at[k.as_str().unwrap()],
+                    };
+                }
+                match &p[p.len() - 1] {
+                    Value::Number(n) => at[n.as_u64().unwrap() as usize] = v.clone(),
+                    k => at[k.as_str().unwrap()] = v.clone(),
+                }
+                let bytes = serde_json::to_vec(&doc).unwrap();
+                let what = format!("{p:?} = {v}");
+                let got = std::panic::catch_unwind(|| {
+                    let tok = Tokenizer::from_tokenizer_json_bytes(
+                        std::path::Path::new("t.json"),
+                        &bytes,
+                        &spec,
+                    )?;
+                    let ids = tok.encode("hello world <|im_end|> 123", true, true)?;
+                    tok.decode(&ids, true)
+                });
+                match got {
+                    Ok(Ok(_)) => ok += 1,
+                    Ok(Err(_)) => refused += 1,
+                    Err(_) => panic!("{what}: panicked"),
+                }
             }
         }
-    }
+        (ok, refused)
+    };
+    let (a, b) = std::thread::scope(|sc| {
+        let a = sc.spawn(|| sweep(paths.iter().step_by(2).collect()));
+        let b = sweep(paths.iter().skip(1).step_by(2).collect());
+        (a.join().unwrap_or_else(|e| std::panic::resume_unwind(e)), b)
+    });
+    let (ok, refused) = (a.0 + b.0, a.1 + b.1);
     assert!(ok > 0 && refused > 0, "ok {ok}, refused {refused}");
 }
