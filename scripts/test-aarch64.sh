@@ -23,4 +23,6 @@ export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER=qemu-aarch64
 export AIRLOCK_TEST_RUNNER=qemu-aarch64
 # A separate target dir: the two compilers must not share build artefacts.
 export CARGO_TARGET_DIR=target/aarch64
+# Leaves out the benches' dev-dependency (criterion, see kernels/Cargo.toml): no bench runs here.
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUSTFLAGS="--cfg airlock_no_benches"
 cargo test -p airlock-kernels --lib --tests --target aarch64-unknown-linux-gnu "$@"

@@ -1599,7 +1599,14 @@ mod tests {
     fn prompt_whole_equals_token_by_token() {
         // The decode path (one token, keys in lanes, spans as separate tasks) and the prompt
         // path (queries in lanes, spans folded in the task) agree bit for bit, over contexts
-        // that cross span boundaries, on every path and cache type.
+        // that cross span boundaries, on every path and cache type. Decoded again one by one:
+        // the first 40 tokens, the last tile's worth, and a tile's worth on each side of each
+        // span boundary, so every place in a tile on both sides of a boundary (decoding all
+        // 530 of the longest context was most of the aarch64 run under qemu).
+        let checked = |t: usize, n: usize| {
+            let near_boundary = t >= SPAN - TILE && (t + TILE) % SPAN < 2 * TILE;
+            t < 40 || t + TILE >= n || near_boundary
+        };
         for (n_head, n_head_kv, hd, n) in [
             (9, 3, 64, 75),
             (9, 3, 64, 530),
@@ -1621,7 +1628,7 @@ mod tests {
                 for path in SimdPath::available() {
                     let mut whole = vec![0.0; n * row];
                     attention_with(path, s, &q, st.layer(0), &mut whole);
-                    for t in 0..n {
+                    for t in (0..n).filter(|&t| checked(t, n)) {
                         let mut one = vec![0.0; row];
                         let st1 = AttentionShape { pos0: t, ..s };
                         let qt = &q[t * row..(t + 1) * row];
