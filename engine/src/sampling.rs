@@ -277,9 +277,18 @@ impl Sampler {
             return self.pick_greedy();
         }
 
-        // Sort by descending logit; ties by id for determinism.
-        self.candidates
-            .sort_unstable_by(|a, b| b.logit.total_cmp(&a.logit).then(a.id.cmp(&b.id)));
+        // Sort by descending logit; ties by id for determinism. With top-k on, only the k
+        // first in that order can survive: select them, then sort those (a total order, so
+        // the same k in the same order as a full sort). Sorting the whole vocabulary each
+        // token took SmolLM2's generation from 135 to 78 t/s.
+        let order =
+            |a: &Candidate, b: &Candidate| b.logit.total_cmp(&a.logit).then(a.id.cmp(&b.id));
+        let k = self.cfg.top_k;
+        if k > 0 && k < self.candidates.len() {
+            self.candidates.select_nth_unstable_by(k - 1, order);
+            self.candidates.truncate(k);
+        }
+        self.candidates.sort_unstable_by(order);
         if self.candidates[0].logit == f32::NEG_INFINITY {
             return Err(SamplingError::NoFiniteLogits);
         }

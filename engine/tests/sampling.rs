@@ -283,3 +283,46 @@ fn bad_input_is_an_error_not_a_panic() {
     let mut g = Sampler::new(cfg(0.0)).unwrap();
     assert_eq!(g.sample(&[f32::NAN]), Err(SamplingError::NoFiniteLogits));
 }
+
+#[test]
+fn top_k_keeps_the_k_first_of_the_full_order_ties_by_id() {
+    // The sampler selects the k largest before sorting them: they must be the k first of the
+    // whole vocabulary's order (descending logit, ties by ascending id), in that order, whatever
+    // k, less the tokens at -inf (and NaN), which are never kept. Logits with many ties, NaNs
+    // and infinities, over 1000 ids.
+    let mut x = 0x2545_F491u32;
+    let logits: Vec<f32> = (0..1000)
+        .map(|i| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            match i % 97 {
+                0 => f32::NAN,
+                1 => f32::NEG_INFINITY,
+                2 => f32::INFINITY,
+                _ => (x % 23) as f32 - 11.0,
+            }
+        })
+        .collect();
+    let mut want: Vec<(f32, u32)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (if l.is_nan() { f32::NEG_INFINITY } else { l }, i as u32))
+        .collect();
+    want.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    for k in [1, 2, 5, 40, 200, 999] {
+        let mut s = Sampler::new(SamplerConfig {
+            top_k: k,
+            ..cfg(1.0)
+        })
+        .unwrap();
+        s.sample(&logits).unwrap();
+        let got: Vec<u32> = ids(s.last_candidates());
+        let want: Vec<u32> = want[..k]
+            .iter()
+            .filter(|w| w.0 > f32::NEG_INFINITY)
+            .map(|w| w.1)
+            .collect();
+        assert_eq!(got, want, "top-k {k}");
+    }
+}
