@@ -33,14 +33,14 @@ fn parse(stdout: &str) -> (f64, Vec<String>) {
     (ppl, running)
 }
 
+/// A JSON fixture of tests/fixtures/llamacpp, by file name.
+fn llamacpp_json(name: &str) -> serde_json::Value {
+    let path = support::root().join("tests/fixtures/llamacpp").join(name);
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
 fn fixture() -> serde_json::Value {
-    serde_json::from_str(
-        &std::fs::read_to_string(
-            support::root().join("tests/fixtures/llamacpp/perplexity-smollm2.json"),
-        )
-        .unwrap(),
-    )
-    .unwrap()
+    llamacpp_json("perplexity-smollm2.json")
 }
 
 /// SHA-256 over a GGUF's tensors sorted by name (name, 0, type id, n_dims, dims, data), as the
@@ -147,13 +147,7 @@ fn check_variant_ppl(ty: &str) {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let (ppl, running) = parse(&String::from_utf8_lossy(&o.stdout));
     assert_eq!(running.len(), CHUNKS);
-    let fx: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(
-            support::root().join("tests/fixtures/llamacpp/perplexity-smollm2-running.json"),
-        )
-        .unwrap(),
-    )
-    .unwrap();
+    let fx = llamacpp_json("perplexity-smollm2-running.json");
     let want = fx["running"][ty][CHUNKS - 1].as_f64().unwrap();
     // The bound (fast path: 8-bit activations, not llama.cpp's exact kernels).
     // Measured (2026-12-07, Zen 3): f16 0.01%, q8_0 0.29%, q4_0 0.33%, q4_k_m 0.20%.
@@ -240,13 +234,7 @@ fn linear_rope_scaling_matches_llama_perplexity() {
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let (ppl, _) = parse(&String::from_utf8_lossy(&o.stdout));
-    let fx: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(
-            support::root().join("tests/fixtures/llamacpp/perplexity-smollm2-linear-rope.json"),
-        )
-        .unwrap(),
-    )
-    .unwrap();
+    let fx = llamacpp_json("perplexity-smollm2-linear-rope.json");
     let want = fx["ppl"]["linear_factor_4"].as_f64().unwrap();
     let unscaled = fx["ppl"]["unscaled"].as_f64().unwrap();
     // Same bound as the unscaled comparison above (0.41% measured).
