@@ -7,7 +7,9 @@
 //! Per type: decode (one token) as weight GiB/s, and a prompt tile (64 tokens) as
 //! multiply-adds per second, both medians over the rounds, and each against Q4_0. Also the
 //! file-layout kernels of the other formats (Q5_1, Q2_K, Q3_K, Q5_K) for decode.
-//! `KQ_ROUNDS` sets the rounds (default 15); `KQ_TYPES=q6_k,q4_k` picks the types measured beside Q4_0.
+//! `KQ_ROUNDS` sets the rounds (default 15); `KQ_TYPES=q6_k,q4_k` picks the types measured beside Q4_0;
+//! `KQ_ROWS`, `KQ_COLS` (4096 each; columns a multiple of 256 for the K-quants) and `KQ_TOKENS` (64)
+//! the shape.
 
 mod common;
 
@@ -29,10 +31,13 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 fn main() {
-    let rounds: usize = std::env::var("KQ_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(15);
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let rounds = env("KQ_ROUNDS", 15);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(1)
         .build()
@@ -52,12 +57,10 @@ fn main() {
         })
         .collect();
     // `KQ_ROWS=32768` makes the matrices larger than the caches (decode then reads DRAM).
-    let rows: usize = std::env::var("KQ_ROWS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(4096);
-    let cols = 4096usize;
-    let n = 64;
+    let rows = env("KQ_ROWS", 4096);
+    // `KQ_COLS=576 KQ_TOKENS=512`: a SmolLM2 prompt's shape, whose 16-row groups fit L1.
+    let cols = env("KQ_COLS", 4096);
+    let n = env("KQ_TOKENS", 64);
     struct M {
         ty: GgmlType,
         bytes: usize,

@@ -367,6 +367,19 @@ fn q5_0_high_word_places_each_bit() {
         let (b, s) = (pos / 8, pos % 8);
         assert_eq!(16 * (s % 2) + 4 * (s / 2) + b, e, "element {e}");
     }
+    // The table lookup is the bit loop on words of many bits, too.
+    let mut x = 0x9E37_79B9u32;
+    for _ in 0..10_000 {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        assert_eq!(
+            kq::q5_0_high_word(x),
+            kq::q5_0_high_word_bits(x),
+            "{x:#010x}"
+        );
+    }
+    assert_eq!(kq::q5_0_high_word(u32::MAX), u32::MAX);
 }
 
 #[test]
