@@ -390,19 +390,25 @@ unsafe fn q5_0_block<V: RowLanes>(u: &[V; 8], y: &[i32; 8], bias: i32) -> V {
 }
 
 /// Per lane, `scale` (an i8) times `bias` plus the dot of the 16 bytes of
-/// `u[0..4]` (unsigned, at most 63) with the 4 bytes of `y[i]` each: one
+/// `u[0..4]` (unsigned, at most `qmax`: 63) with the 4 bytes of `y[i]` each: one
 /// Q6_K sub-block on an [`RowLanes::I16_SUMS`] path, in i16 two products
 /// at a time (at most 2 x 2 x 63 x 128 = 32256), scaled and widened by
-/// `vpmaddwd`. Exact.
+/// `vpmaddwd`; a Q3_K or Q2_K one (`qmax` 7 or 3) in one i16 sum. Exact.
 #[inline(always)]
-unsafe fn q6_k_sub<V: RowLanes>(u: &[V; 4], y: &[i32; 4], bias: i32, scale: V) -> V {
+unsafe fn q6_k_sub<V: RowLanes>(u: &[V; 4], y: &[i32; 4], bias: i32, scale: V, qmax: i32) -> V {
     // SAFETY: V's features, as the caller guarantees.
     unsafe {
         // The i8 scale, sign-extended, in both i16 halves.
         let sc = scale.and(V::splat(0xFFFF)).or(scale.shl(16));
+        let bias = V::splat(bias).mullo(scale);
+        if 4 * 2 * qmax * 128 <= i16::MAX as i32 {
+            // Q3_K and Q2_K (quants at most 7): all four products in one i16 sum
+            // (at most 4 x 2 x 7 x 128 = 7168), one `vpmaddwd`.
+            return sum16::<V, 4>(u, y).madd16(sc).add(bias);
+        }
         let s0 = sum16::<V, 2>(&u[..2], &y[..2]).madd16(sc);
         let s1 = sum16::<V, 2>(&u[2..], &y[2..]).madd16(sc);
-        s0.add(s1).add(V::splat(bias).mullo(scale))
+        s0.add(s1).add(bias)
     }
 }
 
@@ -792,6 +798,8 @@ pub(crate) trait Sixteen {
     /// Whether sub-blocks have minimums (Q2_K: the high nibbles of the
     /// scale bytes, times `bsum_j`, subtracted with `dmin`).
     const MIN: bool;
+    /// The largest stored quant (with its offset): Q6_K 63, Q3_K 7, Q2_K 3.
+    const QMAX: i32;
     /// The quants of elements 128 half + 32j + 4c.. (c < 8) for j = 0..4,
     /// each stored with its offset (so unsigned); `lane(i)` is chunk i.
     unsafe fn quants<V: RowLanes>(lane: impl Fn(usize) -> V, half: usize, c: usize) -> [V; 4];
@@ -813,6 +821,7 @@ impl Sixteen for Q6K {
     const SB: usize = Q6K_SB;
     const SC_CHUNK: usize = 48;
     const MIN: bool = false;
+    const QMAX: i32 = 63;
     #[inline(always)]
     unsafe fn quants<V: RowLanes>(lane: impl Fn(usize) -> V, half: usize, c: usize) -> [V; 4] {
         // SAFETY: V's features, as the caller guarantees.
@@ -844,16 +853,20 @@ impl Sixteen for Q3K {
     const SB: usize = Q3K_SB;
     const SC_CHUNK: usize = 24;
     const MIN: bool = false;
+    const QMAX: i32 = 7;
     #[inline(always)]
     unsafe fn quants<V: RowLanes>(lane: impl Fn(usize) -> V, half: usize, c: usize) -> [V; 4] {
         // SAFETY: V's features, as the caller guarantees.
         unsafe {
             // Two bits of a qs byte per quarter; the third from bit 4 half + j of the
-            // hmask byte, moved to bit 2 (never across bytes).
-            let (q, hm) = (lane(8 * half + c), lane(16 + c));
+            // hmask byte, moved to bit 2 (never across bytes). The half's shift comes
+            // first, so each j's shift has a direction known at compile time: the
+            // halves' loop is not unrolled, and `shift(hm, 2 - 4 half - j)` branched
+            // on its sign at run time.
+            let (q, hm) = (lane(8 * half + c), lane(16 + c).shr(4 * half as u32));
             std::array::from_fn(|j| {
                 let lo = q.shr(2 * j as u32).and(V::splat(0x0303_0303));
-                lo.or(shift(hm, 2 - (4 * half + j) as i32).and(V::splat(0x0404_0404)))
+                lo.or(shift(hm, 2 - j as i32).and(V::splat(0x0404_0404)))
             })
         }
     }
@@ -873,6 +886,7 @@ impl Sixteen for Q2K {
     const SB: usize = Q2K_SB;
     const SC_CHUNK: usize = 16;
     const MIN: bool = true;
+    const QMAX: i32 = 3;
     #[inline(always)]
     unsafe fn quants<V: RowLanes>(lane: impl Fn(usize) -> V, half: usize, c: usize) -> [V; 4] {
         // SAFETY: V's features, as the caller guarantees.
@@ -960,7 +974,7 @@ unsafe fn k6_block<V: RowLanes, const C: usize, F: Sixteen>(
                         if V::I16_SUMS {
                             let u = [w[0][q], w[1][q], w[2][q], w[3][q]];
                             let y: [i32; 4] = std::array::from_fn(|i| a.group(e0 + 32 * q + 4 * i));
-                            *isum_t = isum_t.add(q6_k_sub(&u, &y, bias, *scq));
+                            *isum_t = isum_t.add(q6_k_sub(&u, &y, bias, *scq, F::QMAX));
                             continue;
                         }
                         let mut s = V::splat(bias);
@@ -1715,7 +1729,7 @@ pub(crate) mod x86 {
 mod i16_tests {
     use super::*;
 
-    /// The i16 routes (`q4_k_sub`, `q5_k_sub`, `q6_k_sub`, `q5_0_block`) on the portable
+    /// The i16 routes (`q4_k_sub`, `q5_k_sub`, `q6_k_sub` for Q6_K, Q3_K and Q2_K, `q5_0_block`) on the portable
     /// lanes, whose i16 methods are plain arithmetic, against `dot4` chains:
     /// random bytes and each format's largest quants against activations of
     /// 127 and -128, so the twin of what AVX2 computes is checked apart from
@@ -1775,7 +1789,19 @@ mod i16_tests {
                 let sc = Portable(std::array::from_fn(|_| next() as i8 as i32));
                 let bias = -32 * ((next() % 4096) as i32 - 2048);
                 let want = chain(&u4, &y4, bias).mullo(sc);
-                assert_eq!(q6_k_sub(&u4, &y4, bias, sc).0, want.0, "Q6_K round {round}");
+                assert_eq!(
+                    q6_k_sub(&u4, &y4, bias, sc, 63).0,
+                    want.0,
+                    "Q6_K round {round}"
+                );
+
+                // Q3_K (quants q + 4, bias -4 bsum) and Q2_K (no bias) in one i16 sum.
+                for (qmax, bias) in [(7u8, bias >> 3), (3, 0)] {
+                    let u4: [Portable; 4] = std::array::from_fn(|_| lanes(qmax, &mut next));
+                    let want = chain(&u4, &y4, bias).mullo(sc);
+                    let got = q6_k_sub(&u4, &y4, bias, sc, qmax as i32);
+                    assert_eq!(got.0, want.0, "quants at most {qmax}, round {round}");
+                }
             }
         }
     }
