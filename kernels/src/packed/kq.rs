@@ -727,12 +727,13 @@ unsafe fn k4_block<V: RowLanes, const C: usize, const FIVE: bool>(
                 hi[c] = q.shr(4).and(m4);
                 if FIVE {
                     // Bit 2p of a qh byte is its low nibble's fifth bit, 2p + 1 the high's:
-                    // each moved to bit 4 of its byte (the shift never crosses into the
-                    // bit 4 of another byte).
-                    let qh = V::load(lane(32 + c));
-                    let p = p as i32;
-                    lo[c] = lo[c].or(shift(qh, 4 - 2 * p).and(bit4));
-                    hi[c] = hi[c].or(shift(qh, 3 - 2 * p).and(bit4));
+                    // each moved to bit 4 of its byte (the shifts never cross into the
+                    // bit 4 of another byte). Right by 2p first, then left by a constant:
+                    // the quarters' loop is not unrolled, and one shift by 4 - 2p
+                    // branched on its sign at run time.
+                    let qh = V::load(lane(32 + c)).shr(2 * p as u32);
+                    lo[c] = lo[c].or(qh.shl(4).and(bit4));
+                    hi[c] = hi[c].or(qh.shl(3).and(bit4));
                 }
             }
             for (t, isum_t) in isum.iter_mut().enumerate() {
@@ -1073,14 +1074,16 @@ unsafe fn q5_block<V: RowLanes, const C: usize, const MIN: bool>(
         }
         let w = V::load(g.add(ho + off));
         let (m4, b4) = (V::splat(0x0F0F_0F0F), V::splat(0x1010_1010));
-        // Fifth bits of chunk j's low (s = 2j) and high (s = 2j + 1) nibbles.
-        let fifth = |s: u32| shift(w, 4 - s as i32).and(b4);
         let mut lo = [V::splat(0); 4];
         let mut hi = [V::splat(0); 4];
         for j in 0..4 {
             let q = V::load(g.add(qo + 64 * j + off));
-            lo[j] = q.and(m4).or(fifth(2 * j as u32));
-            hi[j] = q.shr(4).and(m4).or(fifth(2 * j as u32 + 1));
+            // Fifth bits of chunk j's low (bit 2j of a byte) and high (2j + 1) nibbles,
+            // moved to bit 4: right by 2j, then left by a constant (one shift by 4 - 2j
+            // would branch on its sign wherever this loop is not unrolled).
+            let wj = w.shr(2 * j as u32);
+            lo[j] = q.and(m4).or(wj.shl(4).and(b4));
+            hi[j] = q.shr(4).and(m4).or(wj.shl(3).and(b4));
         }
         let dx = V::load_f16(g.add(so + 2 * V::ROWS * h));
         // Q5_1's minimums follow the two blocks' scales.
