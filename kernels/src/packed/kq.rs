@@ -924,6 +924,43 @@ impl<F: Sixteen> PackedFmt for F {
     }
 }
 
+/// Sub-block `8 half + 2Q + cg` of a [`Sixteen`] super-block for every token, on
+/// [`RowLanes::I16_SUMS`] lanes: its four quant vectors (the quarter's chunks
+/// `4cg..4cg + 4`), then per token its sum, started at the quants' offset times
+/// -bsum and times `sc`, added to `isum[t]`. `Q` is a constant so that only
+/// quarter Q's quants are computed. `q`: `(load, half, cg, act, k, b)`.
+#[inline(always)]
+#[allow(clippy::type_complexity)]
+unsafe fn k6_sub<V: RowLanes, F: Sixteen, const C: usize, const Q: usize>(
+    (load, half, cg, act, k, b): (
+        impl Fn(usize) -> V + Copy,
+        usize,
+        usize,
+        *const ActBlockK,
+        usize,
+        usize,
+    ),
+    sc: V,
+    isum: &mut [V; C],
+) {
+    // SAFETY (whole body): as for k6_block, whose arguments these are.
+    unsafe {
+        let u = [
+            F::quants(load, half, 4 * cg)[Q],
+            F::quants(load, half, 4 * cg + 1)[Q],
+            F::quants(load, half, 4 * cg + 2)[Q],
+            F::quants(load, half, 4 * cg + 3)[Q],
+        ];
+        let e = 128 * half + 16 * cg + 32 * Q;
+        for (t, isum_t) in isum.iter_mut().enumerate() {
+            let a = &*act.add(t * k + b);
+            let bias = F::bias(a.c6[8 * half + 2 * Q + cg]);
+            let y = [a.group(e), a.group(e + 4), a.group(e + 8), a.group(e + 12)];
+            *isum_t = isum_t.add(q6_k_sub(&u, &y, bias, sc, F::QMAX));
+        }
+    }
+}
+
 /// One super-block of a [`Sixteen`] format. Integer sums as ggml's; the
 /// f32 side `(d_x d_y) isum`, less `(dmin_x d_y) msum` where there are
 /// minimums, as the twins' `vec_dot_*_sb` (Q2_K's generic order).
@@ -948,6 +985,25 @@ unsafe fn k6_block<V: RowLanes, const C: usize, F: Sixteen>(
                 if C > 1 || h == 0 {
                     prefetch_part::<V, C>(sb, F::SB, 2 * half + cg);
                 }
+                // The scales of sub-blocks 8 half + cg + {0, 2, 4, 6}: bytes cg, cg + 2
+                // of scale chunks 2 half and 2 half + 1.
+                let (lo, hi) = (
+                    load(F::SC_CHUNK + 2 * half),
+                    load(F::SC_CHUNK + 1 + 2 * half),
+                );
+                if V::I16_SUMS && V::ROWS == 8 && C > 1 {
+                    // Prompt tiles on 16 registers: one sub-block's four quant vectors at
+                    // a time, against all four's 16 beside C token sums (one thread, pp64
+                    // against Q4_0, Zen 3, six alternating runs: Q6_K 0.53-0.58x ->
+                    // 0.59-0.66x, Q3_K 0.56-0.60x -> 0.61-0.67x). The one-token tile keeps
+                    // the order below, which decoded a little faster from L2.
+                    let q = (load, half, cg, act, k, b);
+                    k6_sub::<V, F, C, 0>(q, F::scale(lo, cg as u32), &mut isum);
+                    k6_sub::<V, F, C, 1>(q, F::scale(lo, cg as u32 + 2), &mut isum);
+                    k6_sub::<V, F, C, 2>(q, F::scale(hi, cg as u32), &mut isum);
+                    k6_sub::<V, F, C, 3>(q, F::scale(hi, cg as u32 + 2), &mut isum);
+                    continue;
+                }
                 // Quarter q of chunks c = 4cg..4cg + 4 is sub-block 8 half + 2q + cg:
                 // its 16 quant vectors first (shared by the tokens), then per token four
                 // sums, each starting at the quants' offset times -bsum.
@@ -955,12 +1011,6 @@ unsafe fn k6_block<V: RowLanes, const C: usize, F: Sixteen>(
                 for (i, wi) in w.iter_mut().enumerate() {
                     *wi = F::quants(load, half, 4 * cg + i);
                 }
-                // The scales of sub-blocks 8 half + cg + {0, 2, 4, 6}: bytes cg, cg + 2
-                // of scale chunks 2 half and 2 half + 1.
-                let (lo, hi) = (
-                    load(F::SC_CHUNK + 2 * half),
-                    load(F::SC_CHUNK + 1 + 2 * half),
-                );
                 let sc = [
                     F::scale(lo, cg as u32),
                     F::scale(lo, cg as u32 + 2),
