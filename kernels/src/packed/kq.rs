@@ -669,6 +669,52 @@ unsafe fn shift<V: RowLanes>(v: V, s: i32) -> V {
     }
 }
 
+/// The low (`HI` 0: sub-block 2p) or high (`HI` 1: 2p + 1) nibbles of quarter `p` of a
+/// Q4_K (Q5_K with `FIVE`) super-block for every token, on [`RowLanes::I16_SUMS`]
+/// lanes: each token's sum times `sc`, added to `isum[t]`. `q`: `(sb, h, p, act, k, b)`.
+#[inline(always)]
+unsafe fn k4_sub<V: RowLanes, const C: usize, const FIVE: bool, const HI: usize>(
+    (sb, h, p, act, k, b): (*const u8, usize, usize, *const ActBlockK, usize, usize),
+    sc: V,
+    isum: &mut [V; C],
+) {
+    // SAFETY (whole body): as for k4_block, whose arguments these are.
+    unsafe {
+        let lane = |c: usize| sb.add(64 * c + 4 * V::ROWS * h);
+        let (m4, bit4) = (V::splat(0x0F0F_0F0F), V::splat(0x1010_1010));
+        let mut u = [V::splat(0); 8];
+        for (c, uc) in u.iter_mut().enumerate() {
+            let q = V::load(lane(8 * p + c));
+            *uc = if HI == 0 { q } else { q.shr(4) }.and(m4);
+            if FIVE {
+                // As in k4_block: bit 2p (low) or 2p + 1 (high) of a qh byte to bit 4.
+                let qh = V::load(lane(32 + c)).shr(2 * p as u32);
+                *uc = uc.or(qh.shl(4 - HI as u32).and(bit4));
+            }
+        }
+        for (t, isum_t) in isum.iter_mut().enumerate() {
+            let a = &*act.add(t * k + b);
+            let e = 64 * p + 32 * HI;
+            let y = [
+                a.group(e),
+                a.group(e + 4),
+                a.group(e + 8),
+                a.group(e + 12),
+                a.group(e + 16),
+                a.group(e + 20),
+                a.group(e + 24),
+                a.group(e + 28),
+            ];
+            let x = if FIVE {
+                q5_k_sub(&u, &y, sc)
+            } else {
+                q4_k_sub(&u, &y, sc)
+            };
+            *isum_t = isum_t.add(x);
+        }
+    }
+}
+
 /// One super-block of Q4_K (`FIVE` false) or Q5_K (`FIVE`: Q4_K's body with
 /// each quant's fifth bit or-ed in from the `qh` chunks): the same scales,
 /// minimums and f32 side, so both are their twins' `vec_dot_*_sb` bit for bit.
@@ -719,6 +765,15 @@ unsafe fn k4_block<V: RowLanes, const C: usize, const FIVE: bool>(
             }
             let sc = if p < 2 { sc_lo } else { sc_hi };
             let (sa, sb_) = (byte_lane(sc, 2 * p), byte_lane(sc, 2 * p + 1));
+            if V::I16_SUMS && V::ROWS == 8 && C > 1 {
+                // Prompt tiles on 16 registers: the low nibbles' sub-block for every
+                // token, then the high nibbles', 8 quant vectors live instead of 16 (as
+                // k6_sub). Per token the same sums in the same order.
+                let q = (sb, h, p, act, k, b);
+                k4_sub::<V, C, FIVE, 0>(q, sa, &mut isum);
+                k4_sub::<V, C, FIVE, 1>(q, sb_, &mut isum);
+                continue;
+            }
             let mut lo = [V::splat(0); 8];
             let mut hi = [V::splat(0); 8];
             for c in 0..8 {
