@@ -670,6 +670,17 @@ unsafe fn shift<V: RowLanes>(v: V, s: i32) -> V {
     }
 }
 
+/// Whether a `C`-token tile on lanes `V` runs one sub-block's quants at a time over every
+/// token ([`k4_sub`], [`k6_sub`]) rather than a quarter's at once: prompt tiles on
+/// [`RowLanes::I16_SUMS`] lanes of 8 rows (AVX2), whose 16 registers cannot hold a
+/// quarter's 16 quant vectors beside the token sums. Decode tiles keep the quarter
+/// order, which decoded a little faster from L2; the VNNI and 512-bit paths have 32
+/// registers or no i16 sums.
+#[inline(always)]
+const fn sub_at_a_time<V: RowLanes, const C: usize>() -> bool {
+    V::I16_SUMS && V::ROWS == 8 && C > 1
+}
+
 /// The low (`HI` 0: sub-block 2p) or high (`HI` 1: 2p + 1) nibbles of quarter `p` of a
 /// Q4_K super-block for every token, on [`RowLanes::I16_SUMS`] lanes: each token's sum
 /// times `sc`, added to `isum[t]`. `q`: `(sb, h, p, act, k, b)`.
@@ -756,12 +767,12 @@ unsafe fn k4_block<V: RowLanes, const C: usize, const FIVE: bool>(
             }
             let sc = if p < 2 { sc_lo } else { sc_hi };
             let (sa, sb_) = (byte_lane(sc, 2 * p), byte_lane(sc, 2 * p + 1));
-            if V::I16_SUMS && V::ROWS == 8 && C > 1 && !FIVE {
-                // Q4_K prompt tiles on 16 registers: the low nibbles' sub-block for every
-                // token, then the high nibbles', 8 quant vectors live instead of 16 (as
-                // k6_sub). Per token the same sums in the same order. Q5_K, which would
-                // read and shift its fifth bits twice, ran slower so (Llama-3.2-1B
-                // Q5_K_M pp128, 8 alternating rounds: medians 75.0 -> 71.4 t/s).
+            if sub_at_a_time::<V, C>() && !FIVE {
+                // The low nibbles' sub-block for every token, then the high nibbles', 8
+                // quant vectors live instead of 16. Per token the same sums in the same
+                // order. Q5_K, which would read and shift its fifth bits twice, ran
+                // slower so (Llama-3.2-1B Q5_K_M pp128, 8 alternating rounds: medians
+                // 75.0 -> 71.4 t/s).
                 let q = (sb, h, p, act, k, b);
                 k4_sub::<V, C, 0>(q, sa, &mut isum);
                 k4_sub::<V, C, 1>(q, sb_, &mut isum);
@@ -1039,12 +1050,10 @@ unsafe fn k6_block<V: RowLanes, const C: usize, F: Sixteen>(
                     load(F::SC_CHUNK + 2 * half),
                     load(F::SC_CHUNK + 1 + 2 * half),
                 );
-                if V::I16_SUMS && V::ROWS == 8 && C > 1 {
-                    // Prompt tiles on 16 registers: one sub-block's four quant vectors at
-                    // a time, against all four's 16 beside C token sums (one thread, pp64
-                    // against Q4_0, Zen 3, six alternating runs: Q6_K 0.53-0.58x ->
-                    // 0.59-0.66x, Q3_K 0.56-0.60x -> 0.61-0.67x). The one-token tile keeps
-                    // the order below, which decoded a little faster from L2.
+                if sub_at_a_time::<V, C>() {
+                    // One sub-block's four quant vectors at a time, not all four's 16 (one
+                    // thread, pp64 against Q4_0, Zen 3, six alternating runs: Q6_K
+                    // 0.53-0.58x -> 0.59-0.66x, Q3_K 0.56-0.60x -> 0.61-0.67x).
                     let q = (load, half, cg, act, k, b);
                     k6_sub::<V, F, C, 0>(q, F::scale(lo, cg as u32), &mut isum);
                     k6_sub::<V, F, C, 1>(q, F::scale(lo, cg as u32 + 2), &mut isum);
