@@ -755,14 +755,17 @@ unsafe fn k4_block<V: RowLanes, const C: usize, const FIVE: bool>(
         let bit4 = V::splat(0x1010_1010);
         // Q4_K is read front to back. On 16-row lanes (Zen 4) the hardware streams follow
         // it with one line prefetched ahead: the spread prefetch of Q6_K measured no better
-        // there. The one-token tile on 8-row lanes walks both halves of each super-block
-        // in one pass ([`tile_one`]); there the spread prefetch took one thread's decode
-        // from memory from 0.77x to 1.0x of packed Q4_0's bytes/s (Zen 3).
-        if V::ROWS == 16 || C > 1 {
+        // there. Q5_K is not: each quarter reads its quants and then the fifth bits at
+        // the end of the super-block. The one-token tile on 8-row lanes walks both halves
+        // of each super-block in one pass ([`tile_one`]); there the spread prefetch took
+        // one thread's decode from memory from 0.77x to 1.0x of packed Q4_0's bytes/s
+        // (Zen 3).
+        let spread = C == 1 && (V::ROWS < 16 || FIVE);
+        if !spread {
             V::prefetch(sb.add(sb_bytes * 2));
         }
         for p in 0..4 {
-            if V::ROWS < 16 && C == 1 && h == 0 {
+            if spread && h == 0 {
                 prefetch_part::<V, C>(sb, sb_bytes, p);
             }
             let sc = if p < 2 { sc_lo } else { sc_hi };
