@@ -325,8 +325,9 @@ pub(crate) trait RowLanes: Copy {
     unsafe fn store(v: Self::F, p: *mut f32, n: usize);
     /// Hint that the 64 bytes at `p` are read soon (any address).
     unsafe fn prefetch(p: *const u8);
-    /// Super-blocks ahead that a decode tile (one token) prefetches whole
-    /// into L2, line by line; 0 leaves it to the hardware (and one line).
+    /// How far ahead a decode tile (one token) prefetches whole super-blocks
+    /// into L2, line by line, in Q6_K super-blocks' worth of bytes; 0 leaves
+    /// it to the hardware (and one line).
     const PF_DECODE: usize = 0;
     /// Hint that the 64 bytes at `p` are read soon, into L2 (any address).
     unsafe fn prefetch_l2(_p: *const u8) {}
@@ -415,17 +416,21 @@ unsafe fn q6_k_sub<V: RowLanes>(u: &[V; 4], y: &[i32; 4], bias: i32, scale: V, q
 
 /// For a decode tile (`C == 1`) on lanes with [`RowLanes::PF_DECODE`]:
 /// quarter `q` of a super-block prefetches its quarter of the lines of the
-/// super-block `PF_DECODE` super-blocks on, into L2, so the misses go out as
-/// the work goes on rather than in one burst. A Q6_K super-block is read in
-/// jumps (scales, then quants of both halves, then high bits) that the
-/// hardware streams did not follow. One thread, 32768 x 4096 (from memory),
-/// Zen 4: one line prefetched, 9.5 GiB/s; the whole next super-block at
-/// once, 12.4; spread over the quarters 1 / 2 / 3 / 4 super-blocks ahead,
-/// 14.4 / 20.9-21.8 / 18.9 / 20.1 (Q4_K: 25-30 GiB/s).
+/// super-block about `PF_DECODE` Q6_K super-blocks' bytes on, into L2, so the
+/// misses go out as the work goes on rather than in one burst. A Q6_K
+/// super-block is read in jumps (scales, then quants of both halves, then high
+/// bits) that the hardware streams did not follow. One thread, 32768 x 4096
+/// (from memory), Zen 4: one line prefetched, 9.5 GiB/s; the whole next
+/// super-block at once, 12.4; spread over the quarters 1 / 2 / 3 / 4
+/// super-blocks ahead, 14.4 / 20.9-21.8 / 18.9 / 20.1 (Q4_K: 25-30 GiB/s).
+/// The distance is in bytes, not super-blocks: two of Q2_K's smaller ones
+/// (1344 bytes against 3392) left it 13-16 GiB/s, Q3_K 15-16; six and four
+/// ahead, 21-28 and 22-25.
 #[inline(always)]
 unsafe fn prefetch_part<V: RowLanes, const C: usize>(sb: *const u8, sb_bytes: usize, q: usize) {
     if C == 1 && V::PF_DECODE > 0 {
-        let next = sb.wrapping_add(V::PF_DECODE * sb_bytes);
+        let ahead = (V::PF_DECODE * Q6K_SB).div_ceil(sb_bytes);
+        let next = sb.wrapping_add(ahead * sb_bytes);
         let lines = sb_bytes.div_ceil(64);
         let (l0, l1) = (q * lines / 4, (q + 1) * lines / 4);
         for l in l0..l1 {
@@ -1426,8 +1431,8 @@ pub(crate) mod x86 {
 
     use super::{entry, PackedFmt, PathTiles, RowLanes, C_FULL};
 
-    /// Decode prefetch distance of the zmm and ymm kernels, in super-blocks
-    /// ([`super::prefetch_part`]).
+    /// Decode prefetch distance of the zmm and ymm kernels, in Q6_K
+    /// super-blocks' worth of bytes ([`super::prefetch_part`]).
     const PF_DECODE_SB: usize = 2;
 
     /// `Zmm<VNNI>`: 16 rows in a zmm.
