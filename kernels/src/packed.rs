@@ -259,13 +259,13 @@ pub static SCALAR: PackedKernels = PackedKernels {
     q4_0: scalar::gemm_q4_0,
     q4_1: scalar::gemm_q4_1,
     q8_0: scalar::gemm_q8_0,
-    q5_0: (kq::portable::<kq::Q5_0>(), 16),
-    q5_1: (kq::portable::<kq::Q5_1>(), 16),
-    q2_k: (kq::portable::<kq::Q2K>(), 16),
-    q3_k: (kq::portable::<kq::Q3K>(), 16),
-    q4_k: (kq::portable::<kq::Q4K>(), 16),
-    q5_k: (kq::portable::<kq::Q5K>(), 16),
-    q6_k: (kq::portable::<kq::Q6K>(), 16),
+    q5_0: kq::portable::<kq::Q5_0>(),
+    q5_1: kq::portable::<kq::Q5_1>(),
+    q2_k: kq::portable::<kq::Q2K>(),
+    q3_k: kq::portable::<kq::Q3K>(),
+    q4_k: kq::portable::<kq::Q4K>(),
+    q5_k: kq::portable::<kq::Q5K>(),
+    q6_k: kq::portable::<kq::Q6K>(),
     q8_0_takes_minus_128: true,
 };
 
@@ -455,13 +455,13 @@ impl PackedWeights {
                         .expect("Q8_0-activation format");
                     gemm(self, r0, nr, &s.act, out)
                 }
-                Fmt::Q5_0 => kq::gemm(self, r0, nr, &s.act, out, ks.q5_0.1, ks.q5_0.0),
-                Fmt::Q5_1 => kq::gemm(self, r0, nr, &s.act, out, ks.q5_1.1, ks.q5_1.0),
-                Fmt::Q2K => kq::gemm(self, r0, nr, &s.act_k, out, ks.q2_k.1, ks.q2_k.0),
-                Fmt::Q3K => kq::gemm(self, r0, nr, &s.act_k, out, ks.q3_k.1, ks.q3_k.0),
-                Fmt::Q4K => kq::gemm(self, r0, nr, &s.act_k, out, ks.q4_k.1, ks.q4_k.0),
-                Fmt::Q5K => kq::gemm(self, r0, nr, &s.act_k, out, ks.q5_k.1, ks.q5_k.0),
-                Fmt::Q6K => kq::gemm(self, r0, nr, &s.act_k, out, ks.q6_k.1, ks.q6_k.0),
+                Fmt::Q5_0 => kq::gemm(self, r0, nr, &s.act, out, ks.q5_0),
+                Fmt::Q5_1 => kq::gemm(self, r0, nr, &s.act, out, ks.q5_1),
+                Fmt::Q2K => kq::gemm(self, r0, nr, &s.act_k, out, ks.q2_k),
+                Fmt::Q3K => kq::gemm(self, r0, nr, &s.act_k, out, ks.q3_k),
+                Fmt::Q4K => kq::gemm(self, r0, nr, &s.act_k, out, ks.q4_k),
+                Fmt::Q5K => kq::gemm(self, r0, nr, &s.act_k, out, ks.q5_k),
+                Fmt::Q6K => kq::gemm(self, r0, nr, &s.act_k, out, ks.q6_k),
             }
         }
     }

@@ -128,7 +128,7 @@ fn check<B: BlockFormat>(
 ) {
     let mut seed = 0;
     for &(rows, k) in &[(1, 1), (7, 2), (16, 1), (23, 3), (40, 2)] {
-        for n in [1, 3, 4, 9] {
+        for n in [1, 3, 4, 9, 13] {
             for raw in [false, true] {
                 seed += 1;
                 let blocks = weights::<B>(rows, k, seed, raw, halves);
@@ -265,7 +265,7 @@ fn extreme_k_quant_bytes_give_the_twin_bits_on_every_path() {
         dot(&a)
     };
     for sign in [1.0f32, -1.0] {
-        for n in [1, 4, 5] {
+        for n in [1, 4, 5, 9] {
             let x = vec![sign; n * k * QK_K];
             for &ks in &paths() {
                 let (got, want) = run_on(GgmlType::Q4_K, &q4, rows, &x, ks, 64, |w, x| {
