@@ -1328,32 +1328,31 @@ unsafe fn entry<V: RowLanes, P: PackedFmt, const C: usize>(
 }
 
 /// Tokens per full tile on 8-row lanes and in the portable twin, and the
-/// remainder tile of 16-row lanes.
+/// narrowest tile of 16-row lanes.
 pub(crate) const C_FULL: usize = 4;
 
-/// Tokens per full tile on 16-row lanes (AVX-512): their 32 registers hold
-/// 8 tokens' sums beside a quarter's 16 quant vectors, so each quant vector
-/// is made once per 8 tokens. One thread, 4096 x 4096, pp64 against packed
-/// Q4_0 (Zen 4): Q5_K 0.64x -> 0.76x, Q6_K 0.65-0.68x -> 0.75-0.78x, Q3_K
-/// 0.64-0.70x -> 0.77-0.79x, Q5_0 0.84x -> 0.90x, Q4_K 0.87-0.90x -> 0.91x.
-pub(crate) const C_WIDE: usize = 8;
+/// Tokens per full tile on 16-row lanes (AVX-512), then half that for the
+/// rest of a prompt. Their 32 registers hold a quarter's 16 quant vectors
+/// beside a token's sums, so each quant vector is made once per tile: the
+/// wider the tile, the less that costs a token. One thread, 4096 x 4096,
+/// pp64 against packed Q4_0 (Zen 4), 4 -> 8 tokens: Q5_K 0.64x -> 0.76x,
+/// Q6_K 0.65-0.68x -> 0.75-0.78x, Q3_K 0.64-0.70x -> 0.77-0.79x, Q5_0 0.84x
+/// -> 0.90x, Q4_K 0.87-0.90x -> 0.91x; 8 -> 16 tokens: Q5_K 0.70-0.75x ->
+/// 0.78-0.91x, the others within the noise.
+pub(crate) const C_WIDE: usize = 16;
 
 /// One tile entry point: `(g, h, k, act, out, ld, n)`.
 pub(crate) type TileFn<A> = unsafe fn(*const u8, usize, usize, *const A, *mut f32, usize, usize);
 
 /// A path's tile entry points for one format.
 pub(crate) struct PathTiles<A> {
-    /// `tokens` tokens of one vector's rows.
-    pub(crate) full: TileFn<A>,
-    /// [`C_FULL`] tokens of one vector's rows: the rest of a prompt when
-    /// `tokens` is more (`full` otherwise).
-    pub(crate) four: TileFn<A>,
+    /// Tiles of one vector's rows as (tokens, entry point), widest first
+    /// (the first is the path's full tile), the last of [`C_FULL`] tokens.
+    pub(crate) wide: [(usize, TileFn<A>); 3],
     /// One token over the whole group (`h` 0, `n` the group's rows).
     pub(crate) one: TileFn<A>,
     /// Rows a vector holds.
     pub(crate) rows: usize,
-    /// Tokens of a `full` tile.
-    pub(crate) tokens: usize,
 }
 
 // Not derived: the derive would ask `A: Copy`; the fields are copies whatever `A` is.
@@ -1364,12 +1363,11 @@ impl<A> Clone for PathTiles<A> {
 }
 impl<A> Copy for PathTiles<A> {}
 
-/// A [`super::PackedGemmFn`]-shaped walk over groups and token tiles:
-/// `tiles.full` while `tiles.tokens` tokens remain, then `tiles.four` while
-/// [`C_FULL`] do, then `tiles.one`.
+/// A [`super::PackedGemmFn`]-shaped walk over groups and token tiles: the
+/// widest of `tiles.wide` that the tokens left fill, then `tiles.one`.
 ///
 /// # Safety
-/// [`super::PackedGemmFn`]'s; `full` and `one` may run here (their
+/// [`super::PackedGemmFn`]'s; `tiles`' entry points may run here (their
 /// features are present).
 pub(crate) unsafe fn gemm<A>(
     w: &PackedWeights,
@@ -1380,11 +1378,9 @@ pub(crate) unsafe fn gemm<A>(
     tiles_of: PathTiles<A>,
 ) -> Tiles {
     let PathTiles {
-        full,
-        four,
+        wide,
         one,
         rows: rows_per_vec,
-        tokens,
     } = tiles_of;
     let k = w.blocks();
     let n = gemm_shape_k(w, r0, nr, act.len(), k);
@@ -1395,12 +1391,10 @@ pub(crate) unsafe fn gemm<A>(
         let g = group.as_ptr();
         let mut t0 = 0;
         while t0 < n {
-            let c = match n - t0 {
-                left if left >= tokens => tokens,
-                left if left >= C_FULL => C_FULL,
-                _ => 1,
-            };
-            let tile = if c == tokens { full } else { four };
+            let (c, tile) = wide
+                .into_iter()
+                .find(|&(c, _)| n - t0 >= c)
+                .unwrap_or((1, one));
             let a = act.as_ptr().wrapping_add(t0 * k);
             if c == 1 {
                 // SAFETY: the group holds k blocks (w.group checked its length against the
@@ -1428,7 +1422,7 @@ pub(crate) unsafe fn gemm<A>(
                     };
                 }
             }
-            if c == tokens && real == GROUP_ROWS {
+            if c == wide[0].0 && real == GROUP_ROWS {
                 tiles.full += 1;
             } else {
                 tiles.edge += 1;
@@ -1455,12 +1449,11 @@ fn gemm_shape_k(w: &PackedWeights, r0: usize, nr: usize, act_len: usize, k: usiz
 
 /// The portable twin's tile entry points.
 pub(crate) const fn portable<P: PackedFmt>() -> PathTiles<P::Act> {
+    let four = (C_FULL, entry::<Portable, P, C_FULL> as TileFn<P::Act>);
     PathTiles {
-        full: entry::<Portable, P, C_FULL>,
-        four: entry::<Portable, P, C_FULL>,
+        wide: [four; 3],
         one: entry::<Portable, P, 1>,
         rows: 16,
-        tokens: C_FULL,
     }
 }
 
@@ -1869,35 +1862,42 @@ pub(crate) mod x86 {
         unsafe { entry::<Ymm<0>, P, C>(g, h, k, act, out, ld, n) }
     }
 
-    /// Tile entry points per path: [`C_WIDE`]-token tiles on 16-row lanes,
-    /// [`C_FULL`] on 8-row ones.
-    const fn wide<A>(full: TileFn<A>, four: TileFn<A>, one: TileFn<A>) -> PathTiles<A> {
+    /// Tile entry points per path: [`C_WIDE`], half that and [`C_FULL`]
+    /// tokens on 16-row lanes, [`C_FULL`] on 8-row ones.
+    const fn wide<A>(
+        full: TileFn<A>,
+        half: TileFn<A>,
+        four: TileFn<A>,
+        one: TileFn<A>,
+    ) -> PathTiles<A> {
         PathTiles {
-            full,
-            four,
+            wide: [(C_WIDE, full), (C_WIDE / 2, half), (C_FULL, four)],
             one,
             rows: 16,
-            tokens: C_WIDE,
         }
     }
     const fn narrow<A>(four: TileFn<A>, one: TileFn<A>) -> PathTiles<A> {
         PathTiles {
-            full: four,
-            four,
+            wide: [(C_FULL, four); 3],
             one,
             rows: 8,
-            tokens: C_FULL,
         }
     }
     pub(crate) const fn avx512vnni<P: PackedFmt>() -> PathTiles<P::Act> {
         wide(
             e512vnni::<P, C_WIDE>,
+            e512vnni::<P, { C_WIDE / 2 }>,
             e512vnni::<P, C_FULL>,
             e512vnni::<P, 1>,
         )
     }
     pub(crate) const fn avx512<P: PackedFmt>() -> PathTiles<P::Act> {
-        wide(e512::<P, C_WIDE>, e512::<P, C_FULL>, e512::<P, 1>)
+        wide(
+            e512::<P, C_WIDE>,
+            e512::<P, { C_WIDE / 2 }>,
+            e512::<P, C_FULL>,
+            e512::<P, 1>,
+        )
     }
     pub(crate) const fn avxvnni<P: PackedFmt>() -> PathTiles<P::Act> {
         narrow(e256vnni::<P, C_FULL>, e256vnni::<P, 1>)

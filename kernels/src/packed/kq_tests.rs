@@ -128,7 +128,7 @@ fn check<B: BlockFormat>(
 ) {
     let mut seed = 0;
     for &(rows, k) in &[(1, 1), (7, 2), (16, 1), (23, 3), (40, 2)] {
-        for n in [1, 3, 4, 9, 13] {
+        for n in [1, 3, 4, 9, 13, 29] {
             for raw in [false, true] {
                 seed += 1;
                 let blocks = weights::<B>(rows, k, seed, raw, halves);
