@@ -265,7 +265,7 @@ fn extreme_k_quant_bytes_give_the_twin_bits_on_every_path() {
         dot(&a)
     };
     for sign in [1.0f32, -1.0] {
-        for n in [1, 4, 5, 9] {
+        for n in [1, 4, 5, 9, 29] {
             let x = vec![sign; n * k * QK_K];
             for &ks in &paths() {
                 let (got, want) = run_on(GgmlType::Q4_K, &q4, rows, &x, ks, 64, |w, x| {
