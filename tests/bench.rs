@@ -135,6 +135,28 @@ fn unknown_synthetic_shape_is_refused_with_the_known_ones_listed() {
     );
 }
 
+/// An I/O error is printed once: the error that carries it (the GGUF reader's) says it in its
+/// message and does not also hand it on as its `source()`, which the CLI's `{:#}` would print
+/// again ("...: No such file or directory (os error 2): No such file or directory (os error 2)").
+#[test]
+fn a_missing_vocabulary_file_is_named_with_its_io_error_once() {
+    let o = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args([
+            "bench",
+            "--synthetic",
+            "llama-3.2-1b",
+            "--vocab",
+            "/nonexistent/vocab.gguf",
+        ])
+        .args(["-p", "1", "-n", "0"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("/nonexistent/vocab.gguf"), "{err}");
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+}
+
 /// `--ceiling` adds the read bandwidth and weight bytes per token to every row, and to
 /// generation rows the ceiling they imply; the bytes are the model's matrices, counted from
 /// the file here independently of the engine.

@@ -40,7 +40,7 @@ fn io_or_missing(path: &Path, source: std::io::Error, what: &str) -> ConvertErro
     } else {
         ConvertError::Io {
             path: path.into(),
-            source,
+            error: source,
         }
     }
 }
@@ -274,9 +274,9 @@ impl StFile {
         // SAFETY: the map is read-only; a checkpoint file changed by another process while it is
         // converted would change the bytes read (or fault), which every mmap-based loader accepts.
         // All offsets are validated against the map's length before any slice is taken.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| ConvertError::Io {
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|error| ConvertError::Io {
             path: path.into(),
-            source,
+            error,
         })?;
         let tensors = parse_header(path, &map)?;
         // Second opinion from the reference crate (same rules, stricter JSON typing).

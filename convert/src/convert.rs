@@ -100,10 +100,10 @@ impl Report {
 impl From<WriteError> for ConvertError {
     fn from(e: WriteError) -> Self {
         match e {
-            WriteError::Path { path, source } => ConvertError::Write { path, source },
-            WriteError::Io(source) => ConvertError::Write {
+            WriteError::Path { path, error } => ConvertError::Write { path, error },
+            WriteError::Io(error) => ConvertError::Write {
                 path: PathBuf::new(),
-                source,
+                error,
             },
             other => ConvertError::Internal(other.to_string()),
         }

@@ -11,11 +11,10 @@ pub enum ConvertError {
     #[error("{path}: missing ({what})")]
     MissingFile { path: PathBuf, what: String },
     /// Reading an input failed.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A JSON input (config.json, tokenizer.json, ...) is malformed or disagrees with itself.
     #[error("{path}: {msg}")]
@@ -43,11 +42,10 @@ pub enum ConvertError {
     #[error("{0}")]
     Usage(String),
     /// Writing the output failed (disk full, file size limit, permissions...).
-    #[error("writing {path}: {source}")]
+    #[error("writing {path}: {error}")]
     Write {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The output would overwrite something it must not.
     #[error("{path}: {msg}")]
@@ -79,7 +77,7 @@ impl From<airlock_engine::output::OutputError> for ConvertError {
         use airlock_engine::output::OutputError;
         match e {
             OutputError::Refused { path, msg } => ConvertError::Output { path, msg },
-            OutputError::Io { path, source } => ConvertError::Write { path, source },
+            OutputError::Io { path, error } => ConvertError::Write { path, error },
         }
     }
 }

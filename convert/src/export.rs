@@ -353,9 +353,9 @@ pub fn export(opts: &ExportOptions) -> Result<Report> {
         }
         let path = dir.temp_path().join(&file_name);
         let final_path = out.join(&file_name);
-        let werr = |source| ConvertError::Write {
+        let werr = |error| ConvertError::Write {
             path: final_path.clone(),
-            source,
+            error,
         };
         let file = std::fs::OpenOptions::new()
             .write(true)

@@ -312,9 +312,9 @@ pub fn stream_tensors<W: Write + Send>(
     pad: impl Fn(u64) -> u64,
     progress: &Progress,
 ) -> Result<()> {
-    let write_err = |source| ConvertError::Write {
+    let write_err = |error| ConvertError::Write {
         path: out_path.to_path_buf(),
-        source,
+        error,
     };
     std::thread::scope(|scope| {
         let mut writer = ChunkWriter::spawn(scope, out);
@@ -387,9 +387,9 @@ pub fn write_gguf<W: Write + Send>(
         .collect();
     let alignment = {
         let header = GgufWriter::new(&mut *out, metadata, &specs).map_err(|e| match e {
-            airlock_engine::gguf::WriteError::Io(source) => ConvertError::Write {
+            airlock_engine::gguf::WriteError::Io(error) => ConvertError::Write {
                 path: out_path.to_path_buf(),
-                source,
+                error,
             },
             other => ConvertError::Internal(other.to_string()),
         })?;
@@ -402,9 +402,9 @@ pub fn write_gguf<W: Write + Send>(
         |n| (alignment - n % alignment) % alignment,
         progress,
     )?;
-    out.flush().map_err(|source| ConvertError::Write {
+    out.flush().map_err(|error| ConvertError::Write {
         path: out_path.to_path_buf(),
-        source,
+        error,
     })
 }
 

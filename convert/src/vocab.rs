@@ -146,7 +146,7 @@ impl HfVocab {
                     }
                     _ => ConvertError::Io {
                         path: tj_path.clone(),
-                        source,
+                        error: source,
                     },
                 })?;
         let tj: Json = serde_json::from_slice(&bytes)
@@ -378,9 +378,9 @@ impl HfVocab {
                 // Read to one byte past the template limit: more is refused by the check.
                 let limit = airlock_engine::chat::ChatLimits::default().max_template_bytes as u64;
                 let text = airlock_engine::bounded::read_bounded_string(&jinja, limit + 1)
-                    .map_err(|source| ConvertError::Io {
+                    .map_err(|error| ConvertError::Io {
                         path: jinja.clone(),
-                        source,
+                        error,
                     })?;
                 chat_template = Some(text);
             }

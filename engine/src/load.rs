@@ -243,10 +243,7 @@ pub fn open_gguf(path: &Path, no_mmap: bool) -> Result<GgufFile, LoadError> {
 /// A reader error as a load error: an I/O error names the file it could not open.
 pub(crate) fn gguf_error(path: &Path, e: GgufError) -> LoadError {
     match e {
-        GgufError::Io { path, source } => LoadError::Open {
-            path,
-            error: source,
-        },
+        GgufError::Io { path, error } => LoadError::Open { path, error },
         error => LoadError::Gguf {
             path: path.to_path_buf(),
             error,

@@ -26,11 +26,10 @@ pub enum OutputError {
     #[error("{}: {msg}", path.display())]
     Refused { path: PathBuf, msg: String },
     /// Creating, writing, syncing or renaming failed (disk full, permissions...).
-    #[error("writing {}: {source}", path.display())]
+    #[error("writing {}: {error}", path.display())]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -141,10 +140,10 @@ pub fn check_output_file(out: &Path, inputs: &Inputs, overwrite: bool) -> Result
     let meta = match std::fs::symlink_metadata(out) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(source) => {
+        Err(error) => {
             return Err(OutputError::Io {
                 path: out.to_path_buf(),
-                source,
+                error,
             })
         }
     };
@@ -227,9 +226,9 @@ impl OutputFile {
         let name = out
             .file_name()
             .ok_or_else(|| OutputError::refused(out, "is not a file path"))?;
-        let io = |source| OutputError::Io {
+        let io = |error| OutputError::Io {
             path: out.to_path_buf(),
-            source,
+            error,
         };
         let (file, tmp) = create_temp(&dir, name, |p| {
             OpenOptions::new().write(true).create_new(true).open(p)
@@ -262,9 +261,9 @@ impl OutputFile {
 
     /// Flushes and fsyncs the data, checks OUT again, and moves the file into place.
     pub fn commit(self) -> Result<(), OutputError> {
-        let io = |source| OutputError::Io {
+        let io = |error| OutputError::Io {
             path: self.out.clone(),
-            source,
+            error,
         };
         let file = self.writer.into_inner().map_err(|e| io(e.into_error()))?;
         file.sync_all().map_err(io)?;
@@ -294,9 +293,9 @@ fn guard(path: PathBuf) -> std::io::Result<TempPath> {
 /// Moves the finished temporary file to `out`. Without `overwrite` a hard link, which fails if
 /// `out` exists by now; the rename fallback (file systems without hard links) re-checks first.
 fn place(tmp: &Path, out: &Path, overwrite: bool) -> Result<(), OutputError> {
-    let io = |source| OutputError::Io {
+    let io = |error| OutputError::Io {
         path: out.to_path_buf(),
-        source,
+        error,
     };
     if !overwrite {
         match std::fs::hard_link(tmp, out) {
@@ -378,9 +377,9 @@ pub fn check_output_dir(out: &Path) -> Result<(), OutputError> {
     }
     match std::fs::symlink_metadata(out) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(OutputError::Io {
+        Err(error) => Err(OutputError::Io {
             path: out.to_path_buf(),
-            source,
+            error,
         }),
         Ok(m) if m.is_dir() => {
             let empty = std::fs::read_dir(out)
@@ -426,9 +425,9 @@ impl OutputDir {
         let name = out
             .file_name()
             .ok_or_else(|| OutputError::refused(out, "is not a directory path"))?;
-        let io = |source| OutputError::Io {
+        let io = |error| OutputError::Io {
             path: out.to_path_buf(),
-            source,
+            error,
         };
         let ((), tmp) = create_temp(&parent, name, |p| std::fs::create_dir(p)).map_err(io)?;
         let tmp = guard(tmp).map_err(io)?;
@@ -451,9 +450,9 @@ impl OutputDir {
     /// Writes one file of the output, fsynced.
     pub fn write(&self, name: &str, bytes: &[u8]) -> Result<(), OutputError> {
         let path = self.tmp.path.join(name);
-        let io = |source| OutputError::Io {
+        let io = |error| OutputError::Io {
             path: self.out.join(name),
-            source,
+            error,
         };
         let mut f = OpenOptions::new()
             .write(true)
@@ -467,9 +466,9 @@ impl OutputDir {
     /// Checks OUT again (still absent or empty) and renames the directory into place.
     pub fn commit(self) -> Result<(), OutputError> {
         check_output_dir(&self.out)?;
-        let io = |source| OutputError::Io {
+        let io = |error| OutputError::Io {
             path: self.out.clone(),
-            source,
+            error,
         };
         if std::fs::symlink_metadata(&self.out).is_ok() {
             // An empty directory: rename(2) cannot replace it on every platform.
@@ -604,5 +603,41 @@ mod tests {
         let file = d.path().join("file");
         std::fs::write(&file, b"x").unwrap();
         assert!(check_output_dir(&file).is_err());
+    }
+
+    /// The I/O errors of this crate's files say the OS error in their message and do not also
+    /// return it as `source()`: a chain printer (anyhow's `{:#}`, the CLI's) would print it
+    /// twice. The message of each, then its chain, must hold the OS error's text exactly once.
+    #[test]
+    fn io_errors_print_their_cause_once_in_a_chain() {
+        use crate::gguf::{GgufError, WriteError};
+        fn chain(e: &dyn std::error::Error) -> String {
+            let mut s = e.to_string();
+            let mut next = e.source();
+            while let Some(inner) = next {
+                s = format!("{s}: {inner}");
+                next = inner.source();
+            }
+            s
+        }
+        let io = || std::io::Error::from_raw_os_error(2);
+        let cause = io().to_string();
+        let path = PathBuf::from("/x/y.gguf");
+        let errors: Vec<Box<dyn std::error::Error>> = vec![
+            Box::new(OutputError::Io {
+                path: path.clone(),
+                error: io(),
+            }),
+            Box::new(GgufError::Io {
+                path: path.clone(),
+                error: io(),
+            }),
+            Box::new(WriteError::from(io())),
+            Box::new(WriteError::Path { path, error: io() }),
+        ];
+        for e in &errors {
+            let text = chain(e.as_ref());
+            assert_eq!(text.matches(&cause).count(), 1, "{text}");
+        }
     }
 }

@@ -146,9 +146,9 @@ impl GgufFile {
     /// must check them first (a signed manifest) does so, then hands them to [`Self::from_source`].
     pub fn read_source(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Source> {
         let path = path.as_ref();
-        let io = |source| GgufError::Io {
+        let io = |error| GgufError::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         };
         let source = if opts.no_mmap {
             // Exactly the length the file reports: a device such as /dev/zero reports 0 and

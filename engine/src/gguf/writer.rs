@@ -25,12 +25,11 @@ pub const GGUF_VERSION: u32 = 3;
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
     #[error("writing GGUF: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("{path}: {source}")]
+    Io(std::io::Error),
+    #[error("{path}: {error}")]
     Path {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The metadata or tensor list could not be written as a valid GGUF file.
     #[error("cannot write GGUF: {0}")]
@@ -38,6 +37,14 @@ pub enum WriteError {
     /// `write_tensor_data` / `finish` called out of order or with the wrong byte count.
     #[error("GGUF writer misuse: {0}")]
     Misuse(String),
+}
+
+// By hand rather than `#[from]`, which would also make the error its `source()`: the message
+// above already carries it, and a chain printer (`{:#}`) would print it twice.
+impl From<std::io::Error> for WriteError {
+    fn from(error: std::io::Error) -> Self {
+        WriteError::Io(error)
+    }
 }
 
 /// One tensor to be written: its name, ggml dims (innermost first) and type.
