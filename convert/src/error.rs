@@ -102,3 +102,31 @@ impl ConvertError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error;
+
+    /// The I/O variants say their OS error in the message and do not hand it on as `source()`
+    /// too: the CLI prints errors with their chain (`{:#}`), which would say it twice.
+    #[test]
+    fn io_variants_say_their_os_error_once() {
+        let io = || std::io::Error::from_raw_os_error(28);
+        let cause = io().to_string();
+        for e in [
+            ConvertError::Io {
+                path: "in.safetensors".into(),
+                error: io(),
+            },
+            ConvertError::Write {
+                path: "out.gguf".into(),
+                error: io(),
+            },
+        ] {
+            let msg = e.to_string();
+            assert_eq!(msg.matches(&cause).count(), 1, "{msg}");
+            assert!(e.source().is_none(), "{msg}");
+        }
+    }
+}
