@@ -1339,6 +1339,7 @@ pub(crate) const C_FULL: usize = 4;
 /// Q6_K 0.65-0.68x -> 0.75-0.78x, Q3_K 0.64-0.70x -> 0.77-0.79x, Q5_0 0.84x
 /// -> 0.90x, Q4_K 0.87-0.90x -> 0.91x; 8 -> 16 tokens: Q5_K 0.70-0.75x ->
 /// 0.78-0.91x, the others within the noise.
+#[cfg(target_arch = "x86_64")]
 pub(crate) const C_WIDE: usize = 16;
 
 /// One tile entry point: `(g, h, k, act, out, ld, n)`.
